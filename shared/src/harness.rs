@@ -1,0 +1,194 @@
+//! A deterministic in-memory federation: the real [`Coordinator`] and [`ClientRound`] machines wired together on a simulated clock, with dropouts. Tests and the simulator both drive rounds through it.
+
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use rand::{CryptoRng, Rng};
+use rand_chacha::ChaCha12Rng;
+
+use crate::round::{
+    ClientId, ClientOutcome, ClientRound, Coordinator, CoordinatorEvent, Instant, RoundPhase, ServerMessage,
+};
+use crate::train::Rating;
+
+/// Behaviour of the simulated devices and network.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HarnessConfig {
+    /// Probability that a selected device vanishes before uploading.
+    pub dropout: f64,
+    /// Worker threads that run the devices' training steps.
+    pub n_threads: usize,
+    /// Simulated one-way latency of every message.
+    pub latency: Duration,
+}
+
+impl Default for HarnessConfig {
+    fn default() -> Self {
+        Self { dropout: 0.0, n_threads: 1, latency: Duration::from_millis(20) }
+    }
+}
+
+/// What happened to the devices in one round, seen from the outside.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoundReport {
+    /// The coordinator's event that closed the round.
+    pub event: Option<CoordinatorEvent>,
+    /// Devices whose upload was acknowledged.
+    pub n_completed: usize,
+    /// Of those, how many had their update shrunk by clipping.
+    pub n_clipped: usize,
+    /// Devices that vanished (simulated dropouts).
+    pub n_vanished: usize,
+    /// Devices that failed to compute an update.
+    pub n_failed: usize,
+}
+
+/// N devices, each with its own interactions, and one coordinator.
+#[derive(Debug)]
+pub struct Federation<'a, R> {
+    /// The coordinator machine (public so callers can inspect the model).
+    pub coordinator: Coordinator<R>,
+    devices: &'a [Vec<Rating>],
+    config: HarnessConfig,
+    rng: ChaCha12Rng,
+    now: Instant,
+}
+
+impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
+    /// A federation of `devices` (device `i` has client id `i`). `rng` drives the check-in
+    /// order and the dropouts, not the coordinator.
+    pub fn new(
+        coordinator: Coordinator<R>,
+        devices: &'a [Vec<Rating>],
+        config: HarnessConfig,
+        rng: ChaCha12Rng,
+    ) -> Self {
+        Self { coordinator, devices, config, rng, now: Instant::ZERO }
+    }
+
+    /// The simulated clock.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// Runs one round to its close: every device checks in (in a random order), selected
+    /// devices train in parallel, uploads arrive in selection order, and the clock jumps to
+    /// the next deadline whenever the machines wait for one.
+    pub fn run_round(&mut self) -> RoundReport {
+        let mut report = RoundReport::default();
+        if self.coordinator.start_round(self.now).is_err() {
+            return report;
+        }
+        let lat = self.config.latency;
+        let give_up = self.now.saturating_add(Duration::from_secs(24 * 3600));
+        let mut order: Vec<usize> = (0..self.devices.len()).collect();
+        order.shuffle(&mut self.rng);
+        // Check-in. A selected device's task is held back so that training runs in parallel.
+        let mut selected: Vec<(ClientRound<'a>, ClientId, ServerMessage)> = Vec::new();
+        for &idx in &order {
+            let mut client = ClientRound::new(&self.devices[idx], give_up);
+            let id = idx as ClientId;
+            while let Some(msg) = client.poll_transmit() {
+                self.coordinator.handle_message(self.now, id, msg);
+            }
+            let mut task = None;
+            while let Some((_, msg)) = self.coordinator.poll_transmit() {
+                match msg {
+                    ServerMessage::Selected { .. } => task = Some(msg),
+                    other => client.handle_message(self.now, other),
+                }
+            }
+            if let Some(msg) = task {
+                selected.push((client, id, msg));
+            }
+        }
+        // Poisson selection keeps check-in open until its deadline.
+        if self.coordinator.phase() == Some(RoundPhase::CheckIn) {
+            if let Some(t) = self.coordinator.poll_timeout() {
+                self.now = self.now.max(t);
+                self.coordinator.handle_timeout(self.now);
+            }
+        }
+        // Training runs on worker threads while this thread delivers finished uploads to the
+        // coordinator, strictly in selection order so that the sum (and the run) is
+        // deterministic. Vanishing is decided up front for the same reason.
+        let vanish: Vec<bool> = selected.iter().map(|_| self.rng.random_bool(self.config.dropout)).collect();
+        let task_time = self.now.saturating_add(lat);
+        let upload_time = task_time.saturating_add(lat);
+        let n_threads = self.config.n_threads.max(1);
+        let n_sel = selected.len();
+        let mut slots: Vec<Option<(ClientRound<'a>, ClientId)>> = (0..n_sel).map(|_| None).collect();
+        let coordinator = &mut self.coordinator;
+        std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel::<(usize, ClientRound<'a>, ClientId)>();
+            let mut queues: Vec<Vec<(usize, ClientRound<'a>, ClientId, ServerMessage)>> =
+                (0..n_threads).map(|_| Vec::new()).collect();
+            for (k, (client, id, msg)) in selected.drain(..).enumerate() {
+                queues[k % n_threads].push((k, client, id, msg));
+            }
+            for queue in queues {
+                let tx = tx.clone();
+                s.spawn(move || {
+                    for (k, mut client, id, msg) in queue {
+                        client.handle_message(task_time, msg);
+                        if tx.send((k, client, id)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            let mut next = 0;
+            for (k, client, id) in rx {
+                slots[k] = Some((client, id));
+                while next < n_sel {
+                    let Some((client, id)) = slots[next].as_mut() else { break };
+                    if !vanish[next] {
+                        while let Some(msg) = client.poll_transmit() {
+                            coordinator.handle_message(upload_time, *id, msg);
+                        }
+                    }
+                    next += 1;
+                }
+            }
+        });
+        self.now = upload_time;
+        report.n_vanished = vanish.iter().filter(|&&v| v).count();
+        let mut selected: Vec<(ClientRound<'a>, ClientId)> = slots.into_iter().flatten().collect();
+        let index: std::collections::HashMap<ClientId, usize> =
+            selected.iter().enumerate().filter(|&(k, _)| !vanish[k]).map(|(k, (_, id))| (*id, k)).collect();
+        // Deliver answers; let deadlines pass while the round waits for missing devices.
+        while self.coordinator.current_round().is_some() {
+            match self.coordinator.poll_timeout() {
+                Some(t) => {
+                    self.now = self.now.max(t);
+                    self.coordinator.handle_timeout(self.now);
+                }
+                None => break,
+            }
+        }
+        self.now = self.now.saturating_add(lat);
+        while let Some((to, msg)) = self.coordinator.poll_transmit() {
+            if let Some(&k) = index.get(&to) {
+                selected[k].0.handle_message(self.now, msg);
+            }
+        }
+        for (client, _) in &selected {
+            match client.outcome() {
+                Some(ClientOutcome::Completed { was_clipped, .. }) => {
+                    report.n_completed += 1;
+                    report.n_clipped += usize::from(*was_clipped);
+                }
+                Some(ClientOutcome::Failed(_)) => report.n_failed += 1,
+                _ => {}
+            }
+        }
+        while let Some(ev) = self.coordinator.poll_event() {
+            if matches!(ev, CoordinatorEvent::RoundCommitted { .. } | CoordinatorEvent::RoundAbandoned { .. })
+            {
+                report.event = Some(ev);
+            }
+        }
+        report
+    }
+}

@@ -1,0 +1,165 @@
+//! The device's round state machine: check in, train on the task's model if selected, upload only the clipped update, await the acknowledgement.
+
+use std::collections::VecDeque;
+
+use super::{ClientMessage, Instant, ServerMessage};
+use crate::error::{ParamError, SolveError, UpdateError};
+use crate::model::RoundModel;
+use crate::train::{Rating, UserState, local_update, reconstruct};
+use crate::update::ClippedUpdate;
+
+/// Why a device could not take part (its own failure, never the coordinator's input crashing it).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The task's parameters are invalid.
+    #[error("invalid task: {0}")]
+    InvalidTask(#[from] ParamError),
+    /// A local interaction names an item outside the model's catalogue.
+    #[error("local data names item {item}, the model has {n_items} items")]
+    ItemOutOfRange {
+        /// Offending item index.
+        item: u32,
+        /// Catalogue size.
+        n_items: usize,
+    },
+    /// The local solve failed.
+    #[error("reconstruction failed: {0}")]
+    Solve(#[from] SolveError),
+    /// The update could not be clipped.
+    #[error("update: {0}")]
+    Update(#[from] UpdateError),
+}
+
+/// How a device's round ended.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ClientOutcome {
+    /// The coordinator accepted the upload.
+    Completed {
+        /// The round.
+        round: u64,
+        /// Whether clipping shrank the update.
+        was_clipped: bool,
+    },
+    /// The device was not selected.
+    NotSelected,
+    /// The coordinator refused the upload.
+    Rejected(crate::error::Rejection),
+    /// The coordinator abandoned the round.
+    Aborted,
+    /// The device gave up waiting.
+    TimedOut,
+    /// The device could not compute its update; nothing was sent.
+    Failed(ClientError),
+}
+
+#[derive(Debug)]
+enum State {
+    ExpectTask,
+    ExpectAck { round: u64, was_clipped: bool },
+    Done(ClientOutcome),
+}
+
+/// One device's participation in one round.
+///
+/// Holds a borrow of the device's interactions; what it emits is a check-in and, if
+/// selected, a [`ClippedUpdate`]. The reconstructed user vector stays here, readable by the
+/// device through [`ClientRound::user_state`] and never put in a message.
+#[derive(Debug)]
+pub struct ClientRound<'a> {
+    ratings: &'a [Rating],
+    state: State,
+    deadline: Instant,
+    outbox: VecDeque<ClientMessage>,
+    user: Option<UserState>,
+}
+
+impl<'a> ClientRound<'a> {
+    /// Starts a participation: queues a check-in; gives up at `deadline`.
+    pub fn new(ratings: &'a [Rating], deadline: Instant) -> Self {
+        Self {
+            ratings,
+            state: State::ExpectTask,
+            deadline,
+            outbox: VecDeque::from([ClientMessage::CheckIn]),
+            user: None,
+        }
+    }
+
+    /// A message from the coordinator arrived.
+    pub fn handle_message(&mut self, now: Instant, msg: ServerMessage) {
+        let next = match (&self.state, msg) {
+            (State::ExpectTask, ServerMessage::Selected { task, model }) => {
+                self.deadline = self.deadline.min(now.saturating_add(task.report_window));
+                match self.train(&model, &task) {
+                    Ok(update) => {
+                        let was_clipped = update.was_clipped();
+                        self.outbox.push_back(ClientMessage::Upload { round: task.round, update });
+                        State::ExpectAck { round: task.round, was_clipped }
+                    }
+                    Err(e) => State::Done(ClientOutcome::Failed(e)),
+                }
+            }
+            (State::ExpectTask, ServerMessage::NotSelected { .. }) => State::Done(ClientOutcome::NotSelected),
+            (State::ExpectAck { round, was_clipped }, ServerMessage::Ack { round: r }) if *round == r => {
+                State::Done(ClientOutcome::Completed { round: r, was_clipped: *was_clipped })
+            }
+            (State::ExpectAck { round, .. }, ServerMessage::Rejected { round: r, reason }) if *round == r => {
+                State::Done(ClientOutcome::Rejected(reason))
+            }
+            (State::ExpectTask | State::ExpectAck { .. }, ServerMessage::Aborted { .. }) => {
+                State::Done(ClientOutcome::Aborted)
+            }
+            // Anything else is stale or out of order: ignore it.
+            _ => return,
+        };
+        self.state = next;
+    }
+
+    fn train(&mut self, model: &RoundModel, task: &super::Task) -> Result<ClippedUpdate, ClientError> {
+        task.train.validate()?;
+        if !(task.clip_norm.is_finite() && task.clip_norm > 0.0) {
+            return Err(ParamError { name: "clip_norm", reason: "must be finite and > 0".into() }.into());
+        }
+        let n_items = model.model.shape().n_items;
+        if let Some(r) = self.ratings.iter().find(|r| r.item as usize >= n_items) {
+            return Err(ClientError::ItemOutOfRange { item: r.item, n_items });
+        }
+        let user = reconstruct(model, self.ratings, &task.train)?;
+        let update = local_update(model, self.ratings, &user, &task.train);
+        self.user = Some(user);
+        Ok(ClippedUpdate::clip(update, task.clip_norm)?)
+    }
+
+    /// The deadline passed without an answer.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.deadline && !matches!(self.state, State::Done(_)) {
+            self.state = State::Done(ClientOutcome::TimedOut);
+            self.outbox.clear();
+        }
+    }
+
+    /// The next message to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<ClientMessage> {
+        self.outbox.pop_front()
+    }
+
+    /// When [`ClientRound::handle_timeout`] must be called, while the round is running.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (!matches!(self.state, State::Done(_))).then_some(self.deadline)
+    }
+
+    /// How the participation ended, once it has.
+    pub fn outcome(&self) -> Option<&ClientOutcome> {
+        match &self.state {
+            State::Done(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// The user vector reconstructed in this round (local only).
+    pub fn user_state(&self) -> Option<&UserState> {
+        self.user.as_ref()
+    }
+}

@@ -1,0 +1,463 @@
+//! The coordinator's round state machine: check-in, selection, reports, and the commit that turns a noised sum into the next model.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::{CryptoRng, Rng};
+
+use super::{ClientId, ClientMessage, Instant, ServerMessage, Task};
+use crate::aggregate::Aggregator;
+use crate::error::{ParamError, Rejection};
+use crate::model::{GlobalModel, RoundModel, UpdateLayout};
+use crate::server::{CentroidPolicy, ServerOptimizer, ServerState};
+use crate::train::TrainParams;
+
+/// How devices that check in are selected.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Selection {
+    /// The first `cohort` devices to check in are selected; the check-in phase closes as soon
+    /// as the cohort is full. Not a sampling scheme the DP accountant can model: use it only
+    /// without noise.
+    FirstCome {
+        /// Target cohort size.
+        cohort: usize,
+    },
+    /// Each device that checks in before the check-in deadline is selected independently
+    /// with probability `q` (Poisson sampling, which the accountant models). The update sum
+    /// is normalised by the expected cohort `q · n_checked_in`.
+    Poisson {
+        /// Sampling probability.
+        q: f64,
+    },
+}
+
+/// Everything the coordinator needs to run rounds. Validated by [`Coordinator::new`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoordinatorConfig {
+    /// Device-side hyper-parameters, sent with each task.
+    pub train: TrainParams,
+    /// Server optimizer for the item side.
+    pub optimizer: ServerOptimizer,
+    /// Selection policy.
+    pub selection: Selection,
+    /// Fewest reports with which a round may commit; fewer and it is abandoned.
+    pub min_reports: usize,
+    /// How long check-in stays open.
+    pub checkin_window: Duration,
+    /// How long selected devices have to report, from the end of check-in.
+    pub report_window: Duration,
+    /// L2 bound `C` on each upload.
+    pub clip_norm: f32,
+    /// Noise standard deviation as a multiple of `C` (0 = no noise, no privacy).
+    pub noise_multiplier: f32,
+    /// Centroid update policy.
+    pub centroids: CentroidPolicy,
+}
+
+impl CoordinatorConfig {
+    fn validate(&self) -> Result<(), ParamError> {
+        self.train.validate()?;
+        self.optimizer.validate()?;
+        match self.selection {
+            Selection::FirstCome { cohort: 0 } => {
+                return Err(ParamError::new("cohort", "must be at least 1"));
+            }
+            Selection::Poisson { q } if !(q > 0.0 && q <= 1.0) => {
+                return Err(ParamError::new("q", format!("sampling probability must be in (0, 1], got {q}")));
+            }
+            Selection::FirstCome { .. } if self.noise_multiplier > 0.0 => {
+                return Err(ParamError::new(
+                    "selection",
+                    "noise requires Poisson selection: first-come selection is not what the accountant models",
+                ));
+            }
+            _ => {}
+        }
+        if self.min_reports == 0 {
+            return Err(ParamError::new("min_reports", "must be at least 1"));
+        }
+        if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
+            return Err(ParamError::new(
+                "clip_norm",
+                format!("must be finite and > 0, got {}", self.clip_norm),
+            ));
+        }
+        if !(self.noise_multiplier.is_finite() && self.noise_multiplier >= 0.0) {
+            return Err(ParamError::new("noise_multiplier", "must be finite and ≥ 0"));
+        }
+        if !(self.centroids.min_count.is_finite() && self.centroids.min_count >= 0.0) {
+            return Err(ParamError::new("centroid_min_count", "must be finite and ≥ 0"));
+        }
+        Ok(())
+    }
+}
+
+/// Why [`Coordinator::start_round`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A round is already open.
+    #[error("round {0} is still open")]
+    RoundOpen(u64),
+}
+
+/// Why a round was abandoned (no model change, nothing charged to the privacy budget).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AbandonReason {
+    /// Fewer devices were selected than `min_reports`.
+    TooFewSelected,
+    /// Fewer devices reported before the deadline than `min_reports`.
+    TooFewReports,
+}
+
+/// Counters of one round. Dropouts are data: they are reported here, not raised.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoundStats {
+    /// Round index.
+    pub round: u64,
+    /// Devices that checked in.
+    pub n_checked_in: usize,
+    /// Devices selected.
+    pub n_selected: usize,
+    /// Devices whose upload was accepted.
+    pub n_reported: usize,
+    /// Selected devices that never reported (dropouts, stragglers).
+    pub n_dropped: usize,
+    /// Refused messages, by [`Rejection::label`].
+    pub rejected: Vec<(&'static str, usize)>,
+    /// The normaliser the sum was divided by.
+    pub denominator: f64,
+    /// Noise standard deviation per coordinate.
+    pub noise_std: f32,
+    /// Model version the round trained on.
+    pub base_version: u64,
+    /// Time from the round's start to its close, on the driver's clock.
+    pub duration: Duration,
+}
+
+/// What the coordinator tells its driver.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum CoordinatorEvent {
+    /// A round committed: the model advanced to `new_version`.
+    RoundCommitted {
+        /// The round's counters.
+        stats: RoundStats,
+        /// Version of the new model.
+        new_version: u64,
+    },
+    /// A round was abandoned; the model is unchanged.
+    RoundAbandoned {
+        /// The round's counters.
+        stats: RoundStats,
+        /// Why.
+        reason: AbandonReason,
+    },
+    /// A device's message was refused (the device was told).
+    Rejected {
+        /// Who.
+        client: ClientId,
+        /// Why.
+        reason: Rejection,
+    },
+}
+
+/// The phases of a round, as the driver sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RoundPhase {
+    /// Devices check in and are selected.
+    CheckIn,
+    /// Selected devices train and upload.
+    Report,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    CheckIn { deadline: Instant },
+    Report { deadline: Instant },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Participant {
+    Selected,
+    Reported,
+}
+
+#[derive(Debug)]
+struct Round {
+    idx: u64,
+    started: Instant,
+    phase: Phase,
+    n_checked_in: usize,
+    participants: HashMap<ClientId, Participant>,
+    aggregator: Aggregator,
+    rejected: Vec<(&'static str, usize)>,
+}
+
+impl Round {
+    fn count_rejection(&mut self, reason: &Rejection) {
+        let label = reason.label();
+        match self.rejected.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, n)) => *n += 1,
+            None => self.rejected.push((label, 1)),
+        }
+    }
+}
+
+/// The coordinator: owns the global model, the optimizer state and the open round.
+///
+/// `R` must be a cryptographically secure RNG: it draws the selection and the noise.
+#[derive(Debug)]
+pub struct Coordinator<R> {
+    config: CoordinatorConfig,
+    layout: UpdateLayout,
+    model: Arc<RoundModel>,
+    server: ServerState,
+    rng: R,
+    round: Option<Round>,
+    next_round: u64,
+    outbox: VecDeque<(ClientId, ServerMessage)>,
+    events: VecDeque<CoordinatorEvent>,
+}
+
+impl<R: Rng + CryptoRng> Coordinator<R> {
+    /// A coordinator that starts from `model` at version 0.
+    pub fn new(config: CoordinatorConfig, model: GlobalModel, rng: R) -> Result<Self, ParamError> {
+        config.validate()?;
+        let shape = model.shape();
+        shape.validate()?;
+        let layout = shape.layout();
+        let server = ServerState::new(config.optimizer, layout.trainable().len());
+        Ok(Self {
+            config,
+            layout,
+            model: Arc::new(RoundModel::new(0, model)),
+            server,
+            rng,
+            round: None,
+            next_round: 0,
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+        })
+    }
+
+    /// The current model.
+    pub fn model(&self) -> &Arc<RoundModel> {
+        &self.model
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    /// The phase of the open round, if any.
+    pub fn phase(&self) -> Option<RoundPhase> {
+        self.round.as_ref().map(|r| match r.phase {
+            Phase::CheckIn { .. } => RoundPhase::CheckIn,
+            Phase::Report { .. } => RoundPhase::Report,
+        })
+    }
+
+    /// Index of the open round, if any.
+    pub fn current_round(&self) -> Option<u64> {
+        self.round.as_ref().map(|r| r.idx)
+    }
+
+    /// Opens the next round; check-in is open until `now + checkin_window`.
+    pub fn start_round(&mut self, now: Instant) -> Result<u64, StartError> {
+        if let Some(r) = &self.round {
+            return Err(StartError::RoundOpen(r.idx));
+        }
+        let idx = self.next_round;
+        self.next_round += 1;
+        self.round = Some(Round {
+            idx,
+            started: now,
+            phase: Phase::CheckIn { deadline: now.saturating_add(self.config.checkin_window) },
+            n_checked_in: 0,
+            participants: HashMap::new(),
+            aggregator: Aggregator::new(self.layout, self.config.clip_norm),
+            rejected: Vec::new(),
+        });
+        Ok(idx)
+    }
+
+    /// A message arrived from `client`.
+    pub fn handle_message(&mut self, now: Instant, client: ClientId, msg: ClientMessage) {
+        match msg {
+            ClientMessage::CheckIn => self.handle_check_in(now, client),
+            ClientMessage::Upload { round, update } => {
+                if let Err(reason) = self.accept_upload(now, client, round, update) {
+                    let current = self.current_round().unwrap_or(round);
+                    if let Some(r) = self.round.as_mut() {
+                        r.count_rejection(&reason);
+                    }
+                    self.outbox.push_back((
+                        client,
+                        ServerMessage::Rejected { round: current, reason: reason.clone() },
+                    ));
+                    self.events.push_back(CoordinatorEvent::Rejected { client, reason });
+                }
+            }
+        }
+        self.handle_timeout(now);
+    }
+
+    fn handle_check_in(&mut self, now: Instant, client: ClientId) {
+        let Some(round) = self.round.as_mut() else {
+            // No round open: the device will check in again later.
+            self.outbox.push_back((client, ServerMessage::NotSelected { round: self.next_round }));
+            return;
+        };
+        let open = matches!(round.phase, Phase::CheckIn { deadline } if now < deadline);
+        if !open || round.participants.contains_key(&client) {
+            self.outbox.push_back((client, ServerMessage::NotSelected { round: round.idx }));
+            return;
+        }
+        round.n_checked_in += 1;
+        let selected = match self.config.selection {
+            Selection::FirstCome { cohort } => round.participants.len() < cohort,
+            Selection::Poisson { q } => self.rng.random_bool(q),
+        };
+        if !selected {
+            self.outbox.push_back((client, ServerMessage::NotSelected { round: round.idx }));
+            return;
+        }
+        round.participants.insert(client, Participant::Selected);
+        let task = Task {
+            round: round.idx,
+            train: self.config.train,
+            clip_norm: self.config.clip_norm,
+            report_window: self.config.report_window,
+        };
+        self.outbox.push_back((client, ServerMessage::Selected { task, model: Arc::clone(&self.model) }));
+        if let Selection::FirstCome { cohort } = self.config.selection
+            && round.participants.len() >= cohort
+        {
+            round.phase = Phase::Report { deadline: now.saturating_add(self.config.report_window) };
+        }
+    }
+
+    fn accept_upload(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        round_idx: u64,
+        update: crate::update::ClippedUpdate,
+    ) -> Result<(), Rejection> {
+        let round = self.round.as_mut().ok_or(Rejection::WrongPhase)?;
+        if round_idx != round.idx {
+            return Err(Rejection::WrongRound { got: round_idx, current: round.idx });
+        }
+        match round.participants.get(&client) {
+            None => return Err(Rejection::NotSelected),
+            Some(Participant::Reported) => return Err(Rejection::Duplicate),
+            Some(Participant::Selected) => {}
+        }
+        let deadline = match round.phase {
+            Phase::CheckIn { .. } => None,
+            Phase::Report { deadline } => Some(deadline),
+        };
+        if deadline.is_some_and(|d| now >= d) {
+            return Err(Rejection::WrongPhase);
+        }
+        round.aggregator.add(&update)?;
+        round.participants.insert(client, Participant::Reported);
+        self.outbox.push_back((client, ServerMessage::Ack { round: round.idx }));
+        Ok(())
+    }
+
+    /// Advances phases whose deadline has passed or whose work is done; commits or abandons.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        loop {
+            let Some(round) = self.round.as_mut() else { return };
+            let n_selected = round.participants.len();
+            let n_reported = round.aggregator.n_updates();
+            match round.phase {
+                Phase::CheckIn { deadline } => {
+                    if now < deadline {
+                        return;
+                    }
+                    if n_selected < self.config.min_reports {
+                        self.close(now, Err(AbandonReason::TooFewSelected));
+                        return;
+                    }
+                    round.phase =
+                        Phase::Report { deadline: deadline.saturating_add(self.config.report_window) };
+                }
+                Phase::Report { deadline } => {
+                    if n_reported == n_selected || now >= deadline {
+                        let outcome = if n_reported >= self.config.min_reports {
+                            Ok(())
+                        } else {
+                            Err(AbandonReason::TooFewReports)
+                        };
+                        self.close(now, outcome);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn close(&mut self, now: Instant, outcome: Result<(), AbandonReason>) {
+        let Some(round) = self.round.take() else { return };
+        let n_selected = round.participants.len();
+        let n_reported = round.aggregator.n_updates();
+        let mut stats = RoundStats {
+            round: round.idx,
+            n_checked_in: round.n_checked_in,
+            n_selected,
+            n_reported,
+            n_dropped: n_selected - n_reported,
+            rejected: round.rejected,
+            denominator: 0.0,
+            noise_std: 0.0,
+            base_version: self.model.version,
+            duration: now.saturating_duration_since(round.started),
+        };
+        let abort = |outbox: &mut VecDeque<_>, participants: HashMap<ClientId, Participant>| {
+            for client in participants.into_keys() {
+                outbox.push_back((client, ServerMessage::Aborted { round: round.idx }));
+            }
+        };
+        if let Err(reason) = outcome {
+            abort(&mut self.outbox, round.participants);
+            self.events.push_back(CoordinatorEvent::RoundAbandoned { stats, reason });
+            return;
+        }
+        let denominator = match self.config.selection {
+            Selection::Poisson { q } => q * round.n_checked_in as f64,
+            Selection::FirstCome { .. } => n_reported as f64,
+        };
+        let noised = round.aggregator.release(self.config.noise_multiplier, &mut self.rng);
+        let mut model = self.model.model.clone();
+        self.server.apply(&mut model, &noised, denominator, &self.config.centroids);
+        let new_version = self.model.version + 1;
+        self.model = Arc::new(RoundModel::new(new_version, model));
+        stats.denominator = denominator;
+        stats.noise_std = noised.noise_std();
+        self.events.push_back(CoordinatorEvent::RoundCommitted { stats, new_version });
+    }
+
+    /// The next message to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<(ClientId, ServerMessage)> {
+        self.outbox.pop_front()
+    }
+
+    /// The next event for the driver, if any.
+    pub fn poll_event(&mut self) -> Option<CoordinatorEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Coordinator::handle_timeout`] must next be called, if a round is open.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.round.as_ref().map(|r| match r.phase {
+            Phase::CheckIn { deadline } | Phase::Report { deadline } => deadline,
+        })
+    }
+}

@@ -1,0 +1,161 @@
+//! The coordinator's learning step: turn a noised sum into a new model (server optimizer on the item side, federated k-means on the centroids).
+
+use crate::aggregate::NoisedSum;
+use crate::error::ParamError;
+use crate::model::GlobalModel;
+
+/// The server optimizer applied to the averaged item-side gradient.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ServerOptimizer {
+    /// SGD with heavy-ball momentum.
+    Sgd {
+        /// Learning rate.
+        lr: f32,
+        /// Momentum coefficient in `[0, 1)`.
+        momentum: f32,
+    },
+    /// Adam (Kingma & Ba), with bias correction.
+    Adam {
+        /// Learning rate.
+        lr: f32,
+        /// First-moment decay.
+        beta1: f32,
+        /// Second-moment decay.
+        beta2: f32,
+        /// Denominator guard.
+        eps: f32,
+    },
+}
+
+impl ServerOptimizer {
+    /// Adam with the usual decays and the given learning rate.
+    pub fn adam(lr: f32) -> Self {
+        ServerOptimizer::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+    }
+
+    /// Checks every value is finite and in range.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        let lr = match *self {
+            ServerOptimizer::Sgd { lr, momentum } => {
+                if !(0.0..1.0).contains(&momentum) {
+                    return Err(ParamError::new("momentum", "must be in [0, 1)"));
+                }
+                lr
+            }
+            ServerOptimizer::Adam { lr, beta1, beta2, eps } => {
+                if !(0.0..1.0).contains(&beta1) || !(0.0..1.0).contains(&beta2) {
+                    return Err(ParamError::new("beta", "Adam decays must be in [0, 1)"));
+                }
+                if !(eps.is_finite() && eps > 0.0) {
+                    return Err(ParamError::new("eps", "must be finite and > 0"));
+                }
+                lr
+            }
+        };
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(ParamError::new("server_lr", format!("must be finite and > 0, got {lr}")));
+        }
+        Ok(())
+    }
+}
+
+/// How the k-means centroids are updated from the noised statistics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CentroidPolicy {
+    /// A segment whose (noised) count is below this keeps its previous centroid: empty
+    /// segments, and segments too small for their noised mean to mean anything, do not move.
+    pub min_count: f32,
+}
+
+/// Optimizer state the coordinator carries from round to round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerState {
+    optimizer: ServerOptimizer,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    step: u64,
+}
+
+impl ServerState {
+    /// Fresh state for a model whose trainable part has `n_params` values.
+    pub fn new(optimizer: ServerOptimizer, n_params: usize) -> Self {
+        let v = match optimizer {
+            ServerOptimizer::Adam { .. } => vec![0.0; n_params],
+            ServerOptimizer::Sgd { .. } => Vec::new(),
+        };
+        Self { optimizer, m: vec![0.0; n_params], v, step: 0 }
+    }
+
+    /// Number of optimizer steps taken.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Applies one round: the item side takes an optimizer step along
+    /// `noised.trainable / denominator`; centroids move to the noised means.
+    ///
+    /// `denominator` is the expected cohort size under Poisson sampling (so that the
+    /// sensitivity of the average is `C / denominator`), or the number of reports otherwise.
+    pub fn apply(
+        &mut self,
+        model: &mut GlobalModel,
+        noised: &NoisedSum,
+        denominator: f64,
+        centroids: &CentroidPolicy,
+    ) {
+        let layout = *noised.layout();
+        let sum = noised.as_slice();
+        let scale = (1.0 / denominator.max(1.0)) as f32;
+        let grad = &sum[layout.trainable()];
+        let n_fac = layout.item_factors().len();
+        let n_items = layout.shape().n_items;
+        self.step += 1;
+        // Parameters in layout order: factors, biases, mean. Update each slice in place.
+        let factors = model.item_factors.as_slice_mut().expect("item factors are kept in standard layout");
+        let bias = model.item_bias.as_slice_mut().expect("item biases are contiguous");
+        let mean = std::slice::from_mut(&mut model.global_mean);
+        let parts: [(&mut [f32], std::ops::Range<usize>); 3] = [
+            (factors, 0..n_fac),
+            (bias, n_fac..n_fac + n_items),
+            (mean, n_fac + n_items..n_fac + n_items + 1),
+        ];
+        match self.optimizer {
+            ServerOptimizer::Sgd { lr, momentum } => {
+                for (params, range) in parts {
+                    let m = &mut self.m[range.clone()];
+                    for ((p, mi), &g) in params.iter_mut().zip(m).zip(&grad[range]) {
+                        *mi = momentum * *mi + g * scale;
+                        *p -= lr * *mi;
+                    }
+                }
+            }
+            ServerOptimizer::Adam { lr, beta1, beta2, eps } => {
+                let t = self.step as i32;
+                let bc1 = 1.0 - beta1.powi(t);
+                let bc2 = 1.0 - beta2.powi(t);
+                let step_size = lr * bc2.sqrt() / bc1;
+                for (params, range) in parts {
+                    let m = &mut self.m[range.clone()];
+                    let v = &mut self.v[range.clone()];
+                    for (((p, mi), vi), &g) in params.iter_mut().zip(m).zip(v).zip(&grad[range]) {
+                        let g = g * scale;
+                        *mi = beta1 * *mi + (1.0 - beta1) * g;
+                        *vi = beta2 * *vi + (1.0 - beta2) * g * g;
+                        *p -= step_size * *mi / (vi.sqrt() + eps);
+                    }
+                }
+            }
+        }
+        let d = layout.shape().dim;
+        let sums = &sum[layout.centroid_sums()];
+        let counts = &sum[layout.centroid_counts()];
+        let cents = model.centroids.as_slice_mut().expect("centroids are kept in standard layout");
+        for (j, &count) in counts.iter().enumerate() {
+            if count >= centroids.min_count.max(f32::MIN_POSITIVE) {
+                for (c, &s) in cents[j * d..(j + 1) * d].iter_mut().zip(&sums[j * d..(j + 1) * d]) {
+                    *c = s / count;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! One simulated federation: every user of a split is a device; the real coordinator and client machines run rounds through the shared harness.
+
+use std::time::{Duration, Instant as WallClock};
+
+use fedrec_shared::danger;
+use fedrec_shared::eval::{EvalConfig, Metrics, ReconstructionScorer, evaluate};
+use fedrec_shared::harness::{Federation, HarnessConfig};
+use fedrec_shared::round::{Coordinator, CoordinatorConfig, CoordinatorEvent, Selection};
+use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
+use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, Rating, RoundModel, TrainParams};
+use serde::Serialize;
+
+use crate::data::Split;
+
+/// Which loss the federation trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectiveKind {
+    /// Squared error on ratings.
+    Explicit,
+    /// Weighted implicit feedback (iALS) on binarised interactions.
+    Implicit,
+}
+
+/// Which server optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// Adam.
+    Adam,
+    /// SGD with momentum.
+    Sgd,
+}
+
+/// Everything that defines a simulated run; printed and stored with every report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunConfig {
+    /// Training rounds.
+    pub rounds: usize,
+    /// Devices per round (the expected cohort under Poisson sampling).
+    pub clients_per_round: usize,
+    /// Embedding dimension.
+    pub dim: usize,
+    /// Number of user segments.
+    pub n_segments: usize,
+    /// Loss.
+    pub objective: ObjectiveKind,
+    /// Implicit confidence slope α.
+    pub alpha: f32,
+    /// Ridge on the user vector.
+    pub l2_user: f32,
+    /// Ridge on the user bias.
+    pub l2_user_bias: f32,
+    /// L2 on touched item vectors.
+    pub l2_item: f32,
+    /// L2 on touched item biases.
+    pub l2_item_bias: f32,
+    /// Server optimizer.
+    pub optimizer: OptimizerKind,
+    /// Server learning rate.
+    pub server_lr: f32,
+    /// SGD momentum.
+    pub momentum: f32,
+    /// Clip norm `C`.
+    pub clip_norm: f32,
+    /// Noise multiplier σ (0 = non-private).
+    pub noise_multiplier: f32,
+    /// Probability a selected device drops out.
+    pub dropout: f64,
+    /// Standard deviation of the initial item factors.
+    pub init_std: f32,
+    /// Evaluate every this many rounds (0 = only at the end).
+    pub eval_every: usize,
+    /// Worker threads.
+    pub threads: usize,
+    /// Seed of every random choice in the run.
+    pub seed: u64,
+}
+
+impl RunConfig {
+    /// The tuned defaults for an objective (see the README for how they were chosen).
+    pub fn defaults(objective: ObjectiveKind) -> Self {
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        match objective {
+            ObjectiveKind::Explicit => Self {
+                rounds: 300,
+                clients_per_round: 100,
+                dim: 32,
+                n_segments: 8,
+                objective,
+                alpha: 0.0,
+                l2_user: 6.0,
+                l2_user_bias: 5.0,
+                l2_item: 0.3,
+                l2_item_bias: 0.02,
+                optimizer: OptimizerKind::Adam,
+                server_lr: 0.01,
+                momentum: 0.9,
+                clip_norm: 100.0,
+                noise_multiplier: 0.0,
+                dropout: 0.0,
+                init_std: 0.1,
+                eval_every: 10,
+                threads,
+                seed: 1,
+            },
+            ObjectiveKind::Implicit => Self {
+                rounds: 300,
+                clients_per_round: 100,
+                dim: 32,
+                n_segments: 8,
+                objective,
+                alpha: 1.0,
+                l2_user: 5.0,
+                l2_user_bias: 0.0,
+                l2_item: 0.1,
+                l2_item_bias: 0.0,
+                optimizer: OptimizerKind::Adam,
+                server_lr: 0.005,
+                momentum: 0.9,
+                clip_norm: 100.0,
+                noise_multiplier: 0.0,
+                dropout: 0.0,
+                init_std: 0.1,
+                eval_every: 10,
+                threads,
+                seed: 1,
+            },
+        }
+    }
+
+    /// The device-side parameters this config implies.
+    pub fn train_params(&self) -> TrainParams {
+        TrainParams {
+            objective: match self.objective {
+                ObjectiveKind::Explicit => Objective::Explicit,
+                ObjectiveKind::Implicit => Objective::Implicit { alpha: self.alpha },
+            },
+            l2_user: self.l2_user,
+            l2_user_bias: self.l2_user_bias,
+            l2_item: self.l2_item,
+            l2_item_bias: self.l2_item_bias,
+        }
+    }
+}
+
+/// One line of the learning curve.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundRecord {
+    /// Round index (0-based).
+    pub round: usize,
+    /// Whether the round committed.
+    pub committed: bool,
+    /// Devices whose upload was aggregated.
+    pub n_reported: usize,
+    /// Selected devices that dropped out.
+    pub n_dropped: usize,
+    /// Fraction of reported updates shrunk by clipping.
+    pub clipped_fraction: f64,
+    /// Metrics, on rounds where the model was evaluated.
+    pub metrics: Option<MetricsRecord>,
+}
+
+/// Serializable copy of [`Metrics`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct MetricsRecord {
+    /// RMSE (explicit objective only).
+    pub rmse: Option<f64>,
+    /// Recall@20.
+    pub recall_at_20: f64,
+    /// NDCG@10.
+    pub ndcg_at_10: f64,
+    /// Users evaluated for ranking.
+    pub n_eval_users: usize,
+    /// Test ratings in the RMSE.
+    pub n_test_ratings: usize,
+}
+
+impl From<Metrics> for MetricsRecord {
+    fn from(m: Metrics) -> Self {
+        Self {
+            rmse: m.rmse,
+            recall_at_20: m.recall_at_20,
+            ndcg_at_10: m.ndcg_at_10,
+            n_eval_users: m.n_eval_users,
+            n_test_ratings: m.n_test_ratings,
+        }
+    }
+}
+
+/// Per-user train and test interactions in the shared core's types.
+#[derive(Debug, Clone)]
+pub struct UserData {
+    /// Training interactions per user (what each device holds).
+    pub train: Vec<Vec<Rating>>,
+    /// Held-out interactions per user.
+    pub test: Vec<Vec<Rating>>,
+    /// Catalogue size.
+    pub n_items: usize,
+    /// Evaluation settings.
+    pub eval: EvalConfig,
+}
+
+impl UserData {
+    /// Groups a split by user. For the implicit objective, training values become 1
+    /// (an interaction happened); test values keep the rating for the relevance rule.
+    pub fn from_split(split: &Split, objective: ObjectiveKind, relevance_threshold: Option<f32>) -> Self {
+        let n_users = split.n_users();
+        let mut train = vec![Vec::new(); n_users];
+        let mut test = vec![Vec::new(); n_users];
+        for it in &split.train {
+            let value = match objective {
+                ObjectiveKind::Explicit => it.rating,
+                ObjectiveKind::Implicit => 1.0,
+            };
+            train[it.user as usize].push(Rating { item: it.item, value });
+        }
+        for it in &split.test {
+            test[it.user as usize].push(Rating { item: it.item, value: it.rating });
+        }
+        Self {
+            train,
+            test,
+            n_items: split.n_items(),
+            eval: EvalConfig { rating_range: split.rating_range(), relevance_threshold },
+        }
+    }
+
+    /// `(train, test)` pairs of every user, for evaluation.
+    pub fn eval_users(&self) -> Vec<(&[Rating], &[Rating])> {
+        self.train.iter().zip(&self.test).map(|(a, b)| (a.as_slice(), b.as_slice())).collect()
+    }
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// Final metrics.
+    pub metrics: Metrics,
+    /// Per-round history.
+    pub history: Vec<RoundRecord>,
+    /// Time spent in rounds (training only, evaluation excluded).
+    pub train_seconds: f64,
+    /// Device updates aggregated.
+    pub client_updates: usize,
+    /// The final model.
+    pub model: RoundModel,
+}
+
+/// The coordinator configuration a run uses.
+pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> CoordinatorConfig {
+    let selection = if cfg.noise_multiplier > 0.0 {
+        Selection::Poisson { q: (cfg.clients_per_round as f64 / n_users.max(1) as f64).min(1.0) }
+    } else {
+        Selection::FirstCome { cohort: cfg.clients_per_round }
+    };
+    let optimizer = match cfg.optimizer {
+        OptimizerKind::Adam => ServerOptimizer::adam(cfg.server_lr),
+        OptimizerKind::Sgd => ServerOptimizer::Sgd { lr: cfg.server_lr, momentum: cfg.momentum },
+    };
+    CoordinatorConfig {
+        train: cfg.train_params(),
+        optimizer,
+        selection,
+        min_reports: 1,
+        checkin_window: Duration::from_secs(60),
+        report_window: Duration::from_secs(600),
+        clip_norm: cfg.clip_norm,
+        noise_multiplier: cfg.noise_multiplier,
+        // With noise, a segment needs a count well above the noise to be trusted.
+        centroids: CentroidPolicy { min_count: (3.0 * cfg.noise_multiplier * cfg.clip_norm).max(1.0) },
+    }
+}
+
+/// Runs a federation of `data`'s users under `cfg`. `on_round` sees every round's record.
+pub fn run(
+    data: &UserData,
+    cfg: &RunConfig,
+    mut on_round: impl FnMut(&RoundRecord),
+) -> anyhow::Result<RunResult> {
+    let shape = ModelShape { n_items: data.n_items, dim: cfg.dim, n_segments: cfg.n_segments };
+    let mut rng = danger::seeded_rng(cfg.seed);
+    let init = ModelInit {
+        factor_std: cfg.init_std,
+        global_mean: match cfg.objective {
+            // A prior from the rating scale, not from the data.
+            ObjectiveKind::Explicit => (data.eval.rating_range.0 + data.eval.rating_range.1) / 2.0,
+            ObjectiveKind::Implicit => 0.0,
+        },
+        ..ModelInit::default()
+    };
+    let model = GlobalModel::init(shape, init, &mut rng)?;
+    let coordinator = Coordinator::new(
+        coordinator_config(cfg, data.train.len()),
+        model,
+        danger::seeded_rng(cfg.seed ^ 0x5eed),
+    )?;
+    let harness = HarnessConfig { dropout: cfg.dropout, n_threads: cfg.threads, ..HarnessConfig::default() };
+    let mut fed =
+        Federation::new(coordinator, &data.train, harness, danger::seeded_rng(cfg.seed.wrapping_add(1)));
+    let users = data.eval_users();
+    let params = cfg.train_params();
+    let mut history = Vec::with_capacity(cfg.rounds);
+    let mut train_time = Duration::ZERO;
+    let mut client_updates = 0;
+    for round in 0..cfg.rounds {
+        let t0 = WallClock::now();
+        let report = fed.run_round();
+        train_time += t0.elapsed();
+        let (committed, n_reported, n_dropped) = match &report.event {
+            Some(CoordinatorEvent::RoundCommitted { stats, .. }) => (true, stats.n_reported, stats.n_dropped),
+            Some(CoordinatorEvent::RoundAbandoned { stats, .. }) => (false, 0, stats.n_dropped),
+            _ => (false, 0, 0),
+        };
+        client_updates += n_reported;
+        let evaluate_now =
+            round + 1 == cfg.rounds || (cfg.eval_every > 0 && (round + 1) % cfg.eval_every == 0);
+        let metrics = evaluate_now.then(|| {
+            let scorer = ReconstructionScorer { model: fed.coordinator.model(), params };
+            MetricsRecord::from(evaluate(&scorer, &users, data.n_items, &data.eval, cfg.threads))
+        });
+        let rec = RoundRecord {
+            round,
+            committed,
+            n_reported,
+            n_dropped,
+            clipped_fraction: if report.n_completed > 0 {
+                report.n_clipped as f64 / report.n_completed as f64
+            } else {
+                0.0
+            },
+            metrics,
+        };
+        on_round(&rec);
+        history.push(rec);
+    }
+    let model = (**fed.coordinator.model()).clone();
+    let scorer = ReconstructionScorer { model: &model, params };
+    let metrics = evaluate(&scorer, &users, data.n_items, &data.eval, cfg.threads);
+    Ok(RunResult { metrics, history, train_seconds: train_time.as_secs_f64(), client_updates, model })
+}
