@@ -60,11 +60,30 @@ impl ServerOptimizer {
 }
 
 /// How the k-means centroids are updated from the noised statistics.
+///
+/// Each round sees a sample of users, so the update is mini-batch k-means (Sculley 2010):
+/// a centroid moves toward the round's mean of its members by `n_j / mass_j`, where the
+/// mass is an exponentially decayed count of the users it has absorbed (decay `memory`),
+/// so old rounds — whose user vectors came from an older item model — fade out.
+/// A segment whose mass falls below `starve_fraction` of the average takes over half of
+/// the heaviest segment (split along a fixed direction), so that no segment stays empty.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CentroidPolicy {
-    /// A segment whose (noised) count is below this keeps its previous centroid: empty
-    /// segments, and segments too small for their noised mean to mean anything, do not move.
+    /// A segment whose (noised) count this round is below this does not move: empty
+    /// segments, and segments too small for their noised mean to mean anything.
     pub min_count: f32,
+    /// Decay of the per-segment mass per round, in `[0, 1)`.
+    pub memory: f32,
+    /// Relative mass below which a segment is re-seeded by splitting the heaviest one.
+    pub starve_fraction: f32,
+}
+
+impl CentroidPolicy {
+    /// The policy used by default: no movement on fewer than `min_count` members, a memory
+    /// of about ten rounds, re-seeding below 5% of the average mass.
+    pub fn with_min_count(min_count: f32) -> Self {
+        Self { min_count, memory: 0.9, starve_fraction: 0.05 }
+    }
 }
 
 /// Optimizer state the coordinator carries from round to round.
@@ -74,6 +93,8 @@ pub struct ServerState {
     m: Vec<f32>,
     v: Vec<f32>,
     step: u64,
+    /// Decayed number of users each centroid has absorbed.
+    centroid_mass: Vec<f32>,
 }
 
 impl ServerState {
@@ -83,7 +104,7 @@ impl ServerState {
             ServerOptimizer::Adam { .. } => vec![0.0; n_params],
             ServerOptimizer::Sgd { .. } => Vec::new(),
         };
-        Self { optimizer, m: vec![0.0; n_params], v, step: 0 }
+        Self { optimizer, m: vec![0.0; n_params], v, step: 0, centroid_mass: Vec::new() }
     }
 
     /// Number of optimizer steps taken.
@@ -147,15 +168,57 @@ impl ServerState {
             }
         }
         let d = layout.shape().dim;
+        let k = layout.shape().n_segments;
         let sums = &sum[layout.centroid_sums()];
         let counts = &sum[layout.centroid_counts()];
         let cents = model.centroids.as_slice_mut().expect("centroids are kept in standard layout");
-        for (j, &count) in counts.iter().enumerate() {
-            if count >= centroids.min_count.max(f32::MIN_POSITIVE) {
-                for (c, &s) in cents[j * d..(j + 1) * d].iter_mut().zip(&sums[j * d..(j + 1) * d]) {
-                    *c = s / count;
-                }
+        update_centroids(cents, &mut self.centroid_mass, sums, counts, d, k, centroids);
+    }
+}
+
+fn update_centroids(
+    cents: &mut [f32],
+    mass: &mut Vec<f32>,
+    sums: &[f32],
+    counts: &[f32],
+    d: usize,
+    k: usize,
+    policy: &CentroidPolicy,
+) {
+    mass.resize(k, 0.0);
+    for j in 0..k {
+        mass[j] *= policy.memory;
+        let n = counts[j];
+        if n >= policy.min_count.max(f32::MIN_POSITIVE) && n.is_finite() {
+            mass[j] += n;
+            let eta = n / mass[j];
+            for (c, &s) in cents[j * d..(j + 1) * d].iter_mut().zip(&sums[j * d..(j + 1) * d]) {
+                *c += eta * (s / n - *c);
             }
         }
+    }
+    let avg = mass.iter().sum::<f32>() / k as f32;
+    if avg <= 0.0 {
+        return;
+    }
+    for j in 0..k {
+        if mass[j] >= policy.starve_fraction * avg {
+            continue;
+        }
+        let big = (0..k).max_by(|&a, &b| mass[a].total_cmp(&mass[b])).unwrap_or(j);
+        if big == j {
+            continue;
+        }
+        // Split the heaviest centroid in two along a fixed ± pattern.
+        let norm = cents[big * d..(big + 1) * d].iter().map(|x| x * x).sum::<f32>().sqrt();
+        let delta = 0.05 * norm.max(1e-3) / (d as f32).sqrt();
+        for t in 0..d {
+            let sign = if t % 2 == 0 { 1.0 } else { -1.0 };
+            let c = cents[big * d + t];
+            cents[j * d + t] = c + sign * delta;
+            cents[big * d + t] = c - sign * delta;
+        }
+        mass[big] /= 2.0;
+        mass[j] = mass[big];
     }
 }

@@ -268,7 +268,7 @@ pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> CoordinatorConfig 
         clip_norm: cfg.clip_norm,
         noise_multiplier: cfg.noise_multiplier,
         // With noise, a segment needs a count well above the noise to be trusted.
-        centroids: CentroidPolicy { min_count: (3.0 * cfg.noise_multiplier * cfg.clip_norm).max(1.0) },
+        centroids: CentroidPolicy::with_min_count((3.0 * cfg.noise_multiplier * cfg.clip_norm).max(1.0)),
     }
 }
 

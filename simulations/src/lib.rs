@@ -4,3 +4,6 @@
 pub mod baseline;
 pub mod data;
 pub mod federation;
+pub mod plot;
+pub mod report;
+pub mod segments;

@@ -10,8 +10,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use fedrec_shared::eval;
 use fedrec_sim::data::{self, DataSource, SplitKind};
 use fedrec_sim::federation::{self, ObjectiveKind, OptimizerKind, RunConfig, UserData};
+use fedrec_sim::report::{self, BaselineReport, DatasetInfo, RunReport};
+use fedrec_sim::{baseline, plot, segments};
+use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser, Debug)]
 #[command(name = "fedrec-sim", version, about = "Simulate fedrec federations on real and synthetic data")]
@@ -35,6 +39,17 @@ enum Command {
     Run(RunArgs),
     /// Centralized reference methods on the same data and metrics.
     Baseline(BaselineArgs),
+    /// Measure training speed (rounds only, no evaluation) and write it as JSON.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct BenchArgs {
+    /// Repetitions; the report gives each and the median.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,6 +208,24 @@ struct RunArgs {
     /// Seed of the split and of every random choice in the run.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+struct OutputArgs {
+    /// Write a JSON report here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the per-round history as CSV here.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Write SVG learning curves here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 impl RunArgs {
@@ -232,79 +265,220 @@ fn main() -> Result<()> {
         }
         Command::Run(args) => run(&args),
         Command::Baseline(args) => baseline(&args),
+        Command::Bench(args) => bench(&args),
     }
 }
 
-fn load(args: &RunArgs, cfg: &RunConfig) -> Result<UserData> {
+fn load(args: &RunArgs, cfg: &RunConfig) -> Result<(UserData, DatasetInfo)> {
     let kind = match args.data.split {
         SplitArg::Random => SplitKind::Random,
         SplitArg::Temporal => SplitKind::Temporal,
     };
-    let split = data::load_split(&args.data.source(), args.data.test_fraction, kind, args.seed)?;
+    let source = args.data.source();
+    let split = data::load_split(&source, args.data.test_fraction, kind, args.seed)?;
     if split.train.is_empty() {
         bail!("the training set is empty");
+    }
+    if split.test.is_empty() {
+        bail!("the test set is empty: raise --test-fraction or give a --test file");
     }
     let threshold = args.data.relevance_threshold.or_else(|| {
         let (lo, hi) = split.rating_range();
         (lo < hi).then_some(4.0)
     });
-    Ok(UserData::from_split(&split, cfg.objective, threshold))
+    let info = match source {
+        DataSource::TrainTest { .. } => DatasetInfo::of(&split, "given", 0.0),
+        _ => DatasetInfo::of(&split, kind.as_str(), args.data.test_fraction),
+    };
+    Ok((UserData::from_split(&split, cfg.objective, threshold), info))
 }
 
 fn baseline(args: &BaselineArgs) -> Result<()> {
-    let cfg = args.run.config();
-    let users = load(&args.run, &cfg)?;
     let t0 = std::time::Instant::now();
+    let cfg = args.run.config();
+    let (users, info) = load(&args.run, &cfg)?;
     let m = match args.method {
         Method::Als => {
-            let model = fedrec_sim::baseline::als(&users, &cfg, args.iterations)?;
-            fedrec_sim::baseline::evaluate_model(&users, &model, cfg.train_params(), cfg.threads)
+            let model = baseline::als(&users, &cfg, args.iterations)?;
+            baseline::evaluate_model(&users, &model, cfg.train_params(), cfg.threads)
         }
         Method::Bias => {
-            let b = fedrec_sim::baseline::BiasModel::fit(&users, args.bias_l2);
-            fedrec_shared::eval::evaluate(&b, &users.eval_users(), users.n_items, &users.eval, cfg.threads)
+            let b = baseline::BiasModel::fit(&users, args.bias_l2);
+            eval::evaluate(&b, &users.eval_users(), users.n_items, &users.eval, cfg.threads)
         }
         Method::Popularity => {
-            let p = fedrec_sim::baseline::Popularity::fit(&users);
-            fedrec_shared::eval::evaluate(&p, &users.eval_users(), users.n_items, &users.eval, cfg.threads)
+            let p = baseline::Popularity::fit(&users);
+            eval::evaluate(&p, &users.eval_users(), users.n_items, &users.eval, cfg.threads)
         }
     };
-    println!(
-        "{:?}: rmse {:?} recall@20 {:.4} ndcg@10 {:.4} users {} ({:.2}s)",
-        args.method,
-        m.rmse,
-        m.recall_at_20,
-        m.ndcg_at_10,
-        m.n_eval_users,
-        t0.elapsed().as_secs_f64()
+    let method = format!("{:?}", args.method).to_lowercase();
+    let wall = t0.elapsed().as_secs_f64();
+    println!("baseline {method} on {} ({} users, {} items)", info.name, info.n_users, info.n_items);
+    print!(
+        "{}",
+        report::table(&[
+            ("RMSE", report::fmt_opt(m.rmse)),
+            ("Recall@20", format!("{:.4}", m.recall_at_20)),
+            ("NDCG@10", format!("{:.4}", m.ndcg_at_10)),
+            ("users evaluated", m.n_eval_users.to_string()),
+            ("seconds", format!("{wall:.2}")),
+        ])
     );
+    if let Some(path) = &args.run.out.json {
+        let rep = BaselineReport {
+            command: "baseline",
+            fedrec_version: env!("CARGO_PKG_VERSION"),
+            method,
+            dataset: info,
+            config: cfg,
+            metrics: m.into(),
+            wall_seconds: wall,
+        };
+        report::write_json(path, &rep)?;
+    }
+    Ok(())
+}
+
+fn bench(args: &BenchArgs) -> Result<()> {
+    let mut cfg = args.run.config();
+    cfg.eval_every = 0;
+    let (users, info) = load(&args.run, &cfg)?;
+    let mut runs = Vec::new();
+    for k in 0..args.repeat.max(1) {
+        let res = federation::run(&users, &cfg, |_| {})?;
+        let per_sec = res.client_updates as f64 / res.train_seconds.max(1e-9);
+        eprintln!(
+            "run {}: {} client updates in {:.3} s of training ({per_sec:.0} updates/s)",
+            k + 1,
+            res.client_updates,
+            res.train_seconds
+        );
+        runs.push((res.train_seconds, res.client_updates));
+    }
+    let mut secs: Vec<f64> = runs.iter().map(|r| r.0).collect();
+    secs.sort_by(f64::total_cmp);
+    let median = secs[secs.len() / 2];
+    let updates = runs[0].1;
+    println!(
+        "median {median:.3} s of training for {updates} client updates ({:.0} updates/s; {} threads; {} rounds × {} clients; d = {}; {:?})",
+        updates as f64 / median,
+        cfg.threads,
+        cfg.rounds,
+        cfg.clients_per_round,
+        cfg.dim,
+        cfg.objective
+    );
+    if let Some(path) = &args.run.out.json {
+        let rep = serde_json::json!({
+            "command": "bench",
+            "fedrec_version": env!("CARGO_PKG_VERSION"),
+            "dataset": info,
+            "config": cfg,
+            "available_parallelism": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "runs": runs.iter().map(|(s, u)| serde_json::json!({
+                "train_seconds": s,
+                "client_updates": u,
+                "client_updates_per_second": *u as f64 / s.max(1e-9),
+            })).collect::<Vec<_>>(),
+            "median_train_seconds": median,
+            "median_client_updates_per_second": updates as f64 / median.max(1e-9),
+        });
+        report::write_json(path, &rep)?;
+    }
     Ok(())
 }
 
 fn run(args: &RunArgs) -> Result<()> {
+    let t0 = std::time::Instant::now();
     let cfg = args.config();
-    let users = load(args, &cfg)?;
-    eprintln!("config: {}", serde_json::to_string(&cfg)?);
+    let (users, info) = load(args, &cfg)?;
+    eprintln!(
+        "dataset {}: {} users, {} items, {} train / {} test interactions",
+        info.name, info.n_users, info.n_items, info.n_train, info.n_test
+    );
+    eprintln!("config {}", serde_json::to_string(&cfg)?);
+    let bar = if args.out.quiet {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new(cfg.rounds as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} rounds  {elapsed_precise}  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    };
     let res = federation::run(&users, &cfg, |r| {
+        bar.inc(1);
         if let Some(m) = &r.metrics {
-            eprintln!(
-                "round {:4}  rmse {:?}  recall@20 {:.4}  ndcg@10 {:.4}  clipped {:.2}",
-                r.round + 1,
-                m.rmse.map(|x| (x * 10000.0).round() / 10000.0),
-                m.recall_at_20,
-                m.ndcg_at_10,
-                r.clipped_fraction
-            );
+            let msg = match m.rmse {
+                Some(rmse) => {
+                    format!("rmse {rmse:.4}  recall@20 {:.4}  ndcg@10 {:.4}", m.recall_at_20, m.ndcg_at_10)
+                }
+                None => format!("recall@20 {:.4}  ndcg@10 {:.4}", m.recall_at_20, m.ndcg_at_10),
+            };
+            bar.set_message(msg);
         }
     })?;
+    bar.finish_and_clear();
+    let segments = segments::report(&res.model, &cfg.train_params(), &users.train, cfg.seed);
+    let wall = t0.elapsed().as_secs_f64();
+    let m = res.metrics;
+    let per_sec = res.client_updates as f64 / res.train_seconds.max(1e-9);
     println!(
-        "final: rmse {:?} recall@20 {:.4} ndcg@10 {:.4} users {} train {:.3}s updates {}",
-        res.metrics.rmse,
-        res.metrics.recall_at_20,
-        res.metrics.ndcg_at_10,
-        res.metrics.n_eval_users,
-        res.train_seconds,
-        res.client_updates
+        "fedrec, federated, {} objective, on {} ({} users, {} items): {} rounds × {} clients, d = {}, noise σ = {}",
+        match cfg.objective {
+            ObjectiveKind::Explicit => "explicit",
+            ObjectiveKind::Implicit => "implicit",
+        },
+        info.name,
+        info.n_users,
+        info.n_items,
+        cfg.rounds,
+        cfg.clients_per_round,
+        cfg.dim,
+        cfg.noise_multiplier
     );
+    print!(
+        "{}",
+        report::table(&[
+            ("RMSE", report::fmt_opt(m.rmse)),
+            ("Recall@20", format!("{:.4}", m.recall_at_20)),
+            ("NDCG@10", format!("{:.4}", m.ndcg_at_10)),
+            ("users evaluated", m.n_eval_users.to_string()),
+            ("client updates", res.client_updates.to_string()),
+            ("training seconds", format!("{:.3} ({per_sec:.0} updates/s)", res.train_seconds)),
+            ("segment sizes", format!("{:?}", segments.federated.sizes)),
+            (
+                "mean distance to centroid",
+                format!(
+                    "federated {:.4}, centralized k-means {:.4}",
+                    segments.federated.mean_distance, segments.centralized.mean_distance
+                ),
+            ),
+            ("wall seconds", format!("{wall:.2}")),
+        ])
+    );
+    if let Some(path) = &args.out.csv {
+        report::write_history_csv(path, &res.history)?;
+    }
+    if let Some(path) = &args.out.plot {
+        plot::learning_curves(path, &format!("fedrec on {}", info.name), &res.history)?;
+    }
+    if let Some(path) = &args.out.json {
+        let rep = RunReport {
+            command: "run",
+            fedrec_version: env!("CARGO_PKG_VERSION"),
+            dataset: info,
+            config: cfg,
+            metrics: m.into(),
+            wall_seconds: wall,
+            train_seconds: res.train_seconds,
+            client_updates: res.client_updates,
+            client_updates_per_second: per_sec,
+            history: res.history,
+            segments,
+        };
+        report::write_json(path, &rep)?;
+    }
     Ok(())
 }

@@ -89,6 +89,12 @@ impl CoordinatorConfig {
         if !(self.centroids.min_count.is_finite() && self.centroids.min_count >= 0.0) {
             return Err(ParamError::new("centroid_min_count", "must be finite and ≥ 0"));
         }
+        if !(0.0..1.0).contains(&self.centroids.memory) {
+            return Err(ParamError::new("centroid_memory", "must be in [0, 1)"));
+        }
+        if !(0.0..=1.0).contains(&self.centroids.starve_fraction) {
+            return Err(ParamError::new("centroid_starve_fraction", "must be in [0, 1]"));
+        }
         Ok(())
     }
 }

@@ -1,0 +1,49 @@
+//! SVG learning curves: the evaluated metrics against the round.
+
+use std::path::Path;
+
+use anyhow::Context;
+use plotters::prelude::*;
+
+use crate::federation::RoundRecord;
+
+/// Draws RMSE (if any), Recall@20 and NDCG@10 against the round, one panel each.
+pub fn learning_curves(path: &Path, title: &str, history: &[RoundRecord]) -> anyhow::Result<()> {
+    let points = |f: &dyn Fn(&RoundRecord) -> Option<f64>| -> Vec<(f64, f64)> {
+        history.iter().filter_map(|r| f(r).map(|v| ((r.round + 1) as f64, v))).collect()
+    };
+    let rmse = points(&|r| r.metrics.and_then(|m| m.rmse));
+    let recall = points(&|r| r.metrics.map(|m| m.recall_at_20));
+    let ndcg = points(&|r| r.metrics.map(|m| m.ndcg_at_10));
+    let mut panels: Vec<(&str, Vec<(f64, f64)>)> = Vec::new();
+    if !rmse.is_empty() {
+        panels.push(("RMSE", rmse));
+    }
+    panels.push(("Recall@20", recall));
+    panels.push(("NDCG@10", ndcg));
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (420 * panels.len() as u32, 360)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let root = root.titled(title, ("sans-serif", 18))?;
+        let areas = root.split_evenly((1, panels.len()));
+        let x_max = history.len().max(1) as f64;
+        for (area, (name, pts)) in areas.iter().zip(&panels) {
+            let (lo, hi) =
+                pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &(_, y)| (a.min(y), b.max(y)));
+            let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
+            let pad = ((hi - lo) * 0.1).max(1e-3);
+            let mut chart = ChartBuilder::on(area)
+                .caption(*name, ("sans-serif", 16))
+                .margin(10)
+                .x_label_area_size(30)
+                .y_label_area_size(50)
+                .build_cartesian_2d(0.0..x_max, (lo - pad)..(hi + pad))?;
+            chart.configure_mesh().x_desc("round").y_label_formatter(&|y| format!("{y:.3}")).draw()?;
+            chart.draw_series(LineSeries::new(pts.iter().copied(), BLUE.stroke_width(2)))?;
+        }
+        root.present()?;
+    }
+    crate::report::write_atomic(path, svg.as_bytes())
+        .with_context(|| format!("writing plot {}", path.display()))
+}

@@ -1,0 +1,158 @@
+//! Reports for people and machines: the terminal table, the JSON report and the per-round CSV.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::data::Split;
+use crate::federation::{MetricsRecord, RoundRecord, RunConfig};
+use crate::segments::SegmentReport;
+
+/// What the data was.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DatasetInfo {
+    /// Dataset label.
+    pub name: String,
+    /// Users.
+    pub n_users: usize,
+    /// Items.
+    pub n_items: usize,
+    /// Training interactions.
+    pub n_train: usize,
+    /// Held-out interactions.
+    pub n_test: usize,
+    /// Rating range seen in training.
+    pub rating_range: (f32, f32),
+    /// How the split was made (`random`, `temporal`, or `given` for train/test files).
+    pub split: String,
+    /// Held-out fraction per user (0 for given files).
+    pub test_fraction: f64,
+}
+
+impl DatasetInfo {
+    /// Describes a split.
+    pub fn of(split: &Split, how: &str, test_fraction: f64) -> Self {
+        Self {
+            name: split.name.clone(),
+            n_users: split.n_users(),
+            n_items: split.n_items(),
+            n_train: split.train.len(),
+            n_test: split.test.len(),
+            rating_range: split.rating_range(),
+            split: how.to_owned(),
+            test_fraction,
+        }
+    }
+}
+
+/// The JSON report of `fedrec-sim run`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Always `run`.
+    pub command: &'static str,
+    /// fedrec version.
+    pub fedrec_version: &'static str,
+    /// The data.
+    pub dataset: DatasetInfo,
+    /// The full configuration (rerunning it reproduces the run).
+    pub config: RunConfig,
+    /// Final metrics.
+    pub metrics: MetricsRecord,
+    /// Whole run, including loading and evaluation.
+    pub wall_seconds: f64,
+    /// Rounds only.
+    pub train_seconds: f64,
+    /// Device updates aggregated.
+    pub client_updates: usize,
+    /// `client_updates / train_seconds`.
+    pub client_updates_per_second: f64,
+    /// Learning curve.
+    pub history: Vec<RoundRecord>,
+    /// Segments report.
+    pub segments: SegmentReport,
+}
+
+/// The JSON report of `fedrec-sim baseline`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BaselineReport {
+    /// Always `baseline`.
+    pub command: &'static str,
+    /// fedrec version.
+    pub fedrec_version: &'static str,
+    /// Which method.
+    pub method: String,
+    /// The data.
+    pub dataset: DatasetInfo,
+    /// The configuration (the model options matter for ALS only).
+    pub config: RunConfig,
+    /// Metrics.
+    pub metrics: MetricsRecord,
+    /// Fitting and evaluation.
+    pub wall_seconds: f64,
+}
+
+/// Writes `value` as pretty JSON, atomically (temp file, then rename).
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    write_atomic(path, text.as_bytes())
+}
+
+/// Writes bytes to `path` through a temporary file in the same folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.sync_all().ok();
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Writes the per-round history as CSV.
+pub fn write_history_csv(path: &Path, history: &[RoundRecord]) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record([
+        "round",
+        "committed",
+        "n_reported",
+        "n_dropped",
+        "clipped_fraction",
+        "rmse",
+        "recall_at_20",
+        "ndcg_at_10",
+    ])?;
+    for r in history {
+        let m = r.metrics.as_ref();
+        let opt = |x: Option<f64>| x.map(|v| format!("{v:.6}")).unwrap_or_default();
+        w.write_record([
+            (r.round + 1).to_string(),
+            r.committed.to_string(),
+            r.n_reported.to_string(),
+            r.n_dropped.to_string(),
+            format!("{:.4}", r.clipped_fraction),
+            opt(m.and_then(|m| m.rmse)),
+            opt(m.map(|m| m.recall_at_20)),
+            opt(m.map(|m| m.ndcg_at_10)),
+        ])?;
+    }
+    let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("csv: {e}"))?;
+    write_atomic(path, &bytes)
+}
+
+/// A small aligned table for the terminal.
+pub fn table(rows: &[(&str, String)]) -> String {
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (k, v) in rows {
+        out.push_str(&format!("  {k:<width$}  {v}\n"));
+    }
+    out
+}
+
+/// Formats an optional metric.
+pub fn fmt_opt(x: Option<f64>) -> String {
+    x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "—".to_owned())
+}
