@@ -130,6 +130,9 @@ pub fn score_user(
 
 /// Indices of the `k` highest finite scores, best first; ties go to the lower index.
 pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    if k == 0 {
+        return Vec::new();
+    }
     let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
     for (i, &s) in scores.iter().enumerate() {
         if !s.is_finite() || (best.len() == k && s <= best[k - 1].0) {

@@ -175,7 +175,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 ///
 /// Blocks of 256 values are summed in sixteen `f32` lanes (sixteen terms per lane, so the
 /// rounding error stays near `16 · 2⁻²⁴`), blocks are summed in `f64`. Inputs whose squares
-/// overflow `f32` take an exact `f64` path, so a finite input never yields infinity.
+/// overflow `f32`, or may fall below its normal range, take an exact `f64` path instead, so
+/// a finite input never yields infinity nor loses precision to subnormals.
 pub fn norm_sq_f64(x: &[f32]) -> f64 {
     let mut total = 0.0f64;
     for block in x.chunks(256) {
@@ -190,7 +191,13 @@ pub fn norm_sq_f64(x: &[f32]) -> f64 {
         total += acc.iter().map(|&a| f64::from(a)).sum::<f64>();
         total += rem.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
     }
-    if total.is_finite() { total } else { x.iter().map(|&v| f64::from(v) * f64::from(v)).sum() }
+    // Squares below f32::MIN_POSITIVE (~1.2e-38) lose precision in the f32 lanes; a total
+    // this small means some may have. Recompute exactly, which is cheap and rare.
+    if total.is_finite() && total > 1e-30 {
+        total
+    } else {
+        x.iter().map(|&v| f64::from(v) * f64::from(v)).sum()
+    }
 }
 
 #[cfg(test)]

@@ -80,7 +80,10 @@ impl TrainParams {
     }
 }
 
-/// The device's private state: reconstructed each round, never uploaded.
+/// The device's private state, reconstructed each round and never sent as such. Its only
+/// trace in an upload is the k-means statistic (the vector, scaled by the clip factor, in its
+/// segment's row of the clipped update), which the coordinator sees only inside a sum under
+/// secure aggregation, and only noised under differential privacy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UserState {
     /// User vector `u`.
@@ -98,8 +101,58 @@ impl UserState {
     }
 }
 
+/// Why a device's interactions cannot be trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LocalDataError {
+    /// An interaction names an item outside the model's catalogue.
+    #[error("an interaction names item {item}, the catalogue has {n_items}")]
+    ItemOutOfRange {
+        /// The item.
+        item: u32,
+        /// Catalogue size.
+        n_items: usize,
+    },
+    /// An interaction value is NaN or infinite.
+    #[error("an interaction value is not finite")]
+    NonFinite,
+    /// An implicit-feedback strength is negative (its confidence would fall below 1).
+    #[error("an implicit-feedback strength is negative")]
+    NegativeStrength,
+    /// An item appears twice (aggregate repeated events per item first).
+    #[error("item {0} appears more than once")]
+    DuplicateItem(u32),
+}
+
+/// Checks a device's interactions against a model and objective: items in range, finite
+/// values, non-negative implicit strengths, each item at most once.
+pub fn validate_ratings(
+    ratings: &[Rating],
+    n_items: usize,
+    objective: &Objective,
+) -> Result<(), LocalDataError> {
+    let mut seen = vec![false; n_items];
+    for r in ratings {
+        let i = r.item as usize;
+        if i >= n_items {
+            return Err(LocalDataError::ItemOutOfRange { item: r.item, n_items });
+        }
+        if !r.value.is_finite() {
+            return Err(LocalDataError::NonFinite);
+        }
+        if matches!(objective, Objective::Implicit { .. }) && r.value < 0.0 {
+            return Err(LocalDataError::NegativeStrength);
+        }
+        if std::mem::replace(&mut seen[i], true) {
+            return Err(LocalDataError::DuplicateItem(r.item));
+        }
+    }
+    Ok(())
+}
+
 /// Reconstructs the user vector (and bias) that minimises the local loss for the current
-/// item side, in closed form.
+/// item side, in closed form. `ratings` must pass [`validate_ratings`] (devices check
+/// before training); values that would make the system indefinite give an error.
 pub fn reconstruct(
     model: &RoundModel,
     ratings: &[Rating],
@@ -121,6 +174,9 @@ pub fn reconstruct(
             ne.add_matrix(model.gramian());
             for r in ratings {
                 let c = 1.0 + f64::from(alpha) * f64::from(r.value);
+                if !(c >= 1.0 && c.is_finite()) {
+                    return Err(SolveError::NotPositiveDefinite);
+                }
                 ne.add(m.item_row(r.item as usize), c - 1.0, c);
             }
         }

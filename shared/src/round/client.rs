@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use super::{ClientMessage, Instant, ServerMessage};
 use crate::error::{ParamError, SolveError, UpdateError};
 use crate::model::RoundModel;
-use crate::train::{Rating, UserState, local_update, reconstruct};
+use crate::train::{LocalDataError, Rating, UserState, local_update, reconstruct, validate_ratings};
 use crate::update::ClippedUpdate;
 
 /// Why a device could not take part (its own failure, never the coordinator's input crashing it).
@@ -15,14 +15,9 @@ pub enum ClientError {
     /// The task's parameters are invalid.
     #[error("invalid task: {0}")]
     InvalidTask(#[from] ParamError),
-    /// A local interaction names an item outside the model's catalogue.
-    #[error("local data names item {item}, the model has {n_items} items")]
-    ItemOutOfRange {
-        /// Offending item index.
-        item: u32,
-        /// Catalogue size.
-        n_items: usize,
-    },
+    /// The device's interactions cannot be trained on with this model.
+    #[error("local data: {0}")]
+    LocalData(#[from] LocalDataError),
     /// The local solve failed.
     #[error("reconstruction failed: {0}")]
     Solve(#[from] SolveError),
@@ -65,7 +60,8 @@ enum State {
 ///
 /// Holds a borrow of the device's interactions; what it emits is a check-in and, if
 /// selected, a [`ClippedUpdate`]. The reconstructed user vector stays here, readable by the
-/// device through [`ClientRound::user_state`] and never put in a message.
+/// device through [`ClientRound::user_state`]; it reaches the upload only as the k-means
+/// statistic inside the clipped vector (see [`crate::train::UserState`]).
 #[derive(Debug)]
 pub struct ClientRound<'a> {
     ratings: &'a [Rating],
@@ -122,10 +118,7 @@ impl<'a> ClientRound<'a> {
         if !(task.clip_norm.is_finite() && task.clip_norm > 0.0) {
             return Err(ParamError { name: "clip_norm", reason: "must be finite and > 0".into() }.into());
         }
-        let n_items = model.model.shape().n_items;
-        if let Some(r) = self.ratings.iter().find(|r| r.item as usize >= n_items) {
-            return Err(ClientError::ItemOutOfRange { item: r.item, n_items });
-        }
+        validate_ratings(self.ratings, model.model.shape().n_items, &task.train.objective)?;
         let user = reconstruct(model, self.ratings, &task.train)?;
         let update = local_update(model, self.ratings, &user, &task.train);
         self.user = Some(user);

@@ -188,6 +188,9 @@ enum Phase {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Participant {
+    /// Checked in, not selected: a repeated check-in in the same round gets the same answer
+    /// (no second draw) and is not counted twice.
+    NotSelected,
     Selected,
     Reported,
 }
@@ -198,7 +201,9 @@ struct Round {
     started: Instant,
     phase: Phase,
     n_checked_in: usize,
+    /// Every device that checked in this round, and what became of it.
     participants: HashMap<ClientId, Participant>,
+    n_selected: usize,
     aggregator: Aggregator,
     rejected: Vec<(&'static str, usize)>,
 }
@@ -286,6 +291,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             phase: Phase::CheckIn { deadline: now.saturating_add(self.config.checkin_window) },
             n_checked_in: 0,
             participants: HashMap::new(),
+            n_selected: 0,
             aggregator: Aggregator::new(self.layout, self.config.clip_norm),
             rejected: Vec::new(),
         });
@@ -326,14 +332,16 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         }
         round.n_checked_in += 1;
         let selected = match self.config.selection {
-            Selection::FirstCome { cohort } => round.participants.len() < cohort,
+            Selection::FirstCome { cohort } => round.n_selected < cohort,
             Selection::Poisson { q } => self.rng.random_bool(q),
         };
         if !selected {
+            round.participants.insert(client, Participant::NotSelected);
             self.outbox.push_back((client, ServerMessage::NotSelected { round: round.idx }));
             return;
         }
         round.participants.insert(client, Participant::Selected);
+        round.n_selected += 1;
         let task = Task {
             round: round.idx,
             train: self.config.train,
@@ -342,7 +350,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         };
         self.outbox.push_back((client, ServerMessage::Selected { task, model: Arc::clone(&self.model) }));
         if let Selection::FirstCome { cohort } = self.config.selection
-            && round.participants.len() >= cohort
+            && round.n_selected >= cohort
         {
             round.phase = Phase::Report { deadline: now.saturating_add(self.config.report_window) };
         }
@@ -360,7 +368,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             return Err(Rejection::WrongRound { got: round_idx, current: round.idx });
         }
         match round.participants.get(&client) {
-            None => return Err(Rejection::NotSelected),
+            None | Some(Participant::NotSelected) => return Err(Rejection::NotSelected),
             Some(Participant::Reported) => return Err(Rejection::Duplicate),
             Some(Participant::Selected) => {}
         }
@@ -381,7 +389,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
     pub fn handle_timeout(&mut self, now: Instant) {
         loop {
             let Some(round) = self.round.as_mut() else { return };
-            let n_selected = round.participants.len();
+            let n_selected = round.n_selected;
             let n_reported = round.aggregator.n_updates();
             match round.phase {
                 Phase::CheckIn { deadline } => {
@@ -412,7 +420,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
 
     fn close(&mut self, now: Instant, outcome: Result<(), AbandonReason>) {
         let Some(round) = self.round.take() else { return };
-        let n_selected = round.participants.len();
+        let n_selected = round.n_selected;
         let n_reported = round.aggregator.n_updates();
         let mut stats = RoundStats {
             round: round.idx,
@@ -427,7 +435,8 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             duration: now.saturating_duration_since(round.started),
         };
         let abort = |outbox: &mut VecDeque<_>, participants: HashMap<ClientId, Participant>| {
-            for client in participants.into_keys() {
+            let selected = participants.into_iter().filter(|(_, p)| *p != Participant::NotSelected);
+            for (client, _) in selected {
                 outbox.push_back((client, ServerMessage::Aborted { round: round.idx }));
             }
         };

@@ -109,8 +109,8 @@ pub enum ServerMessage {
 
 /// Messages from a device to the coordinator.
 ///
-/// An upload can only carry a [`ClippedUpdate`]: the device's interactions and its user
-/// vector have no way onto the network.
+/// An upload can only carry a [`ClippedUpdate`]: the device's interactions have no way onto
+/// the network, and its user vector only as the (clipped) k-means statistic inside it.
 #[derive(Debug, Clone)]
 pub enum ClientMessage {
     /// The device is available for a round.
