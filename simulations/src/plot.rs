@@ -39,7 +39,12 @@ pub fn learning_curves(path: &Path, title: &str, history: &[RoundRecord]) -> any
                 .x_label_area_size(30)
                 .y_label_area_size(50)
                 .build_cartesian_2d(0.0..x_max, (lo - pad)..(hi + pad))?;
-            chart.configure_mesh().x_desc("round").y_label_formatter(&|y| format!("{y:.3}")).draw()?;
+            chart
+                .configure_mesh()
+                .x_desc("round")
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_label_formatter(&|y| format!("{y:.3}"))
+                .draw()?;
             chart.draw_series(LineSeries::new(pts.iter().copied(), BLUE.stroke_width(2)))?;
         }
         root.present()?;

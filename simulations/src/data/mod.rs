@@ -16,6 +16,7 @@ mod error;
 mod fetch;
 mod parse;
 mod split;
+mod synthetic;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ pub use error::DataError;
 pub use fetch::{ML100K_FILES, RECBOLE_VERSION, RECBOLE_WHEEL_SHA256, fetch_ml100k};
 pub use parse::load_item_genres;
 pub use split::split;
+pub use synthetic::{SyntheticParams, synthetic};
 
 /// One rating/interaction with dense indices.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -144,7 +146,7 @@ impl FromStr for SplitKind {
 }
 
 /// Where a dataset comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum DataSource {
     /// MovieLens-100K from the recbole wheel, fetched into `data_dir` when missing.
     MovieLens100k {
@@ -153,6 +155,8 @@ pub enum DataSource {
     },
     /// One ratings file in any supported format (auto-detected).
     Ratings(PathBuf),
+    /// A generated population (see [`synthetic`]).
+    Synthetic(SyntheticParams),
     /// Explicit train and test files, generic TSV format.
     ///
     /// The format is auto-detected as for [`DataSource::Ratings`], so the other formats work too.
@@ -191,6 +195,7 @@ pub fn load(source: &DataSource) -> Result<Dataset, DataError> {
             Ok(ds)
         }
         DataSource::Ratings(path) => parse::load_file(path),
+        DataSource::Synthetic(params) => synthetic(params),
         DataSource::TrainTest { .. } => Err(DataError::InvalidArgument(
             "a train/test source holds two files; load it with load_split".to_owned(),
         )),
@@ -212,7 +217,7 @@ pub fn load_split(
 ) -> Result<Split, DataError> {
     match source {
         DataSource::TrainTest { train, test } => parse::load_train_test(train, test),
-        DataSource::MovieLens100k { .. } | DataSource::Ratings(_) => {
+        DataSource::MovieLens100k { .. } | DataSource::Ratings(_) | DataSource::Synthetic(_) => {
             if !(0.0..1.0).contains(&test_fraction) {
                 return Err(DataError::InvalidArgument(format!(
                     "test fraction must be in [0, 1), got {test_fraction}"
