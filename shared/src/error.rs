@@ -76,6 +76,9 @@ pub enum Rejection {
     /// The round no longer accepts this message (its phase is over).
     #[error("the round is not accepting this message in its current phase")]
     WrongPhase,
+    /// Adaptive clipping is on and the upload lacks the "within the bound" bit.
+    #[error("the upload lacks the clipping bit adaptive clipping needs")]
+    MissingClipBit,
     /// The update itself is malformed.
     #[error("invalid update: {0}")]
     InvalidUpdate(#[from] UpdateError),
@@ -89,6 +92,7 @@ impl Rejection {
             Rejection::NotSelected => "not_selected",
             Rejection::Duplicate => "duplicate",
             Rejection::WrongPhase => "wrong_phase",
+            Rejection::MissingClipBit => "missing_clip_bit",
             Rejection::InvalidUpdate(UpdateError::WrongLength { .. } | UpdateError::BadRows) => "wrong_shape",
             Rejection::InvalidUpdate(UpdateError::NonFinite) => "non_finite",
             Rejection::InvalidUpdate(UpdateError::NormTooLarge { .. }) => "norm_too_large",

@@ -29,6 +29,7 @@ fn config(train: TrainParams, selection: Selection, noise_multiplier: f32) -> Co
         report_window: Duration::from_secs(60),
         clip_norm: 1e3,
         noise_multiplier,
+        adaptive_clip: None,
         centroids: CentroidPolicy::with_min_count(1.0),
     }
 }

@@ -38,6 +38,7 @@ fn config(selection: Selection, min_reports: usize) -> CoordinatorConfig {
         report_window: Duration::from_secs(120),
         clip_norm: 10.0,
         noise_multiplier: 0.0,
+        adaptive_clip: None,
         centroids: CentroidPolicy::with_min_count(1.0),
     }
 }
@@ -231,27 +232,27 @@ fn coordinator_rejects_misbehaving_uploads_and_commits_the_good_ones() {
         clip,
     )
     .expect("finite");
-    let msg = ClientMessage::Upload { round, update };
+    let msg = ClientMessage::Upload { round, update, within_bound: None };
     expect_rejected(&mut coord, t1, 4, msg, round, |r| *r == Rejection::NotSelected);
     // A replay.
     expect_rejected(&mut coord, t1, 0, first, round, |r| *r == Rejection::Duplicate);
     // Another round.
     let ClientMessage::Upload { update: good2, .. } = upload_of(&mut clients[2]) else { unreachable!() };
-    let msg = ClientMessage::Upload { round: round + 1, update: good2 };
+    let msg = ClientMessage::Upload { round: round + 1, update: good2, within_bound: None };
     expect_rejected(&mut coord, t1, 2, msg, round, |r| {
         *r == Rejection::WrongRound { got: round + 1, current: round }
     });
     // Another model shape.
     let other = ModelShape { n_items: 13, dim: 3, n_segments: 2 }.layout();
     let update = ClippedUpdate::clip(UpdateVector::zeros_dense(other), clip).expect("finite");
-    let msg = ClientMessage::Upload { round, update };
+    let msg = ClientMessage::Upload { round, update, within_bound: None };
     expect_rejected(&mut coord, t1, 2, msg, round, |r| {
         *r == Rejection::InvalidUpdate(UpdateError::WrongLength { expected: layout.len(), got: other.len() })
     });
     // Clipped to a looser bound than the task's.
     let big = UpdateVector::from_dense(layout, &vec![1.0; layout.len()]).expect("length");
     let update = ClippedUpdate::clip(big, 2.0 * clip).expect("finite");
-    let msg = ClientMessage::Upload { round, update };
+    let msg = ClientMessage::Upload { round, update, within_bound: None };
     expect_rejected(&mut coord, t1, 2, msg, round, |r| {
         matches!(r, Rejection::InvalidUpdate(UpdateError::NormTooLarge { .. }))
     });
@@ -451,8 +452,9 @@ fn only_the_clipped_update_leaves_the_device() {
         for (k, msg) in sent.iter().enumerate() {
             match msg {
                 ClientMessage::CheckIn => assert_eq!(k, 0),
-                ClientMessage::Upload { round: r, update } => {
+                ClientMessage::Upload { round: r, update, within_bound } => {
                     assert_eq!((k, *r), (1, round));
+                    assert_eq!(*within_bound, None, "the clipping bit is sent only when the task asks");
                     uploads.push(update.clone());
                 }
             }
@@ -471,7 +473,11 @@ fn only_the_clipped_update_leaves_the_device() {
         assert_eq!(update.was_clipped(), clip_norm < 1.0, "norm {norm}");
 
         // The coordinator accepts it and the device completes.
-        coord.handle_message(Instant::ZERO, 9, ClientMessage::Upload { round, update: update.clone() });
+        coord.handle_message(
+            Instant::ZERO,
+            9,
+            ClientMessage::Upload { round, update: update.clone(), within_bound: None },
+        );
         for (_, msg) in drain(&mut coord) {
             client.handle_message(Instant::ZERO, msg);
         }

@@ -152,7 +152,7 @@ impl RunConfig {
 /// One line of the learning curve.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RoundRecord {
-    /// Round index (0-based).
+    /// Round number, from 1.
     pub round: usize,
     /// Whether the round committed.
     pub committed: bool,
@@ -284,6 +284,7 @@ pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> CoordinatorConfig 
         checkin_window: Duration::from_secs(60),
         report_window: Duration::from_secs(600),
         clip_norm: cfg.clip_norm,
+        adaptive_clip: None,
         noise_multiplier: cfg.noise_multiplier,
         // With noise, a segment needs a count well above the noise to be trusted.
         centroids: CentroidPolicy::with_min_count((3.0 * cfg.noise_multiplier * cfg.clip_norm).max(1.0)),
@@ -338,7 +339,7 @@ pub fn run(
             MetricsRecord::from(evaluate(&scorer, &users, data.n_items, &data.eval, cfg.threads))
         });
         let rec = RoundRecord {
-            round,
+            round: round + 1,
             committed,
             n_reported,
             n_dropped,

@@ -10,7 +10,7 @@ use crate::federation::RoundRecord;
 /// Draws RMSE (if any), Recall@20 and NDCG@10 against the round, one panel each.
 pub fn learning_curves(path: &Path, title: &str, history: &[RoundRecord]) -> anyhow::Result<()> {
     let points = |f: &dyn Fn(&RoundRecord) -> Option<f64>| -> Vec<(f64, f64)> {
-        history.iter().filter_map(|r| f(r).map(|v| ((r.round + 1) as f64, v))).collect()
+        history.iter().filter_map(|r| f(r).map(|v| (r.round as f64, v))).collect()
     };
     let rmse = points(&|r| r.metrics.and_then(|m| m.rmse));
     let recall = points(&|r| r.metrics.map(|m| m.recall_at_20));

@@ -128,7 +128,7 @@ pub fn write_history_csv(path: &Path, history: &[RoundRecord]) -> anyhow::Result
         let m = r.metrics.as_ref();
         let opt = |x: Option<f64>| x.map(|v| format!("{v:.6}")).unwrap_or_default();
         w.write_record([
-            (r.round + 1).to_string(),
+            r.round.to_string(),
             r.committed.to_string(),
             r.n_reported.to_string(),
             r.n_dropped.to_string(),

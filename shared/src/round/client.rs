@@ -91,7 +91,12 @@ impl<'a> ClientRound<'a> {
                 match self.train(&model, &task) {
                     Ok(update) => {
                         let was_clipped = update.was_clipped();
-                        self.outbox.push_back(ClientMessage::Upload { round: task.round, update });
+                        let within_bound = task.report_clip_bit.then_some(!was_clipped);
+                        self.outbox.push_back(ClientMessage::Upload {
+                            round: task.round,
+                            update,
+                            within_bound,
+                        });
                         State::ExpectAck { round: task.round, was_clipped }
                     }
                     Err(e) => State::Done(ClientOutcome::Failed(e)),

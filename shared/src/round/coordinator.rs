@@ -32,6 +32,40 @@ pub enum Selection {
     },
 }
 
+/// Adaptive clipping by quantile tracking (Andrew et al. 2021, "Differentially Private
+/// Learning with Adaptive Clipping").
+///
+/// Each device also reports one bit: whether its update was within the current bound. The
+/// coordinator sums the bits, adds Gaussian noise of standard deviation
+/// `count_noise_multiplier` (the sum has sensitivity 1), estimates the fraction `b̄` of
+/// unclipped updates over the expected cohort, and sets `C ← C · exp(−η (b̄ − γ))`. The bit
+/// is a second Gaussian mechanism on the same sample: the accountant charges the combined
+/// noise multiplier `(z⁻² + σ_b⁻²)^(−½)` (see [`Coordinator::effective_noise_multiplier`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveClip {
+    /// Target fraction `γ` of updates left unclipped, in `(0, 1)`.
+    pub target_quantile: f32,
+    /// Step `η` of the geometric update.
+    pub learning_rate: f32,
+    /// Noise `σ_b` on the sum of bits (an absolute standard deviation; sensitivity is 1).
+    pub count_noise_multiplier: f32,
+}
+
+/// The combined noise multiplier of the update and (under adaptive clipping) the clip bits.
+pub fn effective_noise_multiplier(noise_multiplier: f32, adaptive: Option<&AdaptiveClip>) -> f64 {
+    let z = f64::from(noise_multiplier);
+    if z <= 0.0 {
+        return 0.0;
+    }
+    match adaptive {
+        None => z,
+        Some(a) => {
+            let zb = f64::from(a.count_noise_multiplier);
+            if zb <= 0.0 { 0.0 } else { (z.powi(-2) + zb.powi(-2)).powf(-0.5) }
+        }
+    }
+}
+
 /// Everything the coordinator needs to run rounds. Validated by [`Coordinator::new`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct CoordinatorConfig {
@@ -47,8 +81,10 @@ pub struct CoordinatorConfig {
     pub checkin_window: Duration,
     /// How long selected devices have to report, from the end of check-in.
     pub report_window: Duration,
-    /// L2 bound `C` on each upload.
+    /// L2 bound `C` on each upload (the starting value under adaptive clipping).
     pub clip_norm: f32,
+    /// Adaptive clipping: `C` tracks a quantile of the update norms.
+    pub adaptive_clip: Option<AdaptiveClip>,
     /// Noise standard deviation as a multiple of `C` (0 = no noise, no privacy).
     pub noise_multiplier: f32,
     /// Centroid update policy.
@@ -82,6 +118,23 @@ impl CoordinatorConfig {
                 "clip_norm",
                 format!("must be finite and > 0, got {}", self.clip_norm),
             ));
+        }
+        if let Some(a) = &self.adaptive_clip {
+            if !(a.target_quantile > 0.0 && a.target_quantile < 1.0) {
+                return Err(ParamError::new("target_quantile", "must be in (0, 1)"));
+            }
+            if !(a.learning_rate.is_finite() && a.learning_rate > 0.0) {
+                return Err(ParamError::new("clip_learning_rate", "must be finite and > 0"));
+            }
+            if !(a.count_noise_multiplier.is_finite() && a.count_noise_multiplier >= 0.0) {
+                return Err(ParamError::new("count_noise_multiplier", "must be finite and ≥ 0"));
+            }
+            if self.noise_multiplier > 0.0 && a.count_noise_multiplier <= 0.0 {
+                return Err(ParamError::new(
+                    "count_noise_multiplier",
+                    "with noise on the update, the clipping bits need noise too (> 0)",
+                ));
+            }
         }
         if !(self.noise_multiplier.is_finite() && self.noise_multiplier >= 0.0) {
             return Err(ParamError::new("noise_multiplier", "must be finite and ≥ 0"));
@@ -137,6 +190,10 @@ pub struct RoundStats {
     pub denominator: f64,
     /// Noise standard deviation per coordinate.
     pub noise_std: f32,
+    /// The clip norm of this round.
+    pub clip_norm: f32,
+    /// Noised estimate of the fraction of updates within the clip norm (adaptive clipping).
+    pub unclipped_fraction: Option<f64>,
     /// Model version the round trained on.
     pub base_version: u64,
     /// Time from the round's start to its close, on the driver's clock.
@@ -205,6 +262,9 @@ struct Round {
     participants: HashMap<ClientId, Participant>,
     n_selected: usize,
     aggregator: Aggregator,
+    clip_norm: f32,
+    /// Sum of the devices' "within the bound" bits (adaptive clipping only).
+    n_unclipped: usize,
     rejected: Vec<(&'static str, usize)>,
 }
 
@@ -230,6 +290,7 @@ pub struct Coordinator<R> {
     rng: R,
     round: Option<Round>,
     next_round: u64,
+    clip_norm: f32,
     outbox: VecDeque<(ClientId, ServerMessage)>,
     events: VecDeque<CoordinatorEvent>,
 }
@@ -242,6 +303,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         shape.validate()?;
         let layout = shape.layout();
         let server = ServerState::new(config.optimizer, layout.trainable().len());
+        let clip_norm = config.clip_norm;
         Ok(Self {
             config,
             layout,
@@ -250,6 +312,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             rng,
             round: None,
             next_round: 0,
+            clip_norm,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
         })
@@ -263,6 +326,18 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
     /// The configuration.
     pub fn config(&self) -> &CoordinatorConfig {
         &self.config
+    }
+
+    /// The clip norm the next round will use.
+    pub fn clip_norm(&self) -> f32 {
+        self.clip_norm
+    }
+
+    /// The noise multiplier one round costs in privacy: the update's, combined with the
+    /// clipping bits' under adaptive clipping (two Gaussian queries on the same sample are
+    /// one Gaussian query with `z = (z₁⁻² + z₂⁻²)^(−½)`). Zero means no privacy.
+    pub fn effective_noise_multiplier(&self) -> f64 {
+        effective_noise_multiplier(self.config.noise_multiplier, self.config.adaptive_clip.as_ref())
     }
 
     /// The phase of the open round, if any.
@@ -292,7 +367,9 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             n_checked_in: 0,
             participants: HashMap::new(),
             n_selected: 0,
-            aggregator: Aggregator::new(self.layout, self.config.clip_norm),
+            aggregator: Aggregator::new(self.layout, self.clip_norm),
+            clip_norm: self.clip_norm,
+            n_unclipped: 0,
             rejected: Vec::new(),
         });
         Ok(idx)
@@ -302,8 +379,8 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
     pub fn handle_message(&mut self, now: Instant, client: ClientId, msg: ClientMessage) {
         match msg {
             ClientMessage::CheckIn => self.handle_check_in(now, client),
-            ClientMessage::Upload { round, update } => {
-                if let Err(reason) = self.accept_upload(now, client, round, update) {
+            ClientMessage::Upload { round, update, within_bound } => {
+                if let Err(reason) = self.accept_upload(now, client, round, update, within_bound) {
                     let current = self.current_round().unwrap_or(round);
                     if let Some(r) = self.round.as_mut() {
                         r.count_rejection(&reason);
@@ -345,7 +422,8 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         let task = Task {
             round: round.idx,
             train: self.config.train,
-            clip_norm: self.config.clip_norm,
+            clip_norm: round.clip_norm,
+            report_clip_bit: self.config.adaptive_clip.is_some(),
             report_window: self.config.report_window,
         };
         self.outbox.push_back((client, ServerMessage::Selected { task, model: Arc::clone(&self.model) }));
@@ -362,6 +440,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         client: ClientId,
         round_idx: u64,
         update: crate::update::ClippedUpdate,
+        within_bound: Option<bool>,
     ) -> Result<(), Rejection> {
         let round = self.round.as_mut().ok_or(Rejection::WrongPhase)?;
         if round_idx != round.idx {
@@ -379,7 +458,14 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         if deadline.is_some_and(|d| now >= d) {
             return Err(Rejection::WrongPhase);
         }
+        let bit = match (self.config.adaptive_clip.is_some(), within_bound) {
+            (true, Some(bit)) => usize::from(bit),
+            (true, None) => return Err(Rejection::MissingClipBit),
+            // Not asked for: not looked at, not kept.
+            (false, _) => 0,
+        };
         round.aggregator.add(&update)?;
+        round.n_unclipped += bit;
         round.participants.insert(client, Participant::Reported);
         self.outbox.push_back((client, ServerMessage::Ack { round: round.idx }));
         Ok(())
@@ -431,6 +517,8 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             rejected: round.rejected,
             denominator: 0.0,
             noise_std: 0.0,
+            clip_norm: round.clip_norm,
+            unclipped_fraction: None,
             base_version: self.model.version,
             duration: now.saturating_duration_since(round.started),
         };
@@ -449,7 +537,16 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             Selection::Poisson { q } => q * round.n_checked_in as f64,
             Selection::FirstCome { .. } => n_reported as f64,
         };
+        let n_unclipped = round.n_unclipped;
         let noised = round.aggregator.release(self.config.noise_multiplier, &mut self.rng);
+        if let Some(a) = self.config.adaptive_clip {
+            let z: f64 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut self.rng);
+            let noisy = n_unclipped as f64 + f64::from(a.count_noise_multiplier) * z;
+            let fraction = noisy / denominator.max(1.0);
+            let step = (-f64::from(a.learning_rate) * (fraction - f64::from(a.target_quantile))).exp();
+            self.clip_norm = (f64::from(self.clip_norm) * step).clamp(1e-6, 1e9) as f32;
+            stats.unclipped_fraction = Some(fraction);
+        }
         let mut model = self.model.model.clone();
         self.server.apply(&mut model, &noised, denominator, &self.config.centroids);
         let new_version = self.model.version + 1;

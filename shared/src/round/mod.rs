@@ -17,8 +17,8 @@ use std::time::Duration;
 
 pub use client::{ClientError, ClientOutcome, ClientRound};
 pub use coordinator::{
-    AbandonReason, Coordinator, CoordinatorConfig, CoordinatorEvent, RoundPhase, RoundStats, Selection,
-    StartError,
+    AbandonReason, AdaptiveClip, Coordinator, CoordinatorConfig, CoordinatorEvent, RoundPhase, RoundStats,
+    Selection, StartError,
 };
 
 use crate::model::RoundModel;
@@ -69,6 +69,8 @@ pub struct Task {
     pub train: TrainParams,
     /// The L2 bound the upload must respect.
     pub clip_norm: f32,
+    /// Whether to report if the update was within the bound (adaptive clipping).
+    pub report_clip_bit: bool,
     /// Time the device has to report, from receipt.
     pub report_window: Duration,
 }
@@ -121,5 +123,8 @@ pub enum ClientMessage {
         round: u64,
         /// The update.
         update: ClippedUpdate,
+        /// Whether the update was within the bound before clipping; sent only when the task
+        /// asks (adaptive clipping), where it is summed and noised like the update.
+        within_bound: Option<bool>,
     },
 }
