@@ -1,5 +1,7 @@
 //! A deterministic in-memory federation: the real [`Coordinator`] and [`ClientRound`] machines wired together on a simulated clock, with dropouts. Tests and the simulator both drive rounds through it.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
@@ -43,6 +45,17 @@ pub struct RoundReport {
     pub n_failed: usize,
 }
 
+/// A device's training job: its slot, its machine, its id, the task, the time.
+type Job<'a> = (usize, ClientRound<'a>, ClientId, ServerMessage, Instant);
+/// A finished job.
+type Done<'a> = (usize, ClientRound<'a>, ClientId);
+
+/// The worker pool's two ends, as the round loop sees them.
+struct Pool<'a> {
+    jobs: mpsc::Sender<Job<'a>>,
+    done: mpsc::Receiver<Done<'a>>,
+}
+
 /// N devices, each with its own interactions, and one coordinator.
 #[derive(Debug)]
 pub struct Federation<'a, R> {
@@ -71,10 +84,53 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
         self.now
     }
 
-    /// Runs one round to its close: every device checks in (in a random order), selected
-    /// devices train in parallel, uploads arrive in selection order, and the clock jumps to
-    /// the next deadline whenever the machines wait for one.
+    /// Runs one round (see [`Federation::run_rounds`]).
     pub fn run_round(&mut self) -> RoundReport {
+        let mut out = RoundReport::default();
+        self.run_rounds(1, |report, _| out = report.clone());
+        out
+    }
+
+    /// Runs `n_rounds` rounds, calling `on_round` after each with its report and the
+    /// coordinator. The devices' training runs on worker threads that live for all the
+    /// rounds (a pool per call, not per round: fresh threads would fault in fresh memory).
+    pub fn run_rounds(&mut self, n_rounds: usize, mut on_round: impl FnMut(&RoundReport, &Coordinator<R>)) {
+        let n_threads = self.config.n_threads.max(1);
+        std::thread::scope(|s| {
+            let (job_tx, job_rx) = mpsc::channel::<Job<'a>>();
+            let job_rx = Arc::new(Mutex::new(job_rx));
+            let (done_tx, done_rx) = mpsc::channel::<Done<'a>>();
+            for _ in 0..n_threads {
+                let (rx, tx) = (Arc::clone(&job_rx), done_tx.clone());
+                s.spawn(move || {
+                    loop {
+                        // The lock is held only to take a job, not to run it.
+                        let job = match rx.lock() {
+                            Ok(guard) => guard.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok((k, mut client, id, msg, now)) = job else { return };
+                        client.handle_message(now, msg);
+                        if tx.send((k, client, id)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(done_tx);
+            let pool = Pool { jobs: job_tx, done: done_rx };
+            for _ in 0..n_rounds {
+                let report = self.round(&pool);
+                on_round(&report, &self.coordinator);
+            }
+            // Dropping the pool closes the job queue: the workers finish.
+        });
+    }
+
+    /// One round to its close: every device checks in (in a random order), selected
+    /// devices train on the pool, uploads arrive in selection order, and the clock jumps to
+    /// the next deadline whenever the machines wait for one.
+    fn round(&mut self, pool: &Pool<'a>) -> RoundReport {
         let mut report = RoundReport::default();
         if self.coordinator.start_round(self.now).is_err() {
             return report;
@@ -103,61 +159,45 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
             }
         }
         // Poisson selection keeps check-in open until its deadline.
-        if self.coordinator.phase() == Some(RoundPhase::CheckIn) {
-            if let Some(t) = self.coordinator.poll_timeout() {
-                self.now = self.now.max(t);
-                self.coordinator.handle_timeout(self.now);
-            }
+        if self.coordinator.phase() == Some(RoundPhase::CheckIn)
+            && let Some(t) = self.coordinator.poll_timeout()
+        {
+            self.now = self.now.max(t);
+            self.coordinator.handle_timeout(self.now);
         }
-        // Training runs on worker threads while this thread delivers finished uploads to the
-        // coordinator, strictly in selection order so that the sum (and the run) is
-        // deterministic. Vanishing is decided up front for the same reason.
+        // Vanishing is decided up front so that the run does not depend on thread timing.
         let vanish: Vec<bool> = selected.iter().map(|_| self.rng.random_bool(self.config.dropout)).collect();
         let task_time = self.now.saturating_add(lat);
         let upload_time = task_time.saturating_add(lat);
-        let n_threads = self.config.n_threads.max(1);
         let n_sel = selected.len();
+        for (k, (client, id, msg)) in selected.into_iter().enumerate() {
+            if pool.jobs.send((k, client, id, msg, task_time)).is_err() {
+                break;
+            }
+        }
+        // Uploads reach the coordinator strictly in selection order, as they finish, so the
+        // sum (and the run) is deterministic while aggregation overlaps training.
         let mut slots: Vec<Option<(ClientRound<'a>, ClientId)>> = (0..n_sel).map(|_| None).collect();
-        let coordinator = &mut self.coordinator;
-        std::thread::scope(|s| {
-            let (tx, rx) = std::sync::mpsc::channel::<(usize, ClientRound<'a>, ClientId)>();
-            let mut queues: Vec<Vec<(usize, ClientRound<'a>, ClientId, ServerMessage)>> =
-                (0..n_threads).map(|_| Vec::new()).collect();
-            for (k, (client, id, msg)) in selected.drain(..).enumerate() {
-                queues[k % n_threads].push((k, client, id, msg));
-            }
-            for queue in queues {
-                let tx = tx.clone();
-                s.spawn(move || {
-                    for (k, mut client, id, msg) in queue {
-                        client.handle_message(task_time, msg);
-                        if tx.send((k, client, id)).is_err() {
-                            return;
-                        }
+        let mut next = 0;
+        for _ in 0..n_sel {
+            let Ok((k, client, id)) = pool.done.recv() else { break };
+            slots[k] = Some((client, id));
+            while next < n_sel {
+                let Some((client, id)) = slots[next].as_mut() else { break };
+                if !vanish[next] {
+                    while let Some(msg) = client.poll_transmit() {
+                        self.coordinator.handle_message(upload_time, *id, msg);
                     }
-                });
-            }
-            drop(tx);
-            let mut next = 0;
-            for (k, client, id) in rx {
-                slots[k] = Some((client, id));
-                while next < n_sel {
-                    let Some((client, id)) = slots[next].as_mut() else { break };
-                    if !vanish[next] {
-                        while let Some(msg) = client.poll_transmit() {
-                            coordinator.handle_message(upload_time, *id, msg);
-                        }
-                    }
-                    next += 1;
                 }
+                next += 1;
             }
-        });
+        }
         self.now = upload_time;
         report.n_vanished = vanish.iter().filter(|&&v| v).count();
         let mut selected: Vec<(ClientRound<'a>, ClientId)> = slots.into_iter().flatten().collect();
-        let index: std::collections::HashMap<ClientId, usize> =
+        let index: HashMap<ClientId, usize> =
             selected.iter().enumerate().filter(|&(k, _)| !vanish[k]).map(|(k, (_, id))| (*id, k)).collect();
-        // Deliver answers; let deadlines pass while the round waits for missing devices.
+        // Let deadlines pass while the round waits for missing devices.
         while self.coordinator.current_round().is_some() {
             match self.coordinator.poll_timeout() {
                 Some(t) => {

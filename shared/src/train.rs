@@ -161,7 +161,7 @@ pub fn reconstruct(
     let m = &model.model;
     let d = m.item_factors.ncols();
     let with_bias = params.has_bias();
-    let mut ne = NormalEquations::new(d, with_bias);
+    let mut ne = NormalEquations::with_capacity(d, with_bias, ratings.len());
     match params.objective {
         Objective::Explicit => {
             for r in ratings {

@@ -322,24 +322,24 @@ pub fn run(
     let mut history = Vec::with_capacity(cfg.rounds);
     let mut train_time = Duration::ZERO;
     let mut client_updates = 0;
-    for round in 0..cfg.rounds {
-        let t0 = WallClock::now();
-        let report = fed.run_round();
-        train_time += t0.elapsed();
+    let mut round = 0;
+    let mut clock = WallClock::now();
+    fed.run_rounds(cfg.rounds, |report, coordinator| {
+        train_time += clock.elapsed();
         let (committed, n_reported, n_dropped) = match &report.event {
             Some(CoordinatorEvent::RoundCommitted { stats, .. }) => (true, stats.n_reported, stats.n_dropped),
             Some(CoordinatorEvent::RoundAbandoned { stats, .. }) => (false, 0, stats.n_dropped),
             _ => (false, 0, 0),
         };
         client_updates += n_reported;
-        let evaluate_now =
-            round + 1 == cfg.rounds || (cfg.eval_every > 0 && (round + 1) % cfg.eval_every == 0);
+        round += 1;
+        let evaluate_now = round == cfg.rounds || (cfg.eval_every > 0 && round % cfg.eval_every == 0);
         let metrics = evaluate_now.then(|| {
-            let scorer = ReconstructionScorer { model: fed.coordinator.model(), params };
+            let scorer = ReconstructionScorer { model: coordinator.model(), params };
             MetricsRecord::from(evaluate(&scorer, &users, data.n_items, &data.eval, cfg.threads))
         });
         let rec = RoundRecord {
-            round: round + 1,
+            round,
             committed,
             n_reported,
             n_dropped,
@@ -352,7 +352,8 @@ pub fn run(
         };
         on_round(&rec);
         history.push(rec);
-    }
+        clock = WallClock::now();
+    });
     let model = (**fed.coordinator.model()).clone();
     let scorer = ReconstructionScorer { model: &model, params };
     let metrics = evaluate(&scorer, &users, data.n_items, &data.eval, cfg.threads);
