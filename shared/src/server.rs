@@ -72,6 +72,8 @@ pub struct CentroidPolicy {
     /// A segment whose (noised) count this round is below this does not move: empty
     /// segments, and segments too small for their noised mean to mean anything.
     pub min_count: f32,
+    /// With noise, the count must also exceed this many noise standard deviations.
+    pub noise_multiple: f32,
     /// Decay of the per-segment mass per round, in `[0, 1)`.
     pub memory: f32,
     /// Relative mass below which a segment is re-seeded by splitting the heaviest one.
@@ -79,10 +81,11 @@ pub struct CentroidPolicy {
 }
 
 impl CentroidPolicy {
-    /// The policy used by default: no movement on fewer than `min_count` members, a memory
-    /// of about ten rounds, re-seeding below 5% of the average mass.
+    /// The policy used by default: no movement on fewer than `min_count` members (nor on
+    /// fewer than three noise standard deviations), a memory of about ten rounds, re-seeding
+    /// below 5% of the average mass.
     pub fn with_min_count(min_count: f32) -> Self {
-        Self { min_count, memory: 0.9, starve_fraction: 0.05 }
+        Self { min_count, noise_multiple: 3.0, memory: 0.9, starve_fraction: 0.05 }
     }
 }
 
@@ -110,6 +113,24 @@ impl ServerState {
     /// Number of optimizer steps taken.
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// Switches to `optimizer` (a restarted coordinator's configuration wins over the saved
+    /// one). Moments carry over when the kind of optimizer is the same, else start afresh.
+    pub fn set_optimizer(&mut self, optimizer: ServerOptimizer) {
+        let same_kind = std::mem::discriminant(&optimizer) == std::mem::discriminant(&self.optimizer);
+        if !same_kind {
+            *self = Self {
+                centroid_mass: std::mem::take(&mut self.centroid_mass),
+                ..Self::new(optimizer, self.m.len())
+            };
+        }
+        self.optimizer = optimizer;
+    }
+
+    /// Number of trainable parameters the state is for.
+    pub fn n_params(&self) -> usize {
+        self.m.len()
     }
 
     /// Applies one round: the item side takes an optimizer step along
@@ -172,7 +193,9 @@ impl ServerState {
         let sums = &sum[layout.centroid_sums()];
         let counts = &sum[layout.centroid_counts()];
         let cents = model.centroids.as_slice_mut().expect("centroids are kept in standard layout");
-        update_centroids(cents, &mut self.centroid_mass, sums, counts, d, k, centroids);
+        let min_count = centroids.min_count.max(centroids.noise_multiple * noised.noise_std());
+        let policy = CentroidPolicy { min_count, ..*centroids };
+        update_centroids(cents, &mut self.centroid_mass, sums, counts, d, k, &policy);
     }
 }
 

@@ -30,6 +30,7 @@ fn config(train: TrainParams, selection: Selection, noise_multiplier: f32) -> Co
         clip_norm: 1e3,
         noise_multiplier,
         adaptive_clip: None,
+        privacy: None,
         centroids: CentroidPolicy::with_min_count(1.0),
     }
 }

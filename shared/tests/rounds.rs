@@ -39,6 +39,7 @@ fn config(selection: Selection, min_reports: usize) -> CoordinatorConfig {
         clip_norm: 10.0,
         noise_multiplier: 0.0,
         adaptive_clip: None,
+        privacy: None,
         centroids: CentroidPolicy::with_min_count(1.0),
     }
 }

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant as WallClock};
 use fedrec_shared::danger;
 use fedrec_shared::eval::{EvalConfig, Metrics, ReconstructionScorer, evaluate};
 use fedrec_shared::harness::{Federation, HarnessConfig};
-use fedrec_shared::round::{Coordinator, CoordinatorConfig, CoordinatorEvent, Selection};
+use fedrec_shared::ledger::{PrivacyBudget, PrivacyPolicy};
+use fedrec_shared::privacy::{self, AccountantKind};
+use fedrec_shared::round::{AdaptiveClip, Coordinator, CoordinatorConfig, CoordinatorEvent, Selection};
 use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
 use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, Rating, RoundModel, TrainParams};
 use rand::seq::SliceRandom;
@@ -21,6 +23,25 @@ pub enum ObjectiveKind {
     Explicit,
     /// Weighted implicit feedback (iALS) on binarised interactions.
     Implicit,
+}
+
+/// Which privacy accountant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountantArg {
+    /// Rényi DP.
+    Rdp,
+    /// Privacy loss distributions.
+    Pld,
+}
+
+impl From<AccountantArg> for AccountantKind {
+    fn from(a: AccountantArg) -> Self {
+        match a {
+            AccountantArg::Rdp => AccountantKind::Rdp,
+            AccountantArg::Pld => AccountantKind::Pld,
+        }
+    }
 }
 
 /// Which server optimizer.
@@ -64,8 +85,25 @@ pub struct RunConfig {
     pub momentum: f32,
     /// Clip norm `C`.
     pub clip_norm: f32,
-    /// Noise multiplier σ (0 = non-private).
+    /// Noise multiplier σ of the update (0 = non-private). Calibrated from `epsilon` when
+    /// that is set.
     pub noise_multiplier: f32,
+    /// Target ε: the noise is calibrated so that the run spends at most this, and the
+    /// coordinator enforces it as its budget. `None`: no target.
+    pub epsilon: Option<f64>,
+    /// δ of the privacy guarantee.
+    pub delta: f64,
+    /// Which accountant.
+    pub accountant: AccountantArg,
+    /// Adaptive clipping (quantile tracking) instead of a fixed clip norm.
+    pub adaptive_clip: bool,
+    /// Target unclipped fraction under adaptive clipping.
+    pub target_quantile: f32,
+    /// Step of the adaptive clip-norm update.
+    pub clip_learning_rate: f32,
+    /// Noise σ_b on the count of unclipped updates (default: expected cohort / 20, as
+    /// Andrew et al. 2021 suggest).
+    pub clip_count_noise: Option<f32>,
     /// Probability a selected device drops out.
     pub dropout: f64,
     /// Standard deviation of the initial item factors.
@@ -101,6 +139,13 @@ impl RunConfig {
                 momentum: 0.9,
                 clip_norm: 100.0,
                 noise_multiplier: 0.0,
+                epsilon: None,
+                delta: 1e-6,
+                accountant: AccountantArg::Rdp,
+                adaptive_clip: false,
+                target_quantile: 0.5,
+                clip_learning_rate: 0.2,
+                clip_count_noise: None,
                 dropout: 0.0,
                 init_std: 0.1,
                 eval_every: 10,
@@ -124,6 +169,13 @@ impl RunConfig {
                 momentum: 0.9,
                 clip_norm: 100.0,
                 noise_multiplier: 0.0,
+                epsilon: None,
+                delta: 1e-6,
+                accountant: AccountantArg::Rdp,
+                adaptive_clip: false,
+                target_quantile: 0.5,
+                clip_learning_rate: 0.2,
+                clip_count_noise: None,
                 dropout: 0.0,
                 init_std: 0.1,
                 eval_every: 10,
@@ -160,8 +212,13 @@ pub struct RoundRecord {
     pub n_reported: usize,
     /// Selected devices that dropped out.
     pub n_dropped: usize,
-    /// Fraction of reported updates shrunk by clipping.
+    /// Fraction of reported updates shrunk by clipping (measured on the devices, for study).
     pub clipped_fraction: f64,
+    /// The round's clip norm.
+    pub clip_norm: f32,
+    /// Under adaptive clipping: the coordinator's noised estimate of the unclipped fraction
+    /// (what it steers the clip norm with; the only clipping statistic it learns).
+    pub unclipped_fraction_estimate: Option<f64>,
     /// Metrics, on rounds where the model was evaluated.
     pub metrics: Option<MetricsRecord>,
 }
@@ -263,12 +320,77 @@ pub struct RunResult {
     pub client_updates: usize,
     /// The final model.
     pub model: RoundModel,
+    /// What the run spent, when it added noise.
+    pub privacy: Option<PrivacySpend>,
+}
+
+/// The privacy a run spent, as its coordinator's ledger accounts it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PrivacySpend {
+    /// ε spent at `delta`.
+    pub epsilon: f64,
+    /// δ.
+    pub delta: f64,
+    /// The accountant.
+    pub accountant: AccountantArg,
+    /// Poisson sampling probability per round.
+    pub q: f64,
+    /// The update's noise multiplier.
+    pub noise_multiplier: f32,
+    /// The combined noise multiplier charged per round (with the clip bits' noise).
+    pub effective_noise_multiplier: f64,
+    /// Rounds charged (committed rounds).
+    pub rounds_charged: usize,
+}
+
+impl RunConfig {
+    /// Poisson sampling probability of a run with noise: the cohort over the population.
+    pub fn sampling_probability(&self, n_users: usize) -> f64 {
+        (self.clients_per_round as f64 / n_users.max(1) as f64).min(1.0)
+    }
+
+    /// Noise on the clip-bit count, under adaptive clipping.
+    pub fn count_noise(&self) -> f32 {
+        self.clip_count_noise.unwrap_or(self.clients_per_round as f32 / 20.0)
+    }
+
+    /// With a target ε: sets `noise_multiplier` to the smallest noise whose accounted spend
+    /// over `rounds` rounds meets the target (the update's share of it under adaptive
+    /// clipping, whose bits take the rest).
+    pub fn calibrate(&mut self, n_users: usize) -> anyhow::Result<()> {
+        let Some(eps) = self.epsilon else { return Ok(()) };
+        let q = self.sampling_probability(n_users);
+        let z = privacy::calibrate_noise(eps, self.delta, q, self.rounds as u64, self.accountant.into())?;
+        self.noise_multiplier = if self.adaptive_clip {
+            if self.clip_count_noise.is_none() && f64::from(self.count_noise()) < 2.0 * z {
+                // Small cohorts or tight budgets: the count needs more noise than cohort/20
+                // for the update to keep most of the budget. 2z leaves it z·1.15.
+                self.clip_count_noise = Some((2.0 * z) as f32);
+            }
+            let zb = f64::from(self.count_noise());
+            if zb <= z {
+                anyhow::bail!(
+                    "adaptive clipping needs the count noise ({zb}) above the calibrated noise multiplier ({z:.3}); raise --clip-count-noise"
+                );
+            }
+            (z.powi(-2) - zb.powi(-2)).powf(-0.5) as f32
+        } else {
+            z as f32
+        };
+        // f32 rounding must not take the noise below what the accountant needs.
+        self.noise_multiplier = next_up(self.noise_multiplier);
+        Ok(())
+    }
+}
+
+fn next_up(x: f32) -> f32 {
+    f32::from_bits(x.to_bits() + 1)
 }
 
 /// The coordinator configuration a run uses.
 pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> CoordinatorConfig {
     let selection = if cfg.noise_multiplier > 0.0 {
-        Selection::Poisson { q: (cfg.clients_per_round as f64 / n_users.max(1) as f64).min(1.0) }
+        Selection::Poisson { q: cfg.sampling_probability(n_users) }
     } else {
         Selection::FirstCome { cohort: cfg.clients_per_round }
     };
@@ -284,10 +406,20 @@ pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> CoordinatorConfig 
         checkin_window: Duration::from_secs(60),
         report_window: Duration::from_secs(600),
         clip_norm: cfg.clip_norm,
-        adaptive_clip: None,
+        adaptive_clip: cfg.adaptive_clip.then(|| AdaptiveClip {
+            target_quantile: cfg.target_quantile,
+            learning_rate: cfg.clip_learning_rate,
+            count_noise_multiplier: cfg.count_noise(),
+        }),
+        privacy: cfg.epsilon.and_then(|eps| {
+            Some(PrivacyPolicy {
+                budget: PrivacyBudget::new(eps, cfg.delta).ok()?,
+                accountant: cfg.accountant.into(),
+            })
+        }),
         noise_multiplier: cfg.noise_multiplier,
         // With noise, a segment needs a count well above the noise to be trusted.
-        centroids: CentroidPolicy::with_min_count((3.0 * cfg.noise_multiplier * cfg.clip_norm).max(1.0)),
+        centroids: CentroidPolicy::with_min_count(1.0),
     }
 }
 
@@ -326,10 +458,14 @@ pub fn run(
     let mut clock = WallClock::now();
     fed.run_rounds(cfg.rounds, |report, coordinator| {
         train_time += clock.elapsed();
-        let (committed, n_reported, n_dropped) = match &report.event {
-            Some(CoordinatorEvent::RoundCommitted { stats, .. }) => (true, stats.n_reported, stats.n_dropped),
-            Some(CoordinatorEvent::RoundAbandoned { stats, .. }) => (false, 0, stats.n_dropped),
-            _ => (false, 0, 0),
+        let (committed, n_reported, n_dropped, clip_norm, unclipped) = match &report.event {
+            Some(CoordinatorEvent::RoundCommitted { stats, .. }) => {
+                (true, stats.n_reported, stats.n_dropped, stats.clip_norm, stats.unclipped_fraction)
+            }
+            Some(CoordinatorEvent::RoundAbandoned { stats, .. }) => {
+                (false, 0, stats.n_dropped, stats.clip_norm, None)
+            }
+            _ => (false, 0, 0, coordinator.clip_norm(), None),
         };
         client_updates += n_reported;
         round += 1;
@@ -343,6 +479,8 @@ pub fn run(
             committed,
             n_reported,
             n_dropped,
+            clip_norm,
+            unclipped_fraction_estimate: unclipped,
             clipped_fraction: if report.n_completed > 0 {
                 report.n_clipped as f64 / report.n_completed as f64
             } else {
@@ -354,8 +492,28 @@ pub fn run(
         history.push(rec);
         clock = WallClock::now();
     });
+    let ledger = fed.coordinator.ledger();
+    let privacy = match fed.coordinator.round_charge(0) {
+        Some(charge) => Some(PrivacySpend {
+            epsilon: ledger.epsilon(cfg.delta, cfg.accountant.into())?,
+            delta: cfg.delta,
+            accountant: cfg.accountant,
+            q: charge.q,
+            noise_multiplier: cfg.noise_multiplier,
+            effective_noise_multiplier: charge.noise_multiplier,
+            rounds_charged: ledger.entries().len(),
+        }),
+        None => None,
+    };
     let model = (**fed.coordinator.model()).clone();
     let scorer = ReconstructionScorer { model: &model, params };
     let metrics = evaluate(&scorer, &users, data.n_items, &data.eval, cfg.threads);
-    Ok(RunResult { metrics, history, train_seconds: train_time.as_secs_f64(), client_updates, model })
+    Ok(RunResult {
+        metrics,
+        history,
+        train_seconds: train_time.as_secs_f64(),
+        client_updates,
+        model,
+        privacy,
+    })
 }

@@ -11,8 +11,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fedrec_shared::eval;
+use fedrec_shared::privacy::{self, AccountantKind, PrivacyEvent};
 use fedrec_sim::data::{self, DataSource, SplitKind};
-use fedrec_sim::federation::{self, ObjectiveKind, OptimizerKind, RunConfig, UserData};
+use fedrec_sim::federation::{self, AccountantArg, ObjectiveKind, OptimizerKind, RunConfig, UserData};
 use fedrec_sim::report::{self, BaselineReport, DatasetInfo, RunReport};
 use fedrec_sim::{baseline, plot, segments};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -41,6 +42,66 @@ enum Command {
     Baseline(BaselineArgs),
     /// Measure training speed (rounds only, no evaluation) and write it as JSON.
     Bench(BenchArgs),
+    /// Privacy accounting: ε of a mechanism, or the noise a target ε needs.
+    #[command(subcommand)]
+    Privacy(PrivacyCommand),
+    /// A privacy/utility frontier: one run per ε (and a non-private one), as a table, JSON, CSV and SVG.
+    Sweep(SweepArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum PrivacyCommand {
+    /// ε spent by `steps` rounds of Poisson sampling with probability q and noise multiplier σ.
+    Epsilon {
+        /// Sampling probability per round.
+        #[arg(long)]
+        q: f64,
+        /// Noise multiplier.
+        #[arg(long)]
+        sigma: f64,
+        /// Rounds.
+        #[arg(long)]
+        steps: u64,
+        /// δ.
+        #[arg(long, default_value_t = 1e-6)]
+        delta: f64,
+        /// Accountant.
+        #[arg(long, value_enum, default_value_t = AccountantOpt::Rdp)]
+        accountant: AccountantOpt,
+        /// Write the answer as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The smallest noise multiplier for which `steps` rounds at q spend at most ε.
+    Sigma {
+        /// Target ε.
+        #[arg(long)]
+        epsilon: f64,
+        /// δ.
+        #[arg(long, default_value_t = 1e-6)]
+        delta: f64,
+        /// Sampling probability per round.
+        #[arg(long)]
+        q: f64,
+        /// Rounds.
+        #[arg(long)]
+        steps: u64,
+        /// Accountant.
+        #[arg(long, value_enum, default_value_t = AccountantOpt::Rdp)]
+        accountant: AccountantOpt,
+        /// Write the answer as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct SweepArgs {
+    /// The ε values, comma-separated; `inf` is the non-private run.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,4,8,16,inf")]
+    epsilons: Vec<String>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -96,6 +157,33 @@ enum ObjectiveArg {
 enum OptimizerArg {
     Adam,
     Sgd,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum AccountantOpt {
+    /// Rényi DP (Mironov et al. 2019).
+    Rdp,
+    /// Privacy loss distributions (tighter).
+    Pld,
+}
+
+impl From<AccountantOpt> for AccountantArg {
+    fn from(a: AccountantOpt) -> Self {
+        match a {
+            AccountantOpt::Rdp => AccountantArg::Rdp,
+            AccountantOpt::Pld => AccountantArg::Pld,
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ClipOpt {
+    /// Adaptive when the run adds noise, fixed otherwise.
+    Auto,
+    /// A fixed clip norm (--clip-norm).
+    Fixed,
+    /// Quantile tracking from --clip-norm (Andrew et al. 2021).
+    Adaptive,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,6 +295,27 @@ struct RunArgs {
     /// Probability that a selected device drops out.
     #[arg(long)]
     dropout: Option<f64>,
+    /// Target ε: calibrate the noise so the run spends at most this (and enforce it).
+    #[arg(long)]
+    epsilon: Option<f64>,
+    /// δ of the privacy guarantee.
+    #[arg(long)]
+    delta: Option<f64>,
+    /// Privacy accountant.
+    #[arg(long, value_enum)]
+    accountant: Option<AccountantOpt>,
+    /// Clipping: adaptive (quantile tracking) or fixed; auto = adaptive when there is noise.
+    #[arg(long, value_enum, default_value_t = ClipOpt::Auto)]
+    clip: ClipOpt,
+    /// Target unclipped fraction under adaptive clipping.
+    #[arg(long)]
+    target_quantile: Option<f32>,
+    /// Step of the adaptive clip-norm update.
+    #[arg(long)]
+    clip_lr: Option<f32>,
+    /// Noise σ_b on the clip-bit count (default: cohort / 20).
+    #[arg(long)]
+    clip_count_noise: Option<f32>,
     /// Standard deviation of the initial item factors.
     #[arg(long)]
     init_std: Option<f32>,
@@ -256,7 +365,22 @@ impl RunArgs {
              l2_user => l2_user, l2_user_bias => l2_user_bias, l2_item => l2_item, l2_item_bias => l2_item_bias,
              alpha => alpha, server_lr => server_lr, momentum => momentum, clip_norm => clip_norm,
              noise_multiplier => noise_multiplier, dropout => dropout, init_std => init_std,
-             eval_every => eval_every, eval_users => eval_users, threads => threads);
+             eval_every => eval_every, eval_users => eval_users, threads => threads,
+             delta => delta, target_quantile => target_quantile, clip_lr => clip_learning_rate);
+        c.epsilon = self.epsilon;
+        c.clip_count_noise = self.clip_count_noise;
+        if let Some(a) = self.accountant {
+            c.accountant = a.into();
+        }
+        c.adaptive_clip = match self.clip {
+            ClipOpt::Fixed => false,
+            ClipOpt::Adaptive => true,
+            ClipOpt::Auto => self.epsilon.is_some() || c.noise_multiplier > 0.0,
+        };
+        if c.adaptive_clip && self.clip_norm.is_none() {
+            // Quantile tracking finds the scale; start small rather than far above it.
+            c.clip_norm = 1.0;
+        }
         if let Some(o) = self.optimizer {
             c.optimizer = match o {
                 OptimizerArg::Adam => OptimizerKind::Adam,
@@ -283,7 +407,118 @@ fn main() -> Result<()> {
         Command::Run(args) => run(&args),
         Command::Baseline(args) => baseline(&args),
         Command::Bench(args) => bench(&args),
+        Command::Privacy(cmd) => privacy_cmd(&cmd),
+        Command::Sweep(args) => sweep(&args),
     }
+}
+
+fn privacy_cmd(cmd: &PrivacyCommand) -> Result<()> {
+    match *cmd {
+        PrivacyCommand::Epsilon { q, sigma, steps, delta, accountant, ref json } => {
+            let kind: AccountantKind = AccountantArg::from(accountant).into();
+            let event = PrivacyEvent::new(q, sigma, steps)?;
+            let eps = privacy::epsilon(&[event], delta, kind)?;
+            println!("ε = {eps:.6} at δ = {delta:e} ({steps} rounds, q = {q}, σ = {sigma}, {kind:?})");
+            if let Some(path) = json {
+                report::write_json(
+                    path,
+                    &serde_json::json!({"command": "privacy epsilon", "q": q, "sigma": sigma, "steps": steps,
+                        "delta": delta, "accountant": AccountantArg::from(accountant), "epsilon": eps}),
+                )?;
+            }
+        }
+        PrivacyCommand::Sigma { epsilon, delta, q, steps, accountant, ref json } => {
+            let kind: AccountantKind = AccountantArg::from(accountant).into();
+            let sigma = privacy::calibrate_noise(epsilon, delta, q, steps, kind)?;
+            let spent = privacy::epsilon(&[PrivacyEvent::new(q, sigma, steps)?], delta, kind)?;
+            println!(
+                "σ = {sigma:.6} gives ε = {spent:.6} ≤ {epsilon} at δ = {delta:e} ({steps} rounds, q = {q}, {kind:?})"
+            );
+            if let Some(path) = json {
+                report::write_json(
+                    path,
+                    &serde_json::json!({"command": "privacy sigma", "q": q, "epsilon": epsilon, "steps": steps,
+                        "delta": delta, "accountant": AccountantArg::from(accountant), "sigma": sigma,
+                        "epsilon_spent": spent}),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sweep(args: &SweepArgs) -> Result<()> {
+    let base = args.run.config();
+    let (users, info) = load(&args.run, &base)?;
+    let mut targets: Vec<Option<f64>> = Vec::new();
+    for e in &args.epsilons {
+        let e = e.trim();
+        if e.eq_ignore_ascii_case("inf") || e.eq_ignore_ascii_case("none") {
+            targets.push(None);
+        } else {
+            let v: f64 = e.parse().with_context(|| format!("--epsilons: `{e}` is not a number or `inf`"))?;
+            if !(v > 0.0 && v.is_finite()) {
+                bail!("--epsilons: {v} is not a positive ε");
+            }
+            targets.push(Some(v));
+        }
+    }
+    let mut points = Vec::new();
+    for target in targets {
+        let mut cfg = base.clone();
+        cfg.epsilon = target;
+        if target.is_none() {
+            cfg.noise_multiplier = 0.0;
+        }
+        cfg.adaptive_clip = match args.run.clip {
+            ClipOpt::Fixed => false,
+            ClipOpt::Adaptive => true,
+            ClipOpt::Auto => target.is_some(),
+        };
+        if cfg.adaptive_clip && args.run.clip_norm.is_none() {
+            cfg.clip_norm = 1.0;
+        } else if !cfg.adaptive_clip && args.run.clip_norm.is_none() {
+            cfg.clip_norm = RunConfig::defaults(cfg.objective).clip_norm;
+        }
+        cfg.eval_every = 0;
+        cfg.calibrate(users.train.len()).context("calibrating the noise")?;
+        let label = target.map(|e| format!("{e}")).unwrap_or_else(|| "∞".to_owned());
+        eprintln!("sweep: ε = {label}, σ = {}", cfg.noise_multiplier);
+        let res = federation::run(&users, &cfg, |_| {})?;
+        let m = res.metrics;
+        println!(
+            "  ε {label:>6}  σ {:>8.4}  spent {:>8}  RMSE {:>7}  Recall@20 {:.4}  NDCG@10 {:.4}",
+            cfg.noise_multiplier,
+            res.privacy.map(|p| format!("{:.3}", p.epsilon)).unwrap_or_else(|| "—".into()),
+            report::fmt_opt(m.rmse),
+            m.recall_at_20,
+            m.ndcg_at_10
+        );
+        points.push(report::SweepPoint {
+            target_epsilon: target,
+            noise_multiplier: cfg.noise_multiplier,
+            privacy: res.privacy,
+            metrics: m.into(),
+            train_seconds: res.train_seconds,
+            config: cfg,
+        });
+    }
+    let rep = report::SweepReport {
+        command: "sweep",
+        fedrec_version: env!("CARGO_PKG_VERSION"),
+        dataset: info,
+        points,
+    };
+    if let Some(path) = &args.run.out.json {
+        report::write_json(path, &rep)?;
+    }
+    if let Some(path) = &args.run.out.csv {
+        report::write_sweep_csv(path, &rep)?;
+    }
+    if let Some(path) = &args.run.out.plot {
+        plot::frontier(path, &rep)?;
+    }
+    Ok(())
 }
 
 fn load(args: &RunArgs, cfg: &RunConfig) -> Result<(UserData, DatasetInfo)> {
@@ -360,6 +595,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
     let mut cfg = args.run.config();
     cfg.eval_every = 0;
     let (users, info) = load(&args.run, &cfg)?;
+    cfg.calibrate(users.train.len()).context("calibrating the noise to --epsilon")?;
     let mut runs = Vec::new();
     for k in 0..args.repeat.max(1) {
         let res = federation::run(&users, &cfg, |_| {})?;
@@ -407,8 +643,9 @@ fn bench(args: &BenchArgs) -> Result<()> {
 
 fn run(args: &RunArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    let cfg = args.config();
+    let mut cfg = args.config();
     let (users, info) = load(args, &cfg)?;
+    cfg.calibrate(users.train.len()).context("calibrating the noise to --epsilon")?;
     eprintln!(
         "dataset {}: {} users, {} items, {} train / {} test interactions",
         info.name, info.n_users, info.n_items, info.n_train, info.n_test
@@ -475,6 +712,18 @@ fn run(args: &RunArgs) -> Result<()> {
             ("wall seconds", format!("{wall:.2}")),
         ])
     );
+    if let Some(p) = &res.privacy {
+        println!(
+            "  privacy: (ε = {:.4}, δ = {:e}) spent over {} rounds ({:?} accountant), q = {:.4}, noise multiplier {:.4} (effective {:.4})",
+            p.epsilon,
+            p.delta,
+            p.rounds_charged,
+            p.accountant,
+            p.q,
+            p.noise_multiplier,
+            p.effective_noise_multiplier
+        );
+    }
     if let Some(path) = &args.out.csv {
         report::write_history_csv(path, &res.history)?;
     }
@@ -494,6 +743,7 @@ fn run(args: &RunArgs) -> Result<()> {
             client_updates_per_second: per_sec,
             history: res.history,
             segments,
+            privacy: res.privacy,
         };
         report::write_json(path, &rep)?;
     }

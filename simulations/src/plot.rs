@@ -52,3 +52,72 @@ pub fn learning_curves(path: &Path, title: &str, history: &[RoundRecord]) -> any
     crate::report::write_atomic(path, svg.as_bytes())
         .with_context(|| format!("writing plot {}", path.display()))
 }
+
+/// Reads one metric of a point.
+type MetricOf = fn(&crate::federation::MetricsRecord) -> Option<f64>;
+
+/// Draws utility against ε (log scale), one panel per metric; the non-private run is a
+/// dashed horizontal line.
+pub fn frontier(path: &Path, rep: &crate::report::SweepReport) -> anyhow::Result<()> {
+    let private: Vec<&crate::report::SweepPoint> =
+        rep.points.iter().filter(|p| p.target_epsilon.is_some()).collect();
+    let reference = rep.points.iter().find(|p| p.target_epsilon.is_none());
+    let mut panels: Vec<(&str, MetricOf)> = Vec::new();
+    if rep.points.iter().any(|p| p.metrics.rmse.is_some()) {
+        panels.push(("RMSE", |m| m.rmse));
+    }
+    panels.push(("Recall@20", |m| Some(m.recall_at_20)));
+    panels.push(("NDCG@10", |m| Some(m.ndcg_at_10)));
+    let (e_lo, e_hi) = private
+        .iter()
+        .filter_map(|p| p.target_epsilon)
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), e| (a.min(e), b.max(e)));
+    let (e_lo, e_hi) = if e_lo.is_finite() { (e_lo / 1.5, e_hi * 1.5) } else { (0.1, 100.0) };
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (420 * panels.len() as u32, 360)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let title = format!(
+            "privacy/utility on {} (δ = {:e})",
+            rep.dataset.name,
+            rep.points.first().map(|p| p.config.delta).unwrap_or(0.0)
+        );
+        let root = root.titled(&title, ("sans-serif", 18))?;
+        let areas = root.split_evenly((1, panels.len()));
+        for (area, (name, get)) in areas.iter().zip(&panels) {
+            let pts: Vec<(f64, f64)> =
+                private.iter().filter_map(|p| Some((p.target_epsilon?, get(&p.metrics)?))).collect();
+            let refv = reference.and_then(|p| get(&p.metrics));
+            let ys: Vec<f64> = pts.iter().map(|p| p.1).chain(refv).collect();
+            let (lo, hi) =
+                ys.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| (a.min(y), b.max(y)));
+            let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
+            let pad = ((hi - lo) * 0.1).max(1e-3);
+            let mut chart = ChartBuilder::on(area)
+                .caption(*name, ("sans-serif", 16))
+                .margin(10)
+                .x_label_area_size(30)
+                .y_label_area_size(50)
+                .build_cartesian_2d((e_lo..e_hi).log_scale(), (lo - pad)..(hi + pad))?;
+            chart
+                .configure_mesh()
+                .x_desc("ε")
+                .x_label_formatter(&|x| format!("{x}"))
+                .y_label_formatter(&|y| format!("{y:.3}"))
+                .draw()?;
+            chart.draw_series(LineSeries::new(pts.iter().copied(), BLUE.stroke_width(2)))?;
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, BLUE.filled())))?;
+            if let Some(r) = refv {
+                chart.draw_series(DashedLineSeries::new(
+                    vec![(e_lo, r), (e_hi, r)],
+                    6,
+                    4,
+                    RED.stroke_width(1),
+                ))?;
+            }
+        }
+        root.present()?;
+    }
+    crate::report::write_atomic(path, svg.as_bytes())
+        .with_context(|| format!("writing plot {}", path.display()))
+}

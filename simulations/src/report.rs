@@ -7,7 +7,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::data::Split;
-use crate::federation::{MetricsRecord, RoundRecord, RunConfig};
+use crate::federation::{MetricsRecord, PrivacySpend, RoundRecord, RunConfig};
 use crate::segments::SegmentReport;
 
 /// What the data was.
@@ -72,6 +72,8 @@ pub struct RunReport {
     pub history: Vec<RoundRecord>,
     /// Segments report.
     pub segments: SegmentReport,
+    /// Privacy spent (absent for a run without noise).
+    pub privacy: Option<PrivacySpend>,
 }
 
 /// The JSON report of `fedrec-sim baseline`.
@@ -120,6 +122,7 @@ pub fn write_history_csv(path: &Path, history: &[RoundRecord]) -> anyhow::Result
         "n_reported",
         "n_dropped",
         "clipped_fraction",
+        "clip_norm",
         "rmse",
         "recall_at_20",
         "ndcg_at_10",
@@ -133,6 +136,7 @@ pub fn write_history_csv(path: &Path, history: &[RoundRecord]) -> anyhow::Result
             r.n_reported.to_string(),
             r.n_dropped.to_string(),
             format!("{:.4}", r.clipped_fraction),
+            format!("{:.6}", r.clip_norm),
             opt(m.and_then(|m| m.rmse)),
             opt(m.map(|m| m.recall_at_20)),
             opt(m.map(|m| m.ndcg_at_10)),
@@ -155,4 +159,59 @@ pub fn table(rows: &[(&str, String)]) -> String {
 /// Formats an optional metric.
 pub fn fmt_opt(x: Option<f64>) -> String {
     x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "—".to_owned())
+}
+
+/// One point of a privacy/utility frontier.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepPoint {
+    /// Target ε (`None`: the non-private run).
+    pub target_epsilon: Option<f64>,
+    /// The calibrated noise multiplier.
+    pub noise_multiplier: f32,
+    /// What the run's ledger says it spent.
+    pub privacy: Option<PrivacySpend>,
+    /// Final metrics.
+    pub metrics: MetricsRecord,
+    /// Training time.
+    pub train_seconds: f64,
+    /// The run's full configuration.
+    pub config: RunConfig,
+}
+
+/// The JSON report of `fedrec-sim sweep`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepReport {
+    /// Always `sweep`.
+    pub command: &'static str,
+    /// fedrec version.
+    pub fedrec_version: &'static str,
+    /// The data.
+    pub dataset: DatasetInfo,
+    /// One point per ε.
+    pub points: Vec<SweepPoint>,
+}
+
+/// Writes a sweep as CSV, one row per ε.
+pub fn write_sweep_csv(path: &Path, rep: &SweepReport) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record([
+        "target_epsilon",
+        "epsilon_spent",
+        "noise_multiplier",
+        "rmse",
+        "recall_at_20",
+        "ndcg_at_10",
+    ])?;
+    for p in &rep.points {
+        w.write_record([
+            p.target_epsilon.map(|e| e.to_string()).unwrap_or_else(|| "inf".into()),
+            p.privacy.map(|s| format!("{:.6}", s.epsilon)).unwrap_or_default(),
+            format!("{:.6}", p.noise_multiplier),
+            p.metrics.rmse.map(|v| format!("{v:.6}")).unwrap_or_default(),
+            format!("{:.6}", p.metrics.recall_at_20),
+            format!("{:.6}", p.metrics.ndcg_at_10),
+        ])?;
+    }
+    let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("csv: {e}"))?;
+    write_atomic(path, &bytes)
 }

@@ -9,7 +9,9 @@ use rand::{CryptoRng, Rng};
 use super::{ClientId, ClientMessage, Instant, ServerMessage, Task};
 use crate::aggregate::Aggregator;
 use crate::error::{ParamError, Rejection};
+use crate::ledger::{Ledger, LedgerEntry, PrivacyPolicy};
 use crate::model::{GlobalModel, RoundModel, UpdateLayout};
+use crate::privacy::PrivacyError;
 use crate::server::{CentroidPolicy, ServerOptimizer, ServerState};
 use crate::train::TrainParams;
 
@@ -89,6 +91,10 @@ pub struct CoordinatorConfig {
     pub noise_multiplier: f32,
     /// Centroid update policy.
     pub centroids: CentroidPolicy,
+    /// The privacy budget rounds may not exceed, and its accountant. Required whenever the
+    /// coordinator adds noise in production; a simulation may leave it out and still read
+    /// the spend from the ledger.
+    pub privacy: Option<PrivacyPolicy>,
 }
 
 impl CoordinatorConfig {
@@ -139,6 +145,12 @@ impl CoordinatorConfig {
         if !(self.noise_multiplier.is_finite() && self.noise_multiplier >= 0.0) {
             return Err(ParamError::new("noise_multiplier", "must be finite and ≥ 0"));
         }
+        if self.privacy.is_some() && self.noise_multiplier <= 0.0 {
+            return Err(ParamError::new("noise_multiplier", "a privacy budget needs noise (> 0)"));
+        }
+        if !(self.centroids.noise_multiple.is_finite() && self.centroids.noise_multiple >= 0.0) {
+            return Err(ParamError::new("centroid_noise_multiple", "must be finite and ≥ 0"));
+        }
         if !(self.centroids.min_count.is_finite() && self.centroids.min_count >= 0.0) {
             return Err(ParamError::new("centroid_min_count", "must be finite and ≥ 0"));
         }
@@ -153,12 +165,46 @@ impl CoordinatorConfig {
 }
 
 /// Why [`Coordinator::start_round`] refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
     /// A round is already open.
     #[error("round {0} is still open")]
     RoundOpen(u64),
+    /// The round could take the spend past the budget.
+    #[error(
+        "privacy budget: one more round would spend ε = {would_spend:.4} of ε = {budget:.4} (δ = {delta:e}); spent so far ε = {spent:.4}"
+    )]
+    BudgetExhausted {
+        /// ε spent so far.
+        spent: f64,
+        /// ε after the round.
+        would_spend: f64,
+        /// The budget's ε.
+        budget: f64,
+        /// The budget's δ.
+        delta: f64,
+    },
+    /// The accountant refused its inputs.
+    #[error("privacy accounting failed: {0}")]
+    Accounting(#[from] PrivacyError),
+}
+
+/// What the coordinator carries from round to round: everything a restart needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoordinatorState {
+    /// The model.
+    pub model: GlobalModel,
+    /// Its version.
+    pub version: u64,
+    /// Optimizer and centroid state.
+    pub server: ServerState,
+    /// Every charge so far.
+    pub ledger: Ledger,
+    /// Index of the next round.
+    pub next_round: u64,
+    /// The clip norm of the next round (adaptive clipping moves it).
+    pub clip_norm: f32,
 }
 
 /// Why a round was abandoned (no model change, nothing charged to the privacy budget).
@@ -291,6 +337,7 @@ pub struct Coordinator<R> {
     round: Option<Round>,
     next_round: u64,
     clip_norm: f32,
+    ledger: Ledger,
     outbox: VecDeque<(ClientId, ServerMessage)>,
     events: VecDeque<CoordinatorEvent>,
 }
@@ -313,9 +360,62 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             round: None,
             next_round: 0,
             clip_norm,
+            ledger: Ledger::new(),
             outbox: VecDeque::new(),
             events: VecDeque::new(),
         })
+    }
+
+    /// A coordinator resuming from `state` (as saved by [`Coordinator::state`]).
+    pub fn restore(config: CoordinatorConfig, state: CoordinatorState, rng: R) -> Result<Self, ParamError> {
+        let mut c = Self::new(config, state.model, rng)?;
+        if state.server.n_params() != c.layout.trainable().len() {
+            return Err(ParamError::new("state", "optimizer state does not match the model's shape"));
+        }
+        if !(state.clip_norm.is_finite() && state.clip_norm > 0.0) {
+            return Err(ParamError::new("state", "clip norm must be finite and > 0"));
+        }
+        c.model = Arc::new(RoundModel::new(state.version, c.model.model.clone()));
+        c.server = state.server;
+        // The configuration wins where the operator may have changed it: the optimizer's
+        // hyper-parameters, and a fixed clip norm (only adaptive clipping carries C over).
+        c.server.set_optimizer(c.config.optimizer);
+        if c.config.adaptive_clip.is_some() {
+            c.clip_norm = state.clip_norm;
+        }
+        c.ledger = state.ledger;
+        c.next_round = state.next_round;
+        Ok(c)
+    }
+
+    /// Everything a restart needs, between rounds (`None` while a round is open: its
+    /// progress is not persisted, and a restart abandons it).
+    pub fn state(&self) -> Option<CoordinatorState> {
+        if self.round.is_some() {
+            return None;
+        }
+        Some(CoordinatorState {
+            model: self.model.model.clone(),
+            version: self.model.version,
+            server: self.server.clone(),
+            ledger: self.ledger.clone(),
+            next_round: self.next_round,
+            clip_norm: self.clip_norm,
+        })
+    }
+
+    /// The privacy ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The charge one round of this configuration makes, if it makes one.
+    pub fn round_charge(&self, round: u64) -> Option<LedgerEntry> {
+        let z = self.effective_noise_multiplier();
+        match self.config.selection {
+            Selection::Poisson { q } if z > 0.0 => Some(LedgerEntry { round, q, noise_multiplier: z }),
+            _ => None,
+        }
     }
 
     /// The current model.
@@ -359,6 +459,19 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             return Err(StartError::RoundOpen(r.idx));
         }
         let idx = self.next_round;
+        if let (Some(policy), Some(charge)) = (&self.config.privacy, self.round_charge(idx)) {
+            let delta = policy.budget.delta();
+            let would_spend = self.ledger.epsilon_with(&charge, delta, policy.accountant)?;
+            if would_spend > policy.budget.epsilon() {
+                let spent = self.ledger.epsilon(delta, policy.accountant)?;
+                return Err(StartError::BudgetExhausted {
+                    spent,
+                    would_spend,
+                    budget: policy.budget.epsilon(),
+                    delta,
+                });
+            }
+        }
         self.next_round += 1;
         self.round = Some(Round {
             idx,
@@ -546,6 +659,9 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             let step = (-f64::from(a.learning_rate) * (fraction - f64::from(a.target_quantile))).exp();
             self.clip_norm = (f64::from(self.clip_norm) * step).clamp(1e-6, 1e9) as f32;
             stats.unclipped_fraction = Some(fraction);
+        }
+        if let Some(charge) = self.round_charge(round.idx) {
+            self.ledger.record(charge);
         }
         let mut model = self.model.model.clone();
         self.server.apply(&mut model, &noised, denominator, &self.config.centroids);

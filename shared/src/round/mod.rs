@@ -17,8 +17,8 @@ use std::time::Duration;
 
 pub use client::{ClientError, ClientOutcome, ClientRound};
 pub use coordinator::{
-    AbandonReason, AdaptiveClip, Coordinator, CoordinatorConfig, CoordinatorEvent, RoundPhase, RoundStats,
-    Selection, StartError,
+    AbandonReason, AdaptiveClip, Coordinator, CoordinatorConfig, CoordinatorEvent, CoordinatorState,
+    RoundPhase, RoundStats, Selection, StartError,
 };
 
 use crate::model::RoundModel;

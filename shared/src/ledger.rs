@@ -1,0 +1,167 @@
+//! The privacy ledger and budget: every committed round's privacy event, kept so that a restart never forgets spend, and the check that refuses a round which could overspend.
+//!
+//! What is charged, and when: a round is charged when it commits, because only then is
+//! anything computed from the devices' data released (the noised sum). The charge is the
+//! round's Poisson sampling probability `q` and its effective noise multiplier (the update's
+//! noise combined with the adaptive-clipping bits' noise). An abandoned round releases
+//! nothing and is not charged. Before a round starts, the coordinator adds that round's
+//! charge to the ledger and refuses to start if the result would exceed the budget — so the
+//! budget holds whatever the round's outcome.
+
+use crate::privacy::{self, AccountantKind, PrivacyError, PrivacyEvent};
+
+/// An (ε, δ) budget. There is no default: the operator must choose it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrivacyBudget {
+    epsilon: f64,
+    delta: f64,
+}
+
+impl PrivacyBudget {
+    /// A budget of `epsilon` (positive, finite) at `delta` (in `(0, 1)`).
+    pub fn new(epsilon: f64, delta: f64) -> Result<Self, PrivacyError> {
+        if !(epsilon > 0.0 && epsilon.is_finite()) {
+            return Err(PrivacyError::Epsilon(epsilon));
+        }
+        if !(delta > 0.0 && delta < 1.0) {
+            return Err(PrivacyError::Delta(delta));
+        }
+        Ok(Self { epsilon, delta })
+    }
+
+    /// The ε the spend may reach.
+    pub fn epsilon(&self) -> f64 {
+        self.epsilon
+    }
+
+    /// The δ at which ε is accounted.
+    pub fn delta(&self) -> f64 {
+        self.delta
+    }
+}
+
+/// A budget and the accountant that measures spend against it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrivacyPolicy {
+    /// The budget.
+    pub budget: PrivacyBudget,
+    /// The accountant.
+    pub accountant: AccountantKind,
+}
+
+/// One committed round's charge.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LedgerEntry {
+    /// The round.
+    pub round: u64,
+    /// Its Poisson sampling probability.
+    pub q: f64,
+    /// Its effective noise multiplier.
+    pub noise_multiplier: f64,
+}
+
+/// Every charge so far, in order.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Ledger {
+    entries: Vec<LedgerEntry>,
+}
+
+impl Ledger {
+    /// An empty ledger.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A ledger restored from storage; every entry is checked.
+    pub fn from_entries(entries: Vec<LedgerEntry>) -> Result<Self, PrivacyError> {
+        for e in &entries {
+            PrivacyEvent::new(e.q, e.noise_multiplier, 1)?;
+        }
+        Ok(Self { entries })
+    }
+
+    /// The entries, oldest first.
+    pub fn entries(&self) -> &[LedgerEntry] {
+        &self.entries
+    }
+
+    /// Appends a charge.
+    pub fn record(&mut self, entry: LedgerEntry) {
+        self.entries.push(entry);
+    }
+
+    /// The entries as accountant events, equal consecutive charges grouped into one event.
+    pub fn events(&self) -> Result<Vec<PrivacyEvent>, PrivacyError> {
+        Self::group(self.entries.iter())
+    }
+
+    fn group<'e>(entries: impl Iterator<Item = &'e LedgerEntry>) -> Result<Vec<PrivacyEvent>, PrivacyError> {
+        let mut out: Vec<(f64, f64, u64)> = Vec::new();
+        for e in entries {
+            match out.last_mut() {
+                Some((q, z, n)) if *q == e.q && *z == e.noise_multiplier => *n += 1,
+                _ => out.push((e.q, e.noise_multiplier, 1)),
+            }
+        }
+        out.into_iter().map(|(q, z, n)| PrivacyEvent::new(q, z, n)).collect()
+    }
+
+    /// ε spent so far at `delta`.
+    pub fn epsilon(&self, delta: f64, accountant: AccountantKind) -> Result<f64, PrivacyError> {
+        privacy::epsilon(&self.events()?, delta, accountant)
+    }
+
+    /// ε the ledger would show after also charging `next`.
+    pub fn epsilon_with(
+        &self,
+        next: &LedgerEntry,
+        delta: f64,
+        accountant: AccountantKind,
+    ) -> Result<f64, PrivacyError> {
+        let events = Self::group(self.entries.iter().chain(std::iter::once(next)))?;
+        privacy::epsilon(&events, delta, accountant)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_must_be_positive_and_finite() {
+        assert!(PrivacyBudget::new(0.0, 1e-6).is_err());
+        assert!(PrivacyBudget::new(f64::INFINITY, 1e-6).is_err());
+        assert!(PrivacyBudget::new(f64::NAN, 1e-6).is_err());
+        assert!(PrivacyBudget::new(1.0, 0.0).is_err());
+        assert!(PrivacyBudget::new(1.0, 1.0).is_err());
+        assert!(PrivacyBudget::new(1.0, 1e-6).is_ok());
+    }
+
+    #[test]
+    fn equal_consecutive_charges_are_grouped() {
+        let mut l = Ledger::new();
+        for round in 0..3 {
+            l.record(LedgerEntry { round, q: 0.1, noise_multiplier: 1.0 });
+        }
+        l.record(LedgerEntry { round: 3, q: 0.2, noise_multiplier: 1.0 });
+        let ev = l.events().expect("valid entries");
+        assert_eq!(ev.len(), 2);
+        assert_eq!(ev[0].steps(), 3);
+        assert_eq!(ev[1].steps(), 1);
+        // Grouping does not change the spend.
+        let single: Vec<PrivacyEvent> = l
+            .entries()
+            .iter()
+            .map(|e| PrivacyEvent::new(e.q, e.noise_multiplier, 1).expect("valid"))
+            .collect();
+        let a = privacy::epsilon(&ev, 1e-6, AccountantKind::Rdp).expect("valid");
+        let b = privacy::epsilon(&single, 1e-6, AccountantKind::Rdp).expect("valid");
+        assert!((a - b).abs() < 1e-9 * a.max(1.0), "{a} vs {b}");
+    }
+
+    #[test]
+    fn restored_entries_are_checked() {
+        assert!(Ledger::from_entries(vec![LedgerEntry { round: 0, q: 1.5, noise_multiplier: 1.0 }]).is_err());
+        assert!(Ledger::from_entries(vec![LedgerEntry { round: 0, q: 0.5, noise_multiplier: 0.0 }]).is_err());
+    }
+}
