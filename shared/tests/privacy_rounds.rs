@@ -1,5 +1,7 @@
 //! The privacy budget as the rounds see it: no sequence of rounds overspends, a restart never forgets spend, the configurations that would weaken privacy are refused, and adaptive clipping tracks its quantile and is charged for its bits.
 
+mod common;
+
 use std::time::Duration;
 
 use fedrec_shared::danger::seeded_rng;
@@ -17,9 +19,7 @@ use fedrec_shared::{
     GlobalModel, ModelInit, ModelShape, Objective, ParamError, Rating, RoundModel, TrainParams,
 };
 use rand::Rng;
-use rand::seq::index::sample;
 use rand_chacha::ChaCha12Rng;
-use rand_distr::{Distribution, Normal};
 
 const EXPLICIT: TrainParams = TrainParams {
     objective: Objective::Explicit,
@@ -58,37 +58,8 @@ fn init_model(seed: u64) -> GlobalModel {
     GlobalModel::init(SHAPE, init, &mut seeded_rng(seed)).expect("valid shape")
 }
 
-/// Ratings from a low-rank model: `3.5 + b_u + b_i + u·v + noise`, clipped to `[1, 5]`,
-/// `per_user` distinct random items per user.
-fn low_rank_ratings(n_users: usize, n_items: usize, per_user: usize, seed: u64) -> Vec<Vec<Rating>> {
-    let rank = 2;
-    let mut rng = seeded_rng(seed);
-    let f = Normal::new(0.0f32, (1.0 / rank as f32).powf(0.25)).expect("valid std");
-    let user_f: Vec<Vec<f32>> =
-        (0..n_users).map(|_| (0..rank).map(|_| f.sample(&mut rng)).collect()).collect();
-    let item_f: Vec<Vec<f32>> =
-        (0..n_items).map(|_| (0..rank).map(|_| f.sample(&mut rng)).collect()).collect();
-    let bu = Normal::new(0.0f32, 0.3).expect("valid std");
-    let bi = Normal::new(0.0f32, 0.4).expect("valid std");
-    let e = Normal::new(0.0f32, 0.3).expect("valid std");
-    let user_b: Vec<f32> = (0..n_users).map(|_| bu.sample(&mut rng)).collect();
-    let item_b: Vec<f32> = (0..n_items).map(|_| bi.sample(&mut rng)).collect();
-    (0..n_users)
-        .map(|u| {
-            sample(&mut rng, n_items, per_user)
-                .into_iter()
-                .map(|i| {
-                    let dot: f32 = user_f[u].iter().zip(&item_f[i]).map(|(a, b)| a * b).sum();
-                    let value = (3.5 + user_b[u] + item_b[i] + dot + e.sample(&mut rng)).clamp(1.0, 5.0);
-                    Rating { item: i as u32, value }
-                })
-                .collect()
-        })
-        .collect()
-}
-
 fn devices() -> Vec<Vec<Rating>> {
-    low_rank_ratings(N_DEVICES, SHAPE.n_items, 5, 101)
+    common::low_rank_ratings(N_DEVICES, SHAPE.n_items, 2, 5, 0.3, 101)
 }
 
 fn federation<'a>(

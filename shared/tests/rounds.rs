@@ -1,5 +1,7 @@
 //! The sans-IO round machines and the in-memory federation: determinism, rejections, dropouts, selection, what leaves a device, and that federated training learns.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -16,9 +18,7 @@ use fedrec_shared::train::{LocalDataError, local_update, reconstruct};
 use fedrec_shared::update::{ClippedUpdate, UpdateVector};
 use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, Rating, RoundModel, TrainParams};
 use rand::Rng;
-use rand::seq::index::sample;
 use rand_chacha::ChaCha12Rng;
-use rand_distr::{Distribution, Normal};
 
 const EXPLICIT: TrainParams = TrainParams {
     objective: Objective::Explicit,
@@ -49,42 +49,6 @@ fn init_model(shape: ModelShape, seed: u64) -> GlobalModel {
     GlobalModel::init(shape, init, &mut seeded_rng(seed)).expect("valid shape")
 }
 
-/// Ratings from a low-rank model: `3.5 + b_u + b_i + u·v + noise`, clipped to `[1, 5]`,
-/// `per_user` distinct random items per user.
-fn low_rank_ratings(
-    n_users: usize,
-    n_items: usize,
-    rank: usize,
-    per_user: usize,
-    noise: f32,
-    seed: u64,
-) -> Vec<Vec<Rating>> {
-    let mut rng = seeded_rng(seed);
-    // Factors with std (1/rank)^¼, so that u·v has unit variance.
-    let f = Normal::new(0.0f32, (1.0 / rank as f32).powf(0.25)).expect("valid std");
-    let user_f: Vec<Vec<f32>> =
-        (0..n_users).map(|_| (0..rank).map(|_| f.sample(&mut rng)).collect()).collect();
-    let item_f: Vec<Vec<f32>> =
-        (0..n_items).map(|_| (0..rank).map(|_| f.sample(&mut rng)).collect()).collect();
-    let bu = Normal::new(0.0f32, 0.3).expect("valid std");
-    let bi = Normal::new(0.0f32, 0.4).expect("valid std");
-    let e = Normal::new(0.0f32, noise).expect("valid std");
-    let user_b: Vec<f32> = (0..n_users).map(|_| bu.sample(&mut rng)).collect();
-    let item_b: Vec<f32> = (0..n_items).map(|_| bi.sample(&mut rng)).collect();
-    (0..n_users)
-        .map(|u| {
-            sample(&mut rng, n_items, per_user)
-                .into_iter()
-                .map(|i| {
-                    let dot: f32 = user_f[u].iter().zip(&item_f[i]).map(|(a, b)| a * b).sum();
-                    let value = (3.5 + user_b[u] + item_b[i] + dot + e.sample(&mut rng)).clamp(1.0, 5.0);
-                    Rating { item: i as u32, value }
-                })
-                .collect()
-        })
-        .collect()
-}
-
 fn model_bits(m: &GlobalModel) -> Vec<u32> {
     m.item_factors
         .iter()
@@ -112,7 +76,7 @@ fn run_federation(devices: &[Vec<Rating>], coordinator_seed: u64, n_rounds: usiz
 
 #[test]
 fn same_seeds_give_bit_identical_models() {
-    let devices = low_rank_ratings(60, 40, 3, 10, 0.3, 11);
+    let devices = common::low_rank_ratings(60, 40, 3, 10, 0.3, 11);
     let a = run_federation(&devices, 1, 5);
     let b = run_federation(&devices, 1, 5);
     assert_eq!(model_bits(&a), model_bits(&b));
@@ -202,7 +166,7 @@ fn committed_stats(ev: &CoordinatorEvent) -> &RoundStats {
 
 #[test]
 fn coordinator_rejects_misbehaving_uploads_and_commits_the_good_ones() {
-    let devices = low_rank_ratings(6, 12, 2, 5, 0.3, 21);
+    let devices = common::low_rank_ratings(6, 12, 2, 5, 0.3, 21);
     let (mut coord, mut clients, round) = checked_in_round(&devices, 5, 4, 2);
     assert_eq!(coord.phase(), Some(RoundPhase::Report), "the cohort is full");
     assert_eq!(clients[4].outcome(), Some(&ClientOutcome::NotSelected));
@@ -297,7 +261,7 @@ fn coordinator_rejects_misbehaving_uploads_and_commits_the_good_ones() {
 
 /// Five devices selected, three upload, and the deadline passes.
 fn round_with_two_dropouts(min_reports: usize) -> (Coordinator<ChaCha12Rng>, Vec<CoordinatorEvent>) {
-    let devices = low_rank_ratings(5, 12, 2, 5, 0.3, 31);
+    let devices = common::low_rank_ratings(5, 12, 2, 5, 0.3, 31);
     let (mut coord, mut clients, round) = checked_in_round(&devices, 5, 5, min_reports);
     let t1 = Instant::from_micros(2_000_000);
     for (id, client) in clients.iter_mut().enumerate().take(3) {
@@ -427,7 +391,7 @@ fn coordinator_config_validation() {
 #[test]
 fn only_the_clipped_update_leaves_the_device() {
     let shape = ModelShape { n_items: 20, dim: 4, n_segments: 2 };
-    let ratings = low_rank_ratings(1, 20, 2, 8, 0.3, 41).remove(0);
+    let ratings = common::low_rank_ratings(1, 20, 2, 8, 0.3, 41).remove(0);
     let implicit = TrainParams { objective: Objective::Implicit { alpha: 3.0 }, ..EXPLICIT };
     for (train, clip_norm) in [(EXPLICIT, 0.5f32), (EXPLICIT, 1e3), (implicit, 0.5), (implicit, 1e3)] {
         let mut cfg = config(Selection::FirstCome { cohort: 1 }, 1);
@@ -525,7 +489,7 @@ fn local_item_outside_the_catalogue_fails_without_upload() {
 
 #[test]
 fn harness_rounds_commit_despite_dropouts() {
-    let devices = low_rank_ratings(60, 40, 3, 10, 0.3, 51);
+    let devices = common::low_rank_ratings(60, 40, 3, 10, 0.3, 51);
     let shape = ModelShape { n_items: 40, dim: 4, n_segments: 2 };
     let coordinator =
         Coordinator::new(config(Selection::FirstCome { cohort: 20 }, 5), init_model(shape, 2), seeded_rng(3))
@@ -598,7 +562,7 @@ impl Scorer for BiasScorer {
 #[test]
 fn federated_training_beats_the_initial_model_and_a_bias_baseline() {
     let (n_users, n_items) = (300, 80);
-    let all = low_rank_ratings(n_users, n_items, 3, 25, 0.3, 61);
+    let all = common::low_rank_ratings(n_users, n_items, 3, 25, 0.3, 61);
     // Hold out 5 ratings of each user; devices train on the rest.
     let (train, test): (Vec<Vec<Rating>>, Vec<Vec<Rating>>) =
         all.into_iter().map(|mut rs| (rs.split_off(5), rs)).unzip();

@@ -352,6 +352,20 @@ struct OutputArgs {
 }
 
 impl RunArgs {
+    /// Fixed or adaptive clipping (`auto`: adaptive when the run is noisy), and the starting
+    /// clip norm when none was given: quantile tracking starts small, a fixed norm is the
+    /// non-private default.
+    fn set_clipping(&self, c: &mut RunConfig, noisy: bool) {
+        c.adaptive_clip = match self.clip {
+            ClipOpt::Fixed => false,
+            ClipOpt::Adaptive => true,
+            ClipOpt::Auto => noisy,
+        };
+        if self.clip_norm.is_none() {
+            c.clip_norm = if c.adaptive_clip { 1.0 } else { RunConfig::defaults(c.objective).clip_norm };
+        }
+    }
+
     fn config(&self) -> RunConfig {
         let objective = match self.objective {
             ObjectiveArg::Explicit => ObjectiveKind::Explicit,
@@ -372,15 +386,8 @@ impl RunArgs {
         if let Some(a) = self.accountant {
             c.accountant = a.into();
         }
-        c.adaptive_clip = match self.clip {
-            ClipOpt::Fixed => false,
-            ClipOpt::Adaptive => true,
-            ClipOpt::Auto => self.epsilon.is_some() || c.noise_multiplier > 0.0,
-        };
-        if c.adaptive_clip && self.clip_norm.is_none() {
-            // Quantile tracking finds the scale; start small rather than far above it.
-            c.clip_norm = 1.0;
-        }
+        let noisy = self.epsilon.is_some() || c.noise_multiplier > 0.0;
+        self.set_clipping(&mut c, noisy);
         if let Some(o) = self.optimizer {
             c.optimizer = match o {
                 OptimizerArg::Adam => OptimizerKind::Adam,
@@ -470,16 +477,7 @@ fn sweep(args: &SweepArgs) -> Result<()> {
         if target.is_none() {
             cfg.noise_multiplier = 0.0;
         }
-        cfg.adaptive_clip = match args.run.clip {
-            ClipOpt::Fixed => false,
-            ClipOpt::Adaptive => true,
-            ClipOpt::Auto => target.is_some(),
-        };
-        if cfg.adaptive_clip && args.run.clip_norm.is_none() {
-            cfg.clip_norm = 1.0;
-        } else if !cfg.adaptive_clip && args.run.clip_norm.is_none() {
-            cfg.clip_norm = RunConfig::defaults(cfg.objective).clip_norm;
-        }
+        args.run.set_clipping(&mut cfg, target.is_some());
         cfg.eval_every = 0;
         cfg.calibrate(users.train.len()).context("calibrating the noise")?;
         let label = target.map(|e| format!("{e}")).unwrap_or_else(|| "∞".to_owned());
