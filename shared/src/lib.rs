@@ -14,6 +14,7 @@ pub mod round;
 pub mod server;
 pub mod train;
 pub mod update;
+pub mod wire;
 
 pub use error::{ParamError, Rejection, SolveError, UpdateError};
 pub use model::{GlobalModel, ModelInit, ModelShape, RoundModel, UpdateLayout};

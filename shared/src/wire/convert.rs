@@ -1,0 +1,367 @@
+//! Explicit conversions between the wire messages and the round machines' internal types, checking everything a peer sent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ndarray::{Array1, Array2};
+
+use super::WireError;
+use super::messages::{
+    CheckIn, ErrorCode, NONCE_LEN, Request, Response, Upload, WireModel, WireObjective, WireTask,
+    WireTrainParams,
+};
+use crate::error::{Rejection, UpdateError};
+use crate::model::{GlobalModel, ModelShape, RoundModel, UpdateLayout};
+use crate::round::{ClientMessage, ServerMessage, Task};
+use crate::train::{Objective, TrainParams};
+use crate::update::{ClippedUpdate, UpdateVector};
+
+impl From<Objective> for WireObjective {
+    fn from(o: Objective) -> Self {
+        match o {
+            Objective::Explicit => WireObjective::Explicit,
+            Objective::Implicit { alpha } => WireObjective::Implicit { alpha },
+        }
+    }
+}
+
+impl From<WireObjective> for Objective {
+    fn from(o: WireObjective) -> Self {
+        match o {
+            WireObjective::Explicit => Objective::Explicit,
+            WireObjective::Implicit { alpha } => Objective::Implicit { alpha },
+        }
+    }
+}
+
+impl From<TrainParams> for WireTrainParams {
+    fn from(p: TrainParams) -> Self {
+        Self {
+            objective: p.objective.into(),
+            l2_user: p.l2_user,
+            l2_user_bias: p.l2_user_bias,
+            l2_item: p.l2_item,
+            l2_item_bias: p.l2_item_bias,
+        }
+    }
+}
+
+/// Not validated here: the device's round machine validates the parameters of every task
+/// (and reports invalid ones as its outcome), whatever their origin.
+impl From<WireTrainParams> for TrainParams {
+    fn from(p: WireTrainParams) -> Self {
+        Self {
+            objective: p.objective.into(),
+            l2_user: p.l2_user,
+            l2_user_bias: p.l2_user_bias,
+            l2_item: p.l2_item,
+            l2_item_bias: p.l2_item_bias,
+        }
+    }
+}
+
+impl WireModel {
+    /// The wire form of `model` at `version`.
+    pub fn from_global(version: u64, model: &GlobalModel) -> Self {
+        let shape = model.shape();
+        Self {
+            version,
+            // usize is at most 64 bits on every supported target: these casts are lossless.
+            n_items: shape.n_items as u64,
+            dim: shape.dim as u64,
+            n_segments: shape.n_segments as u64,
+            // Iterating (rather than taking the slice) accepts any memory layout of the arrays.
+            item_factors: model.item_factors.iter().copied().collect(),
+            item_bias: model.item_bias.iter().copied().collect(),
+            global_mean: model.global_mean,
+            centroids: model.centroids.iter().copied().collect(),
+        }
+    }
+
+    /// The shape the model claims, validated ([`ModelShape::validate`]).
+    pub fn shape(&self) -> Result<ModelShape, WireError> {
+        let shape = ModelShape {
+            n_items: to_usize("n_items", self.n_items)?,
+            dim: to_usize("dim", self.dim)?,
+            n_segments: to_usize("n_segments", self.n_segments)?,
+        };
+        shape.validate().map_err(|e| WireError::Invalid(format!("model shape: {e}")))?;
+        Ok(shape)
+    }
+
+    /// The version and the model, after checking the shape, that every array has the
+    /// shape's length, and that every value is finite.
+    pub fn into_global(self) -> Result<(u64, GlobalModel), WireError> {
+        let shape = self.shape()?;
+        let n_factors = shape
+            .n_items
+            .checked_mul(shape.dim)
+            .ok_or_else(|| WireError::Invalid("model shape: n_items × dim overflows".into()))?;
+        // Both bounded by validate(): dim ≤ 1024, n_segments ≤ 4096.
+        let n_centroid_values = shape.n_segments * shape.dim;
+        check_model_len("item_factors", self.item_factors.len(), n_factors)?;
+        check_model_len("item_bias", self.item_bias.len(), shape.n_items)?;
+        check_model_len("centroids", self.centroids.len(), n_centroid_values)?;
+        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+        if !(finite(&self.item_factors)
+            && finite(&self.item_bias)
+            && self.global_mean.is_finite()
+            && finite(&self.centroids))
+        {
+            return Err(WireError::Invalid("model holds a non-finite value".into()));
+        }
+        let shape_err = |e: ndarray::ShapeError| WireError::Invalid(format!("model arrays: {e}"));
+        let model = GlobalModel {
+            item_factors: Array2::from_shape_vec((shape.n_items, shape.dim), self.item_factors)
+                .map_err(shape_err)?,
+            item_bias: Array1::from_vec(self.item_bias),
+            global_mean: self.global_mean,
+            centroids: Array2::from_shape_vec((shape.n_segments, shape.dim), self.centroids)
+                .map_err(shape_err)?,
+        };
+        Ok((self.version, model))
+    }
+}
+
+fn to_usize(name: &str, v: u64) -> Result<usize, WireError> {
+    usize::try_from(v).map_err(|_| WireError::Invalid(format!("model shape: {name} does not fit in usize")))
+}
+
+fn check_model_len(name: &str, got: usize, expected: usize) -> Result<(), WireError> {
+    if got != expected {
+        return Err(WireError::Invalid(format!("model {name} has {got} values, the shape needs {expected}")));
+    }
+    Ok(())
+}
+
+impl From<&RoundModel> for WireModel {
+    fn from(m: &RoundModel) -> Self {
+        WireModel::from_global(m.version, &m.model)
+    }
+}
+
+impl TryFrom<WireModel> for GlobalModel {
+    type Error = WireError;
+    /// See [`WireModel::into_global`]; the version is dropped.
+    fn try_from(m: WireModel) -> Result<Self, WireError> {
+        m.into_global().map(|(_, model)| model)
+    }
+}
+
+impl TryFrom<WireModel> for RoundModel {
+    type Error = WireError;
+    /// See [`WireModel::into_global`].
+    fn try_from(m: WireModel) -> Result<Self, WireError> {
+        let (version, model) = m.into_global()?;
+        Ok(RoundModel::new(version, model))
+    }
+}
+
+impl Upload {
+    /// The wire form of a clipped update: every value of the layout, whatever the vector
+    /// stores in memory. `nonce` must be fresh random bytes (the driver draws them).
+    pub fn new(
+        round: u64,
+        update: &ClippedUpdate,
+        within_bound: Option<bool>,
+        nonce: [u8; NONCE_LEN],
+    ) -> Self {
+        Self { round, update: update.vector().to_dense(), within_bound, nonce }
+    }
+
+    /// Checks a peer's upload against the round's layout and clip norm: the length, finite
+    /// values, the norm ([`ClippedUpdate::verify_received`]). Returns the round, the update and
+    /// the clip bit. The nonce is the driver's to check, before this.
+    pub fn verify(
+        self,
+        layout: &UpdateLayout,
+        clip_norm: f32,
+    ) -> Result<(u64, ClippedUpdate, Option<bool>), WireError> {
+        let vector = UpdateVector::from_dense(*layout, &self.update)?;
+        let update = ClippedUpdate::verify_received(vector, layout, clip_norm)?;
+        Ok((self.round, update, self.within_bound))
+    }
+
+    /// [`Upload::verify`], as the message the coordinator machine takes.
+    pub fn into_client_message(
+        self,
+        layout: &UpdateLayout,
+        clip_norm: f32,
+    ) -> Result<ClientMessage, WireError> {
+        let (round, update, within_bound) = self.verify(layout, clip_norm)?;
+        Ok(ClientMessage::Upload { round, update, within_bound })
+    }
+}
+
+impl Request {
+    /// The wire form of a device machine's message. The machine's check-in carries nothing:
+    /// the driver supplies the device's `check_in` (token, version, cached model); an upload
+    /// takes the driver's fresh `nonce`.
+    pub fn from_client_message(msg: &ClientMessage, check_in: &CheckIn, nonce: [u8; NONCE_LEN]) -> Request {
+        match msg {
+            ClientMessage::CheckIn => Request::CheckIn(check_in.clone()),
+            ClientMessage::Upload { round, update, within_bound } => {
+                Request::Upload(Upload::new(*round, update, *within_bound, nonce))
+            }
+        }
+    }
+}
+
+impl From<&UpdateError> for ErrorCode {
+    fn from(e: &UpdateError) -> Self {
+        match e {
+            UpdateError::WrongLength { .. } | UpdateError::BadRows => ErrorCode::WrongShape,
+            UpdateError::NonFinite => ErrorCode::NonFinite,
+            UpdateError::NormTooLarge { .. } => ErrorCode::NormTooLarge,
+        }
+    }
+}
+
+impl From<&Rejection> for ErrorCode {
+    fn from(r: &Rejection) -> Self {
+        match r {
+            Rejection::WrongRound { .. } => ErrorCode::WrongRound,
+            Rejection::NotSelected => ErrorCode::NotSelected,
+            Rejection::Duplicate => ErrorCode::Duplicate,
+            Rejection::WrongPhase => ErrorCode::WrongPhase,
+            Rejection::MissingClipBit => ErrorCode::MissingClipBit,
+            Rejection::InvalidUpdate(e) => ErrorCode::from(e),
+        }
+    }
+}
+
+impl ErrorCode {
+    /// The rejection this code stands for, when the code alone says everything the
+    /// rejection holds. Codes whose rejection carries details (round numbers, lengths,
+    /// norms) give `None`: the wire does not carry them, and they are not made up here.
+    pub fn rejection(self) -> Option<Rejection> {
+        match self {
+            ErrorCode::NotSelected => Some(Rejection::NotSelected),
+            ErrorCode::Duplicate => Some(Rejection::Duplicate),
+            ErrorCode::WrongPhase => Some(Rejection::WrongPhase),
+            ErrorCode::MissingClipBit => Some(Rejection::MissingClipBit),
+            ErrorCode::NonFinite => Some(Rejection::InvalidUpdate(UpdateError::NonFinite)),
+            _ => None,
+        }
+    }
+}
+
+impl WireTask {
+    /// The wire form of a task on `model`; the model is left out when the device holds
+    /// `cached_model_version` and that is the model's version.
+    pub fn new(task: &Task, model: &RoundModel, cached_model_version: Option<u64>) -> Self {
+        Self {
+            round: task.round,
+            model_version: model.version,
+            train: task.train.into(),
+            clip_norm: task.clip_norm,
+            report_clip_bit: task.report_clip_bit,
+            report_window_ms: u64::try_from(task.report_window.as_millis()).unwrap_or(u64::MAX),
+            model: (cached_model_version != Some(model.version)).then(|| WireModel::from(model)),
+        }
+    }
+
+    /// The device machine's `Selected` message. The model comes from the task, checked
+    /// ([`WireModel::into_global`]) and of the task's model version, or, when the task omits
+    /// it, from `cached`, which must have that version.
+    pub fn into_server_message(self, cached: Option<&Arc<RoundModel>>) -> Result<ServerMessage, WireError> {
+        let model = match (self.model, cached) {
+            (Some(m), _) => {
+                if m.version != self.model_version {
+                    return Err(WireError::Invalid(format!(
+                        "task is for model version {} but carries version {}",
+                        self.model_version, m.version
+                    )));
+                }
+                Arc::new(RoundModel::try_from(m)?)
+            }
+            (None, Some(c)) if c.version == self.model_version => Arc::clone(c),
+            (None, _) => {
+                return Err(WireError::Invalid(format!(
+                    "task omits model version {} and no cached model has it",
+                    self.model_version
+                )));
+            }
+        };
+        let task = Task {
+            round: self.round,
+            train: self.train.into(),
+            clip_norm: self.clip_norm,
+            report_clip_bit: self.report_clip_bit,
+            report_window: Duration::from_millis(self.report_window_ms),
+        };
+        Ok(ServerMessage::Selected { task, model })
+    }
+}
+
+/// A response as the device's driver sees it: a message for its round machine, or an error
+/// code for the driver itself to act on (back off, re-enroll, report).
+#[derive(Debug, Clone)]
+pub enum Inbound {
+    /// Feed this to the round machine.
+    Message(ServerMessage),
+    /// The coordinator refused the request. [`ErrorCode::rejection`] says whether the round
+    /// machine can take it as a rejection of its upload.
+    Error {
+        /// Why, for machines.
+        code: ErrorCode,
+        /// Why, for people.
+        message: String,
+    },
+}
+
+impl Response {
+    /// The wire form of a coordinator machine's message to one device, which said in its
+    /// check-in that it holds `cached_model_version`. `retry_after` is the hint sent with
+    /// `NotSelected`.
+    pub fn from_server_message(
+        msg: &ServerMessage,
+        cached_model_version: Option<u64>,
+        retry_after: Duration,
+    ) -> Response {
+        match msg {
+            ServerMessage::Selected { task, model } => {
+                Response::Task(WireTask::new(task, model, cached_model_version))
+            }
+            ServerMessage::NotSelected { round } => Response::NotSelected {
+                round: *round,
+                retry_after_ms: u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
+            },
+            ServerMessage::Ack { round } => Response::Ack { round: *round },
+            ServerMessage::Rejected { reason, .. } => {
+                Response::error(reason.into(), &rejection_message(reason))
+            }
+            ServerMessage::Aborted { round } => Response::Aborted { round: *round },
+        }
+    }
+
+    /// The check-in retry hint of a `NotSelected` response.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Response::NotSelected { retry_after_ms, .. } => Some(Duration::from_millis(*retry_after_ms)),
+            _ => None,
+        }
+    }
+
+    /// What the device's driver does with this response; `cached` is the model the device
+    /// holds (see [`WireTask::into_server_message`]).
+    pub fn into_inbound(self, cached: Option<&Arc<RoundModel>>) -> Result<Inbound, WireError> {
+        Ok(Inbound::Message(match self {
+            Response::Task(task) => task.into_server_message(cached)?,
+            Response::NotSelected { round, .. } => ServerMessage::NotSelected { round },
+            Response::Ack { round } => ServerMessage::Ack { round },
+            Response::Error { code, message } => return Ok(Inbound::Error { code, message }),
+            Response::Aborted { round } => ServerMessage::Aborted { round },
+        }))
+    }
+}
+
+/// The rejection's text, without the measured norm: that is a statistic of the device's data.
+fn rejection_message(reason: &Rejection) -> String {
+    match reason {
+        Rejection::InvalidUpdate(UpdateError::NormTooLarge { .. }) => {
+            "invalid update: the update's norm exceeds the clip norm".to_owned()
+        }
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,389 @@
+//! The messages of protocol v1 as plain serializable data; see the parent module for their byte layout.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::WireError;
+
+/// Longest enrollment token a check-in may carry, in bytes.
+pub const MAX_TOKEN_LEN: usize = 512;
+/// Longest SDK version string a check-in may carry, in bytes.
+pub const MAX_SDK_VERSION_LEN: usize = 64;
+/// Longest message an error response may carry, in bytes.
+pub const MAX_ERROR_MESSAGE_LEN: usize = 256;
+/// Length of an upload's nonce, in bytes.
+pub const NONCE_LEN: usize = 16;
+
+/// A device offers to take part in the next round.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckIn {
+    /// The enrollment token the coordinator issued to this device (≤ [`MAX_TOKEN_LEN`] bytes).
+    #[serde(with = "byte_string")]
+    pub token: Vec<u8>,
+    /// The SDK's version, for the coordinator's logs and compatibility decisions (≤ [`MAX_SDK_VERSION_LEN`] bytes).
+    pub sdk_version: String,
+    /// Optional features the device supports, as bit flags. Protocol v1 defines none: a
+    /// device sends 0 and the coordinator ignores bits it does not know.
+    pub capabilities: u32,
+    /// The model version the device holds, if any: a task for that version omits the model.
+    pub cached_model_version: Option<u64>,
+}
+
+/// The token is a credential: `Debug` shows only its length.
+impl fmt::Debug for CheckIn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CheckIn")
+            .field("token", &format_args!("<{} bytes>", self.token.len()))
+            .field("sdk_version", &self.sdk_version)
+            .field("capabilities", &self.capabilities)
+            .field("cached_model_version", &self.cached_model_version)
+            .finish()
+    }
+}
+
+/// A selected device's clipped update, always dense.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Upload {
+    /// The round the update is for.
+    pub round: u64,
+    /// Every value of the update vector, in the layout's order (zeros included).
+    #[serde(with = "f32_array")]
+    pub update: Vec<f32>,
+    /// Whether the update was within the clip norm before clipping, when the task asked.
+    pub within_bound: Option<bool>,
+    /// Fresh random bytes per upload, for the coordinator's replay check.
+    pub nonce: [u8; NONCE_LEN],
+}
+
+/// A message from a device to the coordinator. The variant order is the wire's variant index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Index 0.
+    CheckIn(CheckIn),
+    /// Index 1.
+    Upload(Upload),
+}
+
+impl From<CheckIn> for Request {
+    fn from(c: CheckIn) -> Self {
+        Request::CheckIn(c)
+    }
+}
+
+impl From<Upload> for Request {
+    fn from(u: Upload) -> Self {
+        Request::Upload(u)
+    }
+}
+
+/// The training objective, as sent with a task.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum WireObjective {
+    /// Index 0: squared error on explicit ratings.
+    Explicit,
+    /// Index 1: weighted implicit feedback (iALS).
+    Implicit {
+        /// Confidence slope `α`.
+        alpha: f32,
+    },
+}
+
+/// The device's training hyper-parameters, as sent with a task.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct WireTrainParams {
+    /// The loss.
+    pub objective: WireObjective,
+    /// Ridge on the user vector.
+    pub l2_user: f32,
+    /// Ridge on the user bias.
+    pub l2_user_bias: f32,
+    /// L2 on the item vectors.
+    pub l2_item: f32,
+    /// L2 on the item biases.
+    pub l2_item_bias: f32,
+}
+
+/// A global model and its version, as downloaded with a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireModel {
+    /// The model version (devices cache by it).
+    pub version: u64,
+    /// Number of items.
+    pub n_items: u64,
+    /// Embedding dimension.
+    pub dim: u64,
+    /// Number of segments.
+    pub n_segments: u64,
+    /// Item embeddings, row-major `n_items × dim`.
+    #[serde(with = "f32_array")]
+    pub item_factors: Vec<f32>,
+    /// Item biases, `n_items` values.
+    #[serde(with = "f32_array")]
+    pub item_bias: Vec<f32>,
+    /// Global mean.
+    pub global_mean: f32,
+    /// Segment centroids, row-major `n_segments × dim`.
+    #[serde(with = "f32_array")]
+    pub centroids: Vec<f32>,
+}
+
+/// What a selected device is asked to do, with the model unless the device already has it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireTask {
+    /// The round.
+    pub round: u64,
+    /// The version of the model to train on.
+    pub model_version: u64,
+    /// Training hyper-parameters.
+    pub train: WireTrainParams,
+    /// The L2 bound the upload must respect.
+    pub clip_norm: f32,
+    /// Whether the upload must say if the update was within the bound (adaptive clipping).
+    pub report_clip_bit: bool,
+    /// Time the device has to upload, from receipt, in milliseconds.
+    pub report_window_ms: u64,
+    /// The model, or `None` when the device's cached version is `model_version`.
+    pub model: Option<WireModel>,
+}
+
+/// A message from the coordinator to a device. The variant order is the wire's variant index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// Index 0: the device is selected.
+    Task(WireTask),
+    /// Index 1: the device is not selected; it may check in again after the hint.
+    NotSelected {
+        /// The round.
+        round: u64,
+        /// When to check in again, in milliseconds.
+        retry_after_ms: u64,
+    },
+    /// Index 2: the upload was accepted.
+    Ack {
+        /// The round.
+        round: u64,
+    },
+    /// Index 3: the request was refused.
+    Error {
+        /// Why, for machines.
+        code: ErrorCode,
+        /// Why, for people (≤ [`MAX_ERROR_MESSAGE_LEN`] bytes; never user data).
+        message: String,
+    },
+    /// Index 4: the round was abandoned; nothing the device sent will be used.
+    Aborted {
+        /// The round.
+        round: u64,
+    },
+}
+
+impl Response {
+    /// An error response; `message` is cut to [`MAX_ERROR_MESSAGE_LEN`] bytes at a character boundary.
+    pub fn error(code: ErrorCode, message: &str) -> Self {
+        let mut end = message.len().min(MAX_ERROR_MESSAGE_LEN);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        Response::Error { code, message: message[..end].to_owned() }
+    }
+}
+
+impl From<WireTask> for Response {
+    fn from(t: WireTask) -> Self {
+        Response::Task(t)
+    }
+}
+
+/// Why a request was refused, as a `u16` on the wire. Codes are stable: new ones may be
+/// added, existing ones never renumbered; a code this side does not know decodes as
+/// [`ErrorCode::Unknown`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "u16", into = "u16")]
+#[non_exhaustive]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// A code this version of the protocol does not define.
+    Unknown = 0,
+    /// The message's protocol version is not the coordinator's.
+    VersionMismatch = 1,
+    /// The enrollment token is missing, invalid or revoked.
+    BadToken = 2,
+    /// The message repeats one already received (same nonce).
+    Replay = 3,
+    /// The device was not selected for this round.
+    NotSelected = 4,
+    /// The device already reported in this round.
+    Duplicate = 5,
+    /// The message names a round that is not the current one.
+    WrongRound = 6,
+    /// The round does not accept this message in its current phase.
+    WrongPhase = 7,
+    /// The update does not have the model's layout.
+    WrongShape = 8,
+    /// The update holds NaN or an infinity.
+    NonFinite = 9,
+    /// The update's norm exceeds the clip norm.
+    NormTooLarge = 10,
+    /// The message exceeds its size limit.
+    TooLarge = 11,
+    /// The message could not be decoded, or breaks a rule of the protocol.
+    Malformed = 12,
+    /// The device sends too often; it may retry later.
+    RateLimited = 13,
+    /// The coordinator failed; not the device's fault.
+    Internal = 14,
+    /// Adaptive clipping is on and the upload lacks the "within the bound" bit.
+    MissingClipBit = 15,
+}
+
+impl ErrorCode {
+    /// Every defined code, `Unknown` first.
+    pub const ALL: [ErrorCode; 16] = [
+        ErrorCode::Unknown,
+        ErrorCode::VersionMismatch,
+        ErrorCode::BadToken,
+        ErrorCode::Replay,
+        ErrorCode::NotSelected,
+        ErrorCode::Duplicate,
+        ErrorCode::WrongRound,
+        ErrorCode::WrongPhase,
+        ErrorCode::WrongShape,
+        ErrorCode::NonFinite,
+        ErrorCode::NormTooLarge,
+        ErrorCode::TooLarge,
+        ErrorCode::Malformed,
+        ErrorCode::RateLimited,
+        ErrorCode::Internal,
+        ErrorCode::MissingClipBit,
+    ];
+
+    /// The code's number on the wire.
+    pub fn as_u16(self) -> u16 {
+        self as u16
+    }
+
+    /// A short stable label, matching [`crate::Rejection::label`] where both name the same reason.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorCode::Unknown => "unknown",
+            ErrorCode::VersionMismatch => "version_mismatch",
+            ErrorCode::BadToken => "bad_token",
+            ErrorCode::Replay => "replay",
+            ErrorCode::NotSelected => "not_selected",
+            ErrorCode::Duplicate => "duplicate",
+            ErrorCode::WrongRound => "wrong_round",
+            ErrorCode::WrongPhase => "wrong_phase",
+            ErrorCode::WrongShape => "wrong_shape",
+            ErrorCode::NonFinite => "non_finite",
+            ErrorCode::NormTooLarge => "norm_too_large",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Internal => "internal",
+            ErrorCode::MissingClipBit => "missing_clip_bit",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+impl From<ErrorCode> for u16 {
+    fn from(c: ErrorCode) -> u16 {
+        c.as_u16()
+    }
+}
+
+impl From<u16> for ErrorCode {
+    fn from(n: u16) -> ErrorCode {
+        ErrorCode::ALL.get(usize::from(n)).copied().unwrap_or(ErrorCode::Unknown)
+    }
+}
+
+/// Checks the bounds the types cannot express; the same on both sides, so that an encoder
+/// refuses to send what the peer's decoder would refuse.
+pub(super) fn check_request(r: &Request) -> Result<(), WireError> {
+    if let Request::CheckIn(c) = r {
+        check_len("token", c.token.len(), MAX_TOKEN_LEN)?;
+        check_len("sdk_version", c.sdk_version.len(), MAX_SDK_VERSION_LEN)?;
+    }
+    Ok(())
+}
+
+/// See [`check_request`].
+pub(super) fn check_response(r: &Response) -> Result<(), WireError> {
+    if let Response::Error { message, .. } = r {
+        check_len("error message", message.len(), MAX_ERROR_MESSAGE_LEN)?;
+    }
+    Ok(())
+}
+
+fn check_len(field: &str, len: usize, max: usize) -> Result<(), WireError> {
+    if len > max {
+        return Err(WireError::Invalid(format!("{field} is {len} bytes, at most {max} are allowed")));
+    }
+    Ok(())
+}
+
+/// A byte vector as a postcard byte string (the same bytes as a `Vec<u8>`), decoded from the
+/// input slice without pre-allocating by the announced length.
+mod byte_string {
+    use serde::de::{Deserializer, Error, Visitor};
+    use serde::ser::Serializer;
+    use std::fmt;
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Bytes;
+        impl Visitor<'_> for Bytes {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: Error>(self, b: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(b.to_vec())
+            }
+        }
+        d.deserialize_bytes(Bytes)
+    }
+}
+
+/// An `f32` array as a postcard byte string of little-endian values: the decoder sees the
+/// bytes in the input before it allocates, and allocates exactly what they hold.
+mod f32_array {
+    use serde::de::{Deserializer, Error, Visitor};
+    use serde::ser::Serializer;
+    use std::fmt;
+
+    pub(super) fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        let mut bytes = Vec::with_capacity(v.len() * 4);
+        for x in v {
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+        s.serialize_bytes(&bytes)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        struct Floats;
+        impl Visitor<'_> for Floats {
+            type Value = Vec<f32>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a byte string of little-endian f32 values")
+            }
+            fn visit_bytes<E: Error>(self, b: &[u8]) -> Result<Vec<f32>, E> {
+                if b.len() % 4 != 0 {
+                    return Err(E::custom("float array length is not a multiple of 4"));
+                }
+                Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            }
+        }
+        d.deserialize_bytes(Floats)
+    }
+}

@@ -1,0 +1,122 @@
+//! The wire format (protocol v1): the messages devices and the coordinator exchange, their framing and hard size limits, and the explicit conversions to and from the round machines' internal types.
+//!
+//! This is the only module of `fedrec-shared` that derives `Serialize`/`Deserialize`. The
+//! wire types are plain data, separate from the internal ones ([`crate::round::ServerMessage`],
+//! [`crate::round::ClientMessage`], [`crate::GlobalModel`], …): a peer's message becomes an
+//! internal value only through a conversion that checks it, and an internal value reaches
+//! the network only through a conversion that chooses what to send.
+//!
+//! # Transport and framing
+//!
+//! QUIC with TLS 1.3 and ALPN [`ALPN`]. Each request and its response use one bidirectional
+//! stream. A message, in either direction, is
+//!
+//! ```text
+//! frame    = len: u32 little-endian || payload (len bytes)
+//! payload  = version: varint u16 (= PROTOCOL_VERSION) || body
+//! body     = variant index: varint u32 || the variant's fields, in declaration order
+//! ```
+//!
+//! The payload is postcard: unsigned integers are LEB128 varints, `f32` is 4 little-endian
+//! bytes, `bool` one byte (0 or 1), `Option` a byte (0 or 1) then the value, strings and
+//! byte strings a varint length then the bytes, `[u8; 16]` sixteen raw bytes. Float arrays
+//! (an update, a model's parameters) are byte strings: varint `4·n`, then `n` little-endian
+//! `f32`s. (Postcard's own `Vec<f32>` counts elements instead; counting bytes lets a decoder
+//! see that they are all present before it allocates anything.)
+//!
+//! | request ([`Request`]) | index | fields |
+//! | --- | --- | --- |
+//! | [`CheckIn`] | 0 | `token` bytes ≤ [`MAX_TOKEN_LEN`], `sdk_version` string ≤ [`MAX_SDK_VERSION_LEN`], `capabilities` u32, `cached_model_version` `Option<u64>` |
+//! | [`Upload`] | 1 | `round` u64, `update` float array (dense, the layout's length), `within_bound` `Option<bool>`, `nonce` `[u8; 16]` |
+//!
+//! | response ([`Response`]) | index | fields |
+//! | --- | --- | --- |
+//! | `Task` ([`WireTask`]) | 0 | `round` u64, `model_version` u64, `train` [`WireTrainParams`], `clip_norm` f32, `report_clip_bit` bool, `report_window_ms` u64, `model` `Option<`[`WireModel`]`>` |
+//! | `NotSelected` | 1 | `round` u64, `retry_after_ms` u64 |
+//! | `Ack` | 2 | `round` u64 |
+//! | `Error` | 3 | `code` u16 ([`ErrorCode`]), `message` string ≤ [`MAX_ERROR_MESSAGE_LEN`] |
+//! | `Aborted` | 4 | `round` u64 |
+//!
+//! An upload is always dense: whatever an [`crate::update::UpdateVector`] stores in memory,
+//! every value of the layout is written, so the size of an upload depends only on the model
+//! shape (and on the varint of its round number), never on which items the user touched.
+//!
+//! # Limits
+//!
+//! Every message kind has a hard limit on its payload length ([`Limits`]): a check-in
+//! [`CHECK_IN_LIMIT`], an upload [`upload_limit`] (4 bytes per value of the layout plus
+//! [`UPLOAD_OVERHEAD`]), a task [`task_limit`] (4 bytes per model parameter plus
+//! [`TASK_OVERHEAD`]), any other response [`RESPONSE_LIMIT`]. A reader checks the length
+//! prefix with [`frame_len`] before reading the payload; the decoders check the length again,
+//! then the version, then the message kind's own limit, all before parsing the body. Decoding
+//! never panics, and allocates at most what the payload holds.
+//!
+//! # Versions
+//!
+//! The version is the first field of every payload, in this and every later protocol
+//! version, so a decoder reads it alone first: a payload of another version is
+//! [`WireError::VersionMismatch`] even when its body is not v1. The coordinator answers it with
+//! [`ErrorCode::VersionMismatch`] in a v1 envelope.
+
+mod codec;
+mod convert;
+mod messages;
+
+pub use codec::{
+    ALPN, CHECK_IN_LIMIT, LEN_PREFIX, Limits, Message, PROTOCOL_VERSION, RESPONSE_LIMIT, TASK_OVERHEAD,
+    UPLOAD_OVERHEAD, decode_request, decode_response, encode, frame_len, task_limit, upload_limit,
+};
+pub use convert::Inbound;
+pub use messages::{
+    CheckIn, ErrorCode, MAX_ERROR_MESSAGE_LEN, MAX_SDK_VERSION_LEN, MAX_TOKEN_LEN, NONCE_LEN, Request,
+    Response, Upload, WireModel, WireObjective, WireTask, WireTrainParams,
+};
+
+use crate::error::UpdateError;
+
+/// Why bytes from a peer (or a wire value) could not become a message or an internal value.
+///
+/// Every variant means "the peer misbehaved" when it comes from decoding what a peer sent;
+/// [`WireError::code`] is the code to answer it with. No variant carries payload bytes.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The payload is longer than the limit for its kind (or the frame length than the reader's limit).
+    #[error("message of {len} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Length of the payload (or announced by the length prefix).
+        len: usize,
+        /// The limit it exceeds.
+        limit: usize,
+    },
+    /// The payload's protocol version is not [`PROTOCOL_VERSION`].
+    #[error("protocol version {got}, this side speaks {expected}")]
+    VersionMismatch {
+        /// Version in the payload.
+        got: u16,
+        /// [`PROTOCOL_VERSION`].
+        expected: u16,
+    },
+    /// The payload is not a well-formed message (the text says what the decoder hit, never what the bytes were).
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The message is well formed but breaks a rule of the protocol: a field too long, lengths
+    /// that disagree with the model shape, a non-finite model value, a model of another version.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    /// The upload's vector does not fit the round: wrong length, non-finite, or above the clip norm.
+    #[error("invalid update: {0}")]
+    InvalidUpdate(#[from] UpdateError),
+}
+
+impl WireError {
+    /// The code the coordinator answers this error with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            WireError::TooLarge { .. } => ErrorCode::TooLarge,
+            WireError::VersionMismatch { .. } => ErrorCode::VersionMismatch,
+            WireError::Malformed(_) | WireError::Invalid(_) => ErrorCode::Malformed,
+            WireError::InvalidUpdate(e) => ErrorCode::from(e),
+        }
+    }
+}

@@ -1,0 +1,1154 @@
+//! The wire format: round trips, known-answer frames, size limits, decoders that never panic, conversions that refuse what a peer must not send, and a real round carried over the wire.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedrec_shared::danger::seeded_rng;
+use fedrec_shared::error::{Rejection, UpdateError};
+use fedrec_shared::round::{
+    ClientMessage, ClientOutcome, ClientRound, Coordinator, CoordinatorConfig, CoordinatorEvent, Instant,
+    Selection, ServerMessage, Task,
+};
+use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
+use fedrec_shared::train::{local_update, reconstruct};
+use fedrec_shared::update::{ClippedUpdate, UpdateVector};
+use fedrec_shared::wire::{
+    self, CHECK_IN_LIMIT, CheckIn, ErrorCode, Inbound, LEN_PREFIX, Limits, MAX_ERROR_MESSAGE_LEN,
+    MAX_SDK_VERSION_LEN, MAX_TOKEN_LEN, Message, PROTOCOL_VERSION, RESPONSE_LIMIT, Request, Response, Upload,
+    WireError, WireModel, WireObjective, WireTask, WireTrainParams,
+};
+use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, Rating, RoundModel, TrainParams};
+use proptest::prelude::*;
+
+const SHAPE: ModelShape = ModelShape { n_items: 6, dim: 2, n_segments: 2 };
+
+const EXPLICIT: TrainParams = TrainParams {
+    objective: Objective::Explicit,
+    l2_user: 0.5,
+    l2_user_bias: 0.1,
+    l2_item: 0.01,
+    l2_item_bias: 0.01,
+};
+
+fn model(shape: ModelShape, seed: u64) -> GlobalModel {
+    let init = ModelInit { factor_std: 0.1, global_mean: 3.0, centroid_scale: 1e-3 };
+    GlobalModel::init(shape, init, &mut seeded_rng(seed)).expect("valid shape")
+}
+
+fn round_model(version: u64) -> Arc<RoundModel> {
+    Arc::new(RoundModel::new(version, model(SHAPE, 1)))
+}
+
+fn limits() -> Limits {
+    Limits::for_shape(&SHAPE)
+}
+
+/// Room for the arbitrary messages of the property tests.
+fn roomy() -> Limits {
+    Limits::for_shape(&ModelShape { n_items: 64, dim: 4, n_segments: 4 })
+}
+
+/// Encodes, checks the prefix, and returns the payload.
+fn payload<M: Message>(msg: &M) -> Vec<u8> {
+    let frame = wire::encode(msg).expect("encodable");
+    let prefix: [u8; LEN_PREFIX] = frame[..LEN_PREFIX].try_into().expect("4 bytes");
+    let len = wire::frame_len(prefix, usize::MAX).expect("no limit");
+    assert_eq!(len, frame.len() - LEN_PREFIX, "the prefix is the payload length");
+    frame[LEN_PREFIX..].to_vec()
+}
+
+/// A device's clipped update through the real learning step: explicit feedback, so only the
+/// rated rows are stored.
+fn explicit_update(m: &RoundModel, ratings: &[Rating], clip_norm: f32) -> ClippedUpdate {
+    let user = reconstruct(m, ratings, &EXPLICIT).expect("solvable");
+    let v = local_update(m, ratings, &user, &EXPLICIT);
+    assert!(v.rows().is_some(), "explicit updates store only the rated rows");
+    ClippedUpdate::clip(v, clip_norm).expect("finite")
+}
+
+fn check_in(cached: Option<u64>) -> CheckIn {
+    CheckIn {
+        token: b"enrollment-token".to_vec(),
+        sdk_version: "fedrec-sdk 0.1.0".into(),
+        capabilities: 0,
+        cached_model_version: cached,
+    }
+}
+
+fn train_params() -> WireTrainParams {
+    WireTrainParams::from(EXPLICIT)
+}
+
+// ---------------------------------------------------------------------------------------
+// Round trips
+
+#[test]
+fn every_message_round_trips() {
+    let m = round_model(4);
+    let update = explicit_update(&m, &[Rating { item: 1, value: 4.0 }, Rating { item: 4, value: 2.0 }], 1.0);
+    let requests = [
+        Request::CheckIn(check_in(None)),
+        Request::CheckIn(check_in(Some(u64::MAX))),
+        Request::Upload(Upload::new(3, &update, Some(false), [7; 16])),
+        Request::Upload(Upload::new(u64::MAX, &update, None, [0; 16])),
+    ];
+    for r in &requests {
+        assert_eq!(&wire::decode_request(&payload(r), &limits()).expect("decodes"), r);
+    }
+    let task = Task {
+        round: 9,
+        train: TrainParams { objective: Objective::Implicit { alpha: 2.5 }, ..EXPLICIT },
+        clip_norm: 0.75,
+        report_clip_bit: true,
+        report_window: Duration::from_millis(90_000),
+    };
+    let mut responses = vec![
+        Response::Task(WireTask::new(&task, &m, None)),
+        Response::Task(WireTask::new(&task, &m, Some(4))),
+        Response::NotSelected { round: 0, retry_after_ms: 60_000 },
+        Response::Ack { round: 1 << 40 },
+        Response::Aborted { round: 3 },
+    ];
+    responses.extend(ErrorCode::ALL.iter().map(|&c| Response::error(c, c.label())));
+    for r in &responses {
+        assert_eq!(&wire::decode_response(&payload(r), &limits()).expect("decodes"), r);
+    }
+}
+
+#[test]
+fn server_messages_convert_both_ways() {
+    let m = round_model(4);
+    let task = Task {
+        round: 9,
+        train: EXPLICIT,
+        clip_norm: 0.75,
+        report_clip_bit: false,
+        report_window: Duration::from_secs(90),
+    };
+    let selected = ServerMessage::Selected { task: task.clone(), model: Arc::clone(&m) };
+    let retry = Duration::from_secs(30);
+
+    // A device without the model gets it, and rebuilds the same model.
+    let fresh = Response::from_server_message(&selected, None, retry);
+    let Response::Task(t) = &fresh else { panic!("a task") };
+    assert_eq!(t.model_version, 4);
+    assert!(t.model.is_some());
+    let decoded = wire::decode_response(&payload(&fresh), &limits()).expect("decodes");
+    match decoded.into_inbound(None).expect("valid") {
+        Inbound::Message(ServerMessage::Selected { task: got, model: got_model }) => {
+            assert_eq!(got, task);
+            assert_eq!(got_model.version, 4);
+            assert_eq!(got_model.model, m.model);
+        }
+        other => panic!("expected a task, got {other:?}"),
+    }
+
+    // A device holding version 4 gets no model and reuses its own copy.
+    let cached = Response::from_server_message(&selected, Some(4), retry);
+    let Response::Task(t) = &cached else { panic!("a task") };
+    assert!(t.model.is_none());
+    let decoded = wire::decode_response(&payload(&cached), &limits()).expect("decodes");
+    match decoded.into_inbound(Some(&m)).expect("valid") {
+        Inbound::Message(ServerMessage::Selected { model: got_model, .. }) => {
+            assert!(Arc::ptr_eq(&got_model, &m), "the cached model is reused, not copied");
+        }
+        other => panic!("expected a task, got {other:?}"),
+    }
+    // A stale cache still gets the model.
+    let Response::Task(t) = Response::from_server_message(&selected, Some(3), retry) else { panic!() };
+    assert!(t.model.is_some());
+
+    let simple = [
+        (ServerMessage::NotSelected { round: 2 }, Response::NotSelected { round: 2, retry_after_ms: 30_000 }),
+        (ServerMessage::Ack { round: 2 }, Response::Ack { round: 2 }),
+        (ServerMessage::Aborted { round: 2 }, Response::Aborted { round: 2 }),
+    ];
+    for (msg, want) in simple {
+        let r = Response::from_server_message(&msg, None, retry);
+        assert_eq!(r, want);
+        match r.into_inbound(None).expect("valid") {
+            Inbound::Message(back) => assert_eq!(format!("{back:?}"), format!("{msg:?}")),
+            other => panic!("expected {msg:?}, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        Response::NotSelected { round: 2, retry_after_ms: 1500 }.retry_after(),
+        Some(Duration::from_millis(1500))
+    );
+    assert_eq!(Response::Ack { round: 2 }.retry_after(), None);
+
+    // A rejection becomes an error code; the norm (a statistic of the device's data) is not echoed.
+    let norm = Rejection::InvalidUpdate(UpdateError::NormTooLarge { norm: 12.345, clip_norm: 1.0 });
+    let r = Response::from_server_message(&ServerMessage::Rejected { round: 2, reason: norm }, None, retry);
+    let Response::Error { code, message } = &r else { panic!("an error") };
+    assert_eq!(*code, ErrorCode::NormTooLarge);
+    assert!(!message.contains("12.3"), "{message}");
+    match r.into_inbound(None).expect("valid") {
+        Inbound::Error { code, .. } => assert_eq!(code, ErrorCode::NormTooLarge),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn client_messages_convert_to_requests() {
+    let m = round_model(1);
+    let update = explicit_update(&m, &[Rating { item: 0, value: 5.0 }], 1.0);
+    let ci = check_in(Some(1));
+    assert_eq!(
+        Request::from_client_message(&ClientMessage::CheckIn, &ci, [0; 16]),
+        Request::CheckIn(ci.clone())
+    );
+    let msg = ClientMessage::Upload { round: 5, update: update.clone(), within_bound: Some(true) };
+    let Request::Upload(u) = Request::from_client_message(&msg, &ci, [9; 16]) else { panic!("an upload") };
+    assert_eq!((u.round, u.within_bound, u.nonce), (5, Some(true), [9; 16]));
+    assert_eq!(u.update, update.vector().to_dense());
+    let layout = SHAPE.layout();
+    match u.into_client_message(&layout, 1.0).expect("an honest upload verifies") {
+        ClientMessage::Upload { round, update: got, within_bound } => {
+            assert_eq!((round, within_bound), (5, Some(true)));
+            assert_eq!(got.vector().to_dense(), update.vector().to_dense());
+        }
+        ClientMessage::CheckIn => panic!("an upload"),
+    }
+}
+
+#[test]
+fn train_params_and_objectives_convert_both_ways() {
+    for objective in [Objective::Explicit, Objective::Implicit { alpha: 40.0 }] {
+        let p = TrainParams { objective, ..EXPLICIT };
+        assert_eq!(TrainParams::from(WireTrainParams::from(p)), p);
+    }
+    assert_eq!(
+        WireObjective::from(Objective::Implicit { alpha: 1.0 }),
+        WireObjective::Implicit { alpha: 1.0 }
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Dense uploads
+
+#[test]
+fn a_sparse_update_encodes_as_its_dense_form() {
+    let m = round_model(1);
+    // A large clip norm leaves both vectors unscaled, so they are the same vector.
+    let sparse = explicit_update(&m, &[Rating { item: 2, value: 1.0 }, Rating { item: 5, value: 4.5 }], 1e6);
+    assert!(!sparse.was_clipped());
+    let dense_vec = UpdateVector::from_dense(SHAPE.layout(), &sparse.vector().to_dense()).expect("length");
+    assert!(dense_vec.rows().is_none());
+    let dense = ClippedUpdate::clip(dense_vec, 1e6).expect("finite");
+    let a = wire::encode(&Request::from(Upload::new(1, &sparse, None, [1; 16]))).expect("encodes");
+    let b = wire::encode(&Request::from(Upload::new(1, &dense, None, [1; 16]))).expect("encodes");
+    assert_eq!(a, b);
+    // Every value of the layout is on the wire, zeros included.
+    let Request::Upload(u) = wire::decode_request(&a[LEN_PREFIX..], &limits()).expect("decodes") else {
+        panic!("an upload")
+    };
+    assert_eq!(u.update.len(), SHAPE.layout().len());
+    assert!(
+        u.update.iter().filter(|&&x| x == 0.0).count() >= 4 * SHAPE.dim,
+        "unrated rows are sent as zeros"
+    );
+}
+
+#[test]
+fn upload_length_depends_only_on_the_shape_and_the_round() {
+    let m = round_model(1);
+    let light = explicit_update(&m, &[Rating { item: 0, value: 1.0 }], 1.0);
+    let heavy_ratings: Vec<Rating> =
+        (0..SHAPE.n_items as u32).map(|i| Rating { item: i, value: 5.0 }).collect();
+    let heavy = explicit_update(&m, &heavy_ratings, 1.0);
+    let other = explicit_update(&m, &[Rating { item: 3, value: 3.7 }, Rating { item: 5, value: 1.0 }], 1e-3);
+    let zero = ClippedUpdate::clip(UpdateVector::zeros_rows(SHAPE.layout(), vec![]).expect("no rows"), 1.0)
+        .expect("finite");
+    let n = SHAPE.layout().len();
+    for round in [0u64, 1, 127, 128, 1 << 35, u64::MAX] {
+        for bit in [None, Some(true)] {
+            let lens: Vec<usize> = [&light, &heavy, &other, &zero]
+                .iter()
+                .map(|u| {
+                    wire::encode(&Request::from(Upload::new(round, u, bit, [0; 16]))).expect("encodes").len()
+                })
+                .collect();
+            assert!(lens.iter().all(|&l| l == lens[0]), "round {round}: {lens:?}");
+            // prefix, version, variant, round varint, array length varint (4n < 128 here),
+            // the values, the clip bit option, the nonce.
+            let varint = |x: u64| (64 - x.leading_zeros() as usize).div_ceil(7).max(1);
+            let expected =
+                LEN_PREFIX + 1 + 1 + varint(round) + 1 + 4 * n + 1 + usize::from(bit.is_some()) + 16;
+            assert_eq!(lens[0], expected, "round {round}, bit {bit:?}");
+            assert!(lens[0] - LEN_PREFIX <= limits().upload());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Known answers
+
+/// The messages the hand-written frames of `tests/data/wire_known_answers.txt` encode.
+fn known_answer_messages() -> Vec<(&'static str, Result<Request, Response>)> {
+    let tiny = ModelShape { n_items: 1, dim: 1, n_segments: 1 };
+    assert_eq!(tiny.layout().len(), 5);
+    let train = WireTrainParams {
+        objective: WireObjective::Implicit { alpha: 1.0 },
+        l2_user: 0.5,
+        l2_user_bias: 0.0,
+        l2_item: 0.0,
+        l2_item_bias: 0.0,
+    };
+    let task = WireTask {
+        round: 2,
+        model_version: 3,
+        train,
+        clip_norm: 1.0,
+        report_clip_bit: true,
+        report_window_ms: 1500,
+        model: Some(WireModel {
+            version: 3,
+            n_items: 1,
+            dim: 1,
+            n_segments: 1,
+            item_factors: vec![0.5],
+            item_bias: vec![0.0],
+            global_mean: 3.5,
+            centroids: vec![-1.0],
+        }),
+    };
+    let task_cached = WireTask {
+        train: WireTrainParams { objective: WireObjective::Explicit, ..train },
+        model: None,
+        ..task.clone()
+    };
+    let nonce: [u8; 16] = std::array::from_fn(|i| i as u8);
+    vec![
+        (
+            "check_in",
+            Ok(Request::CheckIn(CheckIn {
+                token: b"tok".to_vec(),
+                sdk_version: "1.0".into(),
+                capabilities: 0,
+                cached_model_version: Some(300),
+            })),
+        ),
+        (
+            "check_in_fresh",
+            Ok(Request::CheckIn(CheckIn {
+                token: vec![0xff, 0x00],
+                sdk_version: String::new(),
+                capabilities: 0x8000_0001,
+                cached_model_version: None,
+            })),
+        ),
+        (
+            "upload",
+            Ok(Request::Upload(Upload {
+                round: 7,
+                update: vec![1.0, -2.0, 0.5, 0.0, 0.25],
+                within_bound: Some(true),
+                nonce,
+            })),
+        ),
+        (
+            "upload_no_bit",
+            Ok(Request::Upload(Upload {
+                round: 300,
+                update: vec![0.0; 5],
+                within_bound: None,
+                nonce: [0xff; 16],
+            })),
+        ),
+        ("task", Err(Response::Task(task))),
+        ("task_cached", Err(Response::Task(task_cached))),
+        ("not_selected", Err(Response::NotSelected { round: 1, retry_after_ms: 1000 })),
+        ("ack", Err(Response::Ack { round: 5 })),
+        ("error", Err(Response::Error { code: ErrorCode::NormTooLarge, message: "no".into() })),
+        ("aborted", Err(Response::Aborted { round: 128 })),
+    ]
+}
+
+fn known_answer_frames() -> HashMap<String, Vec<u8>> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/wire_known_answers.txt");
+    let text = std::fs::read_to_string(&path).expect("known-answer file");
+    let mut out = HashMap::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let mut words = line.split_whitespace();
+        let name = words.next().expect("a name").to_owned();
+        let hex: String = words.collect();
+        let bytes =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex")).collect();
+        assert!(out.insert(name.clone(), bytes).is_none(), "duplicate {name}");
+    }
+    out
+}
+
+#[test]
+fn known_answer_frames_match() {
+    let frames = known_answer_frames();
+    let tiny = Limits::for_shape(&ModelShape { n_items: 1, dim: 1, n_segments: 1 });
+    let messages = known_answer_messages();
+    assert_eq!(frames.len(), messages.len(), "every frame in the file is checked");
+    for (name, msg) in messages {
+        let want = frames.get(name).unwrap_or_else(|| panic!("{name} is in the file"));
+        let got = match &msg {
+            Ok(r) => wire::encode(r),
+            Err(r) => wire::encode(r),
+        }
+        .expect("encodes");
+        assert_eq!(hex(&got), hex(want), "{name}: the encoding changed");
+        let body = &want[LEN_PREFIX..];
+        match msg {
+            Ok(r) => assert_eq!(wire::decode_request(body, &tiny).expect("decodes"), r, "{name}"),
+            Err(r) => assert_eq!(wire::decode_response(body, &tiny).expect("decodes"), r, "{name}"),
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn protocol_constants() {
+    assert_eq!(PROTOCOL_VERSION, 1);
+    assert_eq!(wire::ALPN, b"fedrec/1");
+    assert_eq!((CHECK_IN_LIMIT, RESPONSE_LIMIT), (4096, 1024));
+    let l = Limits::for_shape(&ModelShape { n_items: 1000, dim: 16, n_segments: 8 });
+    let layout_len = 1000 * 16 + 1000 + 1 + 8 * 16 + 8;
+    assert_eq!(l.upload(), 4 * layout_len + wire::UPLOAD_OVERHEAD);
+    assert_eq!(l.task(), 4 * (1000 * 16 + 1000 + 1 + 8 * 16) + wire::TASK_OVERHEAD);
+    assert_eq!(l.max_request(), l.upload());
+    assert_eq!(l.max_response(), l.task());
+    // Absurd shapes saturate instead of overflowing.
+    let huge = Limits::for_shape(&ModelShape { n_items: usize::MAX, dim: 1024, n_segments: 1 });
+    assert_eq!(huge.upload(), usize::MAX);
+}
+
+// ---------------------------------------------------------------------------------------
+// Limits and hostile bytes
+
+#[test]
+fn frame_len_refuses_oversize_frames() {
+    assert_eq!(wire::frame_len(100u32.to_le_bytes(), 100), Ok(100));
+    assert_eq!(wire::frame_len(101u32.to_le_bytes(), 100), Err(WireError::TooLarge { len: 101, limit: 100 }));
+    assert!(matches!(wire::frame_len([0xff; 4], limits().max_request()), Err(WireError::TooLarge { .. })));
+}
+
+#[test]
+fn each_message_kind_has_its_own_limit() {
+    // A check-in payload longer than its limit is refused before its body is parsed, even
+    // when the frame fits the largest request (a big model's upload).
+    let big = Limits::for_shape(&ModelShape { n_items: 10_000, dim: 8, n_segments: 4 });
+    let mut p = vec![0u8; CHECK_IN_LIMIT + 1];
+    p[0] = 1; // version
+    p[1] = 0; // CheckIn
+    assert_eq!(
+        wire::decode_request(&p, &big),
+        Err(WireError::TooLarge { len: CHECK_IN_LIMIT + 1, limit: CHECK_IN_LIMIT })
+    );
+    // The same for responses that are not tasks.
+    let mut p = vec![0u8; RESPONSE_LIMIT + 1];
+    p[0] = 1;
+    p[1] = 2; // Ack
+    assert_eq!(
+        wire::decode_response(&p, &big),
+        Err(WireError::TooLarge { len: RESPONSE_LIMIT + 1, limit: RESPONSE_LIMIT })
+    );
+    // An upload for a bigger model than the round's.
+    let other = explicit_update(
+        &RoundModel::new(0, model(ModelShape { n_items: 50, dim: 2, n_segments: 2 }, 1)),
+        &[Rating { item: 0, value: 1.0 }],
+        1.0,
+    );
+    let p = payload(&Request::from(Upload::new(0, &other, None, [0; 16])));
+    assert!(matches!(wire::decode_request(&p, &limits()), Err(WireError::TooLarge { .. })));
+    // A task whose model is bigger than the device accepts.
+    let t = WireTask::new(
+        &Task {
+            round: 0,
+            train: EXPLICIT,
+            clip_norm: 1.0,
+            report_clip_bit: false,
+            report_window: Duration::ZERO,
+        },
+        &RoundModel::new(0, model(ModelShape { n_items: 50, dim: 2, n_segments: 2 }, 1)),
+        None,
+    );
+    let p = payload(&Response::Task(t));
+    assert!(matches!(wire::decode_response(&p, &limits()), Err(WireError::TooLarge { .. })));
+}
+
+#[test]
+fn the_largest_messages_fit_their_limits() {
+    // Every varint at its longest, every bounded field full.
+    let ci = CheckIn {
+        token: vec![0xff; MAX_TOKEN_LEN],
+        sdk_version: "v".repeat(MAX_SDK_VERSION_LEN),
+        capabilities: u32::MAX,
+        cached_model_version: Some(u64::MAX),
+    };
+    assert!(payload(&Request::CheckIn(ci)).len() <= CHECK_IN_LIMIT);
+    let err =
+        Response::Error { code: ErrorCode::MissingClipBit, message: "é".repeat(MAX_ERROR_MESSAGE_LEN / 2) };
+    assert!(payload(&err).len() <= RESPONSE_LIMIT);
+    for r in [
+        Response::NotSelected { round: u64::MAX, retry_after_ms: u64::MAX },
+        Response::Ack { round: u64::MAX },
+        Response::Aborted { round: u64::MAX },
+    ] {
+        assert!(payload(&r).len() <= RESPONSE_LIMIT);
+    }
+    for shape in [SHAPE, ModelShape { n_items: 3000, dim: 64, n_segments: 16 }] {
+        let l = Limits::for_shape(&shape);
+        let n = shape.layout().len();
+        let up =
+            Upload { round: u64::MAX, update: vec![1.0; n], within_bound: Some(true), nonce: [0xff; 16] };
+        let p = payload(&Request::Upload(up));
+        assert!(p.len() <= l.upload(), "{} vs {}", p.len(), l.upload());
+        assert_eq!(wire::decode_request(&p, &l).map(|_| ()), Ok(()));
+        let mut wm = WireModel::from_global(u64::MAX, &model(shape, 2));
+        wm.n_items = u64::MAX; // the longest varints; the decoder does not check shapes
+        wm.dim = u64::MAX;
+        wm.n_segments = u64::MAX;
+        let t = WireTask {
+            round: u64::MAX,
+            model_version: u64::MAX,
+            train: WireTrainParams { objective: WireObjective::Implicit { alpha: 1.0 }, ..train_params() },
+            clip_norm: 1.0,
+            report_clip_bit: true,
+            report_window_ms: u64::MAX,
+            model: Some(wm),
+        };
+        let p = payload(&Response::Task(t));
+        assert!(p.len() <= l.task(), "{} vs {}", p.len(), l.task());
+        assert_eq!(wire::decode_response(&p, &l).map(|_| ()), Ok(()));
+    }
+}
+
+/// A varint, as postcard writes it.
+fn varint(mut x: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let b = (x & 0x7f) as u8;
+        x >>= 7;
+        if x == 0 {
+            out.push(b);
+            return out;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+#[test]
+fn a_tiny_frame_claiming_a_huge_length_allocates_nothing_and_fails() {
+    // Were any of these lengths used to pre-allocate, the test would abort (capacity overflow
+    // or out of memory) instead of returning an error.
+    let l = limits();
+    for claim in [1u64 << 20, 1 << 40, 1 << 62, u64::MAX >> 1, u64::MAX] {
+        let mut token = vec![1, 0];
+        token.extend(varint(claim));
+        assert!(matches!(wire::decode_request(&token, &l), Err(WireError::Malformed(_))), "token {claim}");
+
+        let mut sdk = vec![1, 0, 0];
+        sdk.extend(varint(claim));
+        assert!(
+            matches!(wire::decode_request(&sdk, &l), Err(WireError::Malformed(_))),
+            "sdk_version {claim}"
+        );
+
+        let mut update = vec![1, 1, 0];
+        update.extend(varint(claim));
+        update.extend([0; 8]);
+        assert!(matches!(wire::decode_request(&update, &l), Err(WireError::Malformed(_))), "update {claim}");
+
+        // A task's model factors.
+        let mut factors = vec![1, 0, 0, 0, 0];
+        factors.extend([0; 16]);
+        factors.extend([0; 4]);
+        factors.extend([0, 0, 1, 0, 1, 1, 1]);
+        factors.extend(varint(claim));
+        assert!(
+            matches!(wire::decode_response(&factors, &l), Err(WireError::Malformed(_))),
+            "factors {claim}"
+        );
+
+        let mut message = vec![1, 3, 1];
+        message.extend(varint(claim));
+        assert!(
+            matches!(wire::decode_response(&message, &l), Err(WireError::Malformed(_))),
+            "message {claim}"
+        );
+    }
+    // A length that is there but not a whole number of floats.
+    let mut p = vec![1, 1, 0, 3, 0, 0, 0, 0];
+    p.extend([0; 16]);
+    assert!(matches!(wire::decode_request(&p, &l), Err(WireError::Malformed(_))));
+}
+
+#[test]
+fn the_version_is_read_first() {
+    let l = limits();
+    let v1 = payload(&Request::CheckIn(check_in(None)));
+    for version in [0u16, 2, 300, u16::MAX] {
+        // A future version's body need not parse as v1.
+        let mut p = varint(u64::from(version));
+        p.extend([0xff; 40]);
+        let want = WireError::VersionMismatch { got: version, expected: 1 };
+        assert_eq!(wire::decode_request(&p, &l), Err(want.clone()));
+        assert_eq!(wire::decode_response(&p, &l), Err(want.clone()));
+        // A v1 body under another version number is refused just the same.
+        let mut p = varint(u64::from(version));
+        p.extend(&v1[1..]);
+        assert_eq!(wire::decode_request(&p, &l), Err(want));
+    }
+    assert_eq!(WireError::VersionMismatch { got: 2, expected: 1 }.code(), ErrorCode::VersionMismatch);
+}
+
+#[test]
+fn malformed_payloads_are_refused() {
+    let l = limits();
+    let malformed = |r: Result<Request, WireError>| matches!(r, Err(WireError::Malformed(_)));
+    assert!(malformed(wire::decode_request(&[], &l)));
+    assert!(malformed(wire::decode_request(&[1], &l)));
+    assert!(malformed(wire::decode_request(&[1, 2], &l)), "no request has variant index 2");
+    assert!(matches!(wire::decode_response(&[1, 5], &l), Err(WireError::Malformed(_))));
+    let mut p = payload(&Request::CheckIn(check_in(None)));
+    p.push(0);
+    assert!(malformed(wire::decode_request(&p, &l)), "trailing bytes");
+    // A bool that is neither 0 nor 1.
+    let mut up = payload(&Request::Upload(Upload {
+        round: 1,
+        update: vec![0.0; SHAPE.layout().len()],
+        within_bound: Some(true),
+        nonce: [0; 16],
+    }));
+    let bit = up.len() - 17;
+    up[bit] = 2;
+    assert!(malformed(wire::decode_request(&up, &l)));
+    // Not UTF-8.
+    let mut p = vec![1, 0, 0, 2, 0xc3, 0x28, 0, 0];
+    assert!(malformed(wire::decode_request(&p, &l)));
+    p[4] = b'o';
+    p[5] = b'k';
+    assert!(wire::decode_request(&p, &l).is_ok());
+}
+
+#[test]
+fn over_long_fields_are_refused_by_both_sides() {
+    let l = limits();
+    let long_token = CheckIn { token: vec![0; MAX_TOKEN_LEN + 1], ..check_in(None) };
+    assert!(matches!(wire::encode(&Request::CheckIn(long_token.clone())), Err(WireError::Invalid(_))));
+    let long_sdk = CheckIn { sdk_version: "x".repeat(MAX_SDK_VERSION_LEN + 1), ..check_in(None) };
+    assert!(matches!(wire::encode(&Request::CheckIn(long_sdk)), Err(WireError::Invalid(_))));
+    // Hand-built, since the encoder refuses it.
+    let mut p = vec![1, 0];
+    p.extend(varint(MAX_TOKEN_LEN as u64 + 1));
+    p.extend(vec![0u8; MAX_TOKEN_LEN + 1]);
+    p.extend([0, 0, 0]);
+    assert!(matches!(wire::decode_request(&p, &l), Err(WireError::Invalid(_))));
+    p.truncate(2);
+    p.extend(varint(MAX_TOKEN_LEN as u64));
+    p.extend(vec![0u8; MAX_TOKEN_LEN]);
+    p.extend([0, 0, 0]);
+    assert!(wire::decode_request(&p, &l).is_ok());
+
+    let long = Response::Error { code: ErrorCode::Internal, message: "x".repeat(MAX_ERROR_MESSAGE_LEN + 1) };
+    assert!(matches!(wire::encode(&long), Err(WireError::Invalid(_))));
+    let mut p = vec![1, 3, 14];
+    p.extend(varint(MAX_ERROR_MESSAGE_LEN as u64 + 1));
+    p.extend(vec![b'x'; MAX_ERROR_MESSAGE_LEN + 1]);
+    assert!(matches!(wire::decode_response(&p, &l), Err(WireError::Invalid(_))));
+    // The constructor cuts at a character boundary instead.
+    let Response::Error { message, .. } = Response::error(ErrorCode::Internal, &"€".repeat(100)) else {
+        panic!()
+    };
+    assert_eq!(message.len(), 255);
+    assert!(wire::encode(&Response::error(ErrorCode::Internal, &"x".repeat(1000))).is_ok());
+}
+
+// ---------------------------------------------------------------------------------------
+// Conversions refuse what a peer must not send
+
+#[test]
+fn uploads_are_verified_against_the_round() {
+    let layout = SHAPE.layout();
+    let n = layout.len();
+    let upload = |update: Vec<f32>| Upload { round: 1, update, within_bound: None, nonce: [0; 16] };
+    let ok = upload(vec![0.01; n]).verify(&layout, 1.0).expect("within the bound");
+    assert_eq!(ok.0, 1);
+
+    for len in [0, n - 1, n + 1] {
+        let e = upload(vec![0.0; len]).verify(&layout, 1.0).expect_err("wrong length");
+        assert_eq!(e, WireError::InvalidUpdate(UpdateError::WrongLength { expected: n, got: len }));
+        assert_eq!(e.code(), ErrorCode::WrongShape);
+    }
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut v = vec![0.0; n];
+        v[n - 1] = bad;
+        let e = upload(v).verify(&layout, 1.0).expect_err("non-finite");
+        assert_eq!(e, WireError::InvalidUpdate(UpdateError::NonFinite));
+        assert_eq!(e.code(), ErrorCode::NonFinite);
+    }
+    let mut v = vec![0.0; n];
+    v[0] = 1.0;
+    let e = upload(v).verify(&layout, 1.0).expect_err("norm 1 is not strictly within the margin");
+    assert!(matches!(e, WireError::InvalidUpdate(UpdateError::NormTooLarge { .. })), "{e:?}");
+    assert_eq!(e.code(), ErrorCode::NormTooLarge);
+    let e = upload(vec![1.0; n]).into_client_message(&layout, 1.0).expect_err("norm √n");
+    assert_eq!(e.code(), ErrorCode::NormTooLarge);
+}
+
+#[test]
+fn models_are_checked_on_arrival() {
+    let good = WireModel::from_global(7, &model(SHAPE, 3));
+    let (version, back) = good.clone().into_global().expect("valid");
+    assert_eq!((version, &back), (7, &model(SHAPE, 3)));
+    assert_eq!(RoundModel::try_from(good.clone()).expect("valid").version, 7);
+    assert_eq!(GlobalModel::try_from(good.clone()).expect("valid"), back);
+
+    let bad: Vec<(&str, WireModel)> = vec![
+        ("short factors", WireModel { item_factors: good.item_factors[1..].to_vec(), ..good.clone() }),
+        ("long bias", WireModel { item_bias: [good.item_bias.clone(), vec![0.0]].concat(), ..good.clone() }),
+        ("short centroids", WireModel { centroids: vec![], ..good.clone() }),
+        ("n_items disagrees", WireModel { n_items: 5, ..good.clone() }),
+        ("dim disagrees", WireModel { dim: 3, ..good.clone() }),
+        ("n_segments disagrees", WireModel { n_segments: 3, ..good.clone() }),
+        ("zero dim", WireModel { dim: 0, item_factors: vec![], centroids: vec![], ..good.clone() }),
+        ("zero items", WireModel { n_items: 0, item_factors: vec![], item_bias: vec![], ..good.clone() }),
+        ("dim too large", WireModel { dim: 2000, ..good.clone() }),
+        ("overflowing shape", WireModel { n_items: u64::MAX, dim: 1024, ..good.clone() }),
+        ("nan mean", WireModel { global_mean: f32::NAN, ..good.clone() }),
+        ("inf factor", {
+            let mut m = good.clone();
+            m.item_factors[3] = f32::INFINITY;
+            m
+        }),
+        ("nan bias", {
+            let mut m = good.clone();
+            m.item_bias[0] = f32::NAN;
+            m
+        }),
+        ("inf centroid", {
+            let mut m = good.clone();
+            m.centroids[1] = f32::NEG_INFINITY;
+            m
+        }),
+    ];
+    for (what, m) in bad {
+        assert!(matches!(m.into_global(), Err(WireError::Invalid(_))), "{what}");
+    }
+}
+
+#[test]
+fn tasks_need_the_model_they_name() {
+    let m = round_model(4);
+    let task = Task {
+        round: 1,
+        train: EXPLICIT,
+        clip_norm: 1.0,
+        report_clip_bit: false,
+        report_window: Duration::ZERO,
+    };
+    // The model on the wire has another version than the task names.
+    let mut t = WireTask::new(&task, &m, None);
+    t.model_version = 5;
+    assert!(matches!(t.into_server_message(None), Err(WireError::Invalid(_))));
+    // No model, and no cached copy (or the wrong one).
+    let t = WireTask::new(&task, &m, Some(4));
+    assert!(matches!(t.clone().into_server_message(None), Err(WireError::Invalid(_))));
+    assert!(matches!(t.clone().into_server_message(Some(&round_model(3))), Err(WireError::Invalid(_))));
+    assert!(t.into_server_message(Some(&m)).is_ok());
+    // A model that fails its checks fails the task.
+    let mut t = WireTask::new(&task, &m, None);
+    if let Some(wm) = t.model.as_mut() {
+        wm.item_bias.pop();
+    }
+    assert!(matches!(Response::Task(t).into_inbound(None), Err(WireError::Invalid(_))));
+}
+
+#[test]
+fn every_rejection_has_an_error_code() {
+    let rejections = [
+        Rejection::WrongRound { got: 1, current: 2 },
+        Rejection::NotSelected,
+        Rejection::Duplicate,
+        Rejection::WrongPhase,
+        Rejection::MissingClipBit,
+        Rejection::InvalidUpdate(UpdateError::WrongLength { expected: 1, got: 2 }),
+        Rejection::InvalidUpdate(UpdateError::BadRows),
+        Rejection::InvalidUpdate(UpdateError::NonFinite),
+        Rejection::InvalidUpdate(UpdateError::NormTooLarge { norm: 2.0, clip_norm: 1.0 }),
+    ];
+    for r in &rejections {
+        let code = ErrorCode::from(r);
+        assert_eq!(code.label(), r.label(), "{r:?}");
+        if let Some(back) = code.rejection() {
+            assert_eq!(&back, r);
+        }
+    }
+    for (n, code) in ErrorCode::ALL.iter().enumerate() {
+        assert_eq!(usize::from(code.as_u16()), n);
+        assert_eq!(ErrorCode::from(code.as_u16()), *code);
+        assert_eq!(code.to_string(), code.label());
+    }
+    assert_eq!(ErrorCode::from(999), ErrorCode::Unknown);
+    // An unknown code from a newer peer still decodes.
+    let mut p = vec![1, 3];
+    p.extend(varint(999));
+    p.extend([2, b'h', b'i']);
+    assert_eq!(
+        wire::decode_response(&p, &limits()),
+        Ok(Response::Error { code: ErrorCode::Unknown, message: "hi".into() })
+    );
+    assert_eq!(WireError::Malformed("x".into()).code(), ErrorCode::Malformed);
+    assert_eq!(WireError::TooLarge { len: 2, limit: 1 }.code(), ErrorCode::TooLarge);
+}
+
+#[test]
+fn the_token_stays_out_of_debug_output() {
+    let ci = CheckIn { token: b"secret-token".to_vec(), ..check_in(None) };
+    let s = format!("{ci:?} {:?}", Request::CheckIn(ci.clone()));
+    assert!(!s.contains("secret") && !s.contains("115, 101"), "{s}");
+    assert!(s.contains("<12 bytes>"), "{s}");
+}
+
+// ---------------------------------------------------------------------------------------
+// A real round over the wire
+
+/// The real machines on both sides, every message encoded, framed and decoded in between.
+#[test]
+fn a_round_runs_over_the_wire() {
+    let shape = ModelShape { n_items: 12, dim: 3, n_segments: 2 };
+    let cfg = CoordinatorConfig {
+        train: EXPLICIT,
+        optimizer: ServerOptimizer::adam(0.05),
+        selection: Selection::FirstCome { cohort: 2 },
+        min_reports: 2,
+        checkin_window: Duration::from_secs(60),
+        report_window: Duration::from_secs(120),
+        clip_norm: 10.0,
+        noise_multiplier: 0.0,
+        adaptive_clip: None,
+        privacy: None,
+        centroids: CentroidPolicy::with_min_count(1.0),
+    };
+    let mut coord = Coordinator::new(cfg, model(shape, 5), seeded_rng(6)).expect("valid config");
+    let round = coord.start_round(Instant::ZERO).expect("no round is open");
+    let limits = Limits::for_shape(&shape);
+    let layout = shape.layout();
+    let devices: Vec<Vec<Rating>> = vec![
+        vec![Rating { item: 0, value: 5.0 }, Rating { item: 3, value: 1.0 }],
+        vec![Rating { item: 7, value: 4.0 }],
+        vec![Rating { item: 11, value: 2.0 }],
+    ];
+    let far = Instant::ZERO.saturating_add(Duration::from_secs(3600));
+    let mut clients: Vec<ClientRound<'_>> = devices.iter().map(|r| ClientRound::new(r, far)).collect();
+    let frame_in = |frame: Vec<u8>, limit: usize| -> Vec<u8> {
+        let prefix: [u8; LEN_PREFIX] = frame[..LEN_PREFIX].try_into().expect("prefix");
+        let len = wire::frame_len(prefix, limit).expect("within the limit");
+        assert_eq!(len, frame.len() - LEN_PREFIX);
+        frame[LEN_PREFIX..].to_vec()
+    };
+    // The device driver's view: what it sent in its check-in, and its cached model.
+    let check_in = CheckIn {
+        token: b"t".to_vec(),
+        sdk_version: "test".into(),
+        capabilities: 0,
+        cached_model_version: None,
+    };
+    let cached: Option<Arc<RoundModel>> = None;
+
+    let mut deliveries = 0;
+    for _ in 0..3 {
+        // Devices → coordinator.
+        for (id, client) in clients.iter_mut().enumerate() {
+            while let Some(msg) = client.poll_transmit() {
+                let frame = wire::encode(&Request::from_client_message(&msg, &check_in, [id as u8; 16]))
+                    .expect("encodes");
+                let req =
+                    wire::decode_request(&frame_in(frame, limits.max_request()), &limits).expect("decodes");
+                let msg = match req {
+                    Request::CheckIn(c) => {
+                        assert_eq!(c, check_in);
+                        ClientMessage::CheckIn
+                    }
+                    Request::Upload(u) => u.into_client_message(&layout, coord.clip_norm()).expect("honest"),
+                };
+                coord.handle_message(Instant::ZERO, id as u64, msg);
+            }
+        }
+        // Coordinator → devices.
+        while let Some((to, msg)) = coord.poll_transmit() {
+            let resp =
+                Response::from_server_message(&msg, check_in.cached_model_version, Duration::from_secs(60));
+            let frame = wire::encode(&resp).expect("encodes");
+            let resp =
+                wire::decode_response(&frame_in(frame, limits.max_response()), &limits).expect("decodes");
+            match resp.into_inbound(cached.as_ref()).expect("valid") {
+                Inbound::Message(m) => clients[to as usize].handle_message(Instant::ZERO, m),
+                Inbound::Error { code, message } => panic!("unexpected error {code}: {message}"),
+            }
+            deliveries += 1;
+        }
+    }
+    assert_eq!(deliveries, 5, "3 check-in answers and 2 acks");
+    let outcomes: Vec<_> = clients.iter().map(|c| c.outcome().cloned()).collect();
+    assert!(
+        matches!(outcomes[0], Some(ClientOutcome::Completed { round: r, .. }) if r == round),
+        "{outcomes:?}"
+    );
+    assert!(matches!(outcomes[1], Some(ClientOutcome::Completed { .. })), "{outcomes:?}");
+    assert_eq!(outcomes[2], Some(ClientOutcome::NotSelected));
+    let events: Vec<_> = std::iter::from_fn(|| coord.poll_event()).collect();
+    assert!(events.iter().any(|e| matches!(e, CoordinatorEvent::RoundCommitted { .. })), "{events:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Properties: no input makes a decoder panic, and every message round-trips
+
+fn any_check_in() -> impl Strategy<Value = CheckIn> {
+    (
+        prop::collection::vec(any::<u8>(), 0..=MAX_TOKEN_LEN),
+        "\\PC{0,16}",
+        any::<u32>(),
+        prop::option::of(any::<u64>()),
+    )
+        .prop_map(|(token, sdk_version, capabilities, cached_model_version)| CheckIn {
+            token,
+            sdk_version,
+            capabilities,
+            cached_model_version,
+        })
+}
+
+fn any_upload() -> impl Strategy<Value = Upload> {
+    (
+        any::<u64>(),
+        prop::collection::vec(any::<f32>(), 0..48),
+        prop::option::of(any::<bool>()),
+        any::<[u8; 16]>(),
+    )
+        .prop_map(|(round, update, within_bound, nonce)| Upload { round, update, within_bound, nonce })
+}
+
+fn any_request() -> impl Strategy<Value = Request> {
+    prop_oneof![any_check_in().prop_map(Request::CheckIn), any_upload().prop_map(Request::Upload)]
+}
+
+fn any_floats() -> impl Strategy<Value = Vec<f32>> {
+    prop::collection::vec(any::<f32>(), 0..24)
+}
+
+fn any_task() -> impl Strategy<Value = WireTask> {
+    let model =
+        (any::<u64>(), (0u64..8, 0u64..8, 0u64..8), any_floats(), any_floats(), any::<f32>(), any_floats())
+            .prop_map(
+                |(version, (n_items, dim, n_segments), item_factors, item_bias, global_mean, centroids)| {
+                    WireModel {
+                        version,
+                        n_items,
+                        dim,
+                        n_segments,
+                        item_factors,
+                        item_bias,
+                        global_mean,
+                        centroids,
+                    }
+                },
+            );
+    let objective = prop_oneof![
+        Just(WireObjective::Explicit),
+        any::<f32>().prop_map(|alpha| WireObjective::Implicit { alpha })
+    ];
+    (
+        (any::<u64>(), any::<u64>()),
+        (objective, any::<[f32; 4]>()),
+        any::<f32>(),
+        any::<bool>(),
+        any::<u64>(),
+        prop::option::of(model),
+    )
+        .prop_map(
+            |(
+                (round, model_version),
+                (objective, l2),
+                clip_norm,
+                report_clip_bit,
+                report_window_ms,
+                model,
+            )| {
+                WireTask {
+                    round,
+                    model_version,
+                    train: WireTrainParams {
+                        objective,
+                        l2_user: l2[0],
+                        l2_user_bias: l2[1],
+                        l2_item: l2[2],
+                        l2_item_bias: l2[3],
+                    },
+                    clip_norm,
+                    report_clip_bit,
+                    report_window_ms,
+                    model,
+                }
+            },
+        )
+}
+
+fn any_response() -> impl Strategy<Value = Response> {
+    prop_oneof![
+        any_task().prop_map(Response::Task),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(round, retry_after_ms)| Response::NotSelected { round, retry_after_ms }),
+        any::<u64>().prop_map(|round| Response::Ack { round }),
+        (prop::sample::select(ErrorCode::ALL.to_vec()), "\\PC{0,64}")
+            .prop_map(|(code, message)| Response::Error { code, message }),
+        any::<u64>().prop_map(|round| Response::Aborted { round }),
+    ]
+}
+
+/// An edit of a payload: overwrite, truncate, insert or remove a byte.
+#[derive(Debug, Clone)]
+enum Edit {
+    Set(usize, u8),
+    Truncate(usize),
+    Insert(usize, u8),
+    Remove(usize),
+}
+
+fn any_edits() -> impl Strategy<Value = Vec<Edit>> {
+    let edit = prop_oneof![
+        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Edit::Set(i, b)),
+        any::<usize>().prop_map(Edit::Truncate),
+        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Edit::Insert(i, b)),
+        any::<usize>().prop_map(Edit::Remove),
+    ];
+    prop::collection::vec(edit, 1..6)
+}
+
+fn apply(mut p: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
+    for e in edits {
+        match *e {
+            Edit::Set(i, b) if !p.is_empty() => {
+                let n = p.len();
+                p[i % n] = b;
+            }
+            Edit::Truncate(i) => p.truncate(i % (p.len() + 1)),
+            Edit::Insert(i, b) => {
+                let n = p.len();
+                p.insert(i % (n + 1), b);
+            }
+            Edit::Remove(i) if !p.is_empty() => {
+                let n = p.len();
+                p.remove(i % n);
+            }
+            _ => {}
+        }
+    }
+    p
+}
+
+/// Runs every decoder on `bytes`, then every conversion on what decodes; any panic fails
+/// the property. Returns whether anything decoded.
+fn decode_everything(bytes: &[u8]) -> bool {
+    let layout = SHAPE.layout();
+    let cached = round_model(3);
+    let mut decoded = false;
+    for l in [limits(), roomy(), Limits::for_shape(&ModelShape { n_items: 1, dim: 1, n_segments: 1 })] {
+        if let Ok(prefix) = <[u8; LEN_PREFIX]>::try_from(bytes.get(..LEN_PREFIX).unwrap_or(&[])) {
+            let _ = wire::frame_len(prefix, l.max_request());
+        }
+        if let Ok(r) = wire::decode_request(bytes, &l) {
+            decoded = true;
+            if let Request::Upload(u) = r {
+                let _ = u.verify(&layout, 1.0);
+            }
+        }
+        if let Ok(r) = wire::decode_response(bytes, &l) {
+            decoded = true;
+            let _ = r.into_inbound(Some(&cached));
+        }
+    }
+    decoded
+}
+
+proptest! {
+    #[test]
+    fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+        decode_everything(&bytes);
+    }
+
+    #[test]
+    fn random_bodies_after_a_valid_header_never_panic(
+        kind in 0u8..6,
+        body in prop::collection::vec(any::<u8>(), 0..600),
+    ) {
+        let mut bytes = vec![1, kind];
+        bytes.extend(body);
+        decode_everything(&bytes);
+    }
+
+    #[test]
+    fn edited_requests_never_panic(r in any_request(), edits in any_edits()) {
+        decode_everything(&apply(payload(&r), &edits));
+    }
+
+    #[test]
+    fn edited_responses_never_panic(r in any_response(), edits in any_edits()) {
+        decode_everything(&apply(payload(&r), &edits));
+    }
+
+    #[test]
+    fn requests_round_trip(r in any_request()) {
+        let p = payload(&r);
+        let back = wire::decode_request(&p, &roomy()).expect("decodes");
+        // Bytes, not values: floats compare bitwise (NaN included).
+        prop_assert_eq!(payload(&back), p);
+    }
+
+    #[test]
+    fn responses_round_trip(r in any_response()) {
+        let p = payload(&r);
+        let back = wire::decode_response(&p, &roomy()).expect("decodes");
+        prop_assert_eq!(payload(&back), p);
+    }
+
+    #[test]
+    fn every_truncation_of_a_message_is_refused(r in any_response(), q in any_request()) {
+        // A message is never a prefix of another of its kind (a request's prefix can be a
+        // valid response, and the other way round, which is harmless).
+        let (r, q) = (payload(&r), payload(&q));
+        for cut in 0..r.len() {
+            prop_assert!(wire::decode_response(&r[..cut], &roomy()).is_err());
+        }
+        for cut in 0..q.len() {
+            prop_assert!(wire::decode_request(&q[..cut], &roomy()).is_err());
+        }
+    }
+
+    #[test]
+    fn oversize_payloads_are_refused_before_parsing(
+        extra in 1usize..64,
+        fill in any::<u8>(),
+        n_items in 1usize..50,
+    ) {
+        let l = Limits::for_shape(&ModelShape { n_items, dim: 2, n_segments: 2 });
+        let req = vec![fill; l.max_request() + extra];
+        prop_assert_eq!(
+            wire::decode_request(&req, &l),
+            Err(WireError::TooLarge { len: req.len(), limit: l.max_request() })
+        );
+        let resp = vec![fill; l.max_response() + extra];
+        prop_assert_eq!(
+            wire::decode_response(&resp, &l),
+            Err(WireError::TooLarge { len: resp.len(), limit: l.max_response() })
+        );
+        let announced = u32::try_from(l.max_request() + extra).expect("small");
+        let refused = matches!(
+            wire::frame_len(announced.to_le_bytes(), l.max_request()),
+            Err(WireError::TooLarge { .. })
+        );
+        prop_assert!(refused);
+    }
+}
