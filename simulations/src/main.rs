@@ -215,6 +215,12 @@ struct DataArgs {
     /// Items of the synthetic population.
     #[arg(long, default_value_t = 1682)]
     items: usize,
+    /// How strongly taste (vs popularity) decides what a synthetic user interacts with.
+    #[arg(long)]
+    preference_strength: Option<f64>,
+    /// Exponent of the synthetic popularity law.
+    #[arg(long)]
+    popularity_exponent: Option<f64>,
     /// Fraction of each user's interactions held out for testing.
     #[arg(long, default_value_t = 0.2)]
     test_fraction: f64,
@@ -230,7 +236,10 @@ struct DataArgs {
 impl DataArgs {
     fn source(&self, seed: u64) -> DataSource {
         if self.dataset == Some(DatasetName::Synthetic) {
-            DataSource::Synthetic(data::SyntheticParams::movielens_like(self.users, self.items, seed))
+            let mut p = data::SyntheticParams::movielens_like(self.users, self.items, seed);
+            p.preference_strength = self.preference_strength.unwrap_or(p.preference_strength);
+            p.popularity_exponent = self.popularity_exponent.unwrap_or(p.popularity_exponent);
+            DataSource::Synthetic(p)
         } else if let Some(path) = &self.ratings {
             DataSource::Ratings(path.clone())
         } else if let (Some(train), Some(test)) = (&self.train, &self.test) {

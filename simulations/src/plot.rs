@@ -42,6 +42,7 @@ pub fn learning_curves(path: &Path, title: &str, history: &[RoundRecord]) -> any
             chart
                 .configure_mesh()
                 .x_desc("round")
+                .light_line_style(WHITE)
                 .x_label_formatter(&|x| format!("{x:.0}"))
                 .y_label_formatter(&|y| format!("{y:.3}"))
                 .draw()?;
@@ -101,7 +102,8 @@ pub fn frontier(path: &Path, rep: &crate::report::SweepReport) -> anyhow::Result
                 .build_cartesian_2d((e_lo..e_hi).log_scale(), (lo - pad)..(hi + pad))?;
             chart
                 .configure_mesh()
-                .x_desc("ε")
+                .x_desc("ε (dashed: non-private)")
+                .light_line_style(WHITE)
                 .x_label_formatter(&|x| format!("{x}"))
                 .y_label_formatter(&|y| format!("{y:.3}"))
                 .draw()?;

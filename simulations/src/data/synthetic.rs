@@ -3,8 +3,9 @@
 //! Each user has a hidden vector `u` and each item a hidden vector `v` and bias; the user's
 //! affinity for an item is `bᵢ + u·v`. A user's number of interactions is log-normal
 //! (median 65, mean ≈ 106, at least 20, as in MovieLens-100K). Items are proposed by a
-//! power-law popularity and kept with probability `sigmoid(affinity)`, so what a user
-//! interacts with depends on their taste. Ratings are the affinity on a 1–5 star scale
+//! power-law popularity and kept with probability `sigmoid(s · (affinity − t))`, so what a
+//! user interacts with depends on their taste: with the defaults, centralized implicit ALS
+//! reaches about twice the Recall@20 of a popularity ranker, as on MovieLens. Ratings are the affinity on a 1–5 star scale
 //! with noise (mean ≈ 3.5). Timestamps increase per user, so temporal splits work.
 //! Generation is deterministic for a seed, whatever the number of threads.
 
@@ -32,6 +33,12 @@ pub struct SyntheticParams {
     pub popularity_exponent: f64,
     /// Standard deviation of the rating noise, in stars.
     pub noise: f64,
+    /// How strongly taste decides what a user interacts with: a proposed item is kept with
+    /// probability `sigmoid(strength · (affinity − threshold))`.
+    pub preference_strength: f64,
+    /// The affinity at which a proposed item is kept half the time; above 0, each user
+    /// interacts mostly with a niche of the catalogue.
+    pub preference_threshold: f64,
     /// Seed.
     pub seed: u64,
 }
@@ -47,6 +54,8 @@ impl SyntheticParams {
             min_activity: 20,
             popularity_exponent: 0.8,
             noise: 0.7,
+            preference_strength: 6.0,
+            preference_threshold: 0.8,
             seed,
         }
     }
@@ -124,13 +133,21 @@ pub fn synthetic(p: &SyntheticParams) -> Result<Dataset, DataError> {
                             let v = &item_vecs[i * k..(i + 1) * k];
                             let affinity = f64::from(item_bias[i])
                                 + u.iter().zip(v).map(|(a, b)| f64::from(a * b)).sum::<f64>();
-                            if rng.random::<f64>() >= 1.0 / (1.0 + (-2.0 * affinity).exp()) {
+                            if rng.random::<f64>()
+                                >= 1.0
+                                    / (1.0
+                                        + (-p.preference_strength * (affinity - p.preference_threshold))
+                                            .exp())
+                            {
                                 continue;
                             }
                             seen.insert(i);
-                            let stars = (3.5 + user_bias + 1.2 * affinity + noise.sample(&mut rng))
-                                .round()
-                                .clamp(1.0, 5.0);
+                            let stars = (3.45
+                                + user_bias
+                                + 1.2 * (affinity - p.preference_threshold)
+                                + noise.sample(&mut rng))
+                            .round()
+                            .clamp(1.0, 5.0);
                             t0 += rng.random_range(1..100_000i64);
                             out.push(Interaction {
                                 user: user as u32,
