@@ -56,8 +56,11 @@ pub struct LedgerEntry {
     pub round: u64,
     /// Its Poisson sampling probability.
     pub q: f64,
-    /// Its effective noise multiplier.
+    /// The noise multiplier the accountant charges: the round's mechanisms combined.
     pub noise_multiplier: f64,
+    /// The second mechanism, if any: the noise σ_b on the adaptive-clipping bits (the
+    /// update's own multiplier is then `(z⁻² − σ_b⁻²)^(−½)`).
+    pub clip_bits_noise: Option<f64>,
 }
 
 /// Every charge so far, in order.
@@ -76,6 +79,12 @@ impl Ledger {
     pub fn from_entries(entries: Vec<LedgerEntry>) -> Result<Self, PrivacyError> {
         for e in &entries {
             PrivacyEvent::new(e.q, e.noise_multiplier, 1)?;
+            if let Some(zb) = e.clip_bits_noise {
+                // Combining with the bits' noise can only lower the multiplier.
+                if !(zb.is_finite() && zb > e.noise_multiplier) {
+                    return Err(PrivacyError::NoiseMultiplier(zb));
+                }
+            }
         }
         Ok(Self { entries })
     }
@@ -141,9 +150,9 @@ mod tests {
     fn equal_consecutive_charges_are_grouped() {
         let mut l = Ledger::new();
         for round in 0..3 {
-            l.record(LedgerEntry { round, q: 0.1, noise_multiplier: 1.0 });
+            l.record(LedgerEntry { round, q: 0.1, noise_multiplier: 1.0, clip_bits_noise: None });
         }
-        l.record(LedgerEntry { round: 3, q: 0.2, noise_multiplier: 1.0 });
+        l.record(LedgerEntry { round: 3, q: 0.2, noise_multiplier: 1.0, clip_bits_noise: None });
         let ev = l.events().expect("valid entries");
         assert_eq!(ev.len(), 2);
         assert_eq!(ev[0].steps(), 3);
@@ -161,7 +170,28 @@ mod tests {
 
     #[test]
     fn restored_entries_are_checked() {
-        assert!(Ledger::from_entries(vec![LedgerEntry { round: 0, q: 1.5, noise_multiplier: 1.0 }]).is_err());
-        assert!(Ledger::from_entries(vec![LedgerEntry { round: 0, q: 0.5, noise_multiplier: 0.0 }]).is_err());
+        assert!(
+            Ledger::from_entries(vec![LedgerEntry {
+                round: 0,
+                q: 1.5,
+                noise_multiplier: 1.0,
+                clip_bits_noise: None
+            }])
+            .is_err()
+        );
+        assert!(
+            Ledger::from_entries(vec![LedgerEntry {
+                round: 0,
+                q: 0.5,
+                noise_multiplier: 0.0,
+                clip_bits_noise: None
+            }])
+            .is_err()
+        );
+        let bits =
+            |zb| vec![LedgerEntry { round: 0, q: 0.5, noise_multiplier: 1.0, clip_bits_noise: Some(zb) }];
+        assert!(Ledger::from_entries(bits(0.5)).is_err(), "bits noise below the combined multiplier");
+        assert!(Ledger::from_entries(bits(f64::NAN)).is_err());
+        assert!(Ledger::from_entries(bits(4.0)).is_ok());
     }
 }

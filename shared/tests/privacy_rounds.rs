@@ -328,7 +328,7 @@ fn restart_never_forgets_spend() {
 #[test]
 fn restored_ledgers_and_states_are_checked() {
     // A ledger read back from storage: every entry must be a valid event.
-    let good = LedgerEntry { round: 0, q: 0.2, noise_multiplier: 1.0 };
+    let good = LedgerEntry { round: 0, q: 0.2, noise_multiplier: 1.0, clip_bits_noise: None };
     for bad in [
         LedgerEntry { q: 1.5, ..good },
         LedgerEntry { q: -0.1, ..good },
@@ -630,7 +630,10 @@ fn adaptive_clipping_is_charged_for_its_bits() {
     let z_eff = fed.coordinator.effective_noise_multiplier();
     assert!((z_eff - 1.25f64.powf(-0.5)).abs() < 1e-12, "{z_eff}");
     assert!((z_eff - combined(z, zb)).abs() < 1e-15);
-    assert_eq!(fed.coordinator.round_charge(7), Some(LedgerEntry { round: 7, q, noise_multiplier: z_eff }));
+    assert_eq!(
+        fed.coordinator.round_charge(7),
+        Some(LedgerEntry { round: 7, q, noise_multiplier: z_eff, clip_bits_noise: Some(f64::from(zb)) })
+    );
     for round in 0..3u64 {
         let report = fed.run_round();
         let Some(CoordinatorEvent::RoundCommitted { stats, .. }) = &report.event else {
@@ -642,8 +645,9 @@ fn adaptive_clipping_is_charged_for_its_bits() {
         assert!(stats.unclipped_fraction.is_some());
     }
     let ledger = fed.coordinator.ledger();
-    let want: Vec<LedgerEntry> =
-        (0..3).map(|round| LedgerEntry { round, q, noise_multiplier: z_eff }).collect();
+    let want: Vec<LedgerEntry> = (0..3)
+        .map(|round| LedgerEntry { round, q, noise_multiplier: z_eff, clip_bits_noise: Some(f64::from(zb)) })
+        .collect();
     assert_eq!(ledger.entries(), want.as_slice());
     let spent = ledger.epsilon(DELTA, AccountantKind::Rdp).expect("ok");
     assert_eq!(spent, epsilon_of(q, z_eff, 3, AccountantKind::Rdp));
@@ -677,7 +681,7 @@ fn the_charge_is_the_configured_sampling_rate_and_noise() {
     }
     // Without a budget the spend is still recorded, at exactly the configured q and z.
     for (e, &round) in fed.coordinator.ledger().entries().iter().zip(&committed) {
-        assert_eq!(*e, LedgerEntry { round, q, noise_multiplier: f64::from(z) });
+        assert_eq!(*e, LedgerEntry { round, q, noise_multiplier: f64::from(z), clip_bits_noise: None });
     }
     assert_eq!(fed.coordinator.ledger().entries().len(), committed.len());
 

@@ -413,7 +413,12 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
     pub fn round_charge(&self, round: u64) -> Option<LedgerEntry> {
         let z = self.effective_noise_multiplier();
         match self.config.selection {
-            Selection::Poisson { q } if z > 0.0 => Some(LedgerEntry { round, q, noise_multiplier: z }),
+            Selection::Poisson { q } if z > 0.0 => Some(LedgerEntry {
+                round,
+                q,
+                noise_multiplier: z,
+                clip_bits_noise: self.config.adaptive_clip.map(|a| f64::from(a.count_noise_multiplier)),
+            }),
             _ => None,
         }
     }
