@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::data::Split;
 
 /// Which loss the federation trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ObjectiveKind {
     /// Squared error on ratings.
@@ -26,7 +26,7 @@ pub enum ObjectiveKind {
 }
 
 /// Which privacy accountant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AccountantArg {
     /// Rényi DP.
@@ -45,7 +45,7 @@ impl From<AccountantArg> for AccountantKind {
 }
 
 /// Which server optimizer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     /// Adam.

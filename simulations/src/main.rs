@@ -66,8 +66,8 @@ enum PrivacyCommand {
         #[arg(long, default_value_t = 1e-6)]
         delta: f64,
         /// Accountant.
-        #[arg(long, value_enum, default_value_t = AccountantOpt::Rdp)]
-        accountant: AccountantOpt,
+        #[arg(long, value_enum, default_value_t = AccountantArg::Rdp)]
+        accountant: AccountantArg,
         /// Write the answer as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -87,8 +87,8 @@ enum PrivacyCommand {
         #[arg(long)]
         steps: u64,
         /// Accountant.
-        #[arg(long, value_enum, default_value_t = AccountantOpt::Rdp)]
-        accountant: AccountantOpt,
+        #[arg(long, value_enum, default_value_t = AccountantArg::Rdp)]
+        accountant: AccountantArg,
         /// Write the answer as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -145,35 +145,6 @@ enum DatasetName {
     Ml100k,
     /// A generated MovieLens-like population (`--users`, `--items`).
     Synthetic,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum ObjectiveArg {
-    Explicit,
-    Implicit,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum OptimizerArg {
-    Adam,
-    Sgd,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum AccountantOpt {
-    /// Rényi DP (Mironov et al. 2019).
-    Rdp,
-    /// Privacy loss distributions (tighter).
-    Pld,
-}
-
-impl From<AccountantOpt> for AccountantArg {
-    fn from(a: AccountantOpt) -> Self {
-        match a {
-            AccountantOpt::Rdp => AccountantArg::Rdp,
-            AccountantOpt::Pld => AccountantArg::Pld,
-        }
-    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -257,8 +228,8 @@ struct RunArgs {
     #[command(flatten)]
     data: DataArgs,
     /// Training objective.
-    #[arg(long, value_enum, default_value_t = ObjectiveArg::Explicit)]
-    objective: ObjectiveArg,
+    #[arg(long, value_enum, default_value_t = ObjectiveKind::Explicit)]
+    objective: ObjectiveKind,
     /// Rounds.
     #[arg(long)]
     rounds: Option<usize>,
@@ -288,7 +259,7 @@ struct RunArgs {
     alpha: Option<f32>,
     /// Server optimizer.
     #[arg(long, value_enum)]
-    optimizer: Option<OptimizerArg>,
+    optimizer: Option<OptimizerKind>,
     /// Server learning rate.
     #[arg(long)]
     server_lr: Option<f32>,
@@ -312,7 +283,7 @@ struct RunArgs {
     delta: Option<f64>,
     /// Privacy accountant.
     #[arg(long, value_enum)]
-    accountant: Option<AccountantOpt>,
+    accountant: Option<AccountantArg>,
     /// Clipping: adaptive (quantile tracking) or fixed; auto = adaptive when there is noise.
     #[arg(long, value_enum, default_value_t = ClipOpt::Auto)]
     clip: ClipOpt,
@@ -376,11 +347,7 @@ impl RunArgs {
     }
 
     fn config(&self) -> RunConfig {
-        let objective = match self.objective {
-            ObjectiveArg::Explicit => ObjectiveKind::Explicit,
-            ObjectiveArg::Implicit => ObjectiveKind::Implicit,
-        };
-        let mut c = RunConfig::defaults(objective);
+        let mut c = RunConfig::defaults(self.objective);
         macro_rules! set {
             ($($f:ident => $t:ident),*) => { $( if let Some(v) = self.$f { c.$t = v; } )* };
         }
@@ -393,15 +360,12 @@ impl RunArgs {
         c.epsilon = self.epsilon;
         c.clip_count_noise = self.clip_count_noise;
         if let Some(a) = self.accountant {
-            c.accountant = a.into();
+            c.accountant = a;
         }
         let noisy = self.epsilon.is_some() || c.noise_multiplier > 0.0;
         self.set_clipping(&mut c, noisy);
         if let Some(o) = self.optimizer {
-            c.optimizer = match o {
-                OptimizerArg::Adam => OptimizerKind::Adam,
-                OptimizerArg::Sgd => OptimizerKind::Sgd,
-            };
+            c.optimizer = o;
         }
         c.seed = self.seed;
         c
@@ -431,7 +395,7 @@ fn main() -> Result<()> {
 fn privacy_cmd(cmd: &PrivacyCommand) -> Result<()> {
     match *cmd {
         PrivacyCommand::Epsilon { q, sigma, steps, delta, accountant, ref json } => {
-            let kind: AccountantKind = AccountantArg::from(accountant).into();
+            let kind: AccountantKind = accountant.into();
             let event = PrivacyEvent::new(q, sigma, steps)?;
             let eps = privacy::epsilon(&[event], delta, kind)?;
             println!("ε = {eps:.6} at δ = {delta:e} ({steps} rounds, q = {q}, σ = {sigma}, {kind:?})");
@@ -439,12 +403,12 @@ fn privacy_cmd(cmd: &PrivacyCommand) -> Result<()> {
                 report::write_json(
                     path,
                     &serde_json::json!({"command": "privacy epsilon", "q": q, "sigma": sigma, "steps": steps,
-                        "delta": delta, "accountant": AccountantArg::from(accountant), "epsilon": eps}),
+                        "delta": delta, "accountant": accountant, "epsilon": eps}),
                 )?;
             }
         }
         PrivacyCommand::Sigma { epsilon, delta, q, steps, accountant, ref json } => {
-            let kind: AccountantKind = AccountantArg::from(accountant).into();
+            let kind: AccountantKind = accountant.into();
             let sigma = privacy::calibrate_noise(epsilon, delta, q, steps, kind)?;
             let spent = privacy::epsilon(&[PrivacyEvent::new(q, sigma, steps)?], delta, kind)?;
             println!(
@@ -454,7 +418,7 @@ fn privacy_cmd(cmd: &PrivacyCommand) -> Result<()> {
                 report::write_json(
                     path,
                     &serde_json::json!({"command": "privacy sigma", "q": q, "epsilon": epsilon, "steps": steps,
-                        "delta": delta, "accountant": AccountantArg::from(accountant), "sigma": sigma,
+                        "delta": delta, "accountant": accountant, "sigma": sigma,
                         "epsilon_spent": spent}),
                 )?;
             }
