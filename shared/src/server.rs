@@ -89,6 +89,21 @@ impl CentroidPolicy {
     }
 }
 
+/// A [`ServerState`] taken apart, for storage.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServerStateParts<'a> {
+    /// The optimizer and its hyper-parameters.
+    pub optimizer: ServerOptimizer,
+    /// Momentum (SGD) or first moment (Adam), one per trainable parameter.
+    pub first_moment: &'a [f32],
+    /// Adam's second moment (empty for SGD).
+    pub second_moment: &'a [f32],
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Decayed member count of each centroid.
+    pub centroid_mass: &'a [f32],
+}
+
 /// Optimizer state the coordinator carries from round to round.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerState {
@@ -108,6 +123,46 @@ impl ServerState {
             ServerOptimizer::Sgd { .. } => Vec::new(),
         };
         Self { optimizer, m: vec![0.0; n_params], v, step: 0, centroid_mass: Vec::new() }
+    }
+
+    /// The state's parts, for persistence.
+    pub fn parts(&self) -> ServerStateParts<'_> {
+        ServerStateParts {
+            optimizer: self.optimizer,
+            first_moment: &self.m,
+            second_moment: &self.v,
+            step: self.step,
+            centroid_mass: &self.centroid_mass,
+        }
+    }
+
+    /// Rebuilds a state from persisted parts, checking that they fit together: finite
+    /// values, a second moment exactly when the optimizer is Adam, of the same length as the
+    /// first, and non-negative masses.
+    pub fn from_parts(parts: ServerStateParts<'_>) -> Result<Self, ParamError> {
+        parts.optimizer.validate()?;
+        let n = parts.first_moment.len();
+        let want_v = match parts.optimizer {
+            ServerOptimizer::Adam { .. } => n,
+            ServerOptimizer::Sgd { .. } => 0,
+        };
+        if parts.second_moment.len() != want_v {
+            return Err(ParamError::new("server_state", "second moment does not match the optimizer"));
+        }
+        let finite = |x: &[f32]| x.iter().all(|v| v.is_finite());
+        if !finite(parts.first_moment) || !finite(parts.second_moment) || !finite(parts.centroid_mass) {
+            return Err(ParamError::new("server_state", "non-finite optimizer state"));
+        }
+        if parts.second_moment.iter().chain(parts.centroid_mass).any(|&v| v < 0.0) {
+            return Err(ParamError::new("server_state", "negative second moment or centroid mass"));
+        }
+        Ok(Self {
+            optimizer: parts.optimizer,
+            m: parts.first_moment.to_vec(),
+            v: parts.second_moment.to_vec(),
+            step: parts.step,
+            centroid_mass: parts.centroid_mass.to_vec(),
+        })
     }
 
     /// Number of optimizer steps taken.
@@ -243,5 +298,30 @@ fn update_centroids(
         }
         mass[big] /= 2.0;
         mass[j] = mass[big];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_round_trip_and_are_checked() {
+        let mut st = ServerState::new(ServerOptimizer::adam(0.1), 3);
+        st.m = vec![0.1, -0.2, 0.3];
+        st.v = vec![0.01, 0.02, 0.03];
+        st.step = 7;
+        st.centroid_mass = vec![1.0, 2.0];
+        let back = ServerState::from_parts(st.parts()).expect("consistent parts");
+        assert_eq!(back, st);
+        let mut bad = st.parts();
+        bad.second_moment = &[0.1];
+        assert!(ServerState::from_parts(bad).is_err(), "length mismatch");
+        let mut bad = st.parts();
+        bad.first_moment = &[f32::NAN, 0.0, 0.0];
+        assert!(ServerState::from_parts(bad).is_err(), "non-finite");
+        let mut bad = st.parts();
+        bad.optimizer = ServerOptimizer::Sgd { lr: 0.1, momentum: 0.9 };
+        assert!(ServerState::from_parts(bad).is_err(), "SGD has no second moment");
     }
 }
