@@ -154,6 +154,40 @@ impl GlobalModel {
         })
     }
 
+    /// A model from flat row-major arrays (as stored or sent), checking the shape, every
+    /// array's length and that every value is finite.
+    pub fn from_flat(
+        shape: ModelShape,
+        item_factors: Vec<f32>,
+        item_bias: Vec<f32>,
+        global_mean: f32,
+        centroids: Vec<f32>,
+    ) -> Result<Self, ParamError> {
+        shape.validate()?;
+        let len = |name: &'static str, got: usize, want: Option<usize>| {
+            if Some(got) == want {
+                Ok(())
+            } else {
+                Err(ParamError::new(name, format!("has {got} values, the shape needs {want:?}")))
+            }
+        };
+        len("item_factors", item_factors.len(), shape.n_items.checked_mul(shape.dim))?;
+        len("item_bias", item_bias.len(), Some(shape.n_items))?;
+        len("centroids", centroids.len(), shape.n_segments.checked_mul(shape.dim))?;
+        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+        if !(finite(&item_factors) && finite(&item_bias) && global_mean.is_finite() && finite(&centroids)) {
+            return Err(ParamError::new("model", "holds a non-finite value"));
+        }
+        let shape_err = |e: ndarray::ShapeError| ParamError::new("model", e.to_string());
+        Ok(Self {
+            item_factors: Array2::from_shape_vec((shape.n_items, shape.dim), item_factors)
+                .map_err(shape_err)?,
+            item_bias: Array1::from_vec(item_bias),
+            global_mean,
+            centroids: Array2::from_shape_vec((shape.n_segments, shape.dim), centroids).map_err(shape_err)?,
+        })
+    }
+
     /// The model's shape.
     pub fn shape(&self) -> ModelShape {
         ModelShape {

@@ -3,8 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ndarray::{Array1, Array2};
-
 use super::WireError;
 use super::messages::{
     CheckIn, ErrorCode, NONCE_LEN, Request, Response, Upload, WireModel, WireObjective, WireTask,
@@ -93,45 +91,20 @@ impl WireModel {
     /// shape's length, and that every value is finite.
     pub fn into_global(self) -> Result<(u64, GlobalModel), WireError> {
         let shape = self.shape()?;
-        let n_factors = shape
-            .n_items
-            .checked_mul(shape.dim)
-            .ok_or_else(|| WireError::Invalid("model shape: n_items × dim overflows".into()))?;
-        // Both bounded by validate(): dim ≤ 1024, n_segments ≤ 4096.
-        let n_centroid_values = shape.n_segments * shape.dim;
-        check_model_len("item_factors", self.item_factors.len(), n_factors)?;
-        check_model_len("item_bias", self.item_bias.len(), shape.n_items)?;
-        check_model_len("centroids", self.centroids.len(), n_centroid_values)?;
-        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
-        if !(finite(&self.item_factors)
-            && finite(&self.item_bias)
-            && self.global_mean.is_finite()
-            && finite(&self.centroids))
-        {
-            return Err(WireError::Invalid("model holds a non-finite value".into()));
-        }
-        let shape_err = |e: ndarray::ShapeError| WireError::Invalid(format!("model arrays: {e}"));
-        let model = GlobalModel {
-            item_factors: Array2::from_shape_vec((shape.n_items, shape.dim), self.item_factors)
-                .map_err(shape_err)?,
-            item_bias: Array1::from_vec(self.item_bias),
-            global_mean: self.global_mean,
-            centroids: Array2::from_shape_vec((shape.n_segments, shape.dim), self.centroids)
-                .map_err(shape_err)?,
-        };
+        let model = GlobalModel::from_flat(
+            shape,
+            self.item_factors,
+            self.item_bias,
+            self.global_mean,
+            self.centroids,
+        )
+        .map_err(|e| WireError::Invalid(format!("model: {e}")))?;
         Ok((self.version, model))
     }
 }
 
 fn to_usize(name: &str, v: u64) -> Result<usize, WireError> {
     usize::try_from(v).map_err(|_| WireError::Invalid(format!("model shape: {name} does not fit in usize")))
-}
-
-fn check_model_len(name: &str, got: usize, expected: usize) -> Result<(), WireError> {
-    if got != expected {
-        return Err(WireError::Invalid(format!("model {name} has {got} values, the shape needs {expected}")));
-    }
-    Ok(())
 }
 
 impl From<&RoundModel> for WireModel {
