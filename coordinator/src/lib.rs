@@ -1,1 +1,5 @@
-//! The fedrec coordinator: drives the shared round state machine for a population of devices (the QUIC server lands in its own issue).
+//! The fedrec coordinator: drives the shared round state machine for a population of devices. Today: its durable state (SQLite) and device authentication; the QUIC server lands next.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod store;

@@ -1,0 +1,623 @@
+//! The coordinator's SQLite store on real files: states round-trip bit for bit and resume identically, failed or unfinished commits leave the previous state, spend cannot be rewritten, and tampered files give typed errors.
+
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedrec_coordinator::auth::DeviceId;
+use fedrec_coordinator::store::{SCHEMA_VERSION, Store, StoreError, StoreOptions};
+use fedrec_shared::danger::seeded_rng;
+use fedrec_shared::harness::{Federation, HarnessConfig};
+use fedrec_shared::ledger::{Ledger, LedgerEntry};
+use fedrec_shared::round::{
+    AbandonReason, AdaptiveClip, Coordinator, CoordinatorConfig, CoordinatorEvent, CoordinatorState,
+    RoundStats, Selection,
+};
+use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
+use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, Rating, TrainParams};
+use rand::Rng;
+use rand::seq::SliceRandom;
+use rusqlite::Connection;
+
+const SHAPE: ModelShape = ModelShape { n_items: 12, dim: 3, n_segments: 2 };
+const N_DEVICES: usize = 40;
+
+fn ratings(seed: u64) -> Vec<Vec<Rating>> {
+    let mut rng = seeded_rng(seed);
+    (0..N_DEVICES)
+        .map(|_| {
+            let mut items: Vec<u32> = (0..SHAPE.n_items as u32).collect();
+            items.shuffle(&mut rng);
+            items[..5].iter().map(|&item| Rating { item, value: rng.random_range(1.0f32..5.0) }).collect()
+        })
+        .collect()
+}
+
+/// Poisson selection with noise (so the ledger fills); Adam with adaptive clipping, or SGD
+/// with momentum and a fixed clip norm.
+fn config(adam: bool, min_reports: usize) -> CoordinatorConfig {
+    CoordinatorConfig {
+        train: TrainParams {
+            objective: Objective::Explicit,
+            l2_user: 0.5,
+            l2_user_bias: 0.1,
+            l2_item: 0.01,
+            l2_item_bias: 0.01,
+        },
+        optimizer: if adam {
+            ServerOptimizer::adam(0.05)
+        } else {
+            ServerOptimizer::Sgd { lr: 0.5, momentum: 0.9 }
+        },
+        selection: Selection::Poisson { q: 0.5 },
+        min_reports,
+        checkin_window: Duration::from_secs(60),
+        report_window: Duration::from_secs(120),
+        clip_norm: 2.0,
+        adaptive_clip: adam.then_some(AdaptiveClip {
+            target_quantile: 0.5,
+            learning_rate: 0.2,
+            count_noise_multiplier: 2.0,
+        }),
+        noise_multiplier: 1.0,
+        centroids: CentroidPolicy::with_min_count(1.0),
+        privacy: None,
+    }
+}
+
+fn init_model(seed: u64) -> GlobalModel {
+    let init = ModelInit { factor_std: 0.1, global_mean: 3.0, centroid_scale: 1e-3 };
+    GlobalModel::init(SHAPE, init, &mut seeded_rng(seed)).expect("valid shape")
+}
+
+fn harness() -> HarnessConfig {
+    HarnessConfig { dropout: 0.1, n_threads: 1, latency: Duration::from_millis(20) }
+}
+
+/// A coordinator's states: before the first round, and after each round with its event.
+struct History {
+    initial: CoordinatorState,
+    rounds: Vec<(CoordinatorState, CoordinatorEvent)>,
+}
+
+impl History {
+    fn run(cfg: CoordinatorConfig, n_rounds: usize, seed: u64) -> Self {
+        let devices = ratings(seed);
+        let coordinator =
+            Coordinator::new(cfg, init_model(seed), seeded_rng(seed + 1)).expect("valid config");
+        let mut fed = Federation::new(coordinator, &devices, harness(), seeded_rng(seed + 2));
+        let initial = fed.coordinator.state().expect("no round open");
+        let rounds = (0..n_rounds)
+            .map(|_| {
+                let event = fed.run_round().event.expect("the round closed");
+                (fed.coordinator.state().expect("no round open"), event)
+            })
+            .collect();
+        Self { initial, rounds }
+    }
+
+    fn state(&self, k: usize) -> &CoordinatorState {
+        &self.rounds[k].0
+    }
+
+    fn stats(&self, k: usize) -> &RoundStats {
+        stats_of(&self.rounds[k].1)
+    }
+}
+
+fn stats_of(event: &CoordinatorEvent) -> &RoundStats {
+    match event {
+        CoordinatorEvent::RoundCommitted { stats, .. } | CoordinatorEvent::RoundAbandoned { stats, .. } => {
+            stats
+        }
+        other => panic!("not a round's close: {other:?}"),
+    }
+}
+
+fn at(round: u64) -> u64 {
+    1_700_000_000_000 + 60_000 * round
+}
+
+/// Writes what the coordinator's driver would after `event`.
+fn persist(store: &mut Store, state: &CoordinatorState, event: &CoordinatorEvent) -> Result<(), StoreError> {
+    match event {
+        CoordinatorEvent::RoundCommitted { stats, .. } => store.commit_round(state, stats, at(stats.round)),
+        CoordinatorEvent::RoundAbandoned { stats, reason } => {
+            store.record_abandoned(stats, *reason, at(stats.round))
+        }
+        other => panic!("not a round's close: {other:?}"),
+    }
+}
+
+/// A store at `path` holding `history`'s initial state and its first `n` rounds.
+fn store_with(path: &Path, history: &History, n: usize, options: StoreOptions) -> Store {
+    let mut store = Store::open_with(path, options).expect("a new database");
+    store.save_initial(&history.initial, at(0)).expect("initial checkpoint");
+    for (state, event) in &history.rounds[..n] {
+        persist(&mut store, state, event).expect("commit");
+    }
+    store
+}
+
+fn bits(values: impl IntoIterator<Item = f32>) -> Vec<u32> {
+    values.into_iter().map(f32::to_bits).collect()
+}
+
+/// Equal, and equal bit for bit where floats are concerned.
+fn assert_same_state(got: &CoordinatorState, want: &CoordinatorState) {
+    assert_eq!(got, want);
+    let (g, w) = (&got.model, &want.model);
+    assert_eq!(bits(g.item_factors.iter().copied()), bits(w.item_factors.iter().copied()));
+    assert_eq!(bits(g.item_bias.iter().copied()), bits(w.item_bias.iter().copied()));
+    assert_eq!(g.global_mean.to_bits(), w.global_mean.to_bits());
+    assert_eq!(bits(g.centroids.iter().copied()), bits(w.centroids.iter().copied()));
+    let (g, w) = (got.server.parts(), want.server.parts());
+    assert_eq!(g.optimizer, w.optimizer);
+    assert_eq!(bits(g.first_moment.iter().copied()), bits(w.first_moment.iter().copied()));
+    assert_eq!(bits(g.second_moment.iter().copied()), bits(w.second_moment.iter().copied()));
+    assert_eq!(bits(g.centroid_mass.iter().copied()), bits(w.centroid_mass.iter().copied()));
+    assert_eq!(g.step, w.step);
+    let ledger_bits = |l: &Ledger| -> Vec<(u64, u64, u64, Option<u64>)> {
+        l.entries()
+            .iter()
+            .map(|e| {
+                (e.round, e.q.to_bits(), e.noise_multiplier.to_bits(), e.clip_bits_noise.map(f64::to_bits))
+            })
+            .collect()
+    };
+    assert_eq!(ledger_bits(&got.ledger), ledger_bits(&want.ledger));
+    assert_eq!((got.version, got.next_round), (want.version, want.next_round));
+    assert_eq!(got.clip_norm.to_bits(), want.clip_norm.to_bits());
+}
+
+fn load(store: &Store) -> CoordinatorState {
+    store.load_latest().expect("a readable store").expect("a checkpoint")
+}
+
+/// Row counts of every table: a failed write must leave them all unchanged.
+fn counts(path: &Path) -> [i64; 5] {
+    let conn = Connection::open(path).expect("open");
+    ["rounds", "checkpoints", "ledger", "audit_log", "devices"].map(|table| {
+        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).expect("count")
+    })
+}
+
+fn db_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
+
+#[test]
+fn states_round_trip_exactly_and_resume_identically() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for adam in [true, false] {
+        let cfg = config(adam, 1);
+        let path = db_path(&dir, if adam { "adam.db" } else { "sgd.db" });
+        let devices = ratings(11);
+        let coordinator =
+            Coordinator::new(cfg.clone(), init_model(11), seeded_rng(12)).expect("valid config");
+        let mut fed = Federation::new(coordinator, &devices, harness(), seeded_rng(13));
+        let mut store = Store::open(&path).expect("a new database");
+        assert_eq!(store.load_latest().expect("empty store"), None);
+        store.save_initial(&fed.coordinator.state().expect("no round open"), at(0)).expect("initial");
+        for _ in 0..6 {
+            let event = fed.run_round().event.expect("the round closed");
+            assert!(matches!(event, CoordinatorEvent::RoundCommitted { .. }), "{event:?}");
+            let state = fed.coordinator.state().expect("no round open");
+            persist(&mut store, &state, &event).expect("commit");
+            assert_same_state(&load(&store), &state);
+        }
+        drop(store);
+
+        // A new process: reopen the file and load.
+        let store = Store::open(&path).expect("an existing database");
+        let saved = fed.coordinator.state().expect("no round open");
+        let loaded = load(&store);
+        assert_same_state(&loaded, &saved);
+        assert_eq!(loaded.ledger.entries().len(), 6, "every committed noisy round is charged");
+        assert_eq!(loaded.ledger.entries()[0].clip_bits_noise.is_some(), adam);
+        assert_eq!(loaded.clip_norm != cfg.clip_norm, adam, "only adaptive clipping moves C");
+        let status = store.status().expect("status");
+        assert_eq!((status.n_rounds_committed, status.n_rounds_abandoned), (6, 0));
+        assert_eq!((status.last_round, status.last_model_version), (Some(5), Some(6)));
+        assert_eq!((status.n_checkpoints, status.n_ledger_entries), (7, 6));
+
+        // Restored from the original state and from the loaded one with the same seeded RNG,
+        // the coordinators continue in lockstep, bit for bit.
+        let resume = |state: CoordinatorState| {
+            let c = Coordinator::restore(cfg.clone(), state, seeded_rng(99)).expect("a valid state");
+            let mut fed = Federation::new(c, &devices, harness(), seeded_rng(98));
+            fed.run_rounds(2, |_, _| {});
+            fed.coordinator.state().expect("no round open")
+        };
+        let (from_saved, from_loaded) = (resume(saved), resume(loaded));
+        assert_eq!(from_loaded.version, 8);
+        assert_same_state(&from_loaded, &from_saved);
+    }
+}
+
+#[test]
+fn failed_or_unfinished_commits_leave_the_previous_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir, "crash.db");
+    let history = History::run(config(true, 1), 4, 21);
+    assert!(history.rounds.iter().all(|(_, e)| matches!(e, CoordinatorEvent::RoundCommitted { .. })));
+    let mut store = store_with(&path, &history, 2, StoreOptions::default());
+    let before = counts(&path);
+    let unchanged = |store: &Store| {
+        assert_same_state(&load(store), history.state(1));
+        assert_eq!(counts(&path), before, "no partial write");
+    };
+
+    // The ledger check fails after the round row is written.
+    let mut bad = history.state(2).clone();
+    let mut entries = bad.ledger.entries().to_vec();
+    entries[0].q = 0.25;
+    bad.ledger = Ledger::from_entries(entries.clone()).expect("valid entries");
+    let err = store.commit_round(&bad, history.stats(2), at(2)).expect_err("spend rewritten");
+    assert!(matches!(err, StoreError::LedgerMismatch { round } if round == entries[0].round), "{err:?}");
+    unchanged(&store);
+
+    // The checkpoint fails after the round row and the ledger are written: its model
+    // version is already stored.
+    let mut dup = history.state(1).clone();
+    dup.next_round = history.state(2).next_round;
+    let err = store.commit_round(&dup, history.stats(2), at(2)).expect_err("duplicate version");
+    assert!(matches!(err, StoreError::Inconsistent(_)), "{err:?}");
+    unchanged(&store);
+
+    // SQLite itself fails on the checkpoint insert.
+    let raw = Connection::open(&path).expect("open");
+    raw.execute_batch(
+        "CREATE TRIGGER fail_checkpoint BEFORE INSERT ON checkpoints BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+    )
+    .expect("trigger");
+    let err = store.commit_round(history.state(2), history.stats(2), at(2)).expect_err("injected failure");
+    assert!(matches!(err, StoreError::Sqlite(_)), "{err:?}");
+    unchanged(&store);
+    raw.execute_batch("DROP TRIGGER fail_checkpoint;").expect("drop trigger");
+    drop(raw);
+
+    // A commit written but never committed: the process goes away first.
+    let prepared =
+        store.prepare_commit_round(history.state(2), history.stats(2), at(2)).expect("the writes succeed");
+    drop(prepared);
+    drop(store);
+    let mut store = Store::open(&path).expect("reopen");
+    unchanged(&store);
+
+    // Nothing is stuck: the same round commits now.
+    store.commit_round(history.state(2), history.stats(2), at(2)).expect("commit");
+    assert_same_state(&load(&store), history.state(2));
+    // And a round cannot be recorded twice.
+    let err = store.commit_round(history.state(3), history.stats(2), at(3)).expect_err("round 2 again");
+    assert!(matches!(err, StoreError::Inconsistent(_)), "{err:?}");
+    assert_same_state(&load(&store), history.state(2));
+}
+
+#[test]
+fn spend_cannot_be_rewritten() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir, "spend.db");
+    let history = History::run(config(false, 1), 4, 31);
+    let mut store = store_with(&path, &history, 3, StoreOptions::default());
+    let before = counts(&path);
+    let next = history.state(3);
+    let stored = history.state(2).ledger.entries().to_vec();
+    assert_eq!(stored.len(), 3);
+    let with_ledger = |entries: Vec<LedgerEntry>| CoordinatorState {
+        ledger: Ledger::from_entries(entries).expect("valid entries"),
+        ..next.clone()
+    };
+    let mut cases: Vec<(CoordinatorState, u64)> = Vec::new();
+    // A charge forgotten.
+    let mut forgot = next.ledger.entries().to_vec();
+    forgot.remove(1);
+    cases.push((with_ledger(forgot), stored[1].round));
+    // A charge lowered.
+    let mut lowered = next.ledger.entries().to_vec();
+    lowered[2].noise_multiplier *= 2.0;
+    cases.push((with_ledger(lowered), stored[2].round));
+    // Clip-bit noise added after the fact.
+    let mut relabelled = next.ledger.entries().to_vec();
+    relabelled[0].clip_bits_noise = Some(100.0);
+    cases.push((with_ledger(relabelled), stored[0].round));
+    // Only the new round's charge (a coordinator restarted without its ledger).
+    cases.push((with_ledger(next.ledger.entries()[3..].to_vec()), stored[0].round));
+    for (state, round) in cases {
+        let err = store.commit_round(&state, history.stats(3), at(3)).expect_err("spend rewritten");
+        assert!(matches!(err, StoreError::LedgerMismatch { round: r } if r == round), "{err:?}");
+        assert_eq!(counts(&path), before, "nothing written");
+        assert_same_state(&load(&store), history.state(2));
+    }
+    store.commit_round(next, history.stats(3), at(3)).expect("the true ledger commits");
+    assert_same_state(&load(&store), next);
+}
+
+/// A store file with two committed rounds, tampered with by `sql` through a raw connection.
+fn tampered(
+    dir: &tempfile::TempDir,
+    name: &str,
+    history: &History,
+    tamper: impl FnOnce(&Connection),
+) -> PathBuf {
+    let path = db_path(dir, name);
+    drop(store_with(&path, history, 2, StoreOptions::default()));
+    let raw = Connection::open(&path).expect("open");
+    tamper(&raw);
+    path
+}
+
+fn newest_blob(conn: &Connection, column: &str) -> Vec<u8> {
+    conn.query_row(
+        &format!("SELECT {column} FROM checkpoints ORDER BY model_version DESC LIMIT 1"),
+        [],
+        |r| r.get(0),
+    )
+    .expect("a checkpoint")
+}
+
+fn set_newest(conn: &Connection, assignment: &str) {
+    conn.execute_batch(&format!(
+        "PRAGMA ignore_check_constraints = ON;
+         UPDATE checkpoints SET {assignment} WHERE model_version = (SELECT max(model_version) FROM checkpoints);"
+    ))
+    .expect("tamper");
+}
+
+fn set_newest_blob(conn: &Connection, column: &str, blob: &[u8]) {
+    conn.execute(
+        &format!(
+            "UPDATE checkpoints SET {column} = ?1 WHERE model_version = (SELECT max(model_version) FROM checkpoints)"
+        ),
+        [blob],
+    )
+    .expect("tamper");
+}
+
+#[test]
+fn tampered_files_give_typed_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let history = History::run(config(true, 1), 2, 41);
+    type Tamper = Box<dyn Fn(&Connection)>;
+    let corrupt_cases: Vec<(&str, Tamper)> = vec![
+        (
+            "item_factors one byte short",
+            Box::new(|c| {
+                let b = newest_blob(c, "item_factors");
+                set_newest_blob(c, "item_factors", &b[..b.len() - 1]);
+            }),
+        ),
+        (
+            "item_factors one value short",
+            Box::new(|c| {
+                let b = newest_blob(c, "item_factors");
+                set_newest_blob(c, "item_factors", &b[..b.len() - 4]);
+            }),
+        ),
+        (
+            "NaN in item_factors",
+            Box::new(|c| {
+                let mut b = newest_blob(c, "item_factors");
+                b[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+                set_newest_blob(c, "item_factors", &b);
+            }),
+        ),
+        (
+            "infinity in the first moment",
+            Box::new(|c| {
+                let mut b = newest_blob(c, "first_moment");
+                b[..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+                set_newest_blob(c, "first_moment", &b);
+            }),
+        ),
+        (
+            "negative second moment",
+            Box::new(|c| {
+                let mut b = newest_blob(c, "second_moment");
+                b[..4].copy_from_slice(&(-1.0f32).to_le_bytes());
+                set_newest_blob(c, "second_moment", &b);
+            }),
+        ),
+        ("second moment missing", Box::new(|c| set_newest_blob(c, "second_moment", &[]))),
+        ("unknown optimizer", Box::new(|c| set_newest(c, "optimizer = 'rmsprop'"))),
+        ("SGD with Adam's hyper-parameters", Box::new(|c| set_newest(c, "optimizer = 'sgd'"))),
+        ("Adam with a momentum", Box::new(|c| set_newest(c, "momentum = 0.5"))),
+        ("beta1 out of range", Box::new(|c| set_newest(c, "beta1 = 1.5"))),
+        ("more items than the blobs hold", Box::new(|c| set_newest(c, "n_items = n_items + 1"))),
+        ("negative dimension", Box::new(|c| set_newest(c, "dim = -3"))),
+        ("zero segments", Box::new(|c| set_newest(c, "n_segments = 0"))),
+        ("a global mean that is no f32", Box::new(|c| set_newest(c, "global_mean = 1e300"))),
+        ("a clip norm that is no f32", Box::new(|c| set_newest(c, "clip_norm = 0.1"))),
+        ("a negative clip norm", Box::new(|c| set_newest(c, "clip_norm = -1.0"))),
+        ("a negative step", Box::new(|c| set_newest(c, "step = -1"))),
+        (
+            "negative versions",
+            Box::new(|c| {
+                c.execute_batch(
+                    "PRAGMA ignore_check_constraints = ON; UPDATE checkpoints SET model_version = -1 - model_version;",
+                )
+                .expect("tamper")
+            }),
+        ),
+        (
+            "an invalid ledger entry",
+            Box::new(|c| c.execute_batch("UPDATE ledger SET q = 2.0 WHERE round = 0;").expect("tamper")),
+        ),
+        (
+            "a ledger entry with a negative round",
+            Box::new(|c| {
+                c.execute_batch(
+                    "PRAGMA ignore_check_constraints = ON; UPDATE ledger SET round = -1 WHERE round = 0;",
+                )
+                .expect("tamper")
+            }),
+        ),
+    ];
+    for (k, (name, tamper)) in corrupt_cases.into_iter().enumerate() {
+        let path = tampered(&dir, &format!("corrupt{k}.db"), &history, tamper);
+        let store = Store::open(&path).expect("the schema is intact");
+        match store.load_latest() {
+            Err(StoreError::Corrupt { what, reason }) => assert!(!what.is_empty() && !reason.is_empty()),
+            other => panic!("{name}: expected Corrupt, got {other:?}"),
+        }
+    }
+
+    // Checkpoint and ledger that do not fit together.
+    let path = tampered(&dir, "inconsistent.db", &history, |c| set_newest(c, "next_round = 0"));
+    let err = Store::open(&path).expect("open").load_latest().expect_err("ledger ahead of the checkpoint");
+    assert!(matches!(err, StoreError::Inconsistent(_)), "{err:?}");
+    // The newest checkpoint deleted: the older one does not cover the ledger's last round.
+    let path = tampered(&dir, "rolled_back.db", &history, |c| {
+        c.execute_batch(
+            "DELETE FROM checkpoints WHERE model_version = (SELECT max(model_version) FROM checkpoints);",
+        )
+        .expect("tamper")
+    });
+    let err = Store::open(&path).expect("open").load_latest().expect_err("a rolled-back model");
+    assert!(matches!(err, StoreError::Inconsistent(_)), "{err:?}");
+
+    // A newer schema.
+    let path =
+        tampered(&dir, "newer.db", &history, |c| c.pragma_update(None, "user_version", 99).expect("tamper"));
+    let err = Store::open(&path).expect_err("schema from the future");
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found: 99, supported } if supported == SCHEMA_VERSION),
+        "{err:?}"
+    );
+
+    // Not a database at all.
+    let path = db_path(&dir, "not_a_db.db");
+    std::fs::write(&path, b"this is not a database, it is a shopping list\n".repeat(100)).expect("write");
+    let err = Store::open(&path).expect_err("not SQLite");
+    assert!(matches!(err, StoreError::Sqlite(_)), "{err:?}");
+
+    // A real database whose first page is overwritten.
+    let path = db_path(&dir, "mangled.db");
+    drop(store_with(&path, &history, 2, StoreOptions::default()));
+    let mut bytes = std::fs::read(&path).expect("read");
+    for (k, b) in bytes.iter_mut().enumerate().skip(100).take(3000) {
+        *b = (k * 7919 % 251) as u8;
+    }
+    std::fs::write(&path, bytes).expect("write");
+    let result = Store::open(&path).and_then(|s| s.load_latest());
+    assert!(result.is_err(), "{result:?}");
+}
+
+#[test]
+fn pruning_keeps_the_newest_checkpoints_and_all_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir, "prune.db");
+    let history = History::run(config(true, 1), 6, 51);
+    let keep = StoreOptions { keep_checkpoints: NonZeroUsize::new(3).expect("3 is not zero") };
+    let store = store_with(&path, &history, 6, keep);
+    let conn = Connection::open(&path).expect("open");
+    let versions: Vec<i64> = conn
+        .prepare("SELECT model_version FROM checkpoints ORDER BY model_version")
+        .expect("prepare")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(versions, [4, 5, 6]);
+    let status = store.status().expect("status");
+    assert_eq!(status.n_checkpoints, 3);
+    assert_eq!(status.n_rounds_committed, 6);
+    assert_eq!(status.n_ledger_entries, 6, "the ledger is never pruned");
+    assert_same_state(&load(&store), history.state(5));
+    // The audit log has every event, with counts only.
+    let log = store.audit_log(100).expect("audit log");
+    let events: Vec<&str> = log.iter().map(|r| r.event.as_str()).collect();
+    assert_eq!(events, ["initialized"].into_iter().chain(["round_committed"; 6]).collect::<Vec<_>>());
+    for record in &log {
+        for pair in record.detail.split(' ') {
+            let (name, value) = pair.split_once('=').expect("name=value");
+            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{pair}");
+            assert!(value.parse::<u64>().is_ok(), "{pair}: counts only");
+        }
+    }
+    assert!(log[3].detail.contains("checkpoints_pruned=1"), "{}", log[3].detail);
+    assert_eq!(store.audit_log(2).expect("audit log").len(), 2);
+}
+
+#[test]
+fn abandoned_rounds_have_no_checkpoint_and_no_charge() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir, "abandoned.db");
+    // More reports required than there are devices: every round is abandoned.
+    let history = History::run(config(true, N_DEVICES + 1), 3, 61);
+    assert!(history.rounds.iter().all(|(_, e)| matches!(
+        e,
+        CoordinatorEvent::RoundAbandoned { reason: AbandonReason::TooFewSelected, .. }
+    )));
+    let mut store = store_with(&path, &history, 3, StoreOptions::default());
+    let status = store.status().expect("status");
+    assert_eq!((status.n_rounds_committed, status.n_rounds_abandoned), (0, 3));
+    assert_eq!((status.n_checkpoints, status.n_ledger_entries), (1, 0));
+    assert_eq!((status.last_round, status.last_model_version), (Some(2), Some(0)));
+    // The loaded state is the coordinator's: same model, and round indices are not reused.
+    let loaded = load(&store);
+    assert_same_state(&loaded, history.state(2));
+    assert_eq!(loaded.next_round, 3);
+    let conn = Connection::open(&path).expect("open");
+    let rows: Vec<(i64, i64, String, Option<String>)> = conn
+        .prepare("SELECT round, model_version, outcome, abandon_reason FROM rounds ORDER BY round")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    let want: Vec<_> = (0..3)
+        .map(|round| (round, 0, "abandoned".to_string(), Some("too_few_selected".to_string())))
+        .collect();
+    assert_eq!(rows, want);
+    // Recording the same round again is refused.
+    let err =
+        store.record_abandoned(history.stats(0), AbandonReason::TooFewReports, at(9)).expect_err("twice");
+    assert!(matches!(err, StoreError::Inconsistent(_)), "{err:?}");
+    // A store that already has a checkpoint refuses a second initial one.
+    let err = store.save_initial(&history.initial, at(9)).expect_err("initialized twice");
+    assert!(matches!(err, StoreError::Inconsistent(_)), "{err:?}");
+}
+
+#[test]
+fn devices_are_inserted_revoked_and_listed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(db_path(&dir, "devices.db")).expect("a new database");
+    let (a, b, big) = (DeviceId::new(7), DeviceId::new(3), DeviceId::new(u64::MAX - 1));
+    store.insert_device(a, 1_000, Some("pixel test phone")).expect("insert");
+    store.insert_device(b, 2_000, None).expect("insert");
+    store.insert_device(big, 3_000, None).expect("ids above i64::MAX are stored by their bits");
+    let err = store.insert_device(a, 4_000, None).expect_err("duplicate");
+    assert!(matches!(err, StoreError::DuplicateDevice(id) if id == a), "{err:?}");
+
+    let got = store.device(a).expect("read").expect("stored");
+    assert_eq!((got.device_id, got.enrolled_at_ms, got.revoked_at_ms), (a, 1_000, None));
+    assert_eq!(got.label.as_deref(), Some("pixel test phone"));
+    assert!(!got.is_revoked());
+    assert_eq!(store.device(DeviceId::new(8)).expect("read"), None);
+    assert_eq!(store.device(big).expect("read").expect("stored").device_id, big);
+
+    store.revoke_device(a, 5_000).expect("revoke");
+    let err = store.revoke_device(a, 6_000).expect_err("revoked twice");
+    assert!(matches!(err, StoreError::AlreadyRevoked(id) if id == a), "{err:?}");
+    let err = store.revoke_device(DeviceId::new(8), 6_000).expect_err("unknown");
+    assert!(matches!(err, StoreError::UnknownDevice(id) if id == DeviceId::new(8)), "{err:?}");
+    assert_eq!(
+        store.device(a).expect("read").expect("stored").revoked_at_ms,
+        Some(5_000),
+        "first revocation kept"
+    );
+    let err = store.insert_device(a, 7_000, None).expect_err("a revoked id is not reused");
+    assert!(matches!(err, StoreError::DuplicateDevice(_)), "{err:?}");
+
+    let all = store.list_devices().expect("list");
+    let ids: Vec<DeviceId> = all.iter().map(|d| d.device_id).collect();
+    assert_eq!(ids, [big, b, a], "ordered by stored bits");
+    assert_eq!(all.iter().filter(|d| d.is_revoked()).count(), 1);
+    let status = store.status().expect("status");
+    assert_eq!((status.n_devices_enrolled, status.n_devices_revoked), (2, 1));
+    assert_eq!((status.n_checkpoints, status.last_model_version, status.last_round), (0, None, None));
+
+    let err = store.insert_device(DeviceId::new(9), u64::MAX, None).expect_err("time out of range");
+    assert!(matches!(err, StoreError::OutOfRange { .. }), "{err:?}");
+}
