@@ -368,7 +368,7 @@ fn next_up(x: f32) -> f32 {
 }
 
 /// The coordinator configuration a run uses.
-pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> CoordinatorConfig {
+pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> anyhow::Result<CoordinatorConfig> {
     let selection = if cfg.noise_multiplier > 0.0 {
         Selection::Poisson { q: cfg.sampling_probability(n_users) }
     } else {
@@ -378,7 +378,7 @@ pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> CoordinatorConfig 
         OptimizerKind::Adam => ServerOptimizer::adam(cfg.server_lr),
         OptimizerKind::Sgd => ServerOptimizer::Sgd { lr: cfg.server_lr, momentum: cfg.momentum },
     };
-    CoordinatorConfig {
+    Ok(CoordinatorConfig {
         train: cfg.train_params(),
         optimizer,
         selection,
@@ -391,16 +391,17 @@ pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> CoordinatorConfig 
             learning_rate: cfg.clip_learning_rate,
             count_noise_multiplier: cfg.count_noise(),
         }),
-        privacy: cfg.epsilon.and_then(|eps| {
-            Some(PrivacyPolicy {
-                budget: PrivacyBudget::new(eps, cfg.delta).ok()?,
+        privacy: match cfg.epsilon {
+            Some(eps) => Some(PrivacyPolicy {
+                budget: PrivacyBudget::new(eps, cfg.delta)?,
                 accountant: cfg.accountant.into(),
-            })
-        }),
+            }),
+            None => None,
+        },
         noise_multiplier: cfg.noise_multiplier,
         // With noise, a segment needs a count well above the noise to be trusted.
         centroids: CentroidPolicy::with_min_count(1.0),
-    }
+    })
 }
 
 /// Runs a federation of `data`'s users under `cfg`. `on_round` sees every round's record.
@@ -422,7 +423,7 @@ pub fn run(
     };
     let model = GlobalModel::init(shape, init, &mut rng)?;
     let coordinator = Coordinator::new(
-        coordinator_config(cfg, data.train.len()),
+        coordinator_config(cfg, data.train.len())?,
         model,
         danger::seeded_rng(cfg.seed ^ 0x5eed),
     )?;
