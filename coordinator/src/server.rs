@@ -1,0 +1,477 @@
+//! The QUIC server: accepts devices over QUIC (TLS 1.3, ALPN `fedrec/1`), checks their tokens and uploads, and drives the coordinator round machine from one owning task.
+//!
+//! # Tasks
+//!
+//! - The **owner** task holds the [`Coordinator`], the [`Verifier`] and the [`ReplayGuard`]:
+//!   every piece of round state has this one owner. It opens rounds (a configurable gap after
+//!   the previous one closes), calls `handle_timeout` at the machine's deadlines, and answers
+//!   the requests the stream tasks forward to it.
+//! - The **accept** loop spawns a task per connection, which spawns a task per bidirectional
+//!   stream. A stream carries one request and its response: the stream task reads the frame
+//!   (length prefix checked against [`Limits::max_request`] before the payload is read, every
+//!   read under a timeout), decodes it, sends it to the owner with a oneshot reply channel,
+//!   writes the encoded answer and finishes the stream.
+//!
+//! A peer that sends something invalid gets an error response with the matching code; the
+//! server keeps serving everyone else. Round closes are published on a
+//! [`tokio::sync::watch`] channel ([`Server::status`]) so that callers can await them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fedrec_shared::round::{
+    ClientId, ClientMessage, Coordinator, CoordinatorConfig, CoordinatorEvent, Instant,
+};
+use fedrec_shared::wire::{self, ALPN, ErrorCode, LEN_PREFIX, Limits, Request, Response, WireError};
+use fedrec_shared::{GlobalModel, ParamError, RoundModel};
+use quinn::crypto::rustls::QuicServerConfig;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::auth::{AuthError, DeviceId, ReplayGuard, ReplayLimits, Verifier};
+
+/// The server's TLS identity.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum TlsIdentity {
+    /// A fresh self-signed certificate for these DNS names (devices pin it).
+    SelfSigned {
+        /// Subject alternative names, e.g. `localhost`.
+        names: Vec<String>,
+    },
+    /// A certificate chain and its PKCS#8 private key, DER-encoded.
+    Der {
+        /// The chain, leaf first.
+        chain: Vec<Vec<u8>>,
+        /// The leaf's private key (PKCS#8).
+        key: Vec<u8>,
+    },
+}
+
+/// Everything [`Server::bind`] needs.
+#[derive(Debug)]
+pub struct ServeConfig {
+    /// Address to listen on (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// The TLS identity.
+    pub tls: TlsIdentity,
+    /// The round machine's configuration.
+    pub coordinator: CoordinatorConfig,
+    /// The starting model.
+    pub model: GlobalModel,
+    /// Checks the devices' enrollment tokens.
+    pub verifier: Verifier,
+    /// Limits of the upload replay guard.
+    pub replay_limits: ReplayLimits,
+    /// Time between the close of one round and the start of the next.
+    pub round_gap: Duration,
+    /// Longest wait for a request's bytes, and the idle timeout of a connection.
+    pub read_timeout: Duration,
+    /// The retry hint sent with `NotSelected`.
+    pub retry_after: Duration,
+    /// Most bidirectional streams a connection may have open at once.
+    pub max_streams_per_connection: u32,
+}
+
+impl ServeConfig {
+    /// A configuration with the defaults: a self-signed certificate for `localhost`, default
+    /// replay limits, a gap of 100 ms between rounds, reads timing out after 10 s, a retry
+    /// hint of 1 s, and 4 concurrent streams per connection.
+    pub fn new(
+        listen: SocketAddr,
+        coordinator: CoordinatorConfig,
+        model: GlobalModel,
+        verifier: Verifier,
+    ) -> Self {
+        Self {
+            listen,
+            tls: TlsIdentity::SelfSigned { names: vec!["localhost".to_owned()] },
+            coordinator,
+            model,
+            verifier,
+            replay_limits: ReplayLimits::default(),
+            round_gap: Duration::from_millis(100),
+            read_timeout: Duration::from_secs(10),
+            retry_after: Duration::from_secs(1),
+            max_streams_per_connection: 4,
+        }
+    }
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The coordinator configuration or model is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ParamError),
+    /// The certificate could not be generated or used.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    /// The socket could not be bound.
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the server has done so far, published after every round close.
+#[derive(Debug, Clone)]
+pub struct ServerStatus {
+    /// Rounds committed since the server started.
+    pub n_committed: u64,
+    /// Rounds abandoned since the server started.
+    pub n_abandoned: u64,
+    /// The current model.
+    pub model: Arc<RoundModel>,
+    /// The event that closed the latest round.
+    pub last_close: Option<CoordinatorEvent>,
+}
+
+/// A bound server, ready to [`Server::run`].
+#[derive(Debug)]
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    cert_der: Vec<u8>,
+    owner: Owner,
+    status_rx: watch::Receiver<ServerStatus>,
+    limits: Limits,
+    read_timeout: Duration,
+}
+
+impl Server {
+    /// Validates the configuration, builds the TLS identity and binds the UDP socket.
+    pub fn bind(cfg: ServeConfig) -> Result<Server, ServerError> {
+        let shape = cfg.model.shape();
+        let limits = Limits::for_shape(&shape);
+        let rng = StdRng::from_os_rng();
+        let coordinator = Coordinator::new(cfg.coordinator, cfg.model, rng)?;
+        let (chain, key) = identity(cfg.tls)?;
+        let cert_der =
+            chain.first().map(|c| c.to_vec()).ok_or_else(|| ServerError::Tls("empty chain".into()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ServerError::Tls(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = QuicServerConfig::try_from(tls).map_err(|e| ServerError::Tls(e.to_string()))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_bidi_streams(cfg.max_streams_per_connection.into());
+        transport.max_concurrent_uni_streams(0u32.into());
+        let idle = quinn::IdleTimeout::try_from(cfg.read_timeout)
+            .map_err(|_| ServerError::Tls("read timeout too long for an idle timeout".into()))?;
+        transport.max_idle_timeout(Some(idle));
+        server_config.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::server(server_config, cfg.listen)?;
+        let local_addr = endpoint.local_addr()?;
+        let status = ServerStatus {
+            n_committed: 0,
+            n_abandoned: 0,
+            model: Arc::clone(coordinator.model()),
+            last_close: None,
+        };
+        let (status_tx, status_rx) = watch::channel(status);
+        let owner = Owner {
+            coordinator,
+            verifier: cfg.verifier,
+            replay: ReplayGuard::new(cfg.replay_limits),
+            round_gap: cfg.round_gap,
+            retry_after: cfg.retry_after,
+            status: status_tx,
+            sessions: HashMap::new(),
+        };
+        Ok(Server {
+            endpoint,
+            local_addr,
+            cert_der,
+            owner,
+            status_rx,
+            limits,
+            read_timeout: cfg.read_timeout,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The DER certificate devices pin.
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// A receiver of the server's status, updated at every round close.
+    pub fn status(&self) -> watch::Receiver<ServerStatus> {
+        self.status_rx.clone()
+    }
+
+    /// Serves until `shutdown` completes, then closes every connection and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let Server { endpoint, owner, limits, read_timeout, .. } = self;
+        let (req_tx, req_rx) = mpsc::channel::<Command>(256);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let owner_task = tokio::spawn(owner.run(req_rx, stop_rx));
+        let ctx = Arc::new(StreamCtx { limits, read_timeout, requests: req_tx });
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    tokio::spawn(serve_connection(incoming, Arc::clone(&ctx)));
+                }
+            }
+        }
+        endpoint.close(0u32.into(), b"shutting down");
+        // The owner stops even while stream tasks still hold request senders.
+        let _ = stop_tx.send(true);
+        drop(ctx);
+        let _ = owner_task.await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        Ok(())
+    }
+}
+
+/// The certificate chain and key of `tls`.
+fn identity(tls: TlsIdentity) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ServerError> {
+    match tls {
+        TlsIdentity::SelfSigned { names } => {
+            let certified =
+                rcgen::generate_simple_self_signed(names).map_err(|e| ServerError::Tls(e.to_string()))?;
+            let key = PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der());
+            Ok((vec![certified.cert.der().clone()], key.into()))
+        }
+        TlsIdentity::Der { chain, key } => {
+            Ok((chain.into_iter().map(CertificateDer::from).collect(), PrivatePkcs8KeyDer::from(key).into()))
+        }
+    }
+}
+
+/// What connection and stream tasks tell the owner.
+#[derive(Debug)]
+enum Command {
+    /// A request on connection `conn`, with the channel for its answer.
+    Request { conn: usize, request: Request, reply: oneshot::Sender<Response> },
+    /// Connection `conn` is gone: forget which device it was.
+    Closed { conn: usize },
+}
+
+/// What every stream task shares.
+#[derive(Debug)]
+struct StreamCtx {
+    limits: Limits,
+    read_timeout: Duration,
+    requests: mpsc::Sender<Command>,
+}
+
+async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<StreamCtx>) {
+    let Ok(conn) = incoming.await else { return };
+    let id = conn.stable_id();
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(serve_stream(id, send, recv, Arc::clone(&ctx)));
+    }
+    let _ = ctx.requests.send(Command::Closed { conn: id }).await;
+}
+
+async fn serve_stream(
+    conn: usize,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    ctx: Arc<StreamCtx>,
+) {
+    let response = match read_request(&mut recv, &ctx).await {
+        Ok(request) => {
+            let (tx, rx) = oneshot::channel();
+            if ctx.requests.send(Command::Request { conn, request, reply: tx }).await.is_err() {
+                Response::error(ErrorCode::Internal, "the coordinator is shutting down")
+            } else {
+                rx.await.unwrap_or_else(|_| {
+                    Response::error(ErrorCode::Internal, "the coordinator is shutting down")
+                })
+            }
+        }
+        Err(StreamError::Wire(e)) => Response::error(e.code(), &e.to_string()),
+        Err(StreamError::Timeout) => Response::error(ErrorCode::Malformed, "request not received in time"),
+        Err(StreamError::Read) => return,
+    };
+    let Ok(frame) = wire::encode(&response) else { return };
+    if send.write_all(&frame).await.is_ok() {
+        let _ = send.finish();
+        // Wait for the peer to read the answer (or go away) before the stream is dropped.
+        let _ = tokio::time::timeout(ctx.read_timeout, send.stopped()).await;
+    }
+}
+
+enum StreamError {
+    Wire(WireError),
+    Timeout,
+    Read,
+}
+
+async fn read_request(recv: &mut quinn::RecvStream, ctx: &StreamCtx) -> Result<Request, StreamError> {
+    let read = async {
+        let mut prefix = [0u8; LEN_PREFIX];
+        recv.read_exact(&mut prefix).await.map_err(|_| StreamError::Read)?;
+        let len = wire::frame_len(prefix, ctx.limits.max_request()).map_err(StreamError::Wire)?;
+        let mut payload = vec![0u8; len];
+        recv.read_exact(&mut payload).await.map_err(|_| StreamError::Read)?;
+        wire::decode_request(&payload, &ctx.limits).map_err(StreamError::Wire)
+    };
+    tokio::time::timeout(ctx.read_timeout, read).await.unwrap_or(Err(StreamError::Timeout))
+}
+
+/// The owner of the round state.
+#[derive(Debug)]
+struct Owner {
+    coordinator: Coordinator<StdRng>,
+    verifier: Verifier,
+    replay: ReplayGuard,
+    round_gap: Duration,
+    retry_after: Duration,
+    status: watch::Sender<ServerStatus>,
+    /// The device each connection proved to be by its check-in.
+    sessions: HashMap<usize, DeviceId>,
+}
+
+impl Owner {
+    async fn run(mut self, mut requests: mpsc::Receiver<Command>, mut stop: watch::Receiver<bool>) {
+        let start = tokio::time::Instant::now();
+        let now =
+            move || Instant::from_micros(u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX));
+        let to_tokio = move |t: Instant| start + Duration::from_micros(t.as_micros());
+        let mut next_start = now();
+        loop {
+            if self.coordinator.current_round().is_none() && now() >= next_start {
+                // A refused start (budget) is retried after the gap.
+                let _ = self.coordinator.start_round(now());
+                if self.coordinator.current_round().is_none() {
+                    next_start = now().saturating_add(self.round_gap);
+                }
+            }
+            let wake = match self.coordinator.poll_timeout() {
+                Some(t) => to_tokio(t),
+                None => to_tokio(next_start),
+            };
+            tokio::select! {
+                _ = stop.changed() => return,
+                job = requests.recv() => {
+                    match job {
+                        None => return,
+                        Some(Command::Request { conn, request, reply }) => {
+                            let response = self.handle_request(now(), conn, request);
+                            let _ = reply.send(response);
+                        }
+                        Some(Command::Closed { conn }) => {
+                            self.sessions.remove(&conn);
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(wake) => {
+                    self.coordinator.handle_timeout(now());
+                }
+            }
+            if self.drain_events() {
+                next_start = now().saturating_add(self.round_gap);
+            }
+        }
+    }
+
+    /// Publishes round closes; whether a round closed.
+    fn drain_events(&mut self) -> bool {
+        let mut closed = false;
+        while let Some(event) = self.coordinator.poll_event() {
+            let round = match &event {
+                CoordinatorEvent::RoundCommitted { stats, .. }
+                | CoordinatorEvent::RoundAbandoned { stats, .. } => stats.round,
+                _ => continue,
+            };
+            closed = true;
+            self.replay.forget_rounds_before(round.saturating_add(1));
+            let model = Arc::clone(self.coordinator.model());
+            self.status.send_modify(|s| {
+                match &event {
+                    CoordinatorEvent::RoundCommitted { .. } => s.n_committed += 1,
+                    _ => s.n_abandoned += 1,
+                }
+                s.model = model;
+                s.last_close = Some(event);
+            });
+        }
+        // Messages for devices that are not waiting (aborts at a close) have nowhere to go.
+        while self.coordinator.poll_transmit().is_some() {}
+        closed
+    }
+
+    fn handle_request(&mut self, now: Instant, conn: usize, request: Request) -> Response {
+        match request {
+            Request::CheckIn(check_in) => {
+                let device = match self.verifier.verify(&check_in.token, unix_ms()) {
+                    Ok(d) => d,
+                    Err(e) => return auth_error(e),
+                };
+                self.sessions.insert(conn, device);
+                let client: ClientId = device.get();
+                self.coordinator.handle_message(now, client, ClientMessage::CheckIn);
+                self.answer(client, check_in.cached_model_version)
+            }
+            Request::Upload(upload) => {
+                // An upload carries no token: it comes from the device whose check-in on the
+                // same connection was verified.
+                let Some(&device) = self.sessions.get(&conn) else {
+                    return Response::error(ErrorCode::BadToken, "upload on a connection without a check-in");
+                };
+                let Some(current) = self.coordinator.current_round() else {
+                    return Response::error(ErrorCode::WrongRound, "no round is open");
+                };
+                if upload.round != current {
+                    return Response::error(ErrorCode::WrongRound, "upload for a round that is not open");
+                }
+                if let Err(e) = self.replay.check_and_record(device, upload.round, upload.nonce) {
+                    return auth_error(e);
+                }
+                let layout = self.coordinator.model().model.shape().layout();
+                let msg = match upload.into_client_message(&layout, self.coordinator.clip_norm()) {
+                    Ok(m) => m,
+                    Err(e) => return Response::error(e.code(), &e.to_string()),
+                };
+                let client: ClientId = device.get();
+                self.coordinator.handle_message(now, client, msg);
+                self.answer(client, None)
+            }
+        }
+    }
+
+    /// The machine's answer to `client`, if it queued one.
+    fn answer(&mut self, client: ClientId, cached_model_version: Option<u64>) -> Response {
+        let mut answer = None;
+        while let Some((to, msg)) = self.coordinator.poll_transmit() {
+            if to == client {
+                answer = Some(msg);
+            }
+        }
+        match answer {
+            Some(msg) => Response::from_server_message(&msg, cached_model_version, self.retry_after),
+            None => Response::error(ErrorCode::Internal, "no answer from the round"),
+        }
+    }
+}
+
+fn auth_error(e: AuthError) -> Response {
+    Response::error(e.code(), &e.to_string())
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
