@@ -1,6 +1,7 @@
-//! The fedrec coordinator: drives the shared round state machine for a population of devices. Today: its durable state (SQLite) and device authentication; the QUIC server lands next.
+//! The fedrec coordinator: drives the shared round state machine for a population of devices — its QUIC server, durable SQLite state, device authentication and configuration (the `fedrec-coordinator` binary is `src/main.rs`).
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod config;
 pub mod server;
 pub mod store;

@@ -15,6 +15,16 @@
 //! A peer that sends something invalid gets an error response with the matching code; the
 //! server keeps serving everyone else. Round closes are published on a
 //! [`tokio::sync::watch`] channel ([`Server::status`]) so that callers can await them.
+//!
+//! # Persistence
+//!
+//! With a [`Store`] ([`ServeConfig::store`]) the server resumes from the store's newest
+//! checkpoint, or saves its starting state to a fresh store. The owner writes every committed
+//! round ([`Store::commit_round`]) *before* it publishes the close or opens the next round;
+//! if that write fails the server stops with [`ServerError::Store`] rather than run on with a
+//! round that is not on disk. Abandoned rounds are recorded too. When the privacy budget
+//! refuses the next round, the server stops opening rounds and says why in
+//! [`ServerStatus::start_refused`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,7 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedrec_shared::round::{
-    ClientId, ClientMessage, Coordinator, CoordinatorConfig, CoordinatorEvent, Instant,
+    ClientId, ClientMessage, Coordinator, CoordinatorConfig, CoordinatorEvent, Instant, StartError,
 };
 use fedrec_shared::wire::{self, ALPN, ErrorCode, LEN_PREFIX, Limits, Request, Response, WireError};
 use fedrec_shared::{GlobalModel, ParamError, RoundModel};
@@ -34,6 +44,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::auth::{AuthError, DeviceId, ReplayGuard, ReplayLimits, Verifier};
+use crate::store::{Store, StoreError};
 
 /// The server's TLS identity.
 #[derive(Debug, Clone)]
@@ -62,7 +73,7 @@ pub struct ServeConfig {
     pub tls: TlsIdentity,
     /// The round machine's configuration.
     pub coordinator: CoordinatorConfig,
-    /// The starting model.
+    /// The starting model (of a fresh store; a store's checkpoint must have its shape).
     pub model: GlobalModel,
     /// Checks the devices' enrollment tokens.
     pub verifier: Verifier,
@@ -76,12 +87,14 @@ pub struct ServeConfig {
     pub retry_after: Duration,
     /// Most bidirectional streams a connection may have open at once.
     pub max_streams_per_connection: u32,
+    /// Where rounds are persisted; `None` keeps everything in memory.
+    pub store: Option<Store>,
 }
 
 impl ServeConfig {
     /// A configuration with the defaults: a self-signed certificate for `localhost`, default
     /// replay limits, a gap of 100 ms between rounds, reads timing out after 10 s, a retry
-    /// hint of 1 s, and 4 concurrent streams per connection.
+    /// hint of 1 s, 4 concurrent streams per connection, and no store.
     pub fn new(
         listen: SocketAddr,
         coordinator: CoordinatorConfig,
@@ -99,6 +112,7 @@ impl ServeConfig {
             read_timeout: Duration::from_secs(10),
             retry_after: Duration::from_secs(1),
             max_streams_per_connection: 4,
+            store: None,
         }
     }
 }
@@ -116,6 +130,17 @@ pub enum ServerError {
     /// The socket could not be bound.
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
+    /// The store could not be read or a round could not be written to it.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The store's checkpoint does not fit the configured model.
+    #[error("the stored model has shape {stored:?}, the configuration {configured:?}")]
+    ShapeMismatch {
+        /// The checkpoint's shape.
+        stored: fedrec_shared::ModelShape,
+        /// The configured shape.
+        configured: fedrec_shared::ModelShape,
+    },
 }
 
 /// What the server has done so far, published after every round close.
@@ -129,6 +154,12 @@ pub struct ServerStatus {
     pub model: Arc<RoundModel>,
     /// The event that closed the latest round.
     pub last_close: Option<CoordinatorEvent>,
+    /// Index of the next round to open (after a restart, where the store left off).
+    pub next_round: u64,
+    /// Entries in the privacy ledger (committed rounds that were charged, ever).
+    pub n_ledger_entries: usize,
+    /// Why the server stopped opening rounds (the privacy budget is spent), if it did.
+    pub start_refused: Option<StartError>,
 }
 
 /// A bound server, ready to [`Server::run`].
@@ -149,7 +180,25 @@ impl Server {
         let shape = cfg.model.shape();
         let limits = Limits::for_shape(&shape);
         let rng = StdRng::from_os_rng();
-        let coordinator = Coordinator::new(cfg.coordinator, cfg.model, rng)?;
+        let mut store = cfg.store;
+        let coordinator = match store.as_mut() {
+            None => Coordinator::new(cfg.coordinator, cfg.model, rng)?,
+            Some(store) => match store.load_latest()? {
+                Some(state) => {
+                    let stored = state.model.shape();
+                    if stored != shape {
+                        return Err(ServerError::ShapeMismatch { stored, configured: shape });
+                    }
+                    Coordinator::restore(cfg.coordinator, state, rng)?
+                }
+                None => {
+                    let coordinator = Coordinator::new(cfg.coordinator, cfg.model, rng)?;
+                    let state = coordinator.state().expect("no round is open before the first start");
+                    store.save_initial(&state, unix_ms())?;
+                    coordinator
+                }
+            },
+        };
         let (chain, key) = identity(cfg.tls)?;
         let cert_der =
             chain.first().map(|c| c.to_vec()).ok_or_else(|| ServerError::Tls("empty chain".into()))?;
@@ -177,6 +226,9 @@ impl Server {
             n_abandoned: 0,
             model: Arc::clone(coordinator.model()),
             last_close: None,
+            next_round: coordinator.state().map_or(0, |s| s.next_round),
+            n_ledger_entries: coordinator.ledger().entries().len(),
+            start_refused: None,
         };
         let (status_tx, status_rx) = watch::channel(status);
         let owner = Owner {
@@ -187,6 +239,7 @@ impl Server {
             retry_after: cfg.retry_after,
             status: status_tx,
             sessions: HashMap::new(),
+            store,
         };
         Ok(Server {
             endpoint,
@@ -215,16 +268,23 @@ impl Server {
     }
 
     /// Serves until `shutdown` completes, then closes every connection and returns.
+    ///
+    /// Returns early with an error if the owner fails (a round could not be persisted).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let Server { endpoint, owner, limits, read_timeout, .. } = self;
         let (req_tx, req_rx) = mpsc::channel::<Command>(256);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let owner_task = tokio::spawn(owner.run(req_rx, stop_rx));
+        let mut owner_task = tokio::spawn(owner.run(req_rx, stop_rx));
         let ctx = Arc::new(StreamCtx { limits, read_timeout, requests: req_tx });
+        let mut owner_result = None;
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                result = &mut owner_task => {
+                    owner_result = Some(result);
+                    break;
+                }
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     tokio::spawn(serve_connection(incoming, Arc::clone(&ctx)));
@@ -235,9 +295,16 @@ impl Server {
         // The owner stops even while stream tasks still hold request senders.
         let _ = stop_tx.send(true);
         drop(ctx);
-        let _ = owner_task.await;
+        let owner_result = match owner_result {
+            Some(r) => r,
+            None => owner_task.await,
+        };
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-        Ok(())
+        match owner_result {
+            Ok(result) => result,
+            // The owner panicked: re-raise it here rather than report a clean stop.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
     }
 }
 
@@ -340,32 +407,52 @@ struct Owner {
     status: watch::Sender<ServerStatus>,
     /// The device each connection proved to be by its check-in.
     sessions: HashMap<usize, DeviceId>,
+    /// Where rounds are persisted.
+    store: Option<Store>,
 }
 
 impl Owner {
-    async fn run(mut self, mut requests: mpsc::Receiver<Command>, mut stop: watch::Receiver<bool>) {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Command>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), ServerError> {
         let start = tokio::time::Instant::now();
         let now =
             move || Instant::from_micros(u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX));
         let to_tokio = move |t: Instant| start + Duration::from_micros(t.as_micros());
-        let mut next_start = now();
+        let mut next_start = Some(now());
         loop {
-            if self.coordinator.current_round().is_none() && now() >= next_start {
-                // A refused start (budget) is retried after the gap.
-                let _ = self.coordinator.start_round(now());
-                if self.coordinator.current_round().is_none() {
-                    next_start = now().saturating_add(self.round_gap);
+            if self.coordinator.current_round().is_none()
+                && let Some(at) = next_start
+                && now() >= at
+            {
+                match self.coordinator.start_round(now()) {
+                    Ok(_) => {}
+                    Err(StartError::RoundOpen(_)) => {}
+                    // The budget (or the accountant) refuses: no later round can do better,
+                    // so stop opening rounds and keep answering devices with `NotSelected`.
+                    Err(e) => {
+                        next_start = None;
+                        self.status.send_modify(|s| s.start_refused = Some(e));
+                    }
                 }
             }
-            let wake = match self.coordinator.poll_timeout() {
-                Some(t) => to_tokio(t),
-                None => to_tokio(next_start),
+            let wake = match (self.coordinator.poll_timeout(), next_start) {
+                (Some(t), _) | (None, Some(t)) => Some(to_tokio(t)),
+                (None, None) => None,
+            };
+            let sleep = async move {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
             };
             tokio::select! {
-                _ = stop.changed() => return,
+                _ = stop.changed() => return Ok(()),
                 job = requests.recv() => {
                     match job {
-                        None => return,
+                        None => return Ok(()),
                         Some(Command::Request { conn, request, reply }) => {
                             let response = self.handle_request(now(), conn, request);
                             let _ = reply.send(response);
@@ -375,18 +462,19 @@ impl Owner {
                         }
                     }
                 }
-                () = tokio::time::sleep_until(wake) => {
+                () = sleep => {
                     self.coordinator.handle_timeout(now());
                 }
             }
-            if self.drain_events() {
-                next_start = now().saturating_add(self.round_gap);
+            if self.drain_events()? && next_start.is_some() {
+                next_start = Some(now().saturating_add(self.round_gap));
             }
         }
     }
 
-    /// Publishes round closes; whether a round closed.
-    fn drain_events(&mut self) -> bool {
+    /// Persists and publishes round closes; whether a round closed. A round that cannot be
+    /// persisted is an error: the server must not run on with it.
+    fn drain_events(&mut self) -> Result<bool, ServerError> {
         let mut closed = false;
         while let Some(event) = self.coordinator.poll_event() {
             let round = match &event {
@@ -395,20 +483,38 @@ impl Owner {
                 _ => continue,
             };
             closed = true;
+            if let Some(store) = self.store.as_mut() {
+                match &event {
+                    CoordinatorEvent::RoundCommitted { stats, .. } => {
+                        let state = self.coordinator.state().ok_or_else(|| {
+                            StoreError::Inconsistent("a round is open right after a commit".into())
+                        })?;
+                        store.commit_round(&state, stats, unix_ms())?;
+                    }
+                    CoordinatorEvent::RoundAbandoned { stats, reason } => {
+                        store.record_abandoned(stats, *reason, unix_ms())?;
+                    }
+                    _ => {}
+                }
+            }
             self.replay.forget_rounds_before(round.saturating_add(1));
             let model = Arc::clone(self.coordinator.model());
+            let next_round = round.saturating_add(1);
+            let n_ledger_entries = self.coordinator.ledger().entries().len();
             self.status.send_modify(|s| {
                 match &event {
                     CoordinatorEvent::RoundCommitted { .. } => s.n_committed += 1,
                     _ => s.n_abandoned += 1,
                 }
                 s.model = model;
+                s.next_round = next_round;
+                s.n_ledger_entries = n_ledger_entries;
                 s.last_close = Some(event);
             });
         }
         // Messages for devices that are not waiting (aborts at a close) have nowhere to go.
         while self.coordinator.poll_transmit().is_some() {}
-        closed
+        Ok(closed)
     }
 
     fn handle_request(&mut self, now: Instant, conn: usize, request: Request) -> Response {

@@ -1,0 +1,367 @@
+//! The operator's configuration file (`fedrec.toml`): its format, the commented template `fedrec-coordinator init` writes, and its conversion into the round machine's [`CoordinatorConfig`].
+//!
+//! The file is input: unknown keys are refused, and every value is checked by the same
+//! constructors the library uses. A privacy budget has no default: with noise on, the
+//! operator must write `epsilon` and `delta` before `serve` accepts the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedrec_shared::ledger::{PrivacyBudget, PrivacyPolicy};
+use fedrec_shared::privacy::AccountantKind;
+use fedrec_shared::round::{CoordinatorConfig, Selection};
+use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
+use fedrec_shared::{ModelInit, ModelShape, Objective, TrainParams};
+use serde::Deserialize;
+
+/// The configuration file's name inside a state directory.
+pub const CONFIG_FILE: &str = "fedrec.toml";
+
+/// The template `init` writes: every setting, with a comment saying what it does.
+pub const TEMPLATE: &str = r#"# fedrec coordinator configuration. `fedrec-coordinator serve --dir DIR` reads it.
+# Durations are in milliseconds.
+
+# Address the QUIC endpoint listens on.
+listen = "127.0.0.1:4433"
+
+[model]
+# Number of items in the catalogue, factor dimension, number of user segments (k-means).
+n_items = 1000
+dim = 16
+n_segments = 8
+# Initialisation of a fresh model (ignored once the store holds a checkpoint).
+factor_std = 0.1
+global_mean = 3.5      # a prior for explicit ratings; 0 for implicit feedback
+centroid_scale = 0.001
+
+[training]
+# "explicit" (squared error on ratings) or "implicit" (iALS; set implicit_alpha).
+objective = "explicit"
+# implicit_alpha = 40.0
+l2_user = 1.0
+l2_user_bias = 0.1
+l2_item = 0.05
+l2_item_bias = 0.01
+# Server optimizer for the item side: "adam" or "sgd" (sgd uses momentum).
+optimizer = "adam"
+server_lr = 0.1
+# momentum = 0.9
+
+[rounds]
+# "poisson" (each device that checks in is selected with probability q; what the privacy
+# accountant models) or "first_come" (the first `cohort` devices; only without noise).
+selection = "poisson"
+q = 0.5
+# cohort = 100
+# Fewest reports with which a round commits; fewer and it is abandoned.
+min_reports = 10
+checkin_window_ms = 30000
+report_window_ms = 120000
+# Pause between the close of one round and the start of the next.
+round_gap_ms = 1000
+
+[privacy]
+# L2 bound on each device's update.
+clip_norm = 1.0
+# Gaussian noise standard deviation as a multiple of clip_norm (0 = no noise, no privacy).
+noise_multiplier = 1.0
+# Accountant: "rdp" (fast, looser) or "pld" (tighter).
+accountant = "rdp"
+# The (epsilon, delta) budget is REQUIRED when noise_multiplier > 0, and has no default:
+# choose it for your population (delta well below 1 / number of devices), then uncomment.
+# The coordinator refuses to open a round that could take the spend past epsilon.
+# epsilon = 8.0
+# delta = 1e-6
+"#;
+
+/// Why the configuration file cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of this format.
+    #[error("invalid configuration file {}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or settings contradict each other.
+    #[error("invalid configuration: {key}: {reason}")]
+    Invalid {
+        /// The offending setting.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, reason: reason.into() }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Model shape and initialisation.
+    pub model: ModelSection,
+    /// Device-side objective and regularisation, and the server optimizer.
+    pub training: TrainingSection,
+    /// Round policy.
+    pub rounds: RoundsSection,
+    /// Clipping, noise and budget.
+    pub privacy: PrivacySection,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Items in the catalogue.
+    pub n_items: usize,
+    /// Factor dimension.
+    pub dim: usize,
+    /// User segments.
+    pub n_segments: usize,
+    /// Standard deviation of the initial item factors.
+    pub factor_std: f32,
+    /// Initial global mean.
+    pub global_mean: f32,
+    /// Norm of the initial centroids.
+    pub centroid_scale: f32,
+}
+
+/// `[training]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSection {
+    /// `explicit` or `implicit`.
+    pub objective: String,
+    /// Confidence slope of the implicit objective.
+    pub implicit_alpha: Option<f32>,
+    /// Ridge on the user vector.
+    pub l2_user: f32,
+    /// Ridge on the user bias.
+    pub l2_user_bias: f32,
+    /// L2 on item vectors.
+    pub l2_item: f32,
+    /// L2 on item biases.
+    pub l2_item_bias: f32,
+    /// `adam` or `sgd`.
+    pub optimizer: String,
+    /// The server optimizer's learning rate.
+    pub server_lr: f32,
+    /// SGD momentum.
+    pub momentum: Option<f32>,
+}
+
+/// `[rounds]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundsSection {
+    /// `poisson` or `first_come`.
+    pub selection: String,
+    /// Poisson sampling probability.
+    pub q: Option<f64>,
+    /// First-come cohort size.
+    pub cohort: Option<usize>,
+    /// Fewest reports for a commit.
+    pub min_reports: usize,
+    /// Check-in window.
+    pub checkin_window_ms: u64,
+    /// Report window.
+    pub report_window_ms: u64,
+    /// Pause between rounds.
+    pub round_gap_ms: u64,
+}
+
+/// `[privacy]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySection {
+    /// L2 bound on each update.
+    pub clip_norm: f32,
+    /// Noise as a multiple of the clip norm.
+    pub noise_multiplier: f32,
+    /// `rdp` or `pld`.
+    pub accountant: String,
+    /// The budget's ε (no default).
+    pub epsilon: Option<f64>,
+    /// The budget's δ (no default).
+    pub delta: Option<f64>,
+}
+
+impl FileConfig {
+    /// Reads and parses `path`; the values are checked by [`FileConfig::coordinator_config`].
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+    }
+
+    /// Parses the text of a configuration file.
+    pub fn parse(text: &str) -> Result<Self, Box<toml::de::Error>> {
+        toml::from_str(text).map_err(Box::new)
+    }
+
+    /// The model shape.
+    pub fn shape(&self) -> ModelShape {
+        ModelShape { n_items: self.model.n_items, dim: self.model.dim, n_segments: self.model.n_segments }
+    }
+
+    /// How a fresh model is initialised.
+    pub fn model_init(&self) -> ModelInit {
+        ModelInit {
+            factor_std: self.model.factor_std,
+            global_mean: self.model.global_mean,
+            centroid_scale: self.model.centroid_scale,
+        }
+    }
+
+    /// The pause between rounds.
+    pub fn round_gap(&self) -> Duration {
+        Duration::from_millis(self.rounds.round_gap_ms)
+    }
+
+    /// The accountant named in the file.
+    pub fn accountant(&self) -> Result<AccountantKind, ConfigError> {
+        match self.privacy.accountant.as_str() {
+            "rdp" => Ok(AccountantKind::Rdp),
+            "pld" => Ok(AccountantKind::Pld),
+            other => {
+                Err(invalid("privacy.accountant", format!("expected \"rdp\" or \"pld\", got {other:?}")))
+            }
+        }
+    }
+
+    /// The privacy policy, if the file sets a budget. Both `epsilon` and `delta` or neither.
+    pub fn privacy_policy(&self) -> Result<Option<PrivacyPolicy>, ConfigError> {
+        let p = &self.privacy;
+        match (p.epsilon, p.delta) {
+            (None, None) => Ok(None),
+            (Some(epsilon), Some(delta)) => {
+                let budget = PrivacyBudget::new(epsilon, delta)
+                    .map_err(|e| invalid("privacy.epsilon/delta", e.to_string()))?;
+                Ok(Some(PrivacyPolicy { budget, accountant: self.accountant()? }))
+            }
+            _ => Err(invalid("privacy.epsilon/delta", "set both epsilon and delta, or neither")),
+        }
+    }
+
+    /// The round machine's configuration. Refuses noise without a budget.
+    pub fn coordinator_config(&self) -> Result<CoordinatorConfig, ConfigError> {
+        let t = &self.training;
+        let objective = match (t.objective.as_str(), t.implicit_alpha) {
+            ("explicit", None) => Objective::Explicit,
+            ("implicit", Some(alpha)) => Objective::Implicit { alpha },
+            ("explicit", Some(_)) => {
+                return Err(invalid("training.implicit_alpha", "only the implicit objective has an alpha"));
+            }
+            ("implicit", None) => {
+                return Err(invalid(
+                    "training.implicit_alpha",
+                    "the implicit objective needs implicit_alpha",
+                ));
+            }
+            (other, _) => {
+                return Err(invalid(
+                    "training.objective",
+                    format!("expected \"explicit\" or \"implicit\", got {other:?}"),
+                ));
+            }
+        };
+        let optimizer = match (t.optimizer.as_str(), t.momentum) {
+            ("adam", None) => ServerOptimizer::adam(t.server_lr),
+            ("sgd", momentum) => ServerOptimizer::Sgd { lr: t.server_lr, momentum: momentum.unwrap_or(0.0) },
+            ("adam", Some(_)) => return Err(invalid("training.momentum", "only sgd has a momentum")),
+            (other, _) => {
+                return Err(invalid(
+                    "training.optimizer",
+                    format!("expected \"adam\" or \"sgd\", got {other:?}"),
+                ));
+            }
+        };
+        let r = &self.rounds;
+        let selection = match (r.selection.as_str(), r.q, r.cohort) {
+            ("poisson", Some(q), None) => Selection::Poisson { q },
+            ("first_come", None, Some(cohort)) => Selection::FirstCome { cohort },
+            ("poisson", _, _) => {
+                return Err(invalid("rounds.q", "poisson selection needs q (and no cohort)"));
+            }
+            ("first_come", _, _) => {
+                return Err(invalid("rounds.cohort", "first_come selection needs cohort (and no q)"));
+            }
+            (other, _, _) => {
+                return Err(invalid(
+                    "rounds.selection",
+                    format!("expected \"poisson\" or \"first_come\", got {other:?}"),
+                ));
+            }
+        };
+        // Checked even without a budget, so that a typo is caught before it matters.
+        self.accountant()?;
+        let privacy = self.privacy_policy()?;
+        if self.privacy.noise_multiplier > 0.0 && privacy.is_none() {
+            return Err(invalid(
+                "privacy.epsilon/delta",
+                "noise_multiplier > 0 needs a privacy budget: set epsilon and delta (there is no default)",
+            ));
+        }
+        let config = CoordinatorConfig {
+            train: TrainParams {
+                objective,
+                l2_user: t.l2_user,
+                l2_user_bias: t.l2_user_bias,
+                l2_item: t.l2_item,
+                l2_item_bias: t.l2_item_bias,
+            },
+            optimizer,
+            selection,
+            min_reports: r.min_reports,
+            checkin_window: Duration::from_millis(r.checkin_window_ms),
+            report_window: Duration::from_millis(r.report_window_ms),
+            clip_norm: self.privacy.clip_norm,
+            adaptive_clip: None,
+            noise_multiplier: self.privacy.noise_multiplier,
+            centroids: CentroidPolicy::with_min_count(1.0),
+            privacy,
+        };
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_template_parses_but_needs_a_budget_before_it_serves() {
+        let cfg = FileConfig::parse(TEMPLATE).expect("the template parses");
+        assert_eq!(cfg.listen, SocketAddr::from(([127, 0, 0, 1], 4433)));
+        let err = cfg.coordinator_config().expect_err("noise without a budget is refused");
+        assert!(err.to_string().contains("privacy budget"), "{err}");
+        let with_budget =
+            TEMPLATE.replace("# epsilon = 8.0", "epsilon = 8.0").replace("# delta = 1e-6", "delta = 1e-6");
+        let cfg = FileConfig::parse(&with_budget).expect("parses");
+        let coordinator = cfg.coordinator_config().expect("valid with a budget");
+        assert!(coordinator.privacy.is_some());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = format!("{TEMPLATE}\nlisten_port = 1\n");
+        assert!(FileConfig::parse(&text).is_err());
+    }
+}
