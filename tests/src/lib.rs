@@ -82,31 +82,35 @@ fn target_dir() -> PathBuf {
     }
 }
 
-/// The `fedrec-sim` binary, built (debug profile) once per test process.
+/// Builds `bin` of `package` (debug profile) and returns its path.
 ///
 /// `CARGO_BIN_EXE_*` only exists for the integration tests of the package that owns the
-/// binary, so this crate builds it itself; cargo's own up-to-date check makes repeat calls
-/// cheap. Panics with cargo's output when the build fails.
+/// binary, so this crate builds the workspace's binaries itself; cargo's own up-to-date check
+/// makes repeat calls cheap. Panics with cargo's output when the build fails.
+fn build_bin(package: &str, bin: &str) -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let target = target_dir();
+    let output = Command::new(cargo)
+        .args(["build", "-p", package, "--bin", bin, "--message-format=short"])
+        .arg("--target-dir")
+        .arg(&target)
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .output()
+        .expect("cargo can be started");
+    assert!(output.status.success(), "building {bin} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    let path = target.join("debug").join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+    assert!(path.is_file(), "cargo built {bin} but {} is missing", path.display());
+    path
+}
+
+/// The `fedrec-sim` binary, built once per test process.
 pub fn fedrec_sim_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let target = target_dir();
-        let output = Command::new(cargo)
-            .args(["build", "-p", "fedrec-sim", "--bin", "fedrec-sim", "--message-format=short"])
-            .arg("--target-dir")
-            .arg(&target)
-            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-            .output()
-            .expect("cargo can be started");
-        assert!(
-            output.status.success(),
-            "building fedrec-sim failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let bin = target.join("debug").join(format!("fedrec-sim{}", std::env::consts::EXE_SUFFIX));
-        assert!(bin.is_file(), "cargo built fedrec-sim but {} is missing", bin.display());
-        bin
-    })
-    .clone()
+    BIN.get_or_init(|| build_bin("fedrec-sim", "fedrec-sim")).clone()
+}
+
+/// The `fedrec-coordinator` binary, built once per test process.
+pub fn fedrec_coordinator_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build_bin("fedrec-coordinator", "fedrec-coordinator")).clone()
 }

@@ -1,9 +1,8 @@
 //! A coordinator with a store survives a restart: a new server resumes at the right round with the same model version and privacy ledger; a spent budget stops rounds visibly; the `fedrec-coordinator` binary initialises, enrolls and reports.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedrec_client::net::{Device, NetConfig, Participation};
@@ -16,7 +15,7 @@ use fedrec_shared::privacy::AccountantKind;
 use fedrec_shared::round::{CoordinatorConfig, CoordinatorEvent, Selection, StartError};
 use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
 use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, Rating, TrainParams};
-use fedrec_tests::low_rank_ratings;
+use fedrec_tests::{fedrec_coordinator_bin, low_rank_ratings};
 use ring::rand::SystemRandom;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -227,49 +226,13 @@ async fn a_spent_budget_stops_rounds_and_says_so() {
     assert_eq!(s.n_ledger_entries, 0);
 }
 
-/// The workspace's target folder: `$CARGO_TARGET_DIR`, or `target/` at the workspace root.
-fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target"),
-    }
-}
-
-/// The `fedrec-coordinator` binary, built (debug profile) once per test process:
-/// `CARGO_BIN_EXE_*` only exists for the tests of the package that owns the binary.
-fn coordinator_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let target = target_dir();
-        let output = Command::new(cargo)
-            .args([
-                "build",
-                "-p",
-                "fedrec-coordinator",
-                "--bin",
-                "fedrec-coordinator",
-                "--message-format=short",
-            ])
-            .arg("--target-dir")
-            .arg(&target)
-            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-            .output()
-            .expect("cargo can be started");
-        assert!(
-            output.status.success(),
-            "building fedrec-coordinator failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let bin = target.join("debug").join(format!("fedrec-coordinator{}", std::env::consts::EXE_SUFFIX));
-        assert!(bin.is_file(), "cargo built fedrec-coordinator but {} is missing", bin.display());
-        bin
-    })
-    .clone()
-}
-
 fn run(args: &[&str], dir: &Path) -> std::process::Output {
-    Command::new(coordinator_bin()).args(args).arg("--dir").arg(dir).output().expect("the binary starts")
+    Command::new(fedrec_coordinator_bin())
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .output()
+        .expect("the binary starts")
 }
 
 #[test]
@@ -294,7 +257,7 @@ fn the_binary_initialises_enrolls_and_reports() {
     let again = run(&["init"], &dir);
     assert!(!again.status.success(), "init refuses to overwrite");
 
-    let enroll = Command::new(coordinator_bin())
+    let enroll = Command::new(fedrec_coordinator_bin())
         .args(["enroll", "--count", "3", "--dir"])
         .arg(&dir)
         .output()
