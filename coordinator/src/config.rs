@@ -24,6 +24,9 @@ pub const TEMPLATE: &str = r#"# fedrec coordinator configuration. `fedrec-coordi
 
 # Address the QUIC endpoint listens on.
 listen = "127.0.0.1:4433"
+# Address of the HTTP endpoint serving Prometheus metrics at GET /metrics (remove the line
+# to serve none). It tells anyone who can reach it how the rounds go: keep it private.
+metrics_listen = "127.0.0.1:9464"
 
 [model]
 # Number of items in the catalogue, factor dimension, number of user segments (k-means).
@@ -115,6 +118,9 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 pub struct FileConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// Address of the metrics endpoint (`GET /metrics`); absent serves none.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Model shape and initialisation.
     pub model: ModelSection,
     /// Device-side objective and regularisation, and the server optimizer.
@@ -350,6 +356,7 @@ mod tests {
     fn the_template_parses_but_needs_a_budget_before_it_serves() {
         let cfg = FileConfig::parse(TEMPLATE).expect("the template parses");
         assert_eq!(cfg.listen, SocketAddr::from(([127, 0, 0, 1], 4433)));
+        assert_eq!(cfg.metrics_listen, Some(SocketAddr::from(([127, 0, 0, 1], 9464))));
         let err = cfg.coordinator_config().expect_err("noise without a budget is refused");
         assert!(err.to_string().contains("privacy budget"), "{err}");
         let with_budget =

@@ -73,12 +73,20 @@ enum Command {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    init_tracing();
     match cli.command {
         Command::Init { dir } => init(&dir),
         Command::Enroll { dir, count, out } => enroll(&dir, count, out.as_deref()),
         Command::Serve { dir } => serve(&dir),
         Command::Status { dir } => status(&dir),
     }
+}
+
+/// Structured logs to standard error, filtered by `RUST_LOG` (default `info`).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 fn unix_ms() -> u64 {
@@ -204,11 +212,15 @@ fn serve(dir: &Path) -> Result<()> {
     cfg.tls = TlsIdentity::Der { chain: vec![read(CERT_FILE)?], key: read(KEY_FILE)? };
     cfg.round_gap = file.round_gap();
     cfg.store = Some(store);
+    cfg.metrics_listen = file.metrics_listen;
 
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let server = Server::bind(cfg).context("cannot start the server")?;
         eprintln!("listening on {}", server.local_addr());
+        if let Some(addr) = server.metrics_addr() {
+            eprintln!("metrics on {addr}");
+        }
         let mut status = server.status();
         {
             let s = status.borrow_and_update();

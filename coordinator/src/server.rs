@@ -44,6 +44,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::auth::{AuthError, DeviceId, ReplayGuard, ReplayLimits, Verifier};
+use crate::metrics::{ServerMetrics, serve_http};
 use crate::store::{Store, StoreError};
 
 /// The server's TLS identity.
@@ -89,12 +90,14 @@ pub struct ServeConfig {
     pub max_streams_per_connection: u32,
     /// Where rounds are persisted; `None` keeps everything in memory.
     pub store: Option<Store>,
+    /// Where the Prometheus metrics are served over HTTP (`GET /metrics`); `None` serves none.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServeConfig {
     /// A configuration with the defaults: a self-signed certificate for `localhost`, default
     /// replay limits, a gap of 100 ms between rounds, reads timing out after 10 s, a retry
-    /// hint of 1 s, 4 concurrent streams per connection, and no store.
+    /// hint of 1 s, 4 concurrent streams per connection, no store and no metrics endpoint.
     pub fn new(
         listen: SocketAddr,
         coordinator: CoordinatorConfig,
@@ -113,6 +116,7 @@ impl ServeConfig {
             retry_after: Duration::from_secs(1),
             max_streams_per_connection: 4,
             store: None,
+            metrics_listen: None,
         }
     }
 }
@@ -172,6 +176,9 @@ pub struct Server {
     status_rx: watch::Receiver<ServerStatus>,
     limits: Limits,
     read_timeout: Duration,
+    metrics: Arc<ServerMetrics>,
+    metrics_listener: Option<std::net::TcpListener>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Server {
@@ -231,6 +238,17 @@ impl Server {
             start_refused: None,
         };
         let (status_tx, status_rx) = watch::channel(status);
+        let metrics = Arc::new(ServerMetrics::new());
+        metrics.model_version.set(coordinator.model().version as f64);
+        let metrics_listener = match cfg.metrics_listen {
+            Some(addr) => {
+                let listener = std::net::TcpListener::bind(addr)?;
+                listener.set_nonblocking(true)?;
+                Some(listener)
+            }
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().map(std::net::TcpListener::local_addr).transpose()?;
         let owner = Owner {
             coordinator,
             verifier: cfg.verifier,
@@ -240,7 +258,9 @@ impl Server {
             status: status_tx,
             sessions: HashMap::new(),
             store,
+            metrics: Arc::clone(&metrics),
         };
+        owner.update_epsilon();
         Ok(Server {
             endpoint,
             local_addr,
@@ -249,7 +269,20 @@ impl Server {
             status_rx,
             limits,
             read_timeout: cfg.read_timeout,
+            metrics,
+            metrics_listener,
+            metrics_addr,
         })
+    }
+
+    /// The address the metrics endpoint listens on, if one is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The server's metrics (what `GET /metrics` renders).
+    pub fn metrics(&self) -> Arc<ServerMetrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// The address the server listens on.
@@ -271,11 +304,18 @@ impl Server {
     ///
     /// Returns early with an error if the owner fails (a round could not be persisted).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let Server { endpoint, owner, limits, read_timeout, .. } = self;
+        let Server { endpoint, owner, limits, read_timeout, metrics, metrics_listener, .. } = self;
+        let metrics_task = match metrics_listener {
+            Some(listener) => {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                Some(tokio::spawn(serve_http(listener, Arc::clone(&metrics))))
+            }
+            None => None,
+        };
         let (req_tx, req_rx) = mpsc::channel::<Command>(256);
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut owner_task = tokio::spawn(owner.run(req_rx, stop_rx));
-        let ctx = Arc::new(StreamCtx { limits, read_timeout, requests: req_tx });
+        let ctx = Arc::new(StreamCtx { limits, read_timeout, requests: req_tx, metrics });
         let mut owner_result = None;
         tokio::pin!(shutdown);
         loop {
@@ -300,6 +340,9 @@ impl Server {
             None => owner_task.await,
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
         match owner_result {
             Ok(result) => result,
             // The owner panicked: re-raise it here rather than report a clean stop.
@@ -338,6 +381,7 @@ struct StreamCtx {
     limits: Limits,
     read_timeout: Duration,
     requests: mpsc::Sender<Command>,
+    metrics: Arc<ServerMetrics>,
 }
 
 async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<StreamCtx>) {
@@ -366,11 +410,21 @@ async fn serve_stream(
                 })
             }
         }
-        Err(StreamError::Wire(e)) => Response::error(e.code(), &e.to_string()),
-        Err(StreamError::Timeout) => Response::error(ErrorCode::Malformed, "request not received in time"),
+        Err(StreamError::Wire(e)) => {
+            let label = e.code().label();
+            ctx.metrics.rejected(label);
+            tracing::warn!(reason = label, "refused a request");
+            Response::error(e.code(), &e.to_string())
+        }
+        Err(StreamError::Timeout) => {
+            ctx.metrics.rejected("timeout");
+            tracing::warn!(reason = "timeout", "refused a request");
+            Response::error(ErrorCode::Malformed, "request not received in time")
+        }
         Err(StreamError::Read) => return,
     };
     let Ok(frame) = wire::encode(&response) else { return };
+    ctx.metrics.bytes_out.add(frame.len() as u64);
     if send.write_all(&frame).await.is_ok() {
         let _ = send.finish();
         // Wait for the peer to read the answer (or go away) before the stream is dropped.
@@ -388,9 +442,11 @@ async fn read_request(recv: &mut quinn::RecvStream, ctx: &StreamCtx) -> Result<R
     let read = async {
         let mut prefix = [0u8; LEN_PREFIX];
         recv.read_exact(&mut prefix).await.map_err(|_| StreamError::Read)?;
+        ctx.metrics.bytes_in.add(LEN_PREFIX as u64);
         let len = wire::frame_len(prefix, ctx.limits.max_request()).map_err(StreamError::Wire)?;
         let mut payload = vec![0u8; len];
         recv.read_exact(&mut payload).await.map_err(|_| StreamError::Read)?;
+        ctx.metrics.bytes_in.add(len as u64);
         wire::decode_request(&payload, &ctx.limits).map_err(StreamError::Wire)
     };
     tokio::time::timeout(ctx.read_timeout, read).await.unwrap_or(Err(StreamError::Timeout))
@@ -409,6 +465,8 @@ struct Owner {
     sessions: HashMap<usize, DeviceId>,
     /// Where rounds are persisted.
     store: Option<Store>,
+    /// Updated at every event the owner sees.
+    metrics: Arc<ServerMetrics>,
 }
 
 impl Owner {
@@ -428,11 +486,12 @@ impl Owner {
                 && now() >= at
             {
                 match self.coordinator.start_round(now()) {
-                    Ok(_) => {}
+                    Ok(round) => tracing::info!(round, "round opened"),
                     Err(StartError::RoundOpen(_)) => {}
                     // The budget (or the accountant) refuses: no later round can do better,
                     // so stop opening rounds and keep answering devices with `NotSelected`.
                     Err(e) => {
+                        tracing::warn!(reason = %e, "no more rounds");
                         next_start = None;
                         self.status.send_modify(|s| s.start_refused = Some(e));
                     }
@@ -480,6 +539,11 @@ impl Owner {
             let round = match &event {
                 CoordinatorEvent::RoundCommitted { stats, .. }
                 | CoordinatorEvent::RoundAbandoned { stats, .. } => stats.round,
+                CoordinatorEvent::Rejected { reason, .. } => {
+                    self.metrics.rejected(reason.label());
+                    tracing::warn!(reason = reason.label(), "refused a message");
+                    continue;
+                }
                 _ => continue,
             };
             closed = true;
@@ -498,6 +562,8 @@ impl Owner {
                 }
             }
             self.replay.forget_rounds_before(round.saturating_add(1));
+            let epsilon = self.update_epsilon();
+            self.record_close(&event, epsilon);
             let model = Arc::clone(self.coordinator.model());
             let next_round = round.saturating_add(1);
             let n_ledger_entries = self.coordinator.ledger().entries().len();
@@ -517,12 +583,59 @@ impl Owner {
         Ok(closed)
     }
 
+    /// Updates the metrics and logs a round close.
+    fn record_close(&self, event: &CoordinatorEvent, epsilon: Option<f64>) {
+        let m = &self.metrics;
+        let (stats, outcome) = match event {
+            CoordinatorEvent::RoundCommitted { stats, .. } => {
+                m.rounds_committed.inc();
+                (stats, "committed")
+            }
+            CoordinatorEvent::RoundAbandoned { stats, .. } => {
+                m.rounds_abandoned.inc();
+                (stats, "abandoned")
+            }
+            _ => return,
+        };
+        m.checked_in.add(stats.n_checked_in as u64);
+        m.selected.add(stats.n_selected as u64);
+        m.reported.add(stats.n_reported as u64);
+        m.round_duration.observe(stats.duration.as_secs_f64());
+        m.model_version.set(self.coordinator.model().version as f64);
+        tracing::info!(
+            round = stats.round,
+            outcome,
+            n_reported = stats.n_reported,
+            n_dropped = stats.n_dropped,
+            noise_std = stats.noise_std,
+            epsilon,
+            "round closed"
+        );
+    }
+
+    /// Recomputes `fedrec_epsilon_spent` when a budget is configured; the spend.
+    fn update_epsilon(&self) -> Option<f64> {
+        let policy = self.coordinator.config().privacy.as_ref()?;
+        let epsilon = self.coordinator.ledger().epsilon(policy.budget.delta(), policy.accountant).ok()?;
+        self.metrics.set_epsilon_spent(epsilon);
+        Some(epsilon)
+    }
+
+    /// Counts and logs a refused peer (by reason label only: no tokens, no ids).
+    fn refuse(&self, label: &'static str) {
+        self.metrics.rejected(label);
+        tracing::warn!(reason = label, "refused a peer");
+    }
+
     fn handle_request(&mut self, now: Instant, conn: usize, request: Request) -> Response {
         match request {
             Request::CheckIn(check_in) => {
                 let device = match self.verifier.verify(&check_in.token, unix_ms()) {
                     Ok(d) => d,
-                    Err(e) => return auth_error(e),
+                    Err(e) => {
+                        self.refuse(e.label());
+                        return auth_error(e);
+                    }
                 };
                 self.sessions.insert(conn, device);
                 let client: ClientId = device.get();
@@ -533,21 +646,28 @@ impl Owner {
                 // An upload carries no token: it comes from the device whose check-in on the
                 // same connection was verified.
                 let Some(&device) = self.sessions.get(&conn) else {
+                    self.refuse(ErrorCode::BadToken.label());
                     return Response::error(ErrorCode::BadToken, "upload on a connection without a check-in");
                 };
                 let Some(current) = self.coordinator.current_round() else {
+                    self.refuse(ErrorCode::WrongRound.label());
                     return Response::error(ErrorCode::WrongRound, "no round is open");
                 };
                 if upload.round != current {
+                    self.refuse(ErrorCode::WrongRound.label());
                     return Response::error(ErrorCode::WrongRound, "upload for a round that is not open");
                 }
                 if let Err(e) = self.replay.check_and_record(device, upload.round, upload.nonce) {
+                    self.refuse(e.label());
                     return auth_error(e);
                 }
                 let layout = self.coordinator.model().model.shape().layout();
                 let msg = match upload.into_client_message(&layout, self.coordinator.clip_norm()) {
                     Ok(m) => m,
-                    Err(e) => return Response::error(e.code(), &e.to_string()),
+                    Err(e) => {
+                        self.refuse(e.code().label());
+                        return Response::error(e.code(), &e.to_string());
+                    }
                 };
                 let client: ClientId = device.get();
                 self.coordinator.handle_message(now, client, msg);
