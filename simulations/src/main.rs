@@ -537,16 +537,7 @@ fn baseline(args: &BaselineArgs) -> Result<()> {
     let method = format!("{:?}", args.method).to_lowercase();
     let wall = t0.elapsed().as_secs_f64();
     println!("baseline {method} on {} ({} users, {} items)", info.name, info.n_users, info.n_items);
-    print!(
-        "{}",
-        report::table(&[
-            ("RMSE", report::fmt_opt(m.rmse)),
-            ("Recall@20", format!("{:.4}", m.recall_at_20)),
-            ("NDCG@10", format!("{:.4}", m.ndcg_at_10)),
-            ("users evaluated", m.n_eval_users.to_string()),
-            ("seconds", format!("{wall:.2}")),
-        ])
-    );
+    print!("{}", report::table(&[report::metric_rows(&m), vec![("seconds", format!("{wall:.2}"))]].concat()));
     if let Some(path) = &args.run.out.json {
         let rep = BaselineReport {
             command: "baseline",
@@ -665,23 +656,25 @@ fn run(args: &RunArgs) -> Result<()> {
     );
     print!(
         "{}",
-        report::table(&[
-            ("RMSE", report::fmt_opt(m.rmse)),
-            ("Recall@20", format!("{:.4}", m.recall_at_20)),
-            ("NDCG@10", format!("{:.4}", m.ndcg_at_10)),
-            ("users evaluated", m.n_eval_users.to_string()),
-            ("client updates", res.client_updates.to_string()),
-            ("training seconds", format!("{:.3} ({per_sec:.0} updates/s)", res.train_seconds)),
-            ("segment sizes", format!("{:?}", segments.federated.sizes)),
-            (
-                "mean distance to centroid",
-                format!(
-                    "federated {:.4}, centralized k-means {:.4}",
-                    segments.federated.mean_distance, segments.centralized.mean_distance
-                ),
-            ),
-            ("wall seconds", format!("{wall:.2}")),
-        ])
+        report::table(
+            &[
+                report::metric_rows(&m),
+                vec![
+                    ("client updates", res.client_updates.to_string()),
+                    ("training seconds", format!("{:.3} ({per_sec:.0} updates/s)", res.train_seconds)),
+                    ("segment sizes", format!("{:?}", segments.federated.sizes)),
+                    (
+                        "mean distance to centroid",
+                        format!(
+                            "federated {:.4}, centralized k-means {:.4}",
+                            segments.federated.mean_distance, segments.centralized.mean_distance
+                        ),
+                    ),
+                    ("wall seconds", format!("{wall:.2}")),
+                ],
+            ]
+            .concat()
+        )
     );
     if let Some(p) = &res.privacy {
         println!(

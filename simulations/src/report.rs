@@ -156,6 +156,16 @@ pub fn table(rows: &[(&str, String)]) -> String {
     out
 }
 
+/// The table rows every command shows for its metrics.
+pub fn metric_rows(m: &fedrec_shared::eval::Metrics) -> Vec<(&'static str, String)> {
+    vec![
+        ("RMSE", fmt_opt(m.rmse)),
+        ("Recall@20", format!("{:.4}", m.recall_at_20)),
+        ("NDCG@10", format!("{:.4}", m.ndcg_at_10)),
+        ("users evaluated", m.n_eval_users.to_string()),
+    ]
+}
+
 /// Formats an optional metric.
 pub fn fmt_opt(x: Option<f64>) -> String {
     x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "—".to_owned())
