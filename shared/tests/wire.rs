@@ -1152,3 +1152,15 @@ proptest! {
         prop_assert!(refused);
     }
 }
+
+/// A check-in's Debug output (logs, panics) never shows the enrollment token.
+#[test]
+fn check_in_debug_hides_the_token() {
+    let mut c = check_in(None);
+    c.token = b"SECRET-TOKEN-BYTES".to_vec();
+    let shown = format!("{c:?} {:?}", Request::CheckIn(c.clone()));
+    assert!(!shown.contains("SECRET"), "{shown}");
+    let as_numbers = format!("{:?}", &c.token[..4]);
+    assert!(!shown.contains(&as_numbers[1..as_numbers.len() - 1]), "{shown}");
+    assert!(shown.contains("<18 bytes>"), "{shown}");
+}
