@@ -1,4 +1,5 @@
 //! The `fedrec-sim` command line: fetch datasets, run federations, baselines and benchmarks.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 

@@ -1,4 +1,5 @@
 //! Helpers for the end-to-end tests in `tests/`: synthetic rating data and the `fedrec-sim` binary.
+#![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
