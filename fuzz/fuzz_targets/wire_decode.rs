@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use fedrec_shared::wire::{self, LEN_PREFIX, Limits, Request};
+use fedrec_shared::wire::{self, LEN_PREFIX, Limits, Request, rules};
 use fedrec_shared::{ModelShape, RoundModel};
 use libfuzzer_sys::fuzz_target;
 
@@ -42,6 +42,14 @@ fuzz_target!(|data: &[u8]| {
             let _ = response.into_inbound(None);
         }
     }
+    // The ruleset decoders (a device verifies the signature first, but a coordinator's
+    // stored file and the payload parser still see whatever bytes they are given).
+    if let Ok(signed) = rules::SignedRuleset::from_bytes(data) {
+        let bytes = signed.to_bytes().expect("a decoded signed ruleset encodes");
+        let again = rules::SignedRuleset::from_bytes(&bytes).expect("a re-encoded signed ruleset decodes");
+        assert_eq!(again.to_bytes().expect("encodes"), bytes);
+    }
+    let _ = rules::Ruleset::from_payload(data);
 });
 
 /// The payload of a decoded message, encoded again.

@@ -182,7 +182,7 @@ fn server_messages_convert_both_ways() {
     // A rejection becomes an error code; the norm (a statistic of the device's data) is not echoed.
     let norm = Rejection::InvalidUpdate(UpdateError::NormTooLarge { norm: 12.345, clip_norm: 1.0 });
     let r = Response::from_server_message(&ServerMessage::Rejected { round: 2, reason: norm }, None, retry);
-    let Response::Error { code, message } = &r else { panic!("an error") };
+    let Response::Error { code, message, retry_after_ms: None } = &r else { panic!("an error") };
     assert_eq!(*code, ErrorCode::NormTooLarge);
     assert!(!message.contains("12.3"), "{message}");
     match r.into_inbound(None).expect("valid") {
@@ -362,7 +362,22 @@ fn known_answer_messages() -> Vec<(&'static str, Result<Request, Response>)> {
         ("task_cached", Err(Response::Task(task_cached))),
         ("not_selected", Err(Response::NotSelected { round: 1, retry_after_ms: 1000 })),
         ("ack", Err(Response::Ack { round: 5 })),
-        ("error", Err(Response::Error { code: ErrorCode::NormTooLarge, message: "no".into() })),
+        (
+            "error",
+            Err(Response::Error {
+                code: ErrorCode::NormTooLarge,
+                message: "no".into(),
+                retry_after_ms: None,
+            }),
+        ),
+        (
+            "error_retry",
+            Err(Response::Error {
+                code: ErrorCode::RateLimited,
+                message: "later".into(),
+                retry_after_ms: Some(60_000),
+            }),
+        ),
         ("aborted", Err(Response::Aborted { round: 128 })),
     ]
 }
@@ -488,8 +503,11 @@ fn the_largest_messages_fit_their_limits() {
         cached_model_version: Some(u64::MAX),
     };
     assert!(payload(&Request::CheckIn(ci)).len() <= CHECK_IN_LIMIT);
-    let err =
-        Response::Error { code: ErrorCode::MissingClipBit, message: "é".repeat(MAX_ERROR_MESSAGE_LEN / 2) };
+    let err = Response::Error {
+        code: ErrorCode::MissingClipBit,
+        message: "é".repeat(MAX_ERROR_MESSAGE_LEN / 2),
+        retry_after_ms: Some(u64::MAX),
+    };
     assert!(payload(&err).len() <= RESPONSE_LIMIT);
     for r in [
         Response::NotSelected { round: u64::MAX, retry_after_ms: u64::MAX },
@@ -610,8 +628,8 @@ fn malformed_payloads_are_refused() {
     let malformed = |r: Result<Request, WireError>| matches!(r, Err(WireError::Malformed(_)));
     assert!(malformed(wire::decode_request(&[], &l)));
     assert!(malformed(wire::decode_request(&[1], &l)));
-    assert!(malformed(wire::decode_request(&[1, 2], &l)), "no request has variant index 2");
-    assert!(matches!(wire::decode_response(&[1, 5], &l), Err(WireError::Malformed(_))));
+    assert!(malformed(wire::decode_request(&[1, 3], &l)), "no request has variant index 3");
+    assert!(matches!(wire::decode_response(&[1, 6], &l), Err(WireError::Malformed(_))));
     let mut p = payload(&Request::CheckIn(check_in(None)));
     p.push(0);
     assert!(malformed(wire::decode_request(&p, &l)), "trailing bytes");
@@ -652,11 +670,16 @@ fn over_long_fields_are_refused_by_both_sides() {
     p.extend([0, 0, 0]);
     assert!(wire::decode_request(&p, &l).is_ok());
 
-    let long = Response::Error { code: ErrorCode::Internal, message: "x".repeat(MAX_ERROR_MESSAGE_LEN + 1) };
+    let long = Response::Error {
+        code: ErrorCode::Internal,
+        message: "x".repeat(MAX_ERROR_MESSAGE_LEN + 1),
+        retry_after_ms: None,
+    };
     assert!(matches!(wire::encode(&long), Err(WireError::Invalid(_))));
     let mut p = vec![1, 3, 14];
     p.extend(varint(MAX_ERROR_MESSAGE_LEN as u64 + 1));
     p.extend(vec![b'x'; MAX_ERROR_MESSAGE_LEN + 1]);
+    p.push(0);
     assert!(matches!(wire::decode_response(&p, &l), Err(WireError::Invalid(_))));
     // The constructor cuts at a character boundary instead.
     let Response::Error { message, .. } = Response::error(ErrorCode::Internal, &"€".repeat(100)) else {
@@ -795,10 +818,10 @@ fn every_rejection_has_an_error_code() {
     // An unknown code from a newer peer still decodes.
     let mut p = vec![1, 3];
     p.extend(varint(999));
-    p.extend([2, b'h', b'i']);
+    p.extend([2, b'h', b'i', 0]);
     assert_eq!(
         wire::decode_response(&p, &limits()),
-        Ok(Response::Error { code: ErrorCode::Unknown, message: "hi".into() })
+        Ok(Response::Error { code: ErrorCode::Unknown, message: "hi".into(), retry_after_ms: None })
     );
     assert_eq!(WireError::Malformed("x".into()).code(), ErrorCode::Malformed);
     assert_eq!(WireError::TooLarge { len: 2, limit: 1 }.code(), ErrorCode::TooLarge);
@@ -873,6 +896,7 @@ fn a_round_runs_over_the_wire() {
                         ClientMessage::CheckIn
                     }
                     Request::Upload(u) => u.into_client_message(&layout, coord.clip_norm()).expect("honest"),
+                    Request::FetchRules(_) => unreachable!("a round machine never asks for rules"),
                 };
                 coord.handle_message(Instant::ZERO, id as u64, msg);
             }
@@ -1002,8 +1026,8 @@ fn any_response() -> impl Strategy<Value = Response> {
         (any::<u64>(), any::<u64>())
             .prop_map(|(round, retry_after_ms)| Response::NotSelected { round, retry_after_ms }),
         any::<u64>().prop_map(|round| Response::Ack { round }),
-        (prop::sample::select(ErrorCode::ALL.to_vec()), "\\PC{0,64}")
-            .prop_map(|(code, message)| Response::Error { code, message }),
+        (prop::sample::select(ErrorCode::ALL.to_vec()), "\\PC{0,64}", any::<Option<u64>>())
+            .prop_map(|(code, message, retry_after_ms)| Response::Error { code, message, retry_after_ms }),
         any::<u64>().prop_map(|round| Response::Aborted { round }),
     ]
 }

@@ -27,6 +27,9 @@ pub const UPLOAD_OVERHEAD: usize = 64;
 /// fields take at most 69, the model's version, dimensions, array lengths and global mean at
 /// most 74; 143 in all.
 pub const TASK_OVERHEAD: usize = 256;
+/// Payload limit of a rules answer: a signed ruleset ([`super::rules::MAX_SIGNED_RULESET_LEN`])
+/// plus the version and two variant indices (≤ 13 bytes), with headroom.
+pub const RULES_LIMIT: usize = super::rules::MAX_SIGNED_RULESET_LEN + 64;
 
 /// Payload limit of an upload for `shape`: 4 bytes per value of the layout, plus [`UPLOAD_OVERHEAD`].
 pub fn upload_limit(shape: &ModelShape) -> usize {
@@ -94,9 +97,14 @@ impl Limits {
         self.check_in().max(self.upload)
     }
 
+    /// Payload limit of a rules answer ([`RULES_LIMIT`]).
+    pub fn rules(&self) -> usize {
+        RULES_LIMIT
+    }
+
     /// The largest response payload: what a device passes to [`frame_len`].
     pub fn max_response(&self) -> usize {
-        self.task.max(self.response())
+        self.task.max(self.response()).max(self.rules())
     }
 
     /// The limit of the request with this variant index (see [`Request`]).
@@ -104,6 +112,7 @@ impl Limits {
         match index {
             0 => Some(self.check_in()),
             1 => Some(self.upload),
+            2 => Some(self.check_in()),
             _ => None,
         }
     }
@@ -113,6 +122,7 @@ impl Limits {
         match index {
             0 => Some(self.task),
             1..=4 => Some(self.response()),
+            5 => Some(self.rules()),
             _ => None,
         }
     }

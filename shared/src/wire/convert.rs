@@ -323,8 +323,11 @@ impl Response {
             Response::Task(task) => task.into_server_message(cached)?,
             Response::NotSelected { round, .. } => ServerMessage::NotSelected { round },
             Response::Ack { round } => ServerMessage::Ack { round },
-            Response::Error { code, message } => return Ok(Inbound::Error { code, message }),
+            Response::Error { code, message, .. } => return Ok(Inbound::Error { code, message }),
             Response::Aborted { round } => ServerMessage::Aborted { round },
+            Response::Rules(_) => {
+                return Err(WireError::Invalid("a rules answer is not a round message".into()));
+            }
         }))
     }
 }

@@ -1,10 +1,12 @@
 //! The messages of protocol v1 as plain serializable data; see the parent module for their byte layout.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::WireError;
+use super::rules::{FetchRules, RulesAnswer};
 
 /// Longest enrollment token a check-in may carry, in bytes.
 pub const MAX_TOKEN_LEN: usize = 512;
@@ -23,11 +25,21 @@ pub struct CheckIn {
     pub token: Vec<u8>,
     /// The SDK's version, for the coordinator's logs and compatibility decisions (≤ [`MAX_SDK_VERSION_LEN`] bytes).
     pub sdk_version: String,
-    /// Optional features the device supports, as bit flags. Protocol v1 defines none: a
-    /// device sends 0 and the coordinator ignores bits it does not know.
+    /// The device's state and optional features, as bit flags: the eligibility bits
+    /// [`CheckIn::CHARGING`], [`CheckIn::UNMETERED`] and [`CheckIn::IDLE`], as the host app
+    /// reports them. The coordinator ignores bits it does not know.
     pub capabilities: u32,
     /// The model version the device holds, if any: a task for that version omits the model.
     pub cached_model_version: Option<u64>,
+}
+
+impl CheckIn {
+    /// Capability bit: the device is charging.
+    pub const CHARGING: u32 = 1;
+    /// Capability bit: the device is on an unmetered network (e.g. Wi-Fi).
+    pub const UNMETERED: u32 = 2;
+    /// Capability bit: the device is idle (the user is not using it).
+    pub const IDLE: u32 = 4;
 }
 
 /// The token is a credential: `Debug` shows only its length.
@@ -63,6 +75,8 @@ pub enum Request {
     CheckIn(CheckIn),
     /// Index 1.
     Upload(Upload),
+    /// Index 2: ask for the current context ruleset.
+    FetchRules(FetchRules),
 }
 
 impl From<CheckIn> for Request {
@@ -170,12 +184,16 @@ pub enum Response {
         code: ErrorCode,
         /// Why, for people (≤ [`MAX_ERROR_MESSAGE_LEN`] bytes; never user data).
         message: String,
+        /// When the device may try again, in milliseconds, for refusals that pass (rate limits).
+        retry_after_ms: Option<u64>,
     },
     /// Index 4: the round was abandoned; nothing the device sent will be used.
     Aborted {
         /// The round.
         round: u64,
     },
+    /// Index 5: the answer to [`Request::FetchRules`].
+    Rules(RulesAnswer),
 }
 
 impl Response {
@@ -185,7 +203,24 @@ impl Response {
         while !message.is_char_boundary(end) {
             end -= 1;
         }
-        Response::Error { code, message: message[..end].to_owned() }
+        Response::Error { code, message: message[..end].to_owned(), retry_after_ms: None }
+    }
+
+    /// An error response with a retry hint (see [`Response::error`] for the message).
+    pub fn error_with_retry(code: ErrorCode, message: &str, retry_after: Duration) -> Self {
+        let mut response = Response::error(code, message);
+        if let Response::Error { retry_after_ms, .. } = &mut response {
+            *retry_after_ms = Some(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX));
+        }
+        response
+    }
+
+    /// The retry hint of an error response, if it has one.
+    pub fn error_retry_after(&self) -> Option<Duration> {
+        match self {
+            Response::Error { retry_after_ms: Some(ms), .. } => Some(Duration::from_millis(*ms)),
+            _ => None,
+        }
     }
 }
 
@@ -235,11 +270,17 @@ pub enum ErrorCode {
     Internal = 14,
     /// Adaptive clipping is on and the upload lacks the "within the bound" bit.
     MissingClipBit = 15,
+    /// The device's state (charging, network, idle: [`CheckIn::capabilities`]) does not meet
+    /// the coordinator's eligibility policy; it may check in again when it does.
+    NotEligible = 16,
+    /// The connection sent too many invalid requests. Not sent in a response: the
+    /// coordinator closes such a connection with this code as the QUIC application error code.
+    CutOff = 17,
 }
 
 impl ErrorCode {
     /// Every defined code, `Unknown` first.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::Unknown,
         ErrorCode::VersionMismatch,
         ErrorCode::BadToken,
@@ -256,6 +297,8 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::Internal,
         ErrorCode::MissingClipBit,
+        ErrorCode::NotEligible,
+        ErrorCode::CutOff,
     ];
 
     /// The code's number on the wire.
@@ -282,6 +325,8 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",
             ErrorCode::MissingClipBit => "missing_clip_bit",
+            ErrorCode::NotEligible => "not_eligible",
+            ErrorCode::CutOff => "cut_off",
         }
     }
 }
@@ -311,6 +356,9 @@ pub(super) fn check_request(r: &Request) -> Result<(), WireError> {
         check_len("token", c.token.len(), MAX_TOKEN_LEN)?;
         check_len("sdk_version", c.sdk_version.len(), MAX_SDK_VERSION_LEN)?;
     }
+    if let Request::FetchRules(f) = r {
+        check_len("token", f.token.len(), MAX_TOKEN_LEN)?;
+    }
     Ok(())
 }
 
@@ -318,6 +366,9 @@ pub(super) fn check_request(r: &Request) -> Result<(), WireError> {
 pub(super) fn check_response(r: &Response) -> Result<(), WireError> {
     if let Response::Error { message, .. } = r {
         check_len("error message", message.len(), MAX_ERROR_MESSAGE_LEN)?;
+    }
+    if let Response::Rules(RulesAnswer::Ruleset(signed)) = r {
+        signed.check()?;
     }
     Ok(())
 }
@@ -331,16 +382,16 @@ fn check_len(field: &str, len: usize, max: usize) -> Result<(), WireError> {
 
 /// A byte vector as a postcard byte string (the same bytes as a `Vec<u8>`), decoded from the
 /// input slice without pre-allocating by the announced length.
-mod byte_string {
+pub(super) mod byte_string {
     use serde::de::{Deserializer, Error, Visitor};
     use serde::ser::Serializer;
     use std::fmt;
 
-    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    pub(in crate::wire) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(v)
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    pub(in crate::wire) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         struct Bytes;
         impl Visitor<'_> for Bytes {
             type Value = Vec<u8>;

@@ -28,14 +28,16 @@
 //! | --- | --- | --- |
 //! | [`CheckIn`] | 0 | `token` bytes ≤ [`MAX_TOKEN_LEN`], `sdk_version` string ≤ [`MAX_SDK_VERSION_LEN`], `capabilities` u32, `cached_model_version` `Option<u64>` |
 //! | [`Upload`] | 1 | `round` u64, `update` float array (dense, the layout's length), `within_bound` `Option<bool>`, `nonce` `[u8; 16]` |
+//! | [`rules::FetchRules`] | 2 | `token` bytes ≤ [`MAX_TOKEN_LEN`], `have_version` `Option<u64>` |
 //!
 //! | response ([`Response`]) | index | fields |
 //! | --- | --- | --- |
 //! | `Task` ([`WireTask`]) | 0 | `round` u64, `model_version` u64, `train` [`WireTrainParams`], `clip_norm` f32, `report_clip_bit` bool, `report_window_ms` u64, `model` `Option<`[`WireModel`]`>` |
 //! | `NotSelected` | 1 | `round` u64, `retry_after_ms` u64 |
 //! | `Ack` | 2 | `round` u64 |
-//! | `Error` | 3 | `code` u16 ([`ErrorCode`]), `message` string ≤ [`MAX_ERROR_MESSAGE_LEN`] |
+//! | `Error` | 3 | `code` u16 ([`ErrorCode`]), `message` string ≤ [`MAX_ERROR_MESSAGE_LEN`], `retry_after_ms` `Option<u64>` |
 //! | `Aborted` | 4 | `round` u64 |
+//! | `Rules` ([`rules::RulesAnswer`]) | 5 | variant index, then: 0 `Ruleset` (`payload` bytes ≤ [`rules::MAX_RULESET_LEN`], `signature` 64 bytes), 1 `Unchanged` (`version` u64), 2 `NoRuleset` |
 //!
 //! An upload is always dense: whatever an [`crate::update::UpdateVector`] stores in memory,
 //! every value of the layout is written, so the size of an upload depends only on the model
@@ -46,7 +48,8 @@
 //! Every message kind has a hard limit on its payload length ([`Limits`]): a check-in
 //! [`CHECK_IN_LIMIT`], an upload [`upload_limit`] (4 bytes per value of the layout plus
 //! [`UPLOAD_OVERHEAD`]), a task [`task_limit`] (4 bytes per model parameter plus
-//! [`TASK_OVERHEAD`]), any other response [`RESPONSE_LIMIT`]. A reader checks the length
+//! [`TASK_OVERHEAD`]), a rules answer [`RULES_LIMIT`], any other response [`RESPONSE_LIMIT`]; a
+//! rules request has the check-in's limit. A reader checks the length
 //! prefix with [`frame_len`] before reading the payload; the decoders check the length again,
 //! then the version, then the message kind's own limit, all before parsing the body. Decoding
 //! never panics, and allocates at most what the payload holds.
@@ -61,10 +64,12 @@
 mod codec;
 mod convert;
 mod messages;
+pub mod rules;
 
 pub use codec::{
-    ALPN, CHECK_IN_LIMIT, LEN_PREFIX, Limits, Message, PROTOCOL_VERSION, RESPONSE_LIMIT, TASK_OVERHEAD,
-    UPLOAD_OVERHEAD, decode_request, decode_response, encode, frame_len, task_limit, upload_limit,
+    ALPN, CHECK_IN_LIMIT, LEN_PREFIX, Limits, Message, PROTOCOL_VERSION, RESPONSE_LIMIT, RULES_LIMIT,
+    TASK_OVERHEAD, UPLOAD_OVERHEAD, decode_request, decode_response, encode, frame_len, task_limit,
+    upload_limit,
 };
 pub use convert::Inbound;
 pub use messages::{
