@@ -30,7 +30,9 @@
 //!
 //! # Where each check belongs
 //!
-//! - Check-in: [`Verifier::verify`] the token, then [`DailyQuota::admit`] the device.
+//! - Check-in: [`Verifier::verify`] the token, then [`DailyQuota::check`] the device; when the
+//!   round machine selects it, [`DailyQuota::record`] the round (the quota counts rounds a
+//!   device takes part in, not check-ins: a device that is not selected loses nothing).
 //! - Upload: check the round number against the current round (the round machine's
 //!   `WrongRound`), then [`ReplayGuard::check_and_record`] the nonce, then hand the upload to
 //!   the round machine, which refuses a second upload of a device in one round
@@ -697,21 +699,42 @@ impl DailyQuota {
     /// [`AuthError::RateLimited`] if the device already had its maximum today. A refusal is
     /// not counted. Call it once per round the device is admitted to.
     pub fn admit(&mut self, device: DeviceId, now_ms: u64) -> Result<(), AuthError> {
+        self.check(device, now_ms)?;
+        self.record(device, now_ms);
+        Ok(())
+    }
+
+    /// Refuses `device` with [`AuthError::RateLimited`] if it already had its maximum on the
+    /// UTC day of `now_ms`, without counting anything.
+    pub fn check(&mut self, device: DeviceId, now_ms: u64) -> Result<(), AuthError> {
+        self.roll(now_ms);
+        if self.used(device) >= self.max_rounds_per_device_per_day {
+            return Err(AuthError::RateLimited);
+        }
+        Ok(())
+    }
+
+    /// Counts one round for `device` at `now_ms`, even past the maximum (call
+    /// [`DailyQuota::check`] first).
+    pub fn record(&mut self, device: DeviceId, now_ms: u64) {
+        self.roll(now_ms);
+        let count = self.counts.entry(device).or_insert(0);
+        *count = count.saturating_add(1);
+    }
+
+    /// Time from `now_ms` until the quota resets: the next UTC midnight.
+    pub fn until_reset(now_ms: u64) -> Duration {
+        Duration::from_millis(MS_PER_DAY - now_ms % MS_PER_DAY)
+    }
+
+    /// Moves to the day of `now_ms` if it is later, dropping the previous day's counts.
+    fn roll(&mut self, now_ms: u64) {
         let day = now_ms / MS_PER_DAY;
         if day > self.day {
             self.day = day;
             self.counts.clear();
             self.counts.shrink_to_fit();
         }
-        let count = self.counts.entry(device).or_insert(0);
-        if *count >= self.max_rounds_per_device_per_day {
-            if *count == 0 {
-                self.counts.remove(&device);
-            }
-            return Err(AuthError::RateLimited);
-        }
-        *count += 1;
-        Ok(())
     }
 
     /// How many rounds `device` has been admitted to on the current day.
@@ -722,5 +745,27 @@ impl DailyQuota {
     /// How many devices the quota tracks (those admitted on the current day).
     pub fn n_tracked_devices(&self) -> usize {
         self.counts.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn daily_quota_checks_without_counting_and_resets_at_utc_midnight() {
+        let mut quota = DailyQuota::new(1);
+        let device = DeviceId::new(3);
+        let noon = 20_000 * MS_PER_DAY + MS_PER_DAY / 2;
+        // Checking is free: a device that is never selected never uses its quota.
+        for _ in 0..5 {
+            assert_eq!(quota.check(device, noon), Ok(()));
+        }
+        assert_eq!(quota.n_tracked_devices(), 0);
+        quota.record(device, noon);
+        assert_eq!(quota.check(device, noon), Err(AuthError::RateLimited));
+        assert_eq!(DailyQuota::until_reset(noon), Duration::from_millis(MS_PER_DAY / 2));
+        assert_eq!(DailyQuota::until_reset(noon - MS_PER_DAY / 2), Duration::from_millis(MS_PER_DAY));
+        assert_eq!(quota.check(device, noon + MS_PER_DAY / 2), Ok(()), "a new UTC day");
     }
 }

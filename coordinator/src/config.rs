@@ -15,6 +15,11 @@ use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
 use fedrec_shared::{ModelInit, ModelShape, Objective, TrainParams};
 use serde::Deserialize;
 
+use crate::server::{
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_INVALID_REQUESTS, DEFAULT_ROUNDS_PER_DEVICE_PER_DAY,
+    EligibilityPolicy,
+};
+
 /// The configuration file's name inside a state directory.
 pub const CONFIG_FILE: &str = "fedrec.toml";
 
@@ -76,6 +81,26 @@ accountant = "rdp"
 # The coordinator refuses to open a round that could take the spend past epsilon.
 # epsilon = 8.0
 # delta = 1e-6
+
+[limits]
+# Most rounds a device may be *selected* for per UTC day (check-ins that are not selected
+# do not count). A device at its quota is refused with RateLimited until the next UTC
+# midnight. The counts live in memory: a restart resets them.
+rounds_per_device_per_day = 24
+# Most concurrent QUIC connections; more are refused (metric reason "connection_cap").
+max_connections = 10000
+# Requests only a misbehaving peer sends (malformed or oversized frames, forged tokens,
+# replays, updates of the wrong shape, non-finite or too large) after which its connection
+# is closed with error code cut_off (17). 0 never closes a connection.
+max_invalid_requests = 3
+
+[eligibility]
+# Device states a check-in must report, else it is refused with NotEligible and never
+# selected. The host app decides when to participate (typically charging, on Wi-Fi and
+# idle) and reports the state; these settings enforce it. The device's claim is not verified.
+require_charging = false
+require_unmetered = false
+require_idle = false
 "#;
 
 /// Why the configuration file cannot be used.
@@ -129,6 +154,46 @@ pub struct FileConfig {
     pub rounds: RoundsSection,
     /// Clipping, noise and budget.
     pub privacy: PrivacySection,
+    /// Per-device and per-connection limits (defaults when the section is absent).
+    #[serde(default)]
+    pub limits: LimitsSection,
+    /// Device states accepted at check-in (nothing required when the section is absent).
+    #[serde(default)]
+    pub eligibility: EligibilitySection,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Most rounds a device may be selected for per UTC day.
+    pub rounds_per_device_per_day: u32,
+    /// Most concurrent connections (at least 1).
+    pub max_connections: usize,
+    /// Strikes after which a misbehaving connection is closed; 0 never closes one.
+    pub max_invalid_requests: u32,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            rounds_per_device_per_day: DEFAULT_ROUNDS_PER_DEVICE_PER_DAY,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_invalid_requests: DEFAULT_MAX_INVALID_REQUESTS,
+        }
+    }
+}
+
+/// `[eligibility]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EligibilitySection {
+    /// Refuse devices that are not charging.
+    pub require_charging: bool,
+    /// Refuse devices on a metered network.
+    pub require_unmetered: bool,
+    /// Refuse devices in use.
+    pub require_idle: bool,
 }
 
 /// `[model]`.
@@ -233,6 +298,24 @@ impl FileConfig {
             factor_std: self.model.factor_std,
             global_mean: self.model.global_mean,
             centroid_scale: self.model.centroid_scale,
+        }
+    }
+
+    /// The `[limits]`, checked: a connection cap of 0 would refuse every device.
+    pub fn limits(&self) -> Result<&LimitsSection, ConfigError> {
+        if self.limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        Ok(&self.limits)
+    }
+
+    /// The eligibility policy.
+    pub fn eligibility(&self) -> EligibilityPolicy {
+        let e = &self.eligibility;
+        EligibilityPolicy {
+            require_charging: e.require_charging,
+            require_unmetered: e.require_unmetered,
+            require_idle: e.require_idle,
         }
     }
 
@@ -364,6 +447,31 @@ mod tests {
         let cfg = FileConfig::parse(&with_budget).expect("parses");
         let coordinator = cfg.coordinator_config().expect("valid with a budget");
         assert!(coordinator.privacy.is_some());
+    }
+
+    #[test]
+    fn limits_and_eligibility_have_safe_defaults_and_are_read() {
+        let cfg = FileConfig::parse(TEMPLATE).expect("the template parses");
+        let limits = cfg.limits().expect("valid limits");
+        assert_eq!(limits.rounds_per_device_per_day, DEFAULT_ROUNDS_PER_DEVICE_PER_DAY);
+        assert_eq!(limits.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(limits.max_invalid_requests, DEFAULT_MAX_INVALID_REQUESTS);
+        assert_eq!(cfg.eligibility(), EligibilityPolicy::default());
+        // A file from before the sections existed gets the same defaults.
+        let cut = TEMPLATE.find("[limits]").expect("the template has [limits]");
+        let old = FileConfig::parse(&TEMPLATE[..cut]).expect("parses without the sections");
+        assert_eq!(old.limits().expect("valid").max_connections, DEFAULT_MAX_CONNECTIONS);
+        let text = TEMPLATE
+            .replace("require_charging = false", "require_charging = true")
+            .replace("require_idle = false", "require_idle = true")
+            .replace("rounds_per_device_per_day = 24", "rounds_per_device_per_day = 2");
+        let cfg = FileConfig::parse(&text).expect("parses");
+        assert_eq!(cfg.limits().expect("valid").rounds_per_device_per_day, 2);
+        let policy = cfg.eligibility();
+        assert!(policy.require_charging && policy.require_idle && !policy.require_unmetered);
+        let zero = FileConfig::parse(&TEMPLATE.replace("max_connections = 10000", "max_connections = 0"))
+            .expect("parses");
+        assert!(zero.limits().is_err(), "a cap of zero connections is refused");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 pub mod auth;
 pub mod config;
+pub mod danger;
 pub mod metrics;
+pub mod rules;
 pub mod server;
 pub mod store;

@@ -5,12 +5,14 @@ use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use fedrec_coordinator::auth::{DeviceId, Enroller, RevocationList, TokenKey, Verifier};
 use fedrec_coordinator::config::{CONFIG_FILE, FileConfig, TEMPLATE};
+use fedrec_coordinator::rules;
 use fedrec_coordinator::server::{ServeConfig, Server, TlsIdentity};
 use fedrec_coordinator::store::{Store, StoreError};
 use fedrec_shared::GlobalModel;
@@ -69,6 +71,30 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Publish context rules, signed with the directory's rules key.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RulesCommand {
+    /// Sign a TOML rules file as the next ruleset version; `serve` loads it at its next start.
+    Publish {
+        /// The state directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The operator's rules file (TOML).
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Print the rules public key (hex) that apps verify rulesets with.
+    Key {
+        /// The state directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -79,6 +105,7 @@ fn main() -> Result<()> {
         Command::Enroll { dir, count, out } => enroll(&dir, count, out.as_deref()),
         Command::Serve { dir } => serve(&dir),
         Command::Status { dir } => status(&dir),
+        Command::Rules { command } => rules(command),
     }
 }
 
@@ -122,6 +149,7 @@ fn init(dir: &Path) -> Result<()> {
         .with_context(|| format!("cannot write {}", dir.join(CERT_FILE).display()))?;
     let key = TokenKey::generate(&SystemRandom::new()).context("cannot draw a token key")?;
     write_private(&dir.join(TOKEN_KEY_FILE), &key.to_bytes())?;
+    rules::SigningKey::create(dir).context("cannot create the rules signing key")?;
     let store_path = dir.join(STORE_FILE);
     Store::open(&store_path).with_context(|| format!("cannot create the store {}", store_path.display()))?;
     // The config last: its presence marks a complete state directory.
@@ -213,6 +241,16 @@ fn serve(dir: &Path) -> Result<()> {
     cfg.round_gap = file.round_gap();
     cfg.store = Some(store);
     cfg.metrics_listen = file.metrics_listen;
+    cfg.rules = rules::PublishedRuleset::load(dir).context("cannot load the rules")?.map(Arc::new);
+    match &cfg.rules {
+        Some(r) => eprintln!("serving rules version {}", r.version()),
+        None => eprintln!("no rules published"),
+    }
+    let limits = file.limits().with_context(|| format!("in {}", config_path.display()))?;
+    cfg.rounds_per_device_per_day = limits.rounds_per_device_per_day;
+    cfg.max_connections = limits.max_connections;
+    cfg.max_invalid_requests = limits.max_invalid_requests;
+    cfg.eligibility = file.eligibility();
 
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
@@ -303,5 +341,28 @@ fn status(dir: &Path) -> Result<()> {
     }
     println!("devices enrolled: {}", s.n_devices_enrolled);
     println!("devices revoked: {}", s.n_devices_revoked);
+    Ok(())
+}
+
+fn rules(command: RulesCommand) -> Result<()> {
+    match command {
+        RulesCommand::Publish { dir, file } => {
+            open_store(&dir)?;
+            let text =
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let published = rules::publish(&dir, &text).with_context(|| format!("in {}", file.display()))?;
+            let key = rules::SigningKey::load(&dir)?;
+            eprintln!(
+                "published rules version {} into {}; restart `serve` to distribute it",
+                published.version(),
+                dir.join(rules::RULES_FILE).display()
+            );
+            eprintln!("apps verify it with the public key {}", rules::hex(&key.public_key()));
+        }
+        RulesCommand::Key { dir } => {
+            open_store(&dir)?;
+            println!("{}", rules::hex(&rules::SigningKey::load_or_create(&dir)?.public_key()));
+        }
+    }
     Ok(())
 }

@@ -289,10 +289,12 @@ pub struct ServerMetrics {
     pub round_duration: Histogram,
     /// `fedrec_model_version`.
     pub model_version: Gauge,
+    /// `fedrec_connections_open`: QUIC connections holding a slot of the connection cap.
+    pub connections_open: Gauge,
 }
 
 const REJECTED: &str = "fedrec_rejected_total";
-const REJECTED_HELP: &str = "Refused requests and messages, by reason.";
+const REJECTED_HELP: &str = "Refused connections, requests and messages, by reason.";
 const EPSILON: &str = "fedrec_epsilon_spent";
 const EPSILON_HELP: &str = "Privacy loss spent so far (epsilon at the configured delta).";
 
@@ -318,6 +320,8 @@ impl ServerMetrics {
             ROUND_DURATION_BOUNDS,
         );
         let model_version = r.gauge("fedrec_model_version", "Version of the current global model.", &[]);
+        let connections_open =
+            r.gauge("fedrec_connections_open", "Open QUIC connections (counted against the cap).", &[]);
         Self {
             registry: r,
             rounds_committed,
@@ -329,6 +333,7 @@ impl ServerMetrics {
             bytes_out,
             round_duration,
             model_version,
+            connections_open,
         }
     }
 

@@ -16,6 +16,30 @@
 //! server keeps serving everyone else. Round closes are published on a
 //! [`tokio::sync::watch`] channel ([`Server::status`]) so that callers can await them.
 //!
+//! # Limits
+//!
+//! - **Connections:** at most [`ServeConfig::max_connections`] at once. Each connection task
+//!   holds an owned semaphore permit (as mini-redis does); an incoming connection when none
+//!   is left is refused at once (QUIC `CONNECTION_REFUSED`) and counted as
+//!   `fedrec_rejected_total{reason="connection_cap"}`.
+//! - **Misbehaving peers:** a refusal that no honest device provokes (malformed or
+//!   oversized frames, a wrong protocol version, forged or malformed tokens, replays,
+//!   uploads without a check-in, updates of the wrong shape, non-finite or above the clip
+//!   norm) is a strike against its connection. At [`ServeConfig::max_invalid_requests`]
+//!   strikes the connection is closed with the application error code
+//!   [`ErrorCode::CutOff`] and counted as `reason="cut_off"`. Refusals an honest device can
+//!   meet (not selected, rate limited, not eligible, an expired or revoked token, a late
+//!   upload) are never strikes.
+//! - **Daily quota:** a device is selected for at most
+//!   [`ServeConfig::rounds_per_device_per_day`] rounds per UTC day ([`DailyQuota`]). The
+//!   quota counts *selections*, the rounds a device takes part in; a device that checks in
+//!   and is not selected uses none of it. A device at its quota is refused at check-in with
+//!   [`ErrorCode::RateLimited`] and a retry hint until the next UTC midnight. The counts live
+//!   in memory: a restart resets them.
+//! - **Eligibility:** a check-in whose capability bits ([`CheckIn::capabilities`]) do not
+//!   meet the [`EligibilityPolicy`] is refused with [`ErrorCode::NotEligible`] before the
+//!   round machine sees it, so an ineligible device is never selected (and uses no quota).
+//!
 //! # Persistence
 //!
 //! With a [`Store`] ([`ServeConfig::store`]) the server resumes from the store's newest
@@ -30,20 +54,21 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedrec_shared::round::{
     ClientId, ClientMessage, Coordinator, CoordinatorConfig, CoordinatorEvent, Instant, StartError,
 };
-use fedrec_shared::wire::{self, ALPN, ErrorCode, LEN_PREFIX, Limits, Request, Response, WireError};
+use fedrec_shared::wire::{self, ALPN, CheckIn, ErrorCode, LEN_PREFIX, Limits, Request, Response, WireError};
 use fedrec_shared::{GlobalModel, ParamError, RoundModel};
 use quinn::crypto::rustls::QuicServerConfig;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
-use crate::auth::{AuthError, DeviceId, ReplayGuard, ReplayLimits, Verifier};
+use crate::auth::{AuthError, DailyQuota, DeviceId, ReplayGuard, ReplayLimits, Verifier};
 use crate::metrics::{ServerMetrics, serve_http};
 use crate::store::{Store, StoreError};
 
@@ -63,6 +88,44 @@ pub enum TlsIdentity {
         /// The leaf's private key (PKCS#8).
         key: Vec<u8>,
     },
+}
+
+/// Default of [`ServeConfig::rounds_per_device_per_day`].
+pub const DEFAULT_ROUNDS_PER_DEVICE_PER_DAY: u32 = 24;
+/// Default of [`ServeConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default of [`ServeConfig::max_invalid_requests`].
+pub const DEFAULT_MAX_INVALID_REQUESTS: u32 = 3;
+
+/// Which device states the coordinator accepts at check-in, as the capability bits of
+/// [`CheckIn`] report them. The default requires nothing: the host app owns scheduling and
+/// should only call for participation when the device is charging, on an unmetered network
+/// and idle; the policy is a second line of defence against apps that do not. The bits are
+/// the device's own claim: the coordinator cannot verify them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EligibilityPolicy {
+    /// Refuse devices that are not charging ([`CheckIn::CHARGING`]).
+    pub require_charging: bool,
+    /// Refuse devices on a metered network ([`CheckIn::UNMETERED`]).
+    pub require_unmetered: bool,
+    /// Refuse devices that are in use ([`CheckIn::IDLE`]).
+    pub require_idle: bool,
+}
+
+impl EligibilityPolicy {
+    /// The capability bits a check-in must carry.
+    pub fn required_bits(&self) -> u32 {
+        let bit = |on: bool, bit: u32| if on { bit } else { 0 };
+        bit(self.require_charging, CheckIn::CHARGING)
+            | bit(self.require_unmetered, CheckIn::UNMETERED)
+            | bit(self.require_idle, CheckIn::IDLE)
+    }
+
+    /// Whether a check-in with these capability bits is eligible.
+    pub fn admits(&self, capabilities: u32) -> bool {
+        let required = self.required_bits();
+        capabilities & required == required
+    }
 }
 
 /// Everything [`Server::bind`] needs.
@@ -92,12 +155,28 @@ pub struct ServeConfig {
     pub store: Option<Store>,
     /// Where the Prometheus metrics are served over HTTP (`GET /metrics`); `None` serves none.
     pub metrics_listen: Option<SocketAddr>,
+    /// The signed context ruleset devices fetch; `None` answers that there is none.
+    pub rules: Option<Arc<crate::rules::PublishedRuleset>>,
+    /// Most rounds a device may be selected for per UTC day (0 refuses every device).
+    pub rounds_per_device_per_day: u32,
+    /// Most concurrent connections; more are refused.
+    pub max_connections: usize,
+    /// Strikes (refusals that only a misbehaving peer provokes) after which a connection is
+    /// closed with [`ErrorCode::CutOff`]; 0 never closes one.
+    pub max_invalid_requests: u32,
+    /// The device states accepted at check-in.
+    pub eligibility: EligibilityPolicy,
+    /// Seed of the coordinator's RNG; `None` (always, outside simulations) draws it from the
+    /// operating system. Set only through [`crate::danger::seed_coordinator_rng`].
+    pub(crate) insecure_seed: Option<u64>,
 }
 
 impl ServeConfig {
     /// A configuration with the defaults: a self-signed certificate for `localhost`, default
     /// replay limits, a gap of 100 ms between rounds, reads timing out after 10 s, a retry
-    /// hint of 1 s, 4 concurrent streams per connection, no store and no metrics endpoint.
+    /// hint of 1 s, 4 concurrent streams per connection, no store, no metrics endpoint,
+    /// [`DEFAULT_ROUNDS_PER_DEVICE_PER_DAY`], [`DEFAULT_MAX_CONNECTIONS`],
+    /// [`DEFAULT_MAX_INVALID_REQUESTS`] and no eligibility requirement.
     pub fn new(
         listen: SocketAddr,
         coordinator: CoordinatorConfig,
@@ -117,6 +196,12 @@ impl ServeConfig {
             max_streams_per_connection: 4,
             store: None,
             metrics_listen: None,
+            rules: None,
+            rounds_per_device_per_day: DEFAULT_ROUNDS_PER_DEVICE_PER_DAY,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_invalid_requests: DEFAULT_MAX_INVALID_REQUESTS,
+            eligibility: EligibilityPolicy::default(),
+            insecure_seed: None,
         }
     }
 }
@@ -176,6 +261,8 @@ pub struct Server {
     status_rx: watch::Receiver<ServerStatus>,
     limits: Limits,
     read_timeout: Duration,
+    max_connections: usize,
+    max_invalid_requests: u32,
     metrics: Arc<ServerMetrics>,
     metrics_listener: Option<std::net::TcpListener>,
     metrics_addr: Option<SocketAddr>,
@@ -186,7 +273,7 @@ impl Server {
     pub fn bind(cfg: ServeConfig) -> Result<Server, ServerError> {
         let shape = cfg.model.shape();
         let limits = Limits::for_shape(&shape);
-        let rng = StdRng::from_os_rng();
+        let rng = cfg.insecure_seed.map_or_else(StdRng::from_os_rng, crate::danger::seeded_std_rng);
         let mut store = cfg.store;
         let coordinator = match store.as_mut() {
             None => Coordinator::new(cfg.coordinator, cfg.model, rng)?,
@@ -259,6 +346,9 @@ impl Server {
             sessions: HashMap::new(),
             store,
             metrics: Arc::clone(&metrics),
+            quota: DailyQuota::new(cfg.rounds_per_device_per_day),
+            eligibility: cfg.eligibility,
+            rules: cfg.rules,
         };
         owner.update_epsilon();
         Ok(Server {
@@ -269,6 +359,8 @@ impl Server {
             status_rx,
             limits,
             read_timeout: cfg.read_timeout,
+            max_connections: cfg.max_connections.min(Semaphore::MAX_PERMITS),
+            max_invalid_requests: cfg.max_invalid_requests,
             metrics,
             metrics_listener,
             metrics_addr,
@@ -304,7 +396,17 @@ impl Server {
     ///
     /// Returns early with an error if the owner fails (a round could not be persisted).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let Server { endpoint, owner, limits, read_timeout, metrics, metrics_listener, .. } = self;
+        let Server {
+            endpoint,
+            owner,
+            limits,
+            read_timeout,
+            max_connections,
+            max_invalid_requests,
+            metrics,
+            metrics_listener,
+            ..
+        } = self;
         let metrics_task = match metrics_listener {
             Some(listener) => {
                 let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -315,7 +417,15 @@ impl Server {
         let (req_tx, req_rx) = mpsc::channel::<Command>(256);
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut owner_task = tokio::spawn(owner.run(req_rx, stop_rx));
-        let ctx = Arc::new(StreamCtx { limits, read_timeout, requests: req_tx, metrics });
+        let ctx = Arc::new(StreamCtx {
+            limits,
+            read_timeout,
+            requests: req_tx,
+            metrics,
+            max_invalid_requests,
+            connections: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+        });
         let mut owner_result = None;
         tokio::pin!(shutdown);
         loop {
@@ -327,7 +437,17 @@ impl Server {
                 }
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    tokio::spawn(serve_connection(incoming, Arc::clone(&ctx)));
+                    match Arc::clone(&ctx.connections).try_acquire_owned() {
+                        Ok(permit) => {
+                            ctx.count_connections();
+                            tokio::spawn(serve_connection(incoming, Arc::clone(&ctx), permit));
+                        }
+                        Err(_) => {
+                            ctx.metrics.rejected("connection_cap");
+                            tracing::warn!(reason = "connection_cap", "refused a connection");
+                            incoming.refuse();
+                        }
+                    }
                 }
             }
         }
@@ -370,9 +490,49 @@ fn identity(tls: TlsIdentity) -> Result<(Vec<CertificateDer<'static>>, PrivateKe
 #[derive(Debug)]
 enum Command {
     /// A request on connection `conn`, with the channel for its answer.
-    Request { conn: usize, request: Request, reply: oneshot::Sender<Response> },
+    Request { conn: usize, request: Request, reply: oneshot::Sender<Reply> },
     /// Connection `conn` is gone: forget which device it was.
     Closed { conn: usize },
+}
+
+/// The owner's answer to a request, and whether the request was a strike against its
+/// connection (see [`is_misbehaviour`]).
+#[derive(Debug)]
+struct Reply {
+    response: Response,
+    misbehaved: bool,
+}
+
+impl Reply {
+    /// An answer that is no strike.
+    fn ok(response: Response) -> Self {
+        Self { response, misbehaved: false }
+    }
+
+    /// A refusal, a strike if [`is_misbehaviour`] says so for its code.
+    fn refused(response: Response) -> Self {
+        let misbehaved = matches!(&response, Response::Error { code, .. } if is_misbehaviour(*code));
+        Self { response, misbehaved }
+    }
+}
+
+/// Whether a refusal with `code` means the peer misbehaved: nothing an honest device running
+/// the SDK sends is refused this way. `BadToken` depends on why (a forged token is a strike,
+/// an expired or revoked one is not), so the auth path decides it with
+/// [`AuthError::is_peer_misbehaviour`]; timing refusals (`NotSelected`, `WrongRound`,
+/// `WrongPhase`, `Duplicate`), `RateLimited`, `NotEligible` and `Internal` never count.
+fn is_misbehaviour(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::VersionMismatch
+            | ErrorCode::Replay
+            | ErrorCode::WrongShape
+            | ErrorCode::NonFinite
+            | ErrorCode::NormTooLarge
+            | ErrorCode::TooLarge
+            | ErrorCode::Malformed
+            | ErrorCode::MissingClipBit
+    )
 }
 
 /// What every stream task shares.
@@ -382,53 +542,102 @@ struct StreamCtx {
     read_timeout: Duration,
     requests: mpsc::Sender<Command>,
     metrics: Arc<ServerMetrics>,
+    max_invalid_requests: u32,
+    /// One permit per open connection.
+    connections: Arc<Semaphore>,
+    max_connections: usize,
 }
 
-async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<StreamCtx>) {
-    let Ok(conn) = incoming.await else { return };
-    let id = conn.stable_id();
-    while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio::spawn(serve_stream(id, send, recv, Arc::clone(&ctx)));
+impl StreamCtx {
+    /// Updates the open-connections gauge.
+    fn count_connections(&self) {
+        let open = self.max_connections.saturating_sub(self.connections.available_permits());
+        self.metrics.connections_open.set(open as f64);
     }
-    let _ = ctx.requests.send(Command::Closed { conn: id }).await;
+}
+
+/// One connection and its strikes.
+#[derive(Debug)]
+struct Peer {
+    id: usize,
+    conn: quinn::Connection,
+    strikes: AtomicU32,
+}
+
+impl Peer {
+    /// Whether the connection has used up its strikes.
+    fn is_cut_off(&self, max: u32) -> bool {
+        max > 0 && self.strikes.load(Ordering::Relaxed) >= max
+    }
+
+    /// Adds a strike; whether this one reaches the limit (true exactly once).
+    fn strike(&self, max: u32) -> bool {
+        max > 0 && self.strikes.fetch_add(1, Ordering::Relaxed).saturating_add(1) == max
+    }
+}
+
+async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<StreamCtx>, permit: OwnedSemaphorePermit) {
+    if let Ok(conn) = incoming.await {
+        let peer = Arc::new(Peer { id: conn.stable_id(), conn, strikes: AtomicU32::new(0) });
+        while let Ok((send, recv)) = peer.conn.accept_bi().await {
+            tokio::spawn(serve_stream(Arc::clone(&peer), send, recv, Arc::clone(&ctx)));
+        }
+        let _ = ctx.requests.send(Command::Closed { conn: peer.id }).await;
+    }
+    drop(permit);
+    ctx.count_connections();
 }
 
 async fn serve_stream(
-    conn: usize,
+    peer: Arc<Peer>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     ctx: Arc<StreamCtx>,
 ) {
-    let response = match read_request(&mut recv, &ctx).await {
+    if peer.is_cut_off(ctx.max_invalid_requests) {
+        // The close is on its way: let it, not a reset stream, tell the peer why.
+        let _ = tokio::time::timeout(ctx.read_timeout, peer.conn.closed()).await;
+        return;
+    }
+    let reply = match read_request(&mut recv, &ctx).await {
         Ok(request) => {
             let (tx, rx) = oneshot::channel();
-            if ctx.requests.send(Command::Request { conn, request, reply: tx }).await.is_err() {
-                Response::error(ErrorCode::Internal, "the coordinator is shutting down")
+            let shutting_down =
+                || Reply::ok(Response::error(ErrorCode::Internal, "the coordinator is shutting down"));
+            if ctx.requests.send(Command::Request { conn: peer.id, request, reply: tx }).await.is_err() {
+                shutting_down()
             } else {
-                rx.await.unwrap_or_else(|_| {
-                    Response::error(ErrorCode::Internal, "the coordinator is shutting down")
-                })
+                rx.await.unwrap_or_else(|_| shutting_down())
             }
         }
         Err(StreamError::Wire(e)) => {
             let label = e.code().label();
             ctx.metrics.rejected(label);
             tracing::warn!(reason = label, "refused a request");
-            Response::error(e.code(), &e.to_string())
+            // Every decoding error is the peer's doing.
+            Reply { response: Response::error(e.code(), &e.to_string()), misbehaved: true }
         }
         Err(StreamError::Timeout) => {
             ctx.metrics.rejected("timeout");
             tracing::warn!(reason = "timeout", "refused a request");
-            Response::error(ErrorCode::Malformed, "request not received in time")
+            // A slow network is no misbehaviour; the idle timeout ends a silent connection.
+            Reply::ok(Response::error(ErrorCode::Malformed, "request not received in time"))
         }
         Err(StreamError::Read) => return,
     };
-    let Ok(frame) = wire::encode(&response) else { return };
+    let cut_off = reply.misbehaved && peer.strike(ctx.max_invalid_requests);
+    let Ok(frame) = wire::encode(&reply.response) else { return };
     ctx.metrics.bytes_out.add(frame.len() as u64);
     if send.write_all(&frame).await.is_ok() {
         let _ = send.finish();
         // Wait for the peer to read the answer (or go away) before the stream is dropped.
         let _ = tokio::time::timeout(ctx.read_timeout, send.stopped()).await;
+    }
+    if cut_off {
+        let label = ErrorCode::CutOff.label();
+        ctx.metrics.rejected(label);
+        tracing::warn!(reason = label, strikes = ctx.max_invalid_requests, "closed a misbehaving connection");
+        peer.conn.close(ErrorCode::CutOff.as_u16().into(), b"too many invalid requests");
     }
 }
 
@@ -467,6 +676,12 @@ struct Owner {
     store: Option<Store>,
     /// Updated at every event the owner sees.
     metrics: Arc<ServerMetrics>,
+    /// Rounds each device was selected for today.
+    quota: DailyQuota,
+    /// The device states accepted at check-in.
+    eligibility: EligibilityPolicy,
+    /// The signed ruleset devices fetch.
+    rules: Option<Arc<crate::rules::PublishedRuleset>>,
 }
 
 impl Owner {
@@ -627,53 +842,87 @@ impl Owner {
         tracing::warn!(reason = label, "refused a peer");
     }
 
-    fn handle_request(&mut self, now: Instant, conn: usize, request: Request) -> Response {
+    fn handle_request(&mut self, now: Instant, conn: usize, request: Request) -> Reply {
         match request {
             Request::CheckIn(check_in) => {
-                let device = match self.verifier.verify(&check_in.token, unix_ms()) {
+                let now_ms = unix_ms();
+                let device = match self.verifier.verify(&check_in.token, now_ms) {
                     Ok(d) => d,
-                    Err(e) => {
-                        self.refuse(e.label());
-                        return auth_error(e);
-                    }
+                    Err(e) => return self.auth_refusal(e),
                 };
                 self.sessions.insert(conn, device);
+                // Before the machine sees the check-in, so that it cannot select the device.
+                if !self.eligibility.admits(check_in.capabilities) {
+                    self.refuse(ErrorCode::NotEligible.label());
+                    return Reply::ok(Response::error(
+                        ErrorCode::NotEligible,
+                        "the device's state does not meet the eligibility policy",
+                    ));
+                }
+                if let Err(e) = self.quota.check(device, now_ms) {
+                    self.refuse(e.label());
+                    let retry_after = DailyQuota::until_reset(now_ms);
+                    return Reply::ok(Response::error_with_retry(e.code(), &e.to_string(), retry_after));
+                }
                 let client: ClientId = device.get();
                 self.coordinator.handle_message(now, client, ClientMessage::CheckIn);
-                self.answer(client, check_in.cached_model_version)
+                let response = self.answer(client, check_in.cached_model_version);
+                if let Response::Task(_) = response {
+                    self.quota.record(device, now_ms);
+                }
+                Reply::ok(response)
             }
             Request::Upload(upload) => {
                 // An upload carries no token: it comes from the device whose check-in on the
-                // same connection was verified.
+                // same connection was verified. An honest device always checks in first.
                 let Some(&device) = self.sessions.get(&conn) else {
                     self.refuse(ErrorCode::BadToken.label());
-                    return Response::error(ErrorCode::BadToken, "upload on a connection without a check-in");
+                    let response =
+                        Response::error(ErrorCode::BadToken, "upload on a connection without a check-in");
+                    return Reply { response, misbehaved: true };
                 };
                 let Some(current) = self.coordinator.current_round() else {
                     self.refuse(ErrorCode::WrongRound.label());
-                    return Response::error(ErrorCode::WrongRound, "no round is open");
+                    return Reply::refused(Response::error(ErrorCode::WrongRound, "no round is open"));
                 };
                 if upload.round != current {
                     self.refuse(ErrorCode::WrongRound.label());
-                    return Response::error(ErrorCode::WrongRound, "upload for a round that is not open");
+                    return Reply::refused(Response::error(
+                        ErrorCode::WrongRound,
+                        "upload for a round that is not open",
+                    ));
                 }
                 if let Err(e) = self.replay.check_and_record(device, upload.round, upload.nonce) {
-                    self.refuse(e.label());
-                    return auth_error(e);
+                    return self.auth_refusal(e);
                 }
                 let layout = self.coordinator.model().model.shape().layout();
                 let msg = match upload.into_client_message(&layout, self.coordinator.clip_norm()) {
                     Ok(m) => m,
                     Err(e) => {
                         self.refuse(e.code().label());
-                        return Response::error(e.code(), &e.to_string());
+                        return Reply::refused(Response::error(e.code(), &e.to_string()));
                     }
                 };
                 let client: ClientId = device.get();
                 self.coordinator.handle_message(now, client, msg);
-                self.answer(client, None)
+                Reply::refused(self.answer(client, None))
             }
+            Request::FetchRules(fetch) => match self.verifier.verify(&fetch.token, unix_ms()) {
+                Ok(_) => Reply::ok(crate::rules::answer(self.rules.as_deref(), fetch.have_version)),
+                Err(e) => self.auth_refusal(e),
+            },
         }
+    }
+
+    /// Counts, logs and answers an authentication, replay or quota failure; a strike when the
+    /// peer misbehaved.
+    fn auth_refusal(&self, e: AuthError) -> Reply {
+        self.refuse(e.label());
+        let response = match e.code() {
+            ErrorCode::RateLimited => Response::error_with_retry(e.code(), &e.to_string(), self.retry_after),
+            code => Response::error(code, &e.to_string()),
+        };
+        Reply { response, misbehaved: e.is_peer_misbehaviour() }
     }
 
     /// The machine's answer to `client`, if it queued one.
@@ -691,13 +940,50 @@ impl Owner {
     }
 }
 
-fn auth_error(e: AuthError) -> Response {
-    Response::error(e.code(), &e.to_string())
-}
-
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eligibility_policy_requires_exactly_its_bits() {
+        assert!(EligibilityPolicy::default().admits(0), "the default requires nothing");
+        let policy =
+            EligibilityPolicy { require_charging: true, require_unmetered: true, require_idle: false };
+        assert_eq!(policy.required_bits(), CheckIn::CHARGING | CheckIn::UNMETERED);
+        assert!(policy.admits(CheckIn::CHARGING | CheckIn::UNMETERED));
+        assert!(policy.admits(CheckIn::CHARGING | CheckIn::UNMETERED | CheckIn::IDLE | 1 << 20));
+        assert!(!policy.admits(CheckIn::CHARGING | CheckIn::IDLE));
+        assert!(!policy.admits(0));
+    }
+
+    #[test]
+    fn only_refusals_an_honest_device_cannot_meet_are_strikes() {
+        let strikes: Vec<ErrorCode> = ErrorCode::ALL.into_iter().filter(|&c| is_misbehaviour(c)).collect();
+        for code in [
+            ErrorCode::NotSelected,
+            ErrorCode::RateLimited,
+            ErrorCode::NotEligible,
+            ErrorCode::WrongRound,
+            ErrorCode::WrongPhase,
+            ErrorCode::Duplicate,
+            ErrorCode::Internal,
+            ErrorCode::BadToken,
+        ] {
+            assert!(!strikes.contains(&code), "{code}");
+        }
+        for code in [ErrorCode::Malformed, ErrorCode::TooLarge, ErrorCode::Replay, ErrorCode::NonFinite] {
+            assert!(strikes.contains(&code), "{code}");
+        }
+        let late = Reply::refused(Response::error(ErrorCode::WrongRound, "late"));
+        assert!(!late.misbehaved);
+        let nan = Reply::refused(Response::error(ErrorCode::NonFinite, "nan"));
+        assert!(nan.misbehaved);
+    }
 }
