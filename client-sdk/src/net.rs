@@ -1,10 +1,16 @@
 //! The device's network driver: connects to the coordinator over QUIC (TLS 1.3, pinned certificate, ALPN `fedrec/1`) and drives one [`ClientRound`] per participation.
 //!
 //! A [`Device`] keeps its QUIC endpoint and the last model it downloaded, so a task for a
-//! model it already holds arrives without the model. Each participation opens one
+//! model it already holds arrives without the model. Each participation attempt opens one
 //! connection: a check-in stream, then, if selected, an upload stream. Every read has a
 //! timeout; whatever the coordinator sends is decoded within the [`Limits`] of the model
 //! shape the device was built for.
+//!
+//! [`Device::participate_with`] is the call an app makes: it sends the device's
+//! [`Eligibility`] with the check-in, retries transient failures with exponential backoff
+//! and jitter ([`RetryPolicy`], honouring the coordinator's retry hint), stops at the time
+//! budget ([`NetError::BudgetExceeded`]) and can be cancelled from another task
+//! ([`CancelToken`], [`NetError::Cancelled`]), even while it waits for the network.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +24,7 @@ use fedrec_shared::{ModelShape, Rating, RoundModel};
 use quinn::crypto::rustls::QuicClientConfig;
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::pki_types::CertificateDer;
+use tokio::sync::watch;
 
 /// How a device reaches its coordinator. `Debug` leaves the token out: it is a bearer credential.
 #[derive(Clone)]
@@ -67,17 +74,179 @@ pub enum NetError {
     /// The coordinator sent something the protocol does not allow.
     #[error("the coordinator misbehaved: {0}")]
     PeerMisbehaved(#[from] WireError),
-    /// The coordinator refused a request with an error code.
+    /// The coordinator refused a request with an error code, or closed the connection with
+    /// one ([`ErrorCode::CutOff`]).
     #[error("refused by the coordinator ({code}): {message}")]
     Refused {
-        /// Why, for machines.
+        /// Why, for machines: e.g. [`ErrorCode::NotEligible`], [`ErrorCode::RateLimited`].
         code: ErrorCode,
         /// Why, for people.
         message: String,
+        /// When the coordinator suggests trying again, if it said.
+        retry_after: Option<Duration>,
     },
     /// The secure random number generator failed.
     #[error("the random number generator failed")]
     Rng,
+    /// The participation was cancelled through its [`CancelToken`].
+    #[error("the participation was cancelled")]
+    Cancelled,
+    /// The participation's time budget ran out.
+    #[error("the participation's time budget ran out")]
+    BudgetExceeded,
+}
+
+impl NetError {
+    /// Whether trying again later may succeed: a lost or refused connection, a timeout, or a
+    /// refusal with [`ErrorCode::RateLimited`] or [`ErrorCode::Internal`]. A bad token, a
+    /// version mismatch, an ineligible device, a cut-off connection, a misbehaving
+    /// coordinator, a cancellation or a spent budget are permanent for this participation.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            NetError::Connection(_) | NetError::Timeout => true,
+            NetError::Refused { code, .. } => matches!(code, ErrorCode::RateLimited | ErrorCode::Internal),
+            _ => false,
+        }
+    }
+
+    /// The coordinator's refusal code, if it refused.
+    pub fn refusal(&self) -> Option<ErrorCode> {
+        match self {
+            NetError::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The coordinator's retry hint, if it refused with one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            NetError::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The device's state as the host app knows it, sent with each check-in as the capability
+/// bits [`CheckIn::CHARGING`], [`CheckIn::UNMETERED`] and [`CheckIn::IDLE`]. The coordinator
+/// refuses a device whose state its policy does not accept with [`ErrorCode::NotEligible`].
+/// The default claims nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Eligibility {
+    /// The device is charging.
+    pub charging: bool,
+    /// The device is on an unmetered network (e.g. Wi-Fi).
+    pub unmetered: bool,
+    /// The user is not using the device.
+    pub idle: bool,
+}
+
+impl Eligibility {
+    /// The capability bits of a check-in.
+    pub fn capabilities(self) -> u32 {
+        let bit = |on: bool, bit: u32| if on { bit } else { 0 };
+        bit(self.charging, CheckIn::CHARGING)
+            | bit(self.unmetered, CheckIn::UNMETERED)
+            | bit(self.idle, CheckIn::IDLE)
+    }
+}
+
+/// How a participation retries transient failures ([`NetError::is_transient`]).
+///
+/// Retry `k` (0 for the first) waits a random time between half and all of
+/// `min(max_backoff, initial_backoff · 2^k)` ("equal jitter", so devices that failed
+/// together do not come back together), or the coordinator's retry hint if that is longer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (0 counts as 1).
+    pub max_attempts: u32,
+    /// The backoff before the first retry (before jitter).
+    pub initial_backoff: Duration,
+    /// The longest backoff.
+    pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// One attempt, no retry.
+    pub const NONE: RetryPolicy =
+        RetryPolicy { max_attempts: 1, initial_backoff: Duration::ZERO, max_backoff: Duration::ZERO };
+
+    /// The wait before retry `retry` (0 for the first) for a `jitter` drawn uniformly from
+    /// `[0, 1)`: between half and all of `min(max_backoff, initial_backoff · 2^retry)`.
+    pub fn backoff(&self, retry: u32, jitter: f64) -> Duration {
+        let growth = 2u32.checked_pow(retry).unwrap_or(u32::MAX);
+        let full = self.initial_backoff.saturating_mul(growth).min(self.max_backoff);
+        let jitter = if jitter.is_finite() { jitter.clamp(0.0, 1.0) } else { 0.0 };
+        full.div_f64(2.0).saturating_add(full.div_f64(2.0).mul_f64(jitter))
+    }
+}
+
+impl Default for RetryPolicy {
+    /// 5 attempts, backoff from 1 s doubling up to 60 s.
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How one [`Device::participate_with`] call behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParticipateOptions {
+    /// Longest time the whole participation (every attempt and wait) may take.
+    pub time_budget: Duration,
+    /// Retries of transient failures.
+    pub retry: RetryPolicy,
+    /// The device's state, sent with the check-in.
+    pub eligibility: Eligibility,
+}
+
+impl Default for ParticipateOptions {
+    /// A budget of 10 minutes, the default [`RetryPolicy`], no eligibility claimed.
+    fn default() -> Self {
+        Self {
+            time_budget: Duration::from_secs(600),
+            retry: RetryPolicy::default(),
+            eligibility: Eligibility::default(),
+        }
+    }
+}
+
+/// Cancels a participation from another task or thread. Cheap to clone; every clone cancels
+/// the same participations. Once cancelled it stays cancelled: use a new token for the next
+/// participation.
+#[derive(Debug, Clone)]
+pub struct CancelToken(Arc<watch::Sender<bool>>);
+
+impl CancelToken {
+    /// A token that is not cancelled.
+    pub fn new() -> Self {
+        Self(Arc::new(watch::Sender::new(false)))
+    }
+
+    /// Cancels every participation using this token (or a clone of it).
+    pub fn cancel(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Whether [`CancelToken::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Completes when the token is cancelled.
+    pub async fn cancelled(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender lives as long as `self`, so the wait only ends by cancellation.
+        let _ = rx.wait_for(|&cancelled| cancelled).await;
+    }
+}
+
+impl Default for CancelToken {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// How a participation ended.
@@ -129,6 +298,17 @@ impl Device {
         Ok(Device { cfg, endpoint, limits, cached: None, rng: SystemRandom::new() })
     }
 
+    /// Starts the device with a model it already holds (e.g. from its local store), so that
+    /// a check-in for that model version is answered without sending the model again. A
+    /// model larger than the configured shape in any dimension is not used.
+    pub fn with_cached_model(mut self, model: Arc<RoundModel>) -> Device {
+        let (have, max) = (model.model.shape(), self.cfg.shape);
+        if have.n_items <= max.n_items && have.dim <= max.dim && have.n_segments <= max.n_segments {
+            self.cached = Some(model);
+        }
+        self
+    }
+
     /// The model the device holds, if any.
     pub fn cached_model(&self) -> Option<&Arc<RoundModel>> {
         self.cached.as_ref()
@@ -139,7 +319,7 @@ impl Device {
         let connecting = self
             .endpoint
             .connect(self.cfg.server, &self.cfg.server_name)
-            .map_err(|e| NetError::Connection(e.to_string()))?;
+            .map_err(|e| NetError::Setup(e.to_string()))?;
         let conn = tokio::time::timeout(self.cfg.timeout, connecting)
             .await
             .map_err(|_| NetError::Timeout)?
@@ -147,12 +327,17 @@ impl Device {
         Ok(Session { conn, limits: self.limits, timeout: self.cfg.timeout })
     }
 
-    /// The check-in this device sends.
+    /// The check-in this device sends, claiming no [`Eligibility`].
     pub fn check_in(&self) -> CheckIn {
+        self.check_in_as(Eligibility::default())
+    }
+
+    /// The check-in this device sends in state `eligibility`.
+    pub fn check_in_as(&self, eligibility: Eligibility) -> CheckIn {
         CheckIn {
             token: self.cfg.token.clone(),
             sdk_version: self.cfg.sdk_version.clone(),
-            capabilities: 0,
+            capabilities: eligibility.capabilities(),
             cached_model_version: self.cached.as_ref().map(|m| m.version),
         }
     }
@@ -165,10 +350,85 @@ impl Device {
     }
 
     /// Takes part in one round: checks in, and if selected trains on `ratings` and uploads
-    /// the clipped update. The ratings never leave the device.
+    /// the clipped update. The ratings never leave the device. One attempt, no retry, no
+    /// eligibility claimed; see [`Device::participate_with`].
     pub async fn participate(&mut self, ratings: &[Rating]) -> Result<Participation, NetError> {
+        self.attempt(ratings, Eligibility::default()).await
+    }
+
+    /// Takes part in one round like [`Device::participate`], with `opts`: the device's
+    /// eligibility goes with the check-in, transient failures are retried (see
+    /// [`RetryPolicy`]; a wait that would end past the time budget is not started, and the
+    /// last error is returned instead), the whole call ends with
+    /// [`NetError::BudgetExceeded`] at `opts.time_budget`, and with [`NetError::Cancelled`]
+    /// as soon as `cancel` is cancelled, even in the middle of a network wait.
+    ///
+    /// Cancellation is checked at every wait; training itself (milliseconds) is not
+    /// interrupted. `Ok(Participation::NotSelected)` is not retried: the caller schedules
+    /// the next participation after its hint. Permanent refusals (e.g.
+    /// [`ErrorCode::NotEligible`], [`ErrorCode::BadToken`]) come back as
+    /// [`NetError::Refused`]; [`NetError::refusal`] tells them apart.
+    pub async fn participate_with(
+        &mut self,
+        ratings: &[Rating],
+        opts: &ParticipateOptions,
+        cancel: &CancelToken,
+    ) -> Result<Participation, NetError> {
+        if cancel.is_cancelled() {
+            return Err(NetError::Cancelled);
+        }
+        let budget_end = tokio::time::Instant::now() + opts.time_budget;
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => Err(NetError::Cancelled),
+            result = tokio::time::timeout_at(budget_end, self.attempts(ratings, opts, budget_end)) => {
+                result.unwrap_or(Err(NetError::BudgetExceeded))
+            }
+        }
+    }
+
+    /// Attempts until one succeeds, fails permanently, or the policy or budget says stop.
+    async fn attempts(
+        &mut self,
+        ratings: &[Rating],
+        opts: &ParticipateOptions,
+        budget_end: tokio::time::Instant,
+    ) -> Result<Participation, NetError> {
+        let mut retry = 0u32;
+        loop {
+            let err = match self.attempt(ratings, opts.eligibility).await {
+                Ok(p) => return Ok(p),
+                Err(e) => e,
+            };
+            if !err.is_transient() || retry.saturating_add(1) >= opts.retry.max_attempts {
+                return Err(err);
+            }
+            let backoff = opts.retry.backoff(retry, self.jitter()?);
+            let wait = backoff.max(err.retry_after().unwrap_or_default());
+            if tokio::time::Instant::now() + wait >= budget_end {
+                return Err(err);
+            }
+            tokio::time::sleep(wait).await;
+            retry += 1;
+        }
+    }
+
+    /// A uniform draw from `[0, 1)` for the backoff's jitter.
+    fn jitter(&self) -> Result<f64, NetError> {
+        let mut bytes = [0u8; 8];
+        self.rng.fill(&mut bytes).map_err(|_| NetError::Rng)?;
+        // The top 53 bits: every value is an exact f64.
+        Ok((u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64)
+    }
+
+    /// One attempt: a connection, a check-in and, if selected, an upload.
+    async fn attempt(
+        &mut self,
+        ratings: &[Rating],
+        eligibility: Eligibility,
+    ) -> Result<Participation, NetError> {
         let session = self.connect().await?;
-        let result = self.participate_in(&session, ratings).await;
+        let result = self.participate_in(&session, ratings, eligibility).await;
         session.close();
         result
     }
@@ -177,13 +437,14 @@ impl Device {
         &mut self,
         session: &Session,
         ratings: &[Rating],
+        eligibility: Eligibility,
     ) -> Result<Participation, NetError> {
         // The machine's clock: time since this participation began.
         let start = tokio::time::Instant::now();
         let now = || Instant::from_micros(u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX));
         let deadline = now().saturating_add(self.cfg.timeout.saturating_mul(4));
         let mut round = ClientRound::new(ratings, deadline);
-        let check_in = self.check_in();
+        let check_in = self.check_in_as(eligibility);
         while let Some(msg) = round.poll_transmit() {
             let request = Request::from_client_message(&msg, &check_in, self.nonce()?);
             let response = session.request(&request).await?;
@@ -191,6 +452,7 @@ impl Device {
                 let retry_after = response.retry_after().unwrap_or_default();
                 return Ok(Participation::NotSelected { retry_after });
             }
+            let retry_after = response.error_retry_after();
             match response.into_inbound(self.cached.as_ref())? {
                 Inbound::Message(msg) => {
                     if let ServerMessage::Selected { model, .. } = &msg {
@@ -206,7 +468,7 @@ impl Device {
                             round.handle_message(now(), ServerMessage::Rejected { round: r, reason });
                         }
                     }
-                    None => return Err(NetError::Refused { code, message }),
+                    None => return Err(NetError::Refused { code, message, retry_after }),
                 },
             }
             round.handle_timeout(now());
@@ -224,7 +486,7 @@ impl Device {
 fn pending_round(request: &Request) -> Option<u64> {
     match request {
         Request::Upload(u) => Some(u.round),
-        Request::CheckIn(_) => None,
+        Request::CheckIn(_) | Request::FetchRules(_) => None,
     }
 }
 
@@ -241,22 +503,149 @@ impl Session {
     pub async fn request(&self, request: &Request) -> Result<Response, NetError> {
         let frame = wire::encode(request)?;
         let exchange = async {
-            let (mut send, mut recv) =
-                self.conn.open_bi().await.map_err(|e| NetError::Connection(e.to_string()))?;
-            send.write_all(&frame).await.map_err(|e| NetError::Connection(e.to_string()))?;
-            send.finish().map_err(|e| NetError::Connection(e.to_string()))?;
+            let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.lost(e))?;
+            send.write_all(&frame).await.map_err(|e| self.lost(e))?;
+            send.finish().map_err(|e| self.lost(e))?;
             let mut prefix = [0u8; LEN_PREFIX];
-            recv.read_exact(&mut prefix).await.map_err(|e| NetError::Connection(e.to_string()))?;
+            recv.read_exact(&mut prefix).await.map_err(|e| self.lost(e))?;
             let len = wire::frame_len(prefix, self.limits.max_response())?;
             let mut payload = vec![0u8; len];
-            recv.read_exact(&mut payload).await.map_err(|e| NetError::Connection(e.to_string()))?;
+            recv.read_exact(&mut payload).await.map_err(|e| self.lost(e))?;
             Ok::<_, NetError>(wire::decode_response(&payload, &self.limits)?)
         };
         tokio::time::timeout(self.timeout, exchange).await.map_err(|_| NetError::Timeout)?
     }
 
+    /// The error for a failed stream operation: the coordinator's refusal if it closed the
+    /// connection with an error code (e.g. [`ErrorCode::CutOff`]), else a lost connection.
+    fn lost(&self, e: impl std::fmt::Display) -> NetError {
+        match self.conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(close)) if close.error_code.into_inner() != 0 => {
+                let code =
+                    u16::try_from(close.error_code.into_inner()).map_or(ErrorCode::Unknown, ErrorCode::from);
+                NetError::Refused {
+                    code,
+                    message: "the coordinator closed the connection".into(),
+                    retry_after: None,
+                }
+            }
+            _ => NetError::Connection(e.to_string()),
+        }
+    }
+
     /// Closes the connection.
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"done");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: RetryPolicy = RetryPolicy {
+        max_attempts: 10,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(1),
+    };
+
+    #[test]
+    fn backoff_stays_between_half_and_all_of_the_doubling_base() {
+        for retry in 0..4 {
+            let base = Duration::from_millis(100 << retry);
+            assert_eq!(POLICY.backoff(retry, 0.0), base / 2, "retry {retry}");
+            let top = POLICY.backoff(retry, 0.999_999);
+            assert!(top <= base && top > base.mul_f64(0.99), "retry {retry}: {top:?}");
+            let mid = POLICY.backoff(retry, 0.5);
+            assert_eq!(mid, base.mul_f64(0.75), "retry {retry}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_then_is_capped() {
+        let lows: Vec<Duration> = (0..8).map(|k| POLICY.backoff(k, 0.0)).collect();
+        assert!(lows.windows(2).all(|w| w[0] <= w[1]), "{lows:?}");
+        // 100 ms · 2^4 = 1.6 s is past the 1 s cap.
+        for retry in [4, 5, 31, 32, 1000, u32::MAX] {
+            assert!(POLICY.backoff(retry, 0.999) <= POLICY.max_backoff, "retry {retry}");
+            assert_eq!(POLICY.backoff(retry, 0.0), POLICY.max_backoff / 2, "retry {retry}");
+        }
+        // Out-of-range jitter is clamped, never a panic or a longer wait.
+        for jitter in [-1.0, 2.0, f64::NAN, f64::INFINITY] {
+            assert!(POLICY.backoff(0, jitter) <= POLICY.initial_backoff, "{jitter}");
+        }
+        assert_eq!(RetryPolicy::NONE.backoff(3, 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn transient_and_permanent_failures() {
+        let refused = |code| NetError::Refused { code, message: String::new(), retry_after: None };
+        assert!(NetError::Connection("lost".into()).is_transient());
+        assert!(NetError::Timeout.is_transient());
+        assert!(refused(ErrorCode::RateLimited).is_transient());
+        assert!(refused(ErrorCode::Internal).is_transient());
+        for code in
+            [ErrorCode::BadToken, ErrorCode::VersionMismatch, ErrorCode::NotEligible, ErrorCode::CutOff]
+        {
+            assert!(!refused(code).is_transient(), "{code}");
+            assert_eq!(refused(code).refusal(), Some(code));
+        }
+        assert!(!NetError::PeerMisbehaved(WireError::Malformed("x".into())).is_transient());
+        assert!(!NetError::Cancelled.is_transient());
+        assert!(!NetError::BudgetExceeded.is_transient());
+    }
+
+    #[test]
+    fn eligibility_is_sent_as_capability_bits() {
+        assert_eq!(Eligibility::default().capabilities(), 0);
+        let all = Eligibility { charging: true, unmetered: true, idle: true };
+        assert_eq!(all.capabilities(), CheckIn::CHARGING | CheckIn::UNMETERED | CheckIn::IDLE);
+        assert_eq!(
+            Eligibility { unmetered: true, ..Eligibility::default() }.capabilities(),
+            CheckIn::UNMETERED
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cancel_token_wakes_every_clone() {
+        let token = CancelToken::new();
+        let clone = token.clone();
+        assert!(!clone.is_cancelled());
+        let waiter = tokio::spawn(async move { clone.cancelled().await });
+        token.cancel();
+        waiter.await.expect("the waiter ends");
+        assert!(token.is_cancelled());
+        // Already cancelled: returns at once.
+        token.cancelled().await;
+    }
+
+    #[tokio::test]
+    async fn a_cached_model_is_announced_at_check_in_unless_it_is_too_large() {
+        let shape = ModelShape { n_items: 3, dim: 2, n_segments: 1 };
+        let cfg = NetConfig {
+            server: SocketAddr::from(([127, 0, 0, 1], 9)),
+            server_name: "localhost".into(),
+            server_cert: rcgen::generate_simple_self_signed(vec!["localhost".into()])
+                .expect("a certificate")
+                .cert
+                .der()
+                .to_vec(),
+            token: vec![1],
+            sdk_version: "test".into(),
+            shape,
+            timeout: Duration::from_secs(1),
+        };
+        let model = |n_items| {
+            let shape = ModelShape { n_items, ..shape };
+            let flat = |n| vec![0.0f32; n];
+            let global =
+                fedrec_shared::GlobalModel::from_flat(shape, flat(n_items * 2), flat(n_items), 0.0, flat(2))
+                    .expect("a valid model");
+            Arc::new(RoundModel::new(7, global))
+        };
+        let device = Device::new(cfg.clone()).expect("a device").with_cached_model(model(3));
+        assert_eq!(device.check_in().cached_model_version, Some(7));
+        let device = Device::new(cfg).expect("a device").with_cached_model(model(4));
+        assert_eq!(device.check_in().cached_model_version, None);
     }
 }
