@@ -1,14 +1,27 @@
-//! Helpers for the end-to-end tests in `tests/`: synthetic rating data and the `fedrec-sim` binary.
+//! Helpers for the end-to-end tests in `tests/`: synthetic rating data, the workspace's binaries, a coordinator process or an in-process server on loopback, and devices that reach them.
 #![forbid(unsafe_code)]
 
+pub mod coordinator;
+pub mod server;
+
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fedrec_shared::danger;
+use fedrec_client::net::NetConfig;
+use fedrec_shared::{ModelShape, Rating, danger};
 use rand::Rng;
 use rand_distr::{Distribution, Gumbel, Normal};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+pub use coordinator::{CoordinatorDir, CoordinatorProcess};
+pub use server::LoopbackServer;
+
+/// Safety net for every wait on a coordinator: a test that gets this far has failed.
+pub const WAIT: Duration = Duration::from_secs(60);
 
 /// One generated rating: user id, item id, rating, timestamp.
 pub type Row = (String, String, f32, i64);
@@ -66,6 +79,18 @@ pub fn low_rank_ratings(
     rows
 }
 
+/// `rows` of users `u0` … `u{n_users - 1}` (as [`low_rank_ratings`] makes them) grouped by
+/// user: entry `u` holds user `u{u}`'s ratings in the order of `rows`.
+pub fn ratings_by_user(n_users: usize, rows: Vec<Row>) -> Vec<Vec<Rating>> {
+    let mut users: Vec<Vec<Rating>> = vec![Vec::new(); n_users];
+    for (user, item, value, _) in rows {
+        let u: usize = user[1..].parse().expect("generated user ids are u{n}");
+        let i: u32 = item[1..].parse().expect("generated item ids are i{n}");
+        users[u].push(Rating { item: i, value });
+    }
+    users
+}
+
 /// Writes `rows` as `user<TAB>item<TAB>rating<TAB>timestamp` lines, without a header.
 pub fn write_tsv(path: &Path, rows: &[Row]) -> std::io::Result<()> {
     let mut out = String::with_capacity(rows.len() * 24);
@@ -89,19 +114,30 @@ fn target_dir() -> PathBuf {
 /// binary, so this crate builds the workspace's binaries itself; cargo's own up-to-date check
 /// makes repeat calls cheap. Panics with cargo's output when the build fails.
 fn build_bin(package: &str, bin: &str) -> PathBuf {
+    cargo_build(&["-p", package, "--bin", bin]);
+    let path = target_dir().join("debug").join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+    assert!(path.is_file(), "cargo built {bin} but {} is missing", path.display());
+    path
+}
+
+/// Runs `cargo build <args>` (debug profile) in the workspace; panics with cargo's output when
+/// the build fails.
+fn cargo_build(args: &[&str]) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let target = target_dir();
     let output = Command::new(cargo)
-        .args(["build", "-p", package, "--bin", bin, "--message-format=short"])
+        .arg("build")
+        .args(args)
+        .arg("--message-format=short")
         .arg("--target-dir")
-        .arg(&target)
+        .arg(target_dir())
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
         .output()
         .expect("cargo can be started");
-    assert!(output.status.success(), "building {bin} failed:\n{}", String::from_utf8_lossy(&output.stderr));
-    let path = target.join("debug").join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
-    assert!(path.is_file(), "cargo built {bin} but {} is missing", path.display());
-    path
+    assert!(
+        output.status.success(),
+        "cargo build {args:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// The `fedrec-sim` binary, built once per test process.
@@ -114,4 +150,77 @@ pub fn fedrec_sim_bin() -> PathBuf {
 pub fn fedrec_coordinator_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| build_bin("fedrec-coordinator", "fedrec-coordinator")).clone()
+}
+
+/// The SDK's static library (`libfedrec_client.a`, debug profile) that C programs link
+/// against, built once per test process. Its header is `client-sdk/include/fedrec.h`.
+pub fn fedrec_client_staticlib() -> PathBuf {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        cargo_build(&["-p", "fedrec-client", "--lib"]);
+        let path = target_dir().join("debug").join("libfedrec_client.a");
+        assert!(path.is_file(), "cargo built fedrec-client but {} is missing", path.display());
+        path
+    })
+    .clone()
+}
+
+/// Milliseconds since the Unix epoch, the clock enrollment tokens are issued and checked on.
+pub fn unix_ms() -> u64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).expect("the clock is after 1970");
+    u64::try_from(since.as_millis()).expect("milliseconds fit in u64")
+}
+
+/// The bytes of a hex string (as `enroll` prints tokens); panics on anything else.
+pub fn decode_hex(s: &str) -> Vec<u8> {
+    assert!(s.len() % 2 == 0, "hex has an even length");
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
+}
+
+/// Lower-case hex of `bytes`.
+pub fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        write!(s, "{b:02x}").expect("writing to a String cannot fail");
+        s
+    })
+}
+
+/// How a test device reaches a coordinator on `server` that presents `server_cert` for
+/// `localhost`.
+pub fn net_config(
+    server: SocketAddr,
+    server_cert: Vec<u8>,
+    token: Vec<u8>,
+    shape: ModelShape,
+    timeout: Duration,
+) -> NetConfig {
+    NetConfig {
+        server,
+        server_name: "localhost".into(),
+        server_cert,
+        token,
+        sdk_version: "test".into(),
+        shape,
+        timeout,
+    }
+}
+
+/// The text a Prometheus endpoint serves at `GET /metrics` (with the HTTP head), read within
+/// [`WAIT`].
+pub async fn scrape_metrics(addr: SocketAddr) -> String {
+    let scrape = async {
+        let mut http = tokio::net::TcpStream::connect(addr).await.expect("the metrics endpoint accepts");
+        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("the request is sent");
+        let mut text = String::new();
+        http.read_to_string(&mut text).await.expect("the metrics are read");
+        text
+    };
+    tokio::time::timeout(WAIT, scrape).await.expect("the metrics endpoint answers in time")
+}
+
+/// The value of the Prometheus series `series` (name and labels, as rendered) in `text`.
+pub fn series<'a>(text: &'a str, series: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| Some(l.strip_prefix(series)?.strip_prefix(' ')?.trim()))
 }

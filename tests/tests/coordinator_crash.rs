@@ -1,25 +1,21 @@
 //! The real `fedrec-coordinator` binary under stress on loopback QUIC: killed with SIGKILL in the middle of a round it resumes from its store without double-charging the privacy ledger; devices that vanish after being selected do not block a round with enough reports; bad uploads and an oversize frame are refused with the right error codes while a good device completes its round.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fedrec_client::net::{Device, NetConfig, Participation};
+use fedrec_client::net::{Device, Participation};
 use fedrec_shared::round::ClientOutcome;
 use fedrec_shared::wire::{ALPN, ErrorCode, LEN_PREFIX, Limits, Request, Response, Upload};
 use fedrec_shared::{ModelShape, Rating};
-use fedrec_tests::{fedrec_coordinator_bin, low_rank_ratings};
-use tokio::sync::{mpsc, watch};
+use fedrec_tests::{CoordinatorDir, CoordinatorProcess, WAIT, low_rank_ratings, ratings_by_user};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 const N_ITEMS: usize = 40;
 const SHAPE: ModelShape = ModelShape { n_items: N_ITEMS, dim: 4, n_segments: 2 };
-/// Safety net for every wait on the coordinator's output.
-const WAIT: Duration = Duration::from_secs(45);
 /// Pacing between a device's attempts (not a wait for a condition).
 const PACE: Duration = Duration::from_millis(20);
 
@@ -33,174 +29,31 @@ struct Settings {
     noise: f32,
 }
 
-fn run(args: &[&str], dir: &Path) -> String {
-    let out = Command::new(fedrec_coordinator_bin())
-        .args(args)
-        .arg("--dir")
-        .arg(dir)
-        .output()
-        .expect("the binary starts");
-    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).expect("UTF-8 output")
-}
-
-/// `init`s a state directory with `settings`, enrolls `n_devices` and returns the tokens.
-fn prepare(dir: &Path, settings: &Settings, n_devices: u32) -> Vec<Vec<u8>> {
-    run(&["init"], dir);
-    let path = dir.join("fedrec.toml");
-    let template = std::fs::read_to_string(&path).expect("init writes the config");
-    let replace = |text: String, from: &str, to: &str| {
-        assert!(text.contains(from), "the template has {from:?}");
-        text.replacen(from, to, 1)
-    };
-    let mut text = template;
-    text = replace(text, "listen = \"127.0.0.1:4433\"", "listen = \"127.0.0.1:0\"");
-    text = replace(text, "n_items = 1000", &format!("n_items = {N_ITEMS}"));
-    text = replace(text, "dim = 16", "dim = 4");
-    text = replace(text, "n_segments = 8", "n_segments = 2");
-    text = replace(text, "q = 0.5", &format!("q = {:?}", settings.q));
-    text = replace(text, "min_reports = 10", &format!("min_reports = {}", settings.min_reports));
-    text = replace(
-        text,
-        "checkin_window_ms = 30000",
-        &format!("checkin_window_ms = {}", settings.checkin_window_ms),
-    );
-    text = replace(
-        text,
-        "report_window_ms = 120000",
-        &format!("report_window_ms = {}", settings.report_window_ms),
-    );
-    text = replace(text, "round_gap_ms = 1000", "round_gap_ms = 50");
-    text = replace(text, "noise_multiplier = 1.0", &format!("noise_multiplier = {:?}", settings.noise));
+/// `init`s a state directory with `settings`, enrolls `n_devices` and returns it with the tokens.
+fn prepare(dir: &Path, settings: &Settings, n_devices: usize) -> (CoordinatorDir, Vec<Vec<u8>>) {
+    let mut edits = vec![
+        ("n_items = 1000", format!("n_items = {N_ITEMS}")),
+        ("dim = 16", "dim = 4".to_owned()),
+        ("n_segments = 8", "n_segments = 2".to_owned()),
+        ("q = 0.5", format!("q = {:?}", settings.q)),
+        ("min_reports = 10", format!("min_reports = {}", settings.min_reports)),
+        ("checkin_window_ms = 30000", format!("checkin_window_ms = {}", settings.checkin_window_ms)),
+        ("report_window_ms = 120000", format!("report_window_ms = {}", settings.report_window_ms)),
+        ("round_gap_ms = 1000", "round_gap_ms = 50".to_owned()),
+        ("noise_multiplier = 1.0", format!("noise_multiplier = {:?}", settings.noise)),
+    ];
     if settings.noise > 0.0 {
-        text = replace(text, "# epsilon = 8.0", "epsilon = 1000.0");
-        text = replace(text, "# delta = 1e-6", "delta = 1e-5");
+        edits.push(("# epsilon = 8.0", "epsilon = 1000.0".to_owned()));
+        edits.push(("# delta = 1e-6", "delta = 1e-5".to_owned()));
     }
-    // A metrics endpoint, if this version of the coordinator has one, on a free port too
-    // (the first `metrics_listen` line, uncommented if need be; any others are dropped).
-    let mut metrics_set = false;
-    text = text
-        .lines()
-        .filter_map(|line| {
-            let key = line.trim_start_matches(['#', ' ']);
-            if key.starts_with("metrics_listen") && key.contains('=') {
-                let first = !metrics_set;
-                metrics_set = true;
-                first.then(|| "metrics_listen = \"127.0.0.1:0\"".to_owned())
-            } else {
-                Some(line.to_owned())
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    std::fs::write(&path, text).expect("the config is writable");
-
-    let tokens_file = dir.join("tokens.txt");
-    run(
-        &["enroll", "--count", &n_devices.to_string(), "--out", tokens_file.to_str().expect("UTF-8 path")],
-        dir,
-    );
-    let tokens: Vec<Vec<u8>> = std::fs::read_to_string(&tokens_file)
-        .expect("enroll writes the tokens")
-        .lines()
-        .map(|line| {
-            (0..line.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&line[i..i + 2], 16).expect("hex"))
-                .collect()
-        })
-        .collect();
-    assert_eq!(tokens.len(), n_devices as usize);
-    tokens
+    let state = CoordinatorDir::init(dir, &edits);
+    let tokens = state.enroll(n_devices);
+    (state, tokens)
 }
 
-/// A `fedrec-coordinator serve` child process and the lines it has written to stderr.
-struct Serve {
-    child: Option<Child>,
-    pid: u32,
-    lines: watch::Receiver<Vec<String>>,
-    addr: SocketAddr,
-}
-
-impl Serve {
-    async fn start(dir: &Path) -> Serve {
-        let mut child = Command::new(fedrec_coordinator_bin())
-            .arg("serve")
-            .arg("--dir")
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let pid = child.id();
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let (tx, lines) = watch::channel(Vec::new());
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                tx.send_modify(|lines| lines.push(line));
-            }
-        });
-        let mut serve = Serve { child: Some(child), pid, lines, addr: SocketAddr::from(([127, 0, 0, 1], 0)) };
-        let listening = serve
-            .wait_for("the listening line", |lines| lines.iter().any(|l| listen_addr(l).is_some()))
-            .await;
-        serve.addr = listening.iter().find_map(|l| listen_addr(l)).expect("found above");
-        serve
-    }
-
-    /// Waits (at most [`WAIT`]) until `done` holds for the stderr lines; returns them.
-    async fn wait_for(&self, what: &str, mut done: impl FnMut(&[String]) -> bool) -> Vec<String> {
-        let mut lines = self.lines.clone();
-        match tokio::time::timeout(WAIT, lines.wait_for(|l| done(l))).await {
-            Ok(Ok(l)) => l.clone(),
-            Ok(Err(_)) => panic!("the coordinator exited before {what}: {:#?}", self.lines.borrow()),
-            Err(_) => panic!("no {what} within {WAIT:?}: {:#?}", self.lines.borrow()),
-        }
-    }
-
-    fn committed(&self) -> Vec<Commit> {
-        self.lines.borrow().iter().filter_map(|l| Commit::parse(l)).collect()
-    }
-
-    /// SIGKILL.
-    fn kill(&mut self) {
-        let mut child = self.child.take().expect("running");
-        child.kill().expect("the child can be killed");
-        child.wait().expect("the child is reaped");
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    async fn terminate(&mut self) {
-        let mut child = self.child.take().expect("running");
-        let sent = Command::new("kill").arg("-TERM").arg(self.pid.to_string()).status().expect("kill runs");
-        assert!(sent.success());
-        let waited = tokio::task::spawn_blocking(move || {
-            let status = child.wait();
-            (child, status)
-        });
-        let (_child, status) = tokio::time::timeout(WAIT, waited)
-            .await
-            .expect("the coordinator stops after SIGTERM")
-            .expect("the wait task ends");
-        let status = status.expect("the child is reaped");
-        assert!(status.success(), "a SIGTERM is a clean stop: {status:?}; {:#?}", self.lines.borrow());
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn listen_addr(line: &str) -> Option<SocketAddr> {
-    let at = line.find("listening on ")?;
-    line[at + "listening on ".len()..].split_whitespace().next()?.trim_matches(['"', ',']).parse().ok()
+/// The `round N committed: …` lines `serve` has written so far.
+fn committed(serve: &CoordinatorProcess) -> Vec<Commit> {
+    serve.lines().iter().filter_map(|l| Commit::parse(l)).collect()
 }
 
 /// The number right before `word` in `line` (`"12 reported"`).
@@ -248,8 +101,8 @@ struct Status {
     ledger: u64,
 }
 
-fn status(dir: &Path) -> Status {
-    let text = run(&["status"], dir);
+fn status(state: &CoordinatorDir) -> Status {
+    let text = state.run(&["status"]);
     let field = |name: &str| -> u64 {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
@@ -266,9 +119,9 @@ fn status(dir: &Path) -> Status {
 type LedgerRow = (i64, f64, f64, Option<f64>);
 
 /// The `ledger` table, read-only.
-fn ledger_rows(dir: &Path) -> Vec<LedgerRow> {
+fn ledger_rows(state: &CoordinatorDir) -> Vec<LedgerRow> {
     let db = rusqlite::Connection::open_with_flags(
-        dir.join("state.sqlite"),
+        state.path().join("state.sqlite"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .expect("the store opens read-only");
@@ -282,32 +135,16 @@ fn ledger_rows(dir: &Path) -> Vec<LedgerRow> {
 }
 
 fn ratings(n_users: usize) -> Vec<Vec<Rating>> {
-    let mut users: Vec<Vec<Rating>> = vec![Vec::new(); n_users];
-    for (user, item, value, _) in low_rank_ratings(n_users, N_ITEMS, 3, 12, 0.1, 11) {
-        let u: usize = user[1..].parse().expect("generated user ids are u{n}");
-        let i: u32 = item[1..].parse().expect("generated item ids are i{n}");
-        users[u].push(Rating { item: i, value });
-    }
-    users
+    ratings_by_user(n_users, low_rank_ratings(n_users, N_ITEMS, 3, 12, 0.1, 11))
 }
 
-fn device(dir: &Path, addr: SocketAddr, token: Vec<u8>) -> Device {
-    let net = NetConfig {
-        server: addr,
-        server_name: "localhost".into(),
-        server_cert: std::fs::read(dir.join("cert.der")).expect("init writes the certificate"),
-        token,
-        sdk_version: "test".into(),
-        shape: SHAPE,
-        timeout: Duration::from_secs(5),
-    };
-    Device::new(net).expect("the client endpoint binds")
+fn device(serve: &CoordinatorProcess, token: Vec<u8>) -> Device {
+    serve.device(token, SHAPE, Duration::from_secs(5))
 }
 
 /// Well-behaved devices participating in a loop; each acknowledged upload's round is sent on `acks`.
 fn well_behaved(
-    dir: &Path,
-    addr: SocketAddr,
+    serve: &CoordinatorProcess,
     tokens: &[Vec<u8>],
     data: &[Vec<Rating>],
     acks: &mpsc::UnboundedSender<u64>,
@@ -316,7 +153,7 @@ fn well_behaved(
         .iter()
         .zip(data)
         .map(|(token, train)| {
-            let mut device = device(dir, addr, token.clone());
+            let mut device = device(serve, token.clone());
             let (train, acks) = (train.clone(), acks.clone());
             tokio::spawn(async move {
                 loop {
@@ -348,12 +185,12 @@ async fn a_coordinator_killed_mid_round_resumes_without_double_counting() {
     let dir = tmp.path().join("state");
     let settings =
         Settings { q: 0.5, min_reports: 3, checkin_window_ms: 300, report_window_ms: 2000, noise: 1.0 };
-    let tokens = prepare(&dir, &settings, N as u32);
+    let (state, tokens) = prepare(&dir, &settings, N);
     let data = ratings(N);
 
-    let mut first = Serve::start(&dir).await;
+    let mut first = state.serve().await;
     let (acks_tx, mut acks) = mpsc::unbounded_channel();
-    let devices = well_behaved(&dir, first.addr, &tokens, &data, &acks_tx);
+    let devices = well_behaved(&first, &tokens, &data, &acks_tx);
     first.wait_for("three commits", |l| l.iter().filter(|l| Commit::parse(l).is_some()).count() >= 3).await;
     // Kill at the next acknowledged upload: a round is open and devices are uploading.
     while acks.try_recv().is_ok() {}
@@ -363,41 +200,39 @@ async fn a_coordinator_killed_mid_round_resumes_without_double_counting() {
         .expect("devices run");
     first.kill();
     abort(&devices);
-    let seen = first.committed();
+    let seen = committed(&first);
     assert!(seen.len() >= 3);
 
-    let before = status(&dir);
+    let before = status(&state);
     assert!(before.committed >= seen.len() as u64, "{before:?} vs {seen:?}");
     assert_eq!(before.ledger, before.committed, "every committed round was charged once");
     assert_eq!(before.model_version, before.committed, "one model version per commit");
-    let rows_before = ledger_rows(&dir);
+    let rows_before = ledger_rows(&state);
     assert_eq!(rows_before.len() as u64, before.ledger);
     eprintln!("killed during round {acked} after {before:?}");
 
-    let mut second = Serve::start(&dir).await;
-    let lines =
-        second.wait_for("the resume line", |l| l.iter().any(|l| l.contains("resuming at round"))).await;
-    let resume = lines.iter().find(|l| l.contains("resuming at round")).expect("found above");
-    let next_round = number_after(resume, "round").expect("a round index");
-    let version = number_after(resume, "version").expect("a model version");
+    let mut second = state.serve().await;
+    let resume = second.wait_for_line("the resume line", |l| l.contains("resuming at round")).await;
+    let next_round = number_after(&resume, "round").expect("a round index");
+    let version = number_after(&resume, "version").expect("a model version");
     assert!(next_round + 1 > before.committed, "resumes after the committed rounds: {resume}");
     assert_eq!(version, before.model_version, "{resume}");
 
-    let devices = well_behaved(&dir, second.addr, &tokens, &data, &acks_tx);
+    let devices = well_behaved(&second, &tokens, &data, &acks_tx);
     second
         .wait_for("two more commits", |l| l.iter().filter(|l| Commit::parse(l).is_some()).count() >= 2)
         .await;
     second.terminate().await;
     abort(&devices);
-    let seen = second.committed();
+    let seen = committed(&second);
     assert!(seen.iter().all(|c| c.round >= next_round), "{seen:?}");
 
-    let after = status(&dir);
+    let after = status(&state);
     let new_commits = after.committed - before.committed;
     assert!(new_commits >= 2 && new_commits >= seen.len() as u64, "{before:?} → {after:?}");
     assert_eq!(after.ledger - before.ledger, new_commits, "one ledger entry per new commit");
     assert_eq!(after.model_version, before.model_version + new_commits);
-    let rows_after = ledger_rows(&dir);
+    let rows_after = ledger_rows(&state);
     assert_eq!(rows_after.len() as u64, after.ledger);
     let (old, new) = rows_after.split_at(rows_before.len());
     assert_eq!(old, rows_before.as_slice(), "the ledger before the crash is unchanged");
@@ -413,16 +248,16 @@ async fn devices_that_vanish_after_selection_do_not_block_a_round() {
     // Everyone who checks in is selected; two reports are enough.
     let settings =
         Settings { q: 1.0, min_reports: 2, checkin_window_ms: 400, report_window_ms: 1200, noise: 0.0 };
-    let tokens = prepare(&dir, &settings, (GOOD + VANISH) as u32);
+    let (state, tokens) = prepare(&dir, &settings, GOOD + VANISH);
     let data = ratings(GOOD);
-    let serve = Serve::start(&dir).await;
+    let serve = state.serve().await;
 
     let (acks_tx, _acks) = mpsc::unbounded_channel();
-    let mut tasks = well_behaved(&dir, serve.addr, &tokens[..GOOD], &data, &acks_tx);
+    let mut tasks = well_behaved(&serve, &tokens[..GOOD], &data, &acks_tx);
     // Rounds in which each vanishing device was selected (and then went away).
     let vanished: Arc<Mutex<HashMap<u64, usize>>> = Arc::default();
     for token in &tokens[GOOD..] {
-        let device = device(&dir, serve.addr, token.clone());
+        let device = device(&serve, token.clone());
         let vanished = Arc::clone(&vanished);
         tasks.push(tokio::spawn(async move {
             let mut last = None;
@@ -458,7 +293,7 @@ async fn devices_that_vanish_after_selection_do_not_block_a_round() {
         .expect("found above");
     assert!(commit.dropped >= VANISH as u64, "the vanished devices count as dropped: {commit:?}");
     assert!(commit.reported >= settings.min_reports as u64, "{commit:?}");
-    assert!(status(&dir).committed >= 1);
+    assert!(status(&state).committed >= 1);
 }
 
 /// Sends a length prefix above the coordinator's request limit on a raw QUIC stream and
@@ -505,15 +340,15 @@ async fn bad_uploads_are_refused_while_a_good_device_completes_its_round() {
     let dir = tmp.path().join("state");
     let settings =
         Settings { q: 0.5, min_reports: 1, checkin_window_ms: 300, report_window_ms: 1000, noise: 0.0 };
-    let tokens = prepare(&dir, &settings, 2);
+    let (state, tokens) = prepare(&dir, &settings, 2);
     let data = ratings(1);
-    let serve = Serve::start(&dir).await;
+    let serve = state.serve().await;
     let update_len = SHAPE.layout().len();
 
     let (acks_tx, mut acks) = mpsc::unbounded_channel();
-    let good = well_behaved(&dir, serve.addr, &tokens[..1], &data, &acks_tx);
+    let good = well_behaved(&serve, &tokens[..1], &data, &acks_tx);
 
-    let bad = device(&dir, serve.addr, tokens[1].clone());
+    let bad = device(&serve, tokens[1].clone());
     let upload = |round: u64, update: Vec<f32>| {
         Request::Upload(Upload {
             round,
@@ -574,8 +409,7 @@ async fn bad_uploads_are_refused_while_a_good_device_completes_its_round() {
     };
     tokio::time::timeout(WAIT, probing).await.expect("every bad upload was tried within the time limit");
 
-    let cert = std::fs::read(dir.join("cert.der")).expect("the certificate");
-    let oversize = oversize_frame(serve.addr, cert).await;
+    let oversize = oversize_frame(serve.addr(), state.cert()).await;
     assert_eq!(code(&oversize), Some(ErrorCode::TooLarge), "{oversize:?}");
 
     // The good device's round commits despite all of that.
@@ -587,5 +421,5 @@ async fn bad_uploads_are_refused_while_a_good_device_completes_its_round() {
         })
         .await;
     abort(&good);
-    assert!(status(&dir).committed >= 1);
+    assert!(status(&state).committed >= 1);
 }

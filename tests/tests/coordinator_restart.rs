@@ -1,80 +1,49 @@
 //! A coordinator with a store survives a restart: a new server resumes at the right round with the same model version and privacy ledger; a spent budget stops rounds visibly; the `fedrec-coordinator` binary initialises, enrolls and reports.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use fedrec_client::net::{Device, NetConfig, Participation};
-use fedrec_coordinator::auth::{DeviceId, Enroller, RevocationList, TokenKey, Verifier};
-use fedrec_coordinator::server::{ServeConfig, Server, ServerStatus};
+use fedrec_client::net::Participation;
+use fedrec_coordinator::auth::{RevocationList, TokenKey, Verifier};
+use fedrec_coordinator::server::ServerStatus;
 use fedrec_coordinator::store::Store;
-use fedrec_shared::danger::seeded_rng;
 use fedrec_shared::ledger::{PrivacyBudget, PrivacyPolicy};
 use fedrec_shared::privacy::AccountantKind;
 use fedrec_shared::round::{CoordinatorConfig, CoordinatorEvent, Selection, StartError};
-use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
-use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, Rating, TrainParams};
-use fedrec_tests::{fedrec_coordinator_bin, low_rank_ratings};
+use fedrec_shared::server::ServerOptimizer;
+use fedrec_shared::{ModelShape, Rating};
+use fedrec_tests::server::{coordinator_config, initial_model};
+use fedrec_tests::{CoordinatorDir, LoopbackServer, decode_hex, low_rank_ratings, ratings_by_user, unix_ms};
 use ring::rand::SystemRandom;
-use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 const N_USERS: usize = 16;
 const N_ITEMS: usize = 30;
 const SHAPE: ModelShape = ModelShape { n_items: N_ITEMS, dim: 4, n_segments: 2 };
 
-fn unix_ms() -> u64 {
-    let since = SystemTime::now().duration_since(UNIX_EPOCH).expect("the clock is after 1970");
-    u64::try_from(since.as_millis()).expect("milliseconds fit in u64")
-}
-
 /// Poisson selection with noise and a budget of `epsilon` at δ = 1e-5.
-fn coordinator_config(epsilon: f64) -> CoordinatorConfig {
+fn poisson_config(epsilon: f64) -> CoordinatorConfig {
     CoordinatorConfig {
-        train: TrainParams {
-            objective: Objective::Explicit,
-            l2_user: 1.0,
-            l2_user_bias: 0.1,
-            l2_item: 0.05,
-            l2_item_bias: 0.01,
-        },
         optimizer: ServerOptimizer::adam(0.05),
-        selection: Selection::Poisson { q: 0.5 },
-        min_reports: 2,
         checkin_window: Duration::from_millis(300),
         report_window: Duration::from_secs(3),
         clip_norm: 1.0,
-        adaptive_clip: None,
         noise_multiplier: 1.0,
-        centroids: CentroidPolicy::with_min_count(1.0),
         privacy: Some(PrivacyPolicy {
             budget: PrivacyBudget::new(epsilon, 1e-5).expect("a valid budget"),
             accountant: AccountantKind::Rdp,
         }),
+        ..coordinator_config(Selection::Poisson { q: 0.5 }, 2)
     }
-}
-
-fn initial_model(seed: u64) -> GlobalModel {
-    let init = ModelInit { factor_std: 0.1, global_mean: 3.5, centroid_scale: 1e-3 };
-    GlobalModel::init(SHAPE, init, &mut seeded_rng(seed)).expect("valid shape")
 }
 
 fn ratings() -> Vec<Vec<Rating>> {
-    let mut users: Vec<Vec<Rating>> = vec![Vec::new(); N_USERS];
-    for (user, item, value, _) in low_rank_ratings(N_USERS, N_ITEMS, 3, 12, 0.1, 5) {
-        let u: usize = user[1..].parse().expect("generated user ids are u{n}");
-        let i: u32 = item[1..].parse().expect("generated item ids are i{n}");
-        users[u].push(Rating { item: i, value });
-    }
-    users
+    ratings_by_user(N_USERS, low_rank_ratings(N_USERS, N_ITEMS, 3, 12, 0.1, 5))
 }
 
 /// A running server with devices participating in a loop.
 struct Running {
-    status: watch::Receiver<ServerStatus>,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
+    server: LoopbackServer,
     devices: Vec<JoinHandle<()>>,
 }
 
@@ -82,43 +51,19 @@ impl Running {
     /// Starts a server on `store` (the model is only used if the store is fresh) and `n_devices`
     /// devices with tokens signed by `key`.
     fn start(key: &TokenKey, store: Store, epsilon: f64, n_devices: usize) -> Running {
-        let verifier = Verifier::new(vec![key.clone()], RevocationList::new()).expect("one key");
         let listen = SocketAddr::from(([127, 0, 0, 1], 0));
         // A different starting model each time: a restored server must ignore it.
-        let seed = unix_ms();
-        let mut cfg = ServeConfig::new(listen, coordinator_config(epsilon), initial_model(seed), verifier);
-        cfg.round_gap = Duration::from_millis(20);
-        cfg.retry_after = Duration::from_millis(50);
-        cfg.store = Some(store);
-        let server = Server::bind(cfg).expect("the server binds to loopback");
-        let (addr, cert) = (server.local_addr(), server.cert_der().to_vec());
-        let status = server.status();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            server
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-                .expect("the server runs and stops cleanly");
-        });
-        let enroller = Enroller::new(key.clone());
+        let model = initial_model(SHAPE, 3.5, unix_ms());
+        let server = LoopbackServer::try_start(listen, key.clone(), poisson_config(epsilon), model, |cfg| {
+            cfg.store = Some(store);
+        })
+        .expect("the server binds to loopback");
         let devices = ratings()
             .into_iter()
             .take(n_devices)
             .enumerate()
             .map(|(idx, train)| {
-                let token = enroller.issue(DeviceId::new(idx as u64 + 1), unix_ms(), None).expect("a token");
-                let net = NetConfig {
-                    server: addr,
-                    server_name: "localhost".into(),
-                    server_cert: cert.clone(),
-                    token: token.to_vec(),
-                    sdk_version: "test".into(),
-                    shape: SHAPE,
-                    timeout: Duration::from_secs(10),
-                };
-                let mut device = Device::new(net).expect("the client endpoint binds");
+                let mut device = server.device(idx as u64 + 1);
                 tokio::spawn(async move {
                     loop {
                         let pause = match device.participate(&train).await {
@@ -131,13 +76,18 @@ impl Running {
                 })
             })
             .collect();
-        Running { status, stop, task, devices }
+        Running { server, devices }
+    }
+
+    /// The server's status now.
+    fn status(&self) -> ServerStatus {
+        self.server.status().borrow().clone()
     }
 
     /// Waits until `done` holds for the status (at most 20 s), then stops everything and
     /// returns the final status.
     async fn run_until(self, done: impl FnMut(&ServerStatus) -> bool) -> ServerStatus {
-        let mut status = self.status.clone();
+        let mut status = self.server.status().clone();
         tokio::time::timeout(Duration::from_secs(20), status.wait_for(done))
             .await
             .expect("the server gets there within 20 s")
@@ -145,10 +95,7 @@ impl Running {
         for d in &self.devices {
             d.abort();
         }
-        let _ = self.stop.send(());
-        self.task.await.expect("the server task ends cleanly");
-        // The sender is gone; the last value published is the final state.
-        self.status.borrow().clone()
+        self.server.stop().await
     }
 }
 
@@ -169,7 +116,7 @@ async fn a_restarted_coordinator_resumes_from_its_store() {
     const EPSILON: f64 = 1000.0;
 
     let first = Running::start(&key, Store::open(&path).expect("a fresh store"), EPSILON, N_USERS);
-    assert_eq!(first.status.borrow().next_round, 0);
+    assert_eq!(first.status().next_round, 0);
     let a = first.run_until(|s| s.n_committed >= 3).await;
     assert!(a.n_committed >= 3);
     assert!(a.start_refused.is_none(), "{:?}", a.start_refused);
@@ -189,7 +136,7 @@ async fn a_restarted_coordinator_resumes_from_its_store() {
 
     let second = Running::start(&key, Store::open(&path).expect("the store reopens"), EPSILON, N_USERS);
     {
-        let resumed = second.status.borrow();
+        let resumed = second.status();
         assert_eq!(resumed.next_round, a.next_round, "resumes at the round after the last one closed");
         assert_eq!(resumed.model.version, a.model.version);
         assert_eq!(resumed.model.model, state_a.model, "the restored model is the stored one");
@@ -226,25 +173,17 @@ async fn a_spent_budget_stops_rounds_and_says_so() {
     assert_eq!(s.n_ledger_entries, 0);
 }
 
-fn run(args: &[&str], dir: &Path) -> std::process::Output {
-    Command::new(fedrec_coordinator_bin())
-        .args(args)
-        .arg("--dir")
-        .arg(dir)
-        .output()
-        .expect("the binary starts")
-}
-
 #[test]
 fn the_binary_initialises_enrolls_and_reports() {
     let tmp = tempfile::tempdir().expect("a temp dir");
-    let dir = tmp.path().join("state");
+    let state = CoordinatorDir::new(tmp.path().join("state"));
+    let dir = state.path();
 
-    let missing = run(&["status"], &dir);
+    let missing = state.command(&["status"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("fedrec.toml"), "the error names the file");
 
-    let init = run(&["init"], &dir);
+    let init = state.command(&["init"]);
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
     for file in ["fedrec.toml", "cert.der", "key.der", "token.key", "state.sqlite"] {
         assert!(dir.join(file).is_file(), "init writes {file}");
@@ -254,14 +193,10 @@ fn the_binary_initialises_enrolls_and_reports() {
         let mode = std::fs::metadata(dir.join("token.key")).expect("exists").permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "the token key is private");
     }
-    let again = run(&["init"], &dir);
+    let again = state.command(&["init"]);
     assert!(!again.status.success(), "init refuses to overwrite");
 
-    let enroll = Command::new(fedrec_coordinator_bin())
-        .args(["enroll", "--count", "3", "--dir"])
-        .arg(&dir)
-        .output()
-        .expect("the binary starts");
+    let enroll = state.command(&["enroll", "--count", "3"]);
     assert!(enroll.status.success(), "{}", String::from_utf8_lossy(&enroll.stderr));
     let tokens = String::from_utf8(enroll.stdout).expect("hex is UTF-8");
     let key = TokenKey::from_bytes(&std::fs::read(dir.join("token.key")).expect("readable")).expect("a key");
@@ -269,19 +204,15 @@ fn the_binary_initialises_enrolls_and_reports() {
     let lines: Vec<&str> = tokens.lines().collect();
     assert_eq!(lines.len(), 3);
     for line in lines {
-        let bytes: Vec<u8> = (0..line.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&line[i..i + 2], 16).expect("hex"))
-            .collect();
-        verifier.verify(&bytes, unix_ms()).expect("the token verifies");
+        verifier.verify(&decode_hex(line), unix_ms()).expect("the token verifies");
     }
 
     // The template's noise needs a budget: serve refuses and says where.
-    let serve = run(&["serve"], &dir);
+    let serve = state.command(&["serve"]);
     assert!(!serve.status.success());
     assert!(String::from_utf8_lossy(&serve.stderr).contains("privacy budget"));
 
-    let status = run(&["status"], &dir);
+    let status = state.command(&["status"]);
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let text = String::from_utf8(status.stdout).expect("UTF-8");
     assert!(text.contains("rounds committed: 0"), "{text}");

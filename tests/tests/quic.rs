@@ -1,25 +1,19 @@
 //! Real QUIC on loopback: a coordinator server and many device SDK clients train a model together; bad tokens and replayed uploads are refused.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use fedrec_client::net::{Device, NetConfig, NetError, Participation};
-use fedrec_coordinator::auth::{DeviceId, Enroller, RevocationList, TokenKey, Verifier};
-use fedrec_coordinator::server::{ServeConfig, Server, ServerStatus};
-use fedrec_shared::danger::seeded_rng;
+use fedrec_client::net::{Device, NetError, Participation};
 use fedrec_shared::eval::{EvalConfig, ReconstructionScorer, Scorer, evaluate};
 use fedrec_shared::round::{
     ClientOutcome, ClientRound, CoordinatorConfig, Instant, Selection, ServerMessage,
 };
-use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
 use fedrec_shared::wire::{ErrorCode, Inbound, Request, Response};
-use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, Rating, TrainParams};
-use fedrec_tests::low_rank_ratings;
+use fedrec_shared::{GlobalModel, ModelShape, Rating};
+use fedrec_tests::server::{TRAIN, coordinator_config, initial_model};
+use fedrec_tests::{LoopbackServer, low_rank_ratings, ratings_by_user};
 use rand::Rng;
-use ring::rand::SystemRandom;
-use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 const N_USERS: usize = 50;
@@ -28,110 +22,22 @@ const PER_USER: usize = 24;
 const N_TEST: usize = 4;
 const SHAPE: ModelShape = ModelShape { n_items: N_ITEMS, dim: 4, n_segments: 2 };
 
-const TRAIN: TrainParams = TrainParams {
-    objective: Objective::Explicit,
-    l2_user: 1.0,
-    l2_user_bias: 0.1,
-    l2_item: 0.05,
-    l2_item_bias: 0.01,
-};
-
-fn unix_ms() -> u64 {
-    let since = SystemTime::now().duration_since(UNIX_EPOCH).expect("the clock is after 1970");
-    u64::try_from(since.as_millis()).expect("milliseconds fit in u64")
+/// First come, `cohort` devices per round.
+fn first_come(cohort: usize, min_reports: usize) -> CoordinatorConfig {
+    coordinator_config(Selection::FirstCome { cohort }, min_reports)
 }
 
-fn coordinator_config(cohort: usize, min_reports: usize) -> CoordinatorConfig {
-    CoordinatorConfig {
-        train: TRAIN,
-        optimizer: ServerOptimizer::adam(0.1),
-        selection: Selection::FirstCome { cohort },
-        min_reports,
-        checkin_window: Duration::from_secs(2),
-        report_window: Duration::from_secs(5),
-        clip_norm: 10.0,
-        adaptive_clip: None,
-        noise_multiplier: 0.0,
-        centroids: CentroidPolicy::with_min_count(1.0),
-        privacy: None,
-    }
+fn model(global_mean: f32) -> GlobalModel {
+    initial_model(SHAPE, global_mean, 3)
 }
 
-fn initial_model(global_mean: f32) -> GlobalModel {
-    let init = ModelInit { factor_std: 0.1, global_mean, centroid_scale: 1e-3 };
-    GlobalModel::init(SHAPE, init, &mut seeded_rng(3)).expect("valid shape")
-}
-
-/// A running server and what the test needs to reach and stop it.
-struct Running {
-    addr: SocketAddr,
-    cert: Vec<u8>,
-    status: watch::Receiver<ServerStatus>,
-    enroller: Enroller,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-}
-
-impl Running {
-    fn start(coordinator: CoordinatorConfig, model: GlobalModel) -> Running {
-        let key = TokenKey::generate(&SystemRandom::new()).expect("the system RNG works");
-        let verifier = Verifier::new(vec![key.clone()], RevocationList::new()).expect("one key");
-        let listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        let mut cfg = ServeConfig::new(listen, coordinator, model, verifier);
-        cfg.round_gap = Duration::from_millis(20);
-        cfg.retry_after = Duration::from_millis(50);
-        let server = Server::bind(cfg).expect("the server binds to loopback");
-        let (stop, stopped) = oneshot::channel::<()>();
-        Running {
-            addr: server.local_addr(),
-            cert: server.cert_der().to_vec(),
-            status: server.status(),
-            enroller: Enroller::new(key),
-            stop,
-            task: tokio::spawn(async move {
-                server
-                    .run(async {
-                        let _ = stopped.await;
-                    })
-                    .await
-                    .expect("the server runs");
-            }),
-        }
-    }
-
-    fn net_config(&self, token: Vec<u8>) -> NetConfig {
-        NetConfig {
-            server: self.addr,
-            server_name: "localhost".into(),
-            server_cert: self.cert.clone(),
-            token,
-            sdk_version: "test".into(),
-            shape: SHAPE,
-            timeout: Duration::from_secs(10),
-        }
-    }
-
-    fn device(&self, id: u64) -> Device {
-        let token = self.enroller.issue(DeviceId::new(id), unix_ms(), None).expect("a token");
-        Device::new(self.net_config(token.to_vec())).expect("the client endpoint binds")
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.expect("the server task ends cleanly");
-    }
+fn start(coordinator: CoordinatorConfig, model: GlobalModel) -> LoopbackServer {
+    LoopbackServer::start(coordinator, model, |_| {})
 }
 
 /// Per user: training ratings (all but the last `N_TEST`) and held-out ones.
 fn split() -> Vec<(Vec<Rating>, Vec<Rating>)> {
-    let rows = low_rank_ratings(N_USERS, N_ITEMS, 3, PER_USER, 0.0, 17);
-    let mut users: Vec<Vec<Rating>> = vec![Vec::new(); N_USERS];
-    for (user, item, value, _) in rows {
-        let u: usize = user[1..].parse().expect("generated user ids are u{n}");
-        let i: u32 = item[1..].parse().expect("generated item ids are i{n}");
-        users[u].push(Rating { item: i, value });
-    }
-    users
+    ratings_by_user(N_USERS, low_rank_ratings(N_USERS, N_ITEMS, 3, PER_USER, 0.0, 17))
         .into_iter()
         .map(|mut r| {
             let test = r.split_off(r.len() - N_TEST);
@@ -190,7 +96,7 @@ async fn devices_train_a_model_over_quic() {
     const ROUNDS: u64 = 20;
     let users = split();
     let mean = Biases::fit(&users).mean;
-    let server = Running::start(coordinator_config(10, 5), initial_model(mean));
+    let server = start(first_come(10, 5), model(mean));
     let completed = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(AtomicUsize::new(0));
     let clients: Vec<JoinHandle<()>> = users
@@ -219,7 +125,7 @@ async fn devices_train_a_model_over_quic() {
         })
         .collect();
 
-    let mut status = server.status.clone();
+    let mut status = server.status().clone();
     let reached = tokio::time::timeout(Duration::from_secs(60), status.wait_for(|s| s.n_committed >= ROUNDS))
         .await
         .expect("20 rounds commit within a minute")
@@ -246,7 +152,7 @@ async fn devices_train_a_model_over_quic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_token_is_refused_while_a_good_device_completes_a_round() {
     let users = split();
-    let server = Running::start(coordinator_config(1, 1), initial_model(3.5));
+    let server = start(first_come(1, 1), model(3.5));
 
     let mut forger = Device::new(server.net_config(vec![1; 57])).expect("the client endpoint binds");
     match forger.participate(&users[0].0).await {
@@ -268,7 +174,7 @@ async fn a_bad_token_is_refused_while_a_good_device_completes_a_round() {
         }
     };
     assert!(matches!(outcome, ClientOutcome::Completed { .. }), "{outcome:?}");
-    let mut status = server.status.clone();
+    let mut status = server.status().clone();
     let committed = status.wait_for(|s| s.n_committed >= 1).await.expect("the server is running").n_committed;
     assert!(committed >= 1);
     assert!(device.cached_model().is_some(), "the device keeps the model it trained on");
@@ -279,7 +185,7 @@ async fn a_bad_token_is_refused_while_a_good_device_completes_a_round() {
 async fn a_replayed_upload_is_refused() {
     let users = split();
     // A cohort of two keeps the round open after one upload.
-    let server = Running::start(coordinator_config(2, 1), initial_model(3.5));
+    let server = start(first_come(2, 1), model(3.5));
     let device = server.device(9);
     let session = device.connect().await.expect("connects");
 
