@@ -4,8 +4,8 @@ use std::time::{Duration, Instant as WallClock};
 
 use fedrec_shared::danger;
 use fedrec_shared::eval::{EvalConfig, Metrics, ReconstructionScorer, evaluate};
-use fedrec_shared::harness::{Federation, HarnessConfig};
-use fedrec_shared::ledger::{PrivacyBudget, PrivacyPolicy};
+use fedrec_shared::harness::{Federation, HarnessConfig, RoundReport};
+use fedrec_shared::ledger::{Ledger, PrivacyBudget, PrivacyPolicy};
 use fedrec_shared::privacy::{self, AccountantKind};
 use fedrec_shared::round::{AdaptiveClip, Coordinator, CoordinatorConfig, CoordinatorEvent, Selection};
 use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
@@ -52,6 +52,16 @@ pub enum OptimizerKind {
     Adam,
     /// SGD with momentum.
     Sgd,
+}
+
+/// How devices reach the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// The shared harness: the machines exchange messages in memory on a simulated clock.
+    Inproc,
+    /// The coordinator's QUIC server on loopback and one SDK device per user (see [`crate::quic`]).
+    Quic,
 }
 
 /// Everything that defines a simulated run; printed and stored with every report.
@@ -116,6 +126,11 @@ pub struct RunConfig {
     pub threads: usize,
     /// Seed of every random choice in the run.
     pub seed: u64,
+    /// How devices reach the coordinator.
+    pub transport: Transport,
+    /// How long check-in stays open, in milliseconds. Simulated time in process; over QUIC
+    /// it is real time, and a Poisson round lasts at least this long.
+    pub checkin_window_ms: u64,
 }
 
 impl RunConfig {
@@ -152,6 +167,8 @@ impl RunConfig {
                 eval_users: 10_000,
                 threads,
                 seed: 1,
+                transport: Transport::Inproc,
+                checkin_window_ms: 60_000,
             },
             ObjectiveKind::Implicit => Self {
                 objective,
@@ -383,7 +400,7 @@ pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> anyhow::Result<Coo
         optimizer,
         selection,
         min_reports: 1,
-        checkin_window: Duration::from_secs(60),
+        checkin_window: Duration::from_millis(cfg.checkin_window_ms),
         report_window: Duration::from_secs(600),
         clip_norm: cfg.clip_norm,
         adaptive_clip: cfg.adaptive_clip.then(|| AdaptiveClip {
@@ -404,14 +421,9 @@ pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> anyhow::Result<Coo
     })
 }
 
-/// Runs a federation of `data`'s users under `cfg`. `on_round` sees every round's record.
-pub fn run(
-    data: &UserData,
-    cfg: &RunConfig,
-    mut on_round: impl FnMut(&RoundRecord),
-) -> anyhow::Result<RunResult> {
+/// The model every run starts from (drawn from `cfg.seed`).
+pub fn initial_model(data: &UserData, cfg: &RunConfig) -> anyhow::Result<GlobalModel> {
     let shape = ModelShape { n_items: data.n_items, dim: cfg.dim, n_segments: cfg.n_segments };
-    let mut rng = danger::seeded_rng(cfg.seed);
     let init = ModelInit {
         factor_std: cfg.init_std,
         global_mean: match cfg.objective {
@@ -421,24 +433,57 @@ pub fn run(
         },
         ..ModelInit::default()
     };
-    let model = GlobalModel::init(shape, init, &mut rng)?;
-    let coordinator = Coordinator::new(
-        coordinator_config(cfg, data.train.len())?,
-        model,
-        danger::seeded_rng(cfg.seed ^ 0x5eed),
-    )?;
-    let harness = HarnessConfig { dropout: cfg.dropout, n_threads: cfg.threads, ..HarnessConfig::default() };
-    let mut fed =
-        Federation::new(coordinator, &data.train, harness, danger::seeded_rng(cfg.seed.wrapping_add(1)));
+    Ok(GlobalModel::init(shape, init, &mut danger::seeded_rng(cfg.seed))?)
+}
+
+/// The seed of the coordinator machine's RNG (selection and noise), the same for both transports.
+pub(crate) fn coordinator_seed(cfg: &RunConfig) -> u64 {
+    cfg.seed ^ 0x5eed
+}
+
+/// The seed of the harness's RNG (check-in order, dropouts).
+pub(crate) fn harness_seed(cfg: &RunConfig) -> u64 {
+    cfg.seed.wrapping_add(1)
+}
+
+/// What the round loop of either transport hands the run after each round.
+pub(crate) struct RoundView<'m> {
+    /// The devices' side of the round.
+    pub report: &'m RoundReport,
+    /// The coordinator's model after the round.
+    pub model: &'m RoundModel,
+    /// The clip norm to record when the round has no close event.
+    pub clip_norm: f32,
+}
+
+/// What a transport's round loop leaves behind.
+pub(crate) struct Finished {
+    /// The final model.
+    pub model: RoundModel,
+    /// Committed rounds the coordinator charged to its ledger.
+    pub n_charged: usize,
+}
+
+/// Runs a federation of `data`'s users under `cfg`, over `cfg.transport`. `on_round` sees
+/// every round's record.
+pub fn run(
+    data: &UserData,
+    cfg: &RunConfig,
+    mut on_round: impl FnMut(&RoundRecord),
+) -> anyhow::Result<RunResult> {
+    let model = initial_model(data, cfg)?;
+    let config = coordinator_config(cfg, data.train.len())?;
+    // What one committed round charges (the same for every round of a run).
+    let charge = Coordinator::new(config.clone(), model.clone(), danger::seeded_rng(0))?.round_charge(0);
     let users = data.eval_sample(cfg.eval_users, cfg.seed);
     let params = cfg.train_params();
     let mut history = Vec::with_capacity(cfg.rounds);
     let mut train_time = Duration::ZERO;
     let mut client_updates = 0;
-    let mut round = 0;
     let mut clock = WallClock::now();
-    fed.run_rounds(cfg.rounds, |report, coordinator| {
+    let record = |view: RoundView<'_>| {
         train_time += clock.elapsed();
+        let report = view.report;
         let (committed, n_reported, n_dropped, clip_norm, unclipped) = match &report.event {
             Some(CoordinatorEvent::RoundCommitted { stats, .. }) => {
                 (true, stats.n_reported, stats.n_dropped, stats.clip_norm, stats.unclipped_fraction)
@@ -446,13 +491,13 @@ pub fn run(
             Some(CoordinatorEvent::RoundAbandoned { stats, .. }) => {
                 (false, 0, stats.n_dropped, stats.clip_norm, None)
             }
-            _ => (false, 0, 0, coordinator.clip_norm(), None),
+            _ => (false, 0, 0, view.clip_norm, None),
         };
         client_updates += n_reported;
-        round += 1;
+        let round = history.len() + 1;
         let evaluate_now = round == cfg.rounds || (cfg.eval_every > 0 && round % cfg.eval_every == 0);
         let metrics = evaluate_now.then(|| {
-            let scorer = ReconstructionScorer { model: coordinator.model(), params };
+            let scorer = ReconstructionScorer { model: view.model, params };
             MetricsRecord::from(evaluate(&scorer, &users, data.n_items, &data.eval, cfg.threads))
         });
         let rec = RoundRecord {
@@ -472,29 +517,54 @@ pub fn run(
         on_round(&rec);
         history.push(rec);
         clock = WallClock::now();
-    });
-    let ledger = fed.coordinator.ledger();
-    let privacy = match fed.coordinator.round_charge(0) {
-        Some(charge) => Some(PrivacySpend {
-            epsilon: ledger.epsilon(cfg.delta, cfg.accountant.into())?,
-            delta: cfg.delta,
-            accountant: cfg.accountant,
-            q: charge.q,
-            noise_multiplier: cfg.noise_multiplier,
-            effective_noise_multiplier: charge.noise_multiplier,
-            rounds_charged: ledger.entries().len(),
-        }),
+    };
+    let finished = match cfg.transport {
+        Transport::Inproc => run_inproc(data, cfg, config, model, record)?,
+        Transport::Quic => crate::quic::run_rounds(data, cfg, config, model, record)?,
+    };
+    let privacy = match charge {
+        Some(charge) => {
+            let ledger = Ledger::from_entries(vec![charge; finished.n_charged])?;
+            Some(PrivacySpend {
+                epsilon: ledger.epsilon(cfg.delta, cfg.accountant.into())?,
+                delta: cfg.delta,
+                accountant: cfg.accountant,
+                q: charge.q,
+                noise_multiplier: cfg.noise_multiplier,
+                effective_noise_multiplier: charge.noise_multiplier,
+                rounds_charged: finished.n_charged,
+            })
+        }
         None => None,
     };
-    let model = (**fed.coordinator.model()).clone();
-    let scorer = ReconstructionScorer { model: &model, params };
+    let scorer = ReconstructionScorer { model: &finished.model, params };
     let metrics = evaluate(&scorer, &users, data.n_items, &data.eval, cfg.threads);
     Ok(RunResult {
         metrics,
         history,
         train_seconds: train_time.as_secs_f64(),
         client_updates,
-        model,
+        model: finished.model,
         privacy,
+    })
+}
+
+/// The rounds of a run through the in-process harness.
+fn run_inproc(
+    data: &UserData,
+    cfg: &RunConfig,
+    config: CoordinatorConfig,
+    model: GlobalModel,
+    mut on_round: impl FnMut(RoundView<'_>),
+) -> anyhow::Result<Finished> {
+    let coordinator = Coordinator::new(config, model, danger::seeded_rng(coordinator_seed(cfg)))?;
+    let harness = HarnessConfig { dropout: cfg.dropout, n_threads: cfg.threads, ..HarnessConfig::default() };
+    let mut fed = Federation::new(coordinator, &data.train, harness, danger::seeded_rng(harness_seed(cfg)));
+    fed.run_rounds(cfg.rounds, |report, coordinator| {
+        on_round(RoundView { report, model: coordinator.model(), clip_norm: coordinator.clip_norm() });
+    });
+    Ok(Finished {
+        model: (**fed.coordinator.model()).clone(),
+        n_charged: fed.coordinator.ledger().entries().len(),
     })
 }

@@ -4,6 +4,8 @@
 pub mod baseline;
 pub mod data;
 pub mod federation;
+pub mod loadbench;
 pub mod plot;
+pub mod quic;
 pub mod report;
 pub mod segments;

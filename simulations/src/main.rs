@@ -14,9 +14,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use fedrec_shared::eval;
 use fedrec_shared::privacy::{self, AccountantKind, PrivacyEvent};
 use fedrec_sim::data::{self, DataSource, SplitKind};
-use fedrec_sim::federation::{self, AccountantArg, ObjectiveKind, OptimizerKind, RunConfig, UserData};
+use fedrec_sim::federation::{
+    self, AccountantArg, ObjectiveKind, OptimizerKind, RunConfig, Transport, UserData,
+};
 use fedrec_sim::report::{self, BaselineReport, DatasetInfo, RunReport};
-use fedrec_sim::{baseline, plot, segments};
+use fedrec_sim::{baseline, loadbench, plot, segments};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser, Debug)]
@@ -107,9 +109,19 @@ struct SweepArgs {
 
 #[derive(Args, Debug, Clone)]
 struct BenchArgs {
-    /// Repetitions; the report gives each and the median.
-    #[arg(long, default_value_t = 3)]
-    repeat: usize,
+    /// Repetitions of the in-process benchmark (default 3); the report gives each and the median.
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// With --transport quic: the number of devices, the first users of the data (with
+    /// --dataset synthetic and no --users, the population is this size).
+    #[arg(long)]
+    devices: Option<usize>,
+    /// With --transport quic: the `fedrec-coordinator` binary (default: next to this one).
+    #[arg(long)]
+    coordinator_bin: Option<PathBuf>,
+    /// With --transport quic: most devices under way at once (default: all of them).
+    #[arg(long)]
+    in_flight: Option<usize>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -181,9 +193,9 @@ struct DataArgs {
     /// Data folder (default: $FEDREC_DATA or ./data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Users of the synthetic population.
-    #[arg(long, default_value_t = 10_000)]
-    users: usize,
+    /// Users of the synthetic population (default 10000).
+    #[arg(long)]
+    users: Option<usize>,
     /// Items of the synthetic population.
     #[arg(long, default_value_t = 1682)]
     items: usize,
@@ -208,7 +220,7 @@ struct DataArgs {
 impl DataArgs {
     fn source(&self, seed: u64) -> DataSource {
         if self.dataset == Some(DatasetName::Synthetic) {
-            let mut p = data::SyntheticParams::movielens_like(self.users, self.items, seed);
+            let mut p = data::SyntheticParams::movielens_like(self.users.unwrap_or(10_000), self.items, seed);
             p.preference_strength = self.preference_strength.unwrap_or(p.preference_strength);
             p.popularity_exponent = self.popularity_exponent.unwrap_or(p.popularity_exponent);
             DataSource::Synthetic(p)
@@ -312,6 +324,14 @@ struct RunArgs {
     /// Seed of the split and of every random choice in the run.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// How devices reach the coordinator: in memory (simulated clock), or over real QUIC on
+    /// loopback (the coordinator's server and one SDK device per user; same run, same seed).
+    #[arg(long, value_enum, default_value_t = Transport::Inproc)]
+    transport: Transport,
+    /// How long check-in stays open (ms). Over QUIC this is real time: a round with noise
+    /// (Poisson selection) lasts at least this long, and every device must check in within it.
+    #[arg(long)]
+    checkin_window_ms: Option<u64>,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -357,7 +377,9 @@ impl RunArgs {
              alpha => alpha, server_lr => server_lr, momentum => momentum, clip_norm => clip_norm,
              noise_multiplier => noise_multiplier, dropout => dropout, init_std => init_std,
              eval_every => eval_every, eval_users => eval_users, threads => threads,
-             delta => delta, target_quantile => target_quantile, clip_lr => clip_learning_rate);
+             delta => delta, target_quantile => target_quantile, clip_lr => clip_learning_rate,
+             checkin_window_ms => checkin_window_ms);
+        c.transport = self.transport;
         c.epsilon = self.epsilon;
         c.clip_count_noise = self.clip_count_noise;
         if let Some(a) = self.accountant {
@@ -555,12 +577,18 @@ fn baseline(args: &BaselineArgs) -> Result<()> {
 }
 
 fn bench(args: &BenchArgs) -> Result<()> {
+    if args.run.transport == Transport::Quic {
+        return load_bench(args);
+    }
+    if args.devices.is_some() || args.coordinator_bin.is_some() || args.in_flight.is_some() {
+        bail!("--devices, --coordinator-bin and --in-flight go with --transport quic");
+    }
     let mut cfg = args.run.config();
     cfg.eval_every = 0;
     let (users, info) = load(&args.run, &cfg)?;
     cfg.calibrate(users.train.len()).context("calibrating the noise to --epsilon")?;
     let mut runs = Vec::new();
-    for k in 0..args.repeat.max(1) {
+    for k in 0..args.repeat.unwrap_or(3).max(1) {
         let res = federation::run(&users, &cfg, |_| {})?;
         let per_sec = res.client_updates as f64 / res.train_seconds.max(1e-9);
         eprintln!(
@@ -599,6 +627,68 @@ fn bench(args: &BenchArgs) -> Result<()> {
             "median_train_seconds": median,
             "median_client_updates_per_second": updates as f64 / median.max(1e-9),
         });
+        report::write_json(path, &rep)?;
+    }
+    Ok(())
+}
+
+/// `bench --transport quic`: devices against a coordinator process, and raw quinn.
+fn load_bench(args: &BenchArgs) -> Result<()> {
+    if args.repeat.is_some() {
+        bail!("--repeat is for the in-process benchmark: over QUIC every round is a repetition (--rounds)");
+    }
+    let mut run = args.run.clone();
+    if run.data.dataset == Some(DatasetName::Synthetic) && run.data.users.is_none() {
+        run.data.users = args.devices;
+    }
+    let mut cfg = run.config();
+    cfg.rounds = run.rounds.unwrap_or(5);
+    let (users, info) = load(&run, &cfg)?;
+    let n = args.devices.unwrap_or(users.train.len());
+    if n == 0 || n > users.train.len() {
+        bail!("--devices {n}: the data has {} users", users.train.len());
+    }
+    // By default every device trains in every round: the heaviest load.
+    cfg.clients_per_round = run.clients_per_round.unwrap_or(n);
+    let coordinator_bin = match &args.coordinator_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .context("locating fedrec-sim")?
+            .with_file_name(format!("fedrec-coordinator{}", std::env::consts::EXE_SUFFIX)),
+    };
+    let model = federation::initial_model(&users, &cfg)?;
+    let params = loadbench::LoadParams {
+        coordinator_bin,
+        device_threads: cfg.threads,
+        in_flight: args.in_flight.unwrap_or(n),
+    };
+    let mut rep = loadbench::run(&users.train[..n], &cfg, &model, &params)?;
+    rep["dataset"] = serde_json::to_value(&info)?;
+    rep["config"] = serde_json::to_value(&cfg)?;
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    let (f, r, c) = (&rep["fedrec"], &rep["raw_quinn"], &rep["coordinator"]);
+    let mib = |v: &serde_json::Value| format!("{:.1} MiB", num(v) / (1024.0 * 1024.0));
+    println!(
+        "fedrec over QUIC on loopback: {n} devices, cohort {}, {} rounds, {} items × d = {}",
+        cfg.clients_per_round, cfg.rounds, users.n_items, cfg.dim
+    );
+    print!(
+        "{}",
+        report::table(&[
+            ("fedrec median round", format!("{:.3} s", num(&f["median_round_seconds"]))),
+            ("fedrec rounds per minute", format!("{:.1}", num(&f["rounds_per_minute"]))),
+            ("fedrec device updates/s", format!("{:.0}", num(&f["device_updates_per_second"]))),
+            ("raw quinn median round", format!("{:.3} s", num(&r["median_round_seconds"]))),
+            ("raw quinn rounds per minute", format!("{:.1}", num(&r["rounds_per_minute"]))),
+            ("raw quinn exchanges/s", format!("{:.0}", num(&r["device_updates_per_second"]))),
+            ("fedrec / raw throughput", format!("{:.2}", num(&rep["fedrec_over_raw_throughput"]))),
+            ("bytes per round", format!("{:.1} MiB", num(&rep["bytes_per_round"]) / (1024.0 * 1024.0))),
+            ("coordinator peak RSS", mib(&c["peak_rss_bytes"])),
+            ("coordinator CPU seconds", format!("{:.2}", num(&c["cpu_seconds"]))),
+            ("simulator peak RSS", mib(&rep["simulator_peak_rss_bytes"])),
+        ])
+    );
+    if let Some(path) = &run.out.json {
         report::write_json(path, &rep)?;
     }
     Ok(())
