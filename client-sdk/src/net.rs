@@ -20,7 +20,7 @@ use fedrec_shared::round::{ClientOutcome, ClientRound, Instant, ServerMessage};
 use fedrec_shared::wire::{
     self, ALPN, CheckIn, ErrorCode, Inbound, LEN_PREFIX, Limits, NONCE_LEN, Request, Response, WireError,
 };
-use fedrec_shared::{ModelShape, Rating, RoundModel};
+use fedrec_shared::{ModelShape, Rating, RoundModel, TrainParams};
 use quinn::crypto::rustls::QuicClientConfig;
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::pki_types::CertificateDer;
@@ -269,6 +269,8 @@ pub struct Device {
     endpoint: quinn::Endpoint,
     limits: Limits,
     cached: Option<Arc<RoundModel>>,
+    /// The training parameters of the latest task.
+    task_params: Option<TrainParams>,
     rng: SystemRandom,
 }
 
@@ -295,7 +297,7 @@ impl Device {
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| NetError::Setup(e.to_string()))?;
         endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
         let limits = Limits::for_shape(&cfg.shape);
-        Ok(Device { cfg, endpoint, limits, cached: None, rng: SystemRandom::new() })
+        Ok(Device { cfg, endpoint, limits, cached: None, task_params: None, rng: SystemRandom::new() })
     }
 
     /// Starts the device with a model it already holds (e.g. from its local store), so that
@@ -312,6 +314,13 @@ impl Device {
     /// The model the device holds, if any.
     pub fn cached_model(&self) -> Option<&Arc<RoundModel>> {
         self.cached.as_ref()
+    }
+
+    /// The training parameters of the latest task the coordinator sent, if any: the
+    /// objective and regularisation the device should also use to solve its user vector for
+    /// inference, so that what it recommends matches what it trained.
+    pub fn task_params(&self) -> Option<TrainParams> {
+        self.task_params
     }
 
     /// Opens a session with the coordinator (for callers that send requests themselves).
@@ -455,8 +464,9 @@ impl Device {
             let retry_after = response.error_retry_after();
             match response.into_inbound(self.cached.as_ref())? {
                 Inbound::Message(msg) => {
-                    if let ServerMessage::Selected { model, .. } = &msg {
+                    if let ServerMessage::Selected { model, task } = &msg {
                         self.cached = Some(Arc::clone(model));
+                        self.task_params = Some(task.train);
                     }
                     // Training runs here, on the caller's task: a device trains one small
                     // user at a time.

@@ -515,12 +515,20 @@ impl Sdk {
                 device = device.with_cached_model(model);
             }
             let participation = device.participate_with(&ratings, opts, cancel).await?;
-            Ok::<_, NetError>((participation, device.cached_model().cloned()))
+            Ok::<_, NetError>((participation, device.cached_model().cloned(), device.task_params()))
         });
-        let (participation, model) = result?.map_err(participation_error)?;
+        let (participation, model, params) = result?.map_err(participation_error)?;
         self.with(|inner, s| {
             if let Some(m) = model.filter(|m| Some(m.version) != cached_version) {
                 inner.install_model(m, s)?;
+            }
+            if let Some(p) = params.filter(|p| inner.contents.train != Some(*p)) {
+                // The user vector is solved again with the coordinator's parameters.
+                inner.update(|c| {
+                    c.train = Some(p);
+                    c.user = None;
+                })?;
+                inner.user_fresh = false;
             }
             Ok(report(participation, inner.contents.model.as_ref().map(|m| m.version)))
         })

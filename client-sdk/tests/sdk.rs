@@ -253,8 +253,9 @@ impl Coordinator {
         let rt = tokio::runtime::Runtime::new().expect("a runtime");
         let key = TokenKey::generate(&SystemRandom::new()).expect("the system RNG works");
         let verifier = Verifier::new(vec![key.clone()], RevocationList::new()).expect("one key");
+        // Not the SDK's default parameters (alpha 1): the device must adopt the task's.
         let train = TrainParams {
-            objective: Objective::Implicit { alpha: 1.0 },
+            objective: Objective::Implicit { alpha: 2.5 },
             l2_user: 0.1,
             l2_user_bias: 0.1,
             l2_item: 0.01,
@@ -372,6 +373,10 @@ fn participation_needs_training_consent_and_then_completes_a_round() {
     assert!(report.model_version.is_some());
     let recs = sdk.recommend(5, &RecommendOptions::default()).expect("recommend");
     assert!(recs.iter().all(|r| ![2, 3, 5, 7, 11].contains(&r.item)));
+    // The task's training parameters are kept for solving the user vector on the device.
+    let export: serde_json::Value = serde_json::from_str(&sdk.export().expect("export")).expect("JSON");
+    assert_eq!(export["training_params"]["objective"], "implicit");
+    assert_eq!(export["training_params"]["alpha"], 2.5);
 }
 
 #[test]
