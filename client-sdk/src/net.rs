@@ -386,7 +386,11 @@ impl Device {
         if cancel.is_cancelled() {
             return Err(NetError::Cancelled);
         }
-        let budget_end = tokio::time::Instant::now() + opts.time_budget;
+        // A budget too large to represent is no budget (about 30 years: the same thing).
+        let now = tokio::time::Instant::now();
+        let budget_end = now
+            .checked_add(opts.time_budget)
+            .unwrap_or_else(|| now + Duration::from_secs(60 * 60 * 24 * 365 * 30));
         tokio::select! {
             biased;
             () = cancel.cancelled() => Err(NetError::Cancelled),
@@ -414,7 +418,7 @@ impl Device {
             }
             let backoff = opts.retry.backoff(retry, self.jitter()?);
             let wait = backoff.max(err.retry_after().unwrap_or_default());
-            if tokio::time::Instant::now() + wait >= budget_end {
+            if tokio::time::Instant::now().checked_add(wait).is_none_or(|end| end >= budget_end) {
                 return Err(err);
             }
             tokio::time::sleep(wait).await;
@@ -657,5 +661,37 @@ mod tests {
         assert_eq!(device.check_in().cached_model_version, Some(7));
         let device = Device::new(cfg).expect("a device").with_cached_model(model(4));
         assert_eq!(device.check_in().cached_model_version, None);
+    }
+
+    #[tokio::test]
+    async fn budgets_and_backoffs_too_large_to_add_do_not_panic() {
+        // A silent "coordinator": the first attempt times out (transient), and the retry's
+        // backoff of Duration::MAX is past any budget, so the call returns that error.
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP socket");
+        let cfg = NetConfig {
+            server: socket.local_addr().expect("an address"),
+            server_name: "localhost".into(),
+            server_cert: rcgen::generate_simple_self_signed(vec!["localhost".into()])
+                .expect("a certificate")
+                .cert
+                .der()
+                .to_vec(),
+            token: vec![1],
+            sdk_version: "test".into(),
+            shape: ModelShape { n_items: 3, dim: 2, n_segments: 1 },
+            timeout: Duration::from_millis(200),
+        };
+        let mut device = Device::new(cfg).expect("a device");
+        let opts = ParticipateOptions {
+            time_budget: Duration::MAX,
+            retry: RetryPolicy {
+                max_attempts: 3,
+                initial_backoff: Duration::MAX,
+                max_backoff: Duration::MAX,
+            },
+            eligibility: Eligibility::default(),
+        };
+        let err = device.participate_with(&[], &opts, &CancelToken::new()).await.expect_err("no coordinator");
+        assert!(matches!(err, NetError::Timeout), "{err:?}");
     }
 }

@@ -48,7 +48,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use fedrec_shared::round::ClientOutcome;
@@ -156,6 +156,9 @@ impl SdkConfig {
         if let Some(net) = &self.coordinator {
             net.shape.validate().map_err(|e| SdkError::InvalidArgument(format!("coordinator.shape: {e}")))?;
         }
+        if self.rules_public_key.as_ref().is_some_and(|k| k.len() != rules::PUBLIC_KEY_LEN) {
+            return bad("rules_public_key must be an Ed25519 public key of 32 bytes");
+        }
         Ok(())
     }
 }
@@ -210,6 +213,9 @@ pub struct Sdk {
     settings: Settings,
     state: Mutex<Option<Inner>>,
     participating: AtomicBool,
+    /// Stops the running participation when training consent is withdrawn or the user
+    /// asks to be forgotten.
+    running: Mutex<Option<CancelToken>>,
 }
 
 impl std::fmt::Debug for Sdk {
@@ -263,11 +269,11 @@ impl Sdk {
     /// [`SdkError::UnsupportedVersion`]) that leaves the file untouched, unless `cfg.recover`
     /// is set: then the file is moved aside and the SDK starts empty.
     pub fn open(mut cfg: SdkConfig) -> Result<Sdk, SdkError> {
-        cfg.validate()?;
-        let store = Store::new(&cfg.dir, &cfg.key, cfg.max_store_bytes);
+        let store = cfg.validate().map(|()| Store::new(&cfg.dir, &cfg.key, cfg.max_store_bytes));
+        // Zeroed on every path, before anything can return early.
         cfg.key.fill(0);
         std::hint::black_box(&cfg.key);
-        let store = store?;
+        let store = store??;
         let (mut contents, fresh) = match store.load() {
             Ok(Some(c)) => (c, false),
             Ok(None) => (Contents::default(), true),
@@ -312,7 +318,12 @@ impl Sdk {
             coordinator: cfg.coordinator,
             rules_public_key: cfg.rules_public_key,
         };
-        Ok(Sdk { settings, state: Mutex::new(Some(inner)), participating: AtomicBool::new(false) })
+        Ok(Sdk {
+            settings,
+            state: Mutex::new(Some(inner)),
+            participating: AtomicBool::new(false),
+            running: Mutex::new(None),
+        })
     }
 
     /// Removes every store file in `dir` without opening it (no key needed): the way to erase
@@ -343,6 +354,9 @@ impl Sdk {
     /// personalization also drops the stored user vector (it exists only for that purpose);
     /// the events stay until [`Sdk::forget`].
     pub fn set_consent(&self, consent: Consent) -> Result<(), SdkError> {
+        if !consent.training {
+            self.stop_participation();
+        }
         self.with(|inner, _| {
             inner.update(|c| {
                 c.consent = consent;
@@ -378,10 +392,10 @@ impl Sdk {
                 return Err(SdkError::ConsentRequired { purpose: "personalization or training" });
             }
             inner.update(|c| {
-                for &event in events {
-                    let at = c.events.partition_point(|e| e.timestamp_s <= event.timestamp_s);
-                    c.events.insert(at, event);
-                }
+                // Append and re-sort (stable: equal timestamps keep their order): O(n log n)
+                // for any batch, where inserting one by one would be quadratic.
+                c.events.extend_from_slice(events);
+                c.events.sort_by_key(|e| e.timestamp_s);
                 let excess = c.events.len().saturating_sub(s.max_events);
                 c.events.drain(..excess);
                 c.user = None;
@@ -509,15 +523,40 @@ impl Sdk {
         }
         // Cleared on drop, so even an unwinding panic (caught by the C ABI) frees the handle.
         let _running = ClearOnDrop(&self.participating);
+        // The round stops when the host cancels, or when the user withdraws training consent
+        // or asks to be forgotten while it runs (`stop_participation`).
+        let stop = CancelToken::new();
+        *self.running.lock().unwrap_or_else(PoisonError::into_inner) = Some(stop.clone());
         let result = block_on(async {
-            let mut device = Device::new(net)?;
-            if let Some(model) = cached {
-                device = device.with_cached_model(model);
-            }
-            let participation = device.participate_with(&ratings, opts, cancel).await?;
-            Ok::<_, NetError>((participation, device.cached_model().cloned(), device.task_params()))
+            let host = cancel.clone();
+            let relay = stop.clone();
+            let watcher = tokio::spawn(async move {
+                host.cancelled().await;
+                relay.cancel();
+            });
+            let attempt = async {
+                let mut device = Device::new(net)?;
+                if let Some(model) = cached {
+                    device = device.with_cached_model(model);
+                }
+                let participation = device.participate_with(&ratings, opts, &stop).await?;
+                Ok::<_, NetError>((participation, device.cached_model().cloned(), device.task_params()))
+            };
+            let out = attempt.await;
+            watcher.abort();
+            out
         });
-        let (participation, model, params) = result?.map_err(participation_error)?;
+        self.running.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let result = result?;
+        // Consent withdrawn (or the store forgotten) while the round ran: say so, keep nothing.
+        self.with(|inner, _| {
+            if inner.contents.consent.training {
+                Ok(())
+            } else {
+                Err(SdkError::ConsentRequired { purpose: "training" })
+            }
+        })?;
+        let (participation, model, params) = result.map_err(participation_error)?;
         self.with(|inner, s| {
             if let Some(m) = model.filter(|m| Some(m.version) != cached_version) {
                 inner.install_model(m, s)?;
@@ -652,6 +691,7 @@ impl Sdk {
     /// closes the handle: later calls return [`SdkError::Closed`]. If removing a file fails the
     /// handle stays open, so the call can be retried.
     pub fn forget(&self) -> Result<(), SdkError> {
+        self.stop_participation();
         let mut guard = self.lock()?;
         if guard.is_none() {
             return Err(SdkError::Closed);
@@ -662,6 +702,15 @@ impl Sdk {
             inner.tags.clear();
         }
         Ok(())
+    }
+}
+
+impl Sdk {
+    /// Cancels the running participation, if any.
+    fn stop_participation(&self) {
+        if let Some(stop) = self.running.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            stop.cancel();
+        }
     }
 }
 
@@ -815,6 +864,13 @@ impl Inner {
     }
 
     fn install_ruleset(&mut self, ruleset: VerifiedRuleset) -> Result<(), SdkError> {
+        // Checked again under the lock: a fetch that started before a newer ruleset was
+        // installed must not replace it.
+        if let Some(installed) = self.ruleset.as_ref().map(VerifiedRuleset::version)
+            && installed > ruleset.version()
+        {
+            return Err(rules::RulesError::Rollback { installed, offered: ruleset.version() }.into());
+        }
         let signed = ruleset.signed_bytes().to_vec();
         self.update(|c| c.ruleset = Some(signed))?;
         self.ruleset = Some(ruleset);

@@ -408,3 +408,63 @@ fn participation_without_a_coordinator_or_inside_a_runtime_is_an_error_not_a_pan
         rt.block_on(async { sdk.participate(&opts(), &CancelToken::new()) }).expect_err("blocking in async");
     assert!(matches!(err, SdkError::InvalidArgument(_)), "{err:?}");
 }
+
+/// A "coordinator" that never answers: a participation against it waits on the network until
+/// something stops it. Returns the socket (to see the first packet arrive) and a config.
+fn silent_coordinator() -> (std::net::UdpSocket, NetConfig) {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP socket");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("a certificate");
+    let net = NetConfig {
+        server: socket.local_addr().expect("an address"),
+        server_name: "localhost".into(),
+        server_cert: cert.cert.der().to_vec(),
+        token: vec![1; 16],
+        sdk_version: "test".into(),
+        shape: NET_SHAPE,
+        timeout: Duration::from_secs(60),
+    };
+    (socket, net)
+}
+
+/// Starts a participation on another thread against a silent coordinator, waits until its
+/// first packet arrives (the round is under way), runs `interrupt`, and returns what the
+/// participation returned. Its own budget is 10 minutes: if the interruption did not stop
+/// it, the 60 s deadline on its answer fails the test.
+fn interrupted_participation(interrupt: impl FnOnce(&Sdk)) -> Result<ParticipationReport, SdkError> {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let (socket, net) = silent_coordinator();
+    let mut cfg = config(dir.path());
+    cfg.coordinator = Some(net);
+    let sdk = Arc::new(Sdk::open(cfg).expect("opens"));
+    sdk.set_consent(Consent { personalization: true, training: true }).expect("consent");
+    sdk.record(event(1, EventKind::Click, now_s())).expect("record");
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let sdk = Arc::clone(&sdk);
+        std::thread::spawn(move || {
+            let opts =
+                ParticipateOptions { time_budget: Duration::from_secs(600), ..ParticipateOptions::default() };
+            let _ = tx.send(sdk.participate(&opts, &CancelToken::new()));
+        });
+    }
+    socket.set_read_timeout(Some(Duration::from_secs(30))).expect("a read timeout");
+    let mut buf = [0u8; 2048];
+    socket.recv_from(&mut buf).expect("the participation reaches the network");
+    interrupt(&sdk);
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the participation stops when interrupted, not at its budget")
+}
+
+#[test]
+fn withdrawing_training_consent_stops_a_running_participation() {
+    let result = interrupted_participation(|sdk| {
+        sdk.set_consent(Consent { personalization: true, training: false }).expect("withdraw");
+    });
+    assert_eq!(result.expect_err("stopped"), SdkError::ConsentRequired { purpose: "training" });
+}
+
+#[test]
+fn forgetting_stops_a_running_participation() {
+    let result = interrupted_participation(|sdk| sdk.forget().expect("forget"));
+    assert_eq!(result.expect_err("stopped"), SdkError::Closed);
+}
