@@ -8,7 +8,10 @@
  *
  * Conventions, for every function:
  *  - The return value is a status: FEDREC_OK (0) or an error code (SDK codes 1..99, ABI
- *    misuse codes FEDREC_ERR_*). It never crashes the app: panics become FEDREC_ERR_PANIC.
+ *    misuse codes FEDREC_ERR_*). It never crashes the app: panics become FEDREC_ERR_PANIC
+ *    (functions without a status, such as the fedrec_*_free() ones, swallow them).
+ *  - Out-parameters are cleared at entry, before anything can fail: on failure every
+ *    out-parameter holds its empty value (NULL, {NULL, 0}, false, 0), safe to free.
  *  - The last parameter `FedrecError **err` (may be NULL) is set to NULL on success and to a
  *    new error on failure, which the caller frees with fedrec_error_free().
  *  - Ownership: pointers passed in are borrowed for the call only (the SDK keeps no pointer
@@ -643,7 +646,8 @@ int32_t fedrec_sdk_model_version(const struct FedrecSdk *sdk,
 
 /**
  * The default options of `fedrec_sdk_recommend`: exclude consumed items, content blend
- * 0.25, the whole catalogue, nothing excluded.
+ * 0.25, the whole catalogue, nothing excluded. (Should computing them panic, a bug, every
+ * field is 0, false or NULL.)
  */
 struct FedrecRecommendOptions fedrec_recommend_options_default(void);
 
@@ -768,7 +772,8 @@ void fedrec_cancel_free(struct FedrecCancel *cancel);
 
 /**
  * The default options of `fedrec_sdk_participate`: no eligibility claimed, a 10-minute
- * budget, 5 attempts with backoff from 1 s up to 60 s.
+ * budget, 5 attempts with backoff from 1 s up to 60 s. (Should computing them panic, a bug,
+ * every field is 0 or false.)
  */
 struct FedrecParticipateOptions fedrec_participate_options_default(void);
 
@@ -777,7 +782,9 @@ struct FedrecParticipateOptions fedrec_participate_options_default(void);
  * Run it on a background thread. Needs training consent, checked before any connection is
  * opened (status 2 otherwise), and a coordinator. `options` may be NULL for the defaults;
  * `cancel` may be NULL, or a token another thread cancels (status 12). Other calls on the
- * handle keep working while it runs; a second participation at once gets status 15.
+ * handle keep working while it runs; a second participation at once gets status 15. On
+ * failure `*report` is the empty report: outcome `FEDREC_ROUND_OUTCOME_FAILED`, every flag
+ * false, `retry_after_ms` -1.
  *
  * # Safety
  * `sdk` is a live handle; `options` is NULL or valid; `cancel` is NULL or a live token;

@@ -170,12 +170,12 @@ static void release(struct setup *s) {
 static int misuse(void) {
     const char *dir = env("FEDREC_STORE_DIR");
     FedrecSdk *sdk = NULL;
-    bool flag;
-    uint32_t id;
-    float distance;
+    bool flag = false;
+    uint32_t id = 0;
+    float distance = 0.0f;
     char *text = NULL;
     FedrecRecommendations recs = {NULL, 0};
-    FedrecParticipation report;
+    FedrecParticipation report = {0};
 
     /* NULL handle. */
     FAILS(fedrec_sdk_set_consent(NULL, true, true, &err), FEDREC_ERR_NULL_POINTER);
@@ -226,6 +226,34 @@ static int misuse(void) {
     FAILS(fedrec_sdk_participate(sdk, NULL, NULL, &report, &err), FEDREC_ERR_CONSENT_REQUIRED);
     REQUIRE(text == NULL && recs.items == NULL);
 
+    /* A failed call empties every out-parameter, even one left holding garbage, so freeing
+     * them whatever the status is safe. */
+    static FedrecRecommendation not_ours[3];
+    static char not_a_result[] = "garbage";
+    recs = (FedrecRecommendations){not_ours, 3};
+    FAILS(fedrec_sdk_recommend(sdk, 5, NULL, &recs, &err), FEDREC_ERR_NO_MODEL);
+    REQUIRE(recs.items == NULL && recs.len == 0);
+    fedrec_recommendations_free(&recs);
+    text = not_a_result;
+    FAILS(fedrec_sdk_choose_variant(sdk, "home_banner", &ctx, &text, &err), FEDREC_ERR_NOT_CONFIGURED);
+    REQUIRE(text == NULL);
+    fedrec_string_free(text);
+    text = not_a_result;
+    FAILS(fedrec_sdk_explain(sdk, 1, &text, &err), FEDREC_ERR_NO_MODEL);
+    REQUIRE(text == NULL);
+    flag = true;
+    distance = 1.0f;
+    FAILS(fedrec_sdk_segment(sdk, &flag, NULL, &distance, &err), FEDREC_ERR_NULL_POINTER);
+    REQUIRE(!flag && distance == 0.0f);
+    report.selected = report.completed = true;
+    report.retry_after_ms = 5;
+    FAILS(fedrec_sdk_participate(sdk, NULL, NULL, &report, &err), FEDREC_ERR_CONSENT_REQUIRED);
+    REQUIRE(!report.selected && !report.completed && report.retry_after_ms == -1);
+    FedrecSdk *not_opened = (FedrecSdk *)(uintptr_t)0xdeadbee8u;
+    FAILS(fedrec_sdk_open(dir, KEY, 16, NULL, &not_opened, &err), FEDREC_ERR_INVALID_ARGUMENT);
+    REQUIRE(not_opened == NULL);
+    fedrec_sdk_close(not_opened);
+
     /* Freeing NULL is allowed everywhere. */
     fedrec_error_free(NULL);
     fedrec_string_free(NULL);
@@ -250,7 +278,7 @@ static int no_consent(void) {
     OK(fedrec_sdk_record(sdk, 2, FEDREC_EVENT_CLICK, 1.0f, (int64_t)time(NULL), &err));
     FedrecParticipateOptions popts = fedrec_participate_options_default();
     popts.charging = true;
-    FedrecParticipation report;
+    FedrecParticipation report = {0};
     FAILS(fedrec_sdk_participate(sdk, &popts, NULL, &report, &err), FEDREC_ERR_CONSENT_REQUIRED);
     /* Withdrawing consent after giving it refuses the same way. */
     OK(fedrec_sdk_set_consent(sdk, true, true, &err));
@@ -312,7 +340,7 @@ static int full(void) {
     popts.max_attempts = 3;
     popts.initial_backoff_ms = 100;
     popts.max_backoff_ms = 1000;
-    FedrecParticipation report;
+    FedrecParticipation report = {0};
     FAILS(fedrec_sdk_participate(sdk, &popts, NULL, &report, &err), FEDREC_ERR_NOT_ELIGIBLE);
 
     /* A cancelled token stops a participation. */

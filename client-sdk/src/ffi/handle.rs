@@ -7,7 +7,7 @@ use std::time::Duration;
 use fedrec_shared::ModelShape;
 use serde_json::json;
 
-use super::{Failure, FedrecError, Out, bytes_arg, call, give_string, opt_str_arg, str_arg};
+use super::{Empty, Failure, FedrecError, Out, bytes_arg, call, give_string, guard, opt_str_arg, str_arg};
 use crate::net::{CancelToken, Eligibility, NetConfig, ParticipateOptions, RetryPolicy};
 use crate::recommend::{RecommendOptions, Source};
 use crate::rules::Context;
@@ -149,6 +149,10 @@ pub struct FedrecRecommendations {
     pub len: usize,
 }
 
+impl Empty for FedrecRecommendations {
+    const EMPTY: Self = FedrecRecommendations { items: std::ptr::null_mut(), len: 0 };
+}
+
 /// The app's view of the moment, for `fedrec_sdk_choose_variant`. It never leaves the
 /// device. Strings are borrowed for the call only.
 #[repr(C)]
@@ -226,6 +230,20 @@ pub struct FedrecParticipation {
     pub retry_after_ms: i64,
 }
 
+impl Empty for FedrecParticipation {
+    /// Nothing happened: not selected, nothing completed, nothing known.
+    const EMPTY: Self = FedrecParticipation {
+        outcome: FedrecRoundOutcome::Failed,
+        selected: false,
+        completed: false,
+        has_round: false,
+        round: 0,
+        has_model_version: false,
+        model_version: 0,
+        retry_after_ms: -1,
+    };
+}
+
 /// The SDK behind a handle argument.
 ///
 /// # Safety
@@ -267,14 +285,16 @@ fn duration_ms(d: Duration) -> i64 {
 /// offline, rulesets refused, no recovery.
 #[unsafe(no_mangle)]
 pub extern "C" fn fedrec_open_options_default() -> FedrecOpenOptions {
-    FedrecOpenOptions {
+    const DEFAULT: FedrecOpenOptions = FedrecOpenOptions {
         max_events: 0,
         half_life_s: 0,
         coordinator: std::ptr::null(),
         rules_public_key: std::ptr::null(),
         rules_public_key_len: 0,
         recover: false,
-    }
+    };
+    // A constant cannot panic, but every exported function goes through a guard.
+    guard(DEFAULT, || DEFAULT)
 }
 
 /// Builds the SDK's configuration from the C options.
@@ -391,11 +411,11 @@ pub unsafe extern "C" fn fedrec_sdk_erase(dir: *const c_char, err: *mut *mut Fed
 /// is running or will be made.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fedrec_sdk_close(sdk: *mut FedrecSdk) {
-    if sdk.is_null() {
-        return;
-    }
     // Dropping the SDK only releases memory and file handles; a panic there is still caught.
-    let _ = std::panic::catch_unwind(|| {
+    guard((), || {
+        if sdk.is_null() {
+            return;
+        }
         // SAFETY: `sdk` came from `Box::into_raw` in `fedrec_sdk_open` and is closed once,
         // with no call racing (the caller's contract).
         drop(unsafe { Box::from_raw(sdk) });
@@ -435,7 +455,8 @@ pub unsafe extern "C" fn fedrec_sdk_consent(
     call(err, || {
         // SAFETY: the caller's contract.
         let (p, t) =
-            unsafe { (Out::new(personalization, "personalization")?, Out::new(training, "training")?) };
+            unsafe { (Out::new(personalization, "personalization"), Out::new(training, "training")) };
+        let (p, t) = (p?, t?);
         // SAFETY: `sdk` is NULL or a live handle (the caller's contract).
         let sdk = unsafe { sdk_ref(sdk) }?;
         let consent = sdk.consent()?;
@@ -515,7 +536,8 @@ pub unsafe extern "C" fn fedrec_sdk_model_version(
 ) -> i32 {
     call(err, || {
         // SAFETY: the caller's contract.
-        let (has, out) = unsafe { (Out::new(has_model, "has_model")?, Out::new(version, "version")?) };
+        let (has, out) = unsafe { (Out::new(has_model, "has_model"), Out::new(version, "version")) };
+        let (has, out) = (has?, out?);
         // SAFETY: `sdk` is NULL or a live handle (the caller's contract).
         let sdk = unsafe { sdk_ref(sdk) }?;
         let v = sdk.model_version()?;
@@ -526,18 +548,26 @@ pub unsafe extern "C" fn fedrec_sdk_model_version(
 }
 
 /// The default options of `fedrec_sdk_recommend`: exclude consumed items, content blend
-/// 0.25, the whole catalogue, nothing excluded.
+/// 0.25, the whole catalogue, nothing excluded. (Should computing them panic, a bug, every
+/// field is 0, false or NULL.)
 #[unsafe(no_mangle)]
 pub extern "C" fn fedrec_recommend_options_default() -> FedrecRecommendOptions {
-    let d = RecommendOptions::default();
-    FedrecRecommendOptions {
-        exclude_consumed: d.exclude_consumed,
-        content_blend: d.content_blend,
+    let plain = FedrecRecommendOptions {
+        exclude_consumed: false,
+        content_blend: 0.0,
         include_only: std::ptr::null(),
         include_only_len: 0,
         exclude: std::ptr::null(),
         exclude_len: 0,
-    }
+    };
+    guard(plain, || {
+        let d = RecommendOptions::default();
+        FedrecRecommendOptions {
+            exclude_consumed: d.exclude_consumed,
+            content_blend: d.content_blend,
+            ..plain
+        }
+    })
 }
 
 /// The top `k` items for the user, best first, computed on the device, into `*out` (free it
@@ -607,15 +637,17 @@ fn source(s: Source) -> FedrecSource {
 /// `recs` is NULL or a result filled by `fedrec_sdk_recommend` whose items were not freed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fedrec_recommendations_free(recs: *mut FedrecRecommendations) {
-    // SAFETY: NULL or valid (the caller's contract).
-    let Some(recs) = (unsafe { recs.as_mut() }) else { return };
-    if !recs.items.is_null() {
-        let slice = std::ptr::slice_from_raw_parts_mut(recs.items, recs.len);
+    guard((), || {
+        // SAFETY: NULL or valid (the caller's contract).
+        let Some(recs) = (unsafe { recs.as_mut() }) else { return };
+        let FedrecRecommendations { items, len } = std::mem::replace(recs, FedrecRecommendations::EMPTY);
+        if items.is_null() {
+            return;
+        }
+        let slice = std::ptr::slice_from_raw_parts_mut(items, len);
         // SAFETY: `items` and `len` are the boxed slice `fedrec_sdk_recommend` leaked, freed once.
         drop(unsafe { Box::from_raw(slice) });
-    }
-    recs.items = std::ptr::null_mut();
-    recs.len = 0;
+    });
 }
 
 /// The user's segment, computed on the device and never sent: `*found` is false before the
@@ -635,7 +667,8 @@ pub unsafe extern "C" fn fedrec_sdk_segment(
     call(err, || {
         // SAFETY: the caller's contract.
         let (found, id, distance) =
-            unsafe { (Out::new(found, "found")?, Out::new(id, "id")?, Out::new(distance, "distance")?) };
+            unsafe { (Out::new(found, "found"), Out::new(id, "id"), Out::new(distance, "distance")) };
+        let (found, id, distance) = (found?, id?, distance?);
         // SAFETY: `sdk` is NULL or a live handle (the caller's contract).
         let sdk = unsafe { sdk_ref(sdk) }?;
         let segment = sdk.segment()?;
@@ -806,34 +839,51 @@ pub unsafe extern "C" fn fedrec_cancel_cancel(
 /// participation or another call.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fedrec_cancel_free(cancel: *mut FedrecCancel) {
-    if !cancel.is_null() {
+    guard((), || {
+        if cancel.is_null() {
+            return;
+        }
         // SAFETY: from `Box::into_raw` in `fedrec_cancel_new`, freed once (the caller's contract).
         drop(unsafe { Box::from_raw(cancel) });
-    }
+    });
 }
 
 /// The default options of `fedrec_sdk_participate`: no eligibility claimed, a 10-minute
-/// budget, 5 attempts with backoff from 1 s up to 60 s.
+/// budget, 5 attempts with backoff from 1 s up to 60 s. (Should computing them panic, a bug,
+/// every field is 0 or false.)
 #[unsafe(no_mangle)]
 pub extern "C" fn fedrec_participate_options_default() -> FedrecParticipateOptions {
-    let d = ParticipateOptions::default();
-    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    FedrecParticipateOptions {
-        charging: d.eligibility.charging,
-        unmetered: d.eligibility.unmetered,
-        idle: d.eligibility.idle,
-        time_budget_ms: ms(d.time_budget),
-        max_attempts: d.retry.max_attempts,
-        initial_backoff_ms: ms(d.retry.initial_backoff),
-        max_backoff_ms: ms(d.retry.max_backoff),
-    }
+    let plain = FedrecParticipateOptions {
+        charging: false,
+        unmetered: false,
+        idle: false,
+        time_budget_ms: 0,
+        max_attempts: 0,
+        initial_backoff_ms: 0,
+        max_backoff_ms: 0,
+    };
+    guard(plain, || {
+        let d = ParticipateOptions::default();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        FedrecParticipateOptions {
+            charging: d.eligibility.charging,
+            unmetered: d.eligibility.unmetered,
+            idle: d.eligibility.idle,
+            time_budget_ms: ms(d.time_budget),
+            max_attempts: d.retry.max_attempts,
+            initial_backoff_ms: ms(d.retry.initial_backoff),
+            max_backoff_ms: ms(d.retry.max_backoff),
+        }
+    })
 }
 
 /// Takes part in one training round, blocking until it ends, and describes it in `*report`.
 /// Run it on a background thread. Needs training consent, checked before any connection is
 /// opened (status 2 otherwise), and a coordinator. `options` may be NULL for the defaults;
 /// `cancel` may be NULL, or a token another thread cancels (status 12). Other calls on the
-/// handle keep working while it runs; a second participation at once gets status 15.
+/// handle keep working while it runs; a second participation at once gets status 15. On
+/// failure `*report` is the empty report: outcome `FEDREC_ROUND_OUTCOME_FAILED`, every flag
+/// false, `retry_after_ms` -1.
 ///
 /// # Safety
 /// `sdk` is a live handle; `options` is NULL or valid; `cancel` is NULL or a live token;

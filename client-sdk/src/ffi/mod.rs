@@ -9,7 +9,10 @@
 //!   [`FedrecError`] (code and message) that the caller frees with [`fedrec_error_free`]; on
 //!   success `*err` is set to NULL. `err` itself may be NULL when the caller only wants the
 //!   status.
-//! - A panic never crosses the boundary: it becomes [`FEDREC_ERR_PANIC`].
+//! - Out-parameters are cleared at entry, before anything can fail: on failure each non-NULL
+//!   one holds its empty value (NULL, `{NULL, 0}`, false, 0), which is safe to free.
+//! - A panic never crosses the boundary: it becomes [`FEDREC_ERR_PANIC`] (functions without a
+//!   status, such as the `*_free`s, swallow it).
 //! - Everything returned is allocated by the SDK and freed by the matching `fedrec_*_free`;
 //!   nothing returned borrows from a handle or from an argument.
 //! - Handles are thread-safe: any number of threads may call functions on one handle at once.
@@ -151,6 +154,12 @@ fn call(err: *mut *mut FedrecError, body: impl FnOnce() -> Result<(), Failure>) 
     }
 }
 
+/// Runs the body of an exported function that has no status to report (the `*_free`s, the
+/// `*_default`s, [`fedrec_version`]): a panic is caught and `on_panic` returned instead.
+fn guard<T>(on_panic: T, body: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or(on_panic)
+}
+
 /// `text` as a C string; the (never expected) NUL bytes become U+FFFD.
 fn c_string(text: String) -> CString {
     CString::new(text).unwrap_or_else(|e| {
@@ -204,14 +213,50 @@ unsafe fn bytes_arg<'a>(ptr: *const u8, len: usize, what: &str) -> Result<&'a [u
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
-/// An out-parameter, checked for NULL before the call does any work.
+/// The value an out-parameter holds until the call succeeds: it means "nothing" and is safe to
+/// pass to the matching `*_free`.
+trait Empty {
+    /// NULL, `{NULL, 0}`, false or 0.
+    const EMPTY: Self;
+}
+
+impl<T> Empty for *mut T {
+    const EMPTY: Self = std::ptr::null_mut();
+}
+
+impl Empty for bool {
+    const EMPTY: Self = false;
+}
+
+impl Empty for u32 {
+    const EMPTY: Self = 0;
+}
+
+impl Empty for u64 {
+    const EMPTY: Self = 0;
+}
+
+impl Empty for f32 {
+    const EMPTY: Self = 0.0;
+}
+
+/// An out-parameter, cleared and checked for NULL before the call does any work.
 struct Out<T>(NonNull<T>);
 
-impl<T> Out<T> {
+impl<T: Empty> Out<T> {
+    /// Writes the empty value into a non-NULL `ptr` at once, so that a caller who frees its
+    /// out-parameters whatever the status frees nothing when the call fails. A function with
+    /// several out-parameters creates every `Out` before it checks any (`?`), so all are
+    /// cleared even when one is NULL.
+    ///
     /// # Safety
     /// `ptr` is NULL or valid for a write of a `T` for the rest of the call.
     unsafe fn new(ptr: *mut T, what: &str) -> Result<Out<T>, Failure> {
-        NonNull::new(ptr).map(Out).ok_or_else(|| Failure::null(what))
+        let ptr = NonNull::new(ptr).ok_or_else(|| Failure::null(what))?;
+        // SAFETY: not NULL, and valid for a write of a `T` (this function's contract); what was
+        // there is overwritten, not dropped (it may be uninitialised).
+        unsafe { ptr.write(T::EMPTY) };
+        Ok(Out(ptr))
     }
 
     /// Writes the result; what was there before is overwritten, not dropped.
@@ -236,7 +281,7 @@ pub extern "C" fn fedrec_version() -> *const c_char {
             Ok(v) => v,
             Err(_) => panic!("the package version has no NUL byte"),
         };
-    VERSION.as_ptr()
+    guard(c"".as_ptr(), || VERSION.as_ptr())
 }
 
 /// Frees an error returned through a `FedrecError **err`. NULL is allowed (nothing happens).
@@ -245,15 +290,17 @@ pub extern "C" fn fedrec_version() -> *const c_char {
 /// `err` is NULL or an error from this SDK that was not freed yet.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fedrec_error_free(err: *mut FedrecError) {
-    if err.is_null() {
-        return;
-    }
-    // SAFETY: `err` came from `Box::into_raw` in `call` and is freed once (caller's contract).
-    let error = unsafe { Box::from_raw(err) };
-    if !error.message.is_null() {
-        // SAFETY: `message` came from `CString::into_raw` in `call` and belongs to this error.
-        drop(unsafe { CString::from_raw(error.message) });
-    }
+    guard((), || {
+        if err.is_null() {
+            return;
+        }
+        // SAFETY: `err` came from `Box::into_raw` in `call` and is freed once (caller's contract).
+        let error = unsafe { Box::from_raw(err) };
+        if !error.message.is_null() {
+            // SAFETY: `message` came from `CString::into_raw` in `call` and belongs to this error.
+            drop(unsafe { CString::from_raw(error.message) });
+        }
+    });
 }
 
 /// Frees a string returned by the SDK (`char **` out-parameters). NULL is allowed.
@@ -262,8 +309,11 @@ pub unsafe extern "C" fn fedrec_error_free(err: *mut FedrecError) {
 /// `s` is NULL or a string returned by this SDK that was not freed yet.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fedrec_string_free(s: *mut c_char) {
-    if !s.is_null() {
+    guard((), || {
+        if s.is_null() {
+            return;
+        }
         // SAFETY: `s` came from `CString::into_raw` in `give_string`, freed once (caller's contract).
         drop(unsafe { CString::from_raw(s) });
-    }
+    });
 }

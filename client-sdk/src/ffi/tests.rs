@@ -373,3 +373,134 @@ fn the_version_is_the_crate_version() {
     let version = unsafe { CStr::from_ptr(fedrec_version()) };
     assert_eq!(version.to_str(), Ok(env!("CARGO_PKG_VERSION")));
 }
+
+/// A non-NULL pointer a C caller might leave in an uninitialised out-parameter: freeing it
+/// would crash, so a failed call must overwrite it.
+fn garbage<T>() -> *mut T {
+    std::ptr::without_provenance_mut(0xDEAD_BEE8)
+}
+
+#[test]
+fn failed_calls_leave_every_out_parameter_empty_and_safe_to_free() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let mut err = null_mut();
+    /// Checks the status of a failed call and frees its error.
+    fn expect_failure(status: i32, code: i32, err: &mut *mut FedrecError) {
+        assert_eq!(status, code);
+        take_message(std::mem::replace(err, null_mut()));
+    }
+    let path = c_path(dir.path());
+    let mut handle = garbage();
+    // SAFETY: valid pointers; the key is too short on purpose.
+    expect_failure(
+        unsafe { fedrec_sdk_open(path.as_ptr(), KEY.as_ptr(), 31, null(), &mut handle, &mut err) },
+        FEDREC_ERR_INVALID_ARGUMENT,
+        &mut err,
+    );
+    assert!(handle.is_null());
+    // SAFETY: closing the emptied handle is a no-op.
+    unsafe { fedrec_sdk_close(handle) };
+
+    // Both consents, no model, no coordinator, no ruleset: every call below fails.
+    let sdk = open(dir.path(), null());
+    let mut recs = FedrecRecommendations { items: garbage(), len: 7 };
+    let (mut json, mut variant) = (garbage(), garbage());
+    let (mut found, mut id, mut distance) = (true, 99u32, 9.5f32);
+    let mut updated = true;
+    let mut report = FedrecParticipation {
+        outcome: FedrecRoundOutcome::Completed,
+        selected: true,
+        completed: true,
+        has_round: true,
+        round: 42,
+        has_model_version: true,
+        model_version: 42,
+        retry_after_ms: 1_000,
+    };
+    let ctx = FedrecContext { hour: 12, minute: 0, weekday: 0, location: null(), device_type: null() };
+    // SAFETY: a live handle and valid out-pointers holding garbage, as C leaves them.
+    unsafe {
+        assert_eq!(fedrec_sdk_set_consent(sdk, true, true, null_mut()), FEDREC_OK);
+        expect_failure(
+            fedrec_sdk_recommend(sdk, 5, null(), &mut recs, &mut err),
+            FEDREC_ERR_NO_MODEL,
+            &mut err,
+        );
+        assert!(recs.items.is_null() && recs.len == 0);
+        expect_failure(fedrec_sdk_explain(sdk, 1, &mut json, &mut err), FEDREC_ERR_NO_MODEL, &mut err);
+        assert!(json.is_null());
+        expect_failure(
+            fedrec_sdk_choose_variant(sdk, c"home".as_ptr(), &ctx, &mut variant, &mut err),
+            FEDREC_ERR_NOT_CONFIGURED,
+            &mut err,
+        );
+        assert!(variant.is_null());
+        expect_failure(
+            fedrec_sdk_segment(sdk, &mut found, &mut id, &mut distance, &mut err),
+            FEDREC_ERR_NO_MODEL,
+            &mut err,
+        );
+        assert!(!found && id == 0 && distance == 0.0);
+        expect_failure(
+            fedrec_sdk_fetch_ruleset(sdk, &mut updated, &mut err),
+            FEDREC_ERR_NOT_CONFIGURED,
+            &mut err,
+        );
+        assert!(!updated);
+        expect_failure(
+            fedrec_sdk_participate(sdk, null(), null(), &mut report, &mut err),
+            FEDREC_ERR_NOT_CONFIGURED,
+            &mut err,
+        );
+        assert_eq!(report.outcome, FedrecRoundOutcome::Failed);
+        assert!(!report.selected && !report.completed && !report.has_round && !report.has_model_version);
+        assert_eq!((report.round, report.model_version, report.retry_after_ms), (0, 0, -1));
+        // One NULL among several out-parameters: the others are cleared all the same.
+        (found, distance) = (true, 9.5);
+        expect_failure(
+            fedrec_sdk_segment(sdk, &mut found, null_mut(), &mut distance, &mut err),
+            FEDREC_ERR_NULL_POINTER,
+            &mut err,
+        );
+        assert!(!found && distance == 0.0);
+
+        // A closed handle fails the rest.
+        assert_eq!(fedrec_sdk_forget(sdk, null_mut()), FEDREC_OK);
+        let (mut personalization, mut training) = (true, true);
+        expect_failure(
+            fedrec_sdk_consent(sdk, &mut personalization, &mut training, &mut err),
+            FEDREC_ERR_CLOSED,
+            &mut err,
+        );
+        assert!(!personalization && !training);
+        let (mut has_model, mut version) = (true, 42u64);
+        expect_failure(
+            fedrec_sdk_model_version(sdk, &mut has_model, &mut version, &mut err),
+            FEDREC_ERR_CLOSED,
+            &mut err,
+        );
+        assert!(!has_model && version == 0);
+        json = garbage();
+        expect_failure(fedrec_sdk_export(sdk, &mut json, &mut err), FEDREC_ERR_CLOSED, &mut err);
+        assert!(json.is_null());
+
+        // Freeing the emptied out-parameters, as C does whatever the status, does nothing.
+        fedrec_recommendations_free(&mut recs);
+        assert!(recs.items.is_null() && recs.len == 0);
+        fedrec_string_free(json);
+        fedrec_string_free(variant);
+        fedrec_sdk_close(sdk);
+    }
+}
+
+#[test]
+fn functions_without_a_status_swallow_panics() {
+    assert_eq!(guard(7, || panic!("a bug inside a free")), 7);
+    guard((), || panic!("a bug inside a free"));
+    // The guard is transparent when nothing panics.
+    assert_eq!(guard(7, || 8), 8);
+    // The exported functions without a status answer normally.
+    let defaults = (fedrec_recommend_options_default(), fedrec_participate_options_default());
+    assert!(defaults.0.exclude_consumed && defaults.1.max_attempts == 5);
+    assert!(!fedrec_version().is_null());
+}
