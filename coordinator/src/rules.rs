@@ -8,6 +8,15 @@
 //! - [`RULES_FILE`]: the current signed ruleset ([`SignedRuleset::to_bytes`]), replaced
 //!   atomically by every publication; `serve` loads it at start.
 //!
+//! # Versions
+//!
+//! A ruleset's version is its publication time in microseconds since the UNIX epoch, or one
+//! more than the stored version if the clock is not past it (a clock set back): versions
+//! strictly increase. Devices refuse a version older than the one they hold, so versions must
+//! never go back, not even when [`RULES_FILE`] is deleted or restored from an older backup —
+//! then the clock alone keeps them increasing. Microseconds rather than seconds so that a
+//! publication right after such a loss still gets a newer version than the lost one.
+//!
 //! # The operator's rules file
 //!
 //! ```
@@ -47,6 +56,7 @@ use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use fedrec_shared::wire::rules::RulesAnswer;
 use fedrec_shared::wire::rules::{
@@ -213,19 +223,33 @@ impl PublishedRuleset {
     }
 }
 
-/// Parses the operator's rules file (see the module documentation), signs it as the version
-/// after the one `dir` holds (1 if none), and replaces `dir`'s [`RULES_FILE`] atomically.
-/// Creates the signing key if `dir` has none. A running `serve` picks it up at its next start.
+/// Parses the operator's rules file (see the module documentation), signs it with a version
+/// newer than the one `dir` holds (see [Versions](self#versions)), and replaces `dir`'s
+/// [`RULES_FILE`] atomically. Creates the signing key if `dir` has none. A running `serve`
+/// picks it up at its next start.
 pub fn publish(dir: &Path, rules_toml: &str) -> Result<PublishedRuleset, RulesError> {
     let slots = parse_rules(rules_toml)?;
     let key = SigningKey::load_or_create(dir)?;
-    let previous = PublishedRuleset::load_with(dir, &key.public_key())?.map_or(0, |p| p.version);
-    let version = previous
-        .checked_add(1)
-        .ok_or_else(|| RulesError::Invalid("the ruleset version cannot grow any more".into()))?;
+    let previous = PublishedRuleset::load_with(dir, &key.public_key())?.map(|p| p.version);
+    let version = next_version(previous, SystemTime::now())?;
     let signed = key.sign(&Ruleset { version, slots })?;
     write_atomic(&dir.join(RULES_FILE), &signed.to_bytes()?, 0o644)?;
     Ok(PublishedRuleset { version, signed })
+}
+
+/// The version of a ruleset published at `now` after version `previous`: `now` in microseconds
+/// since the UNIX epoch, but at least `previous + 1`.
+fn next_version(previous: Option<u64>, now: SystemTime) -> Result<u64, RulesError> {
+    let after_previous = match previous {
+        None => 1,
+        Some(v) => v
+            .checked_add(1)
+            .ok_or_else(|| RulesError::Invalid("the ruleset version cannot grow any more".into()))?,
+    };
+    // A clock before 1970 counts as 0; one past the year 586 000 as the largest version.
+    let micros =
+        now.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    Ok(micros.max(after_previous))
 }
 
 /// The answer to a device that holds ruleset `have_version` (its token already checked).
@@ -379,21 +403,27 @@ fn event_kind(name: &str) -> Result<Option<u32>, String> {
     Ok(Some(code))
 }
 
-/// Replaces `path` atomically: a temporary file in the same directory, written and synced,
-/// renamed over `path`, and the directory synced so that the rename survives a crash.
+/// Replaces `path` atomically: a new temporary file in the same directory, created with
+/// `mode`, written and synced, renamed over `path`, and the directory synced so that the rename
+/// survives a crash.
+///
+/// A temporary file left by an interrupted write (or anything else at its path, a symlink
+/// included) is removed first, and the new one is created exclusively (`O_EXCL`, which follows
+/// no symlink): the bytes only ever go into a file this call created with `mode`.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), RulesError> {
     let io = |action, source| RulesError::Io { action, path: path.to_owned(), source };
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
     tmp_name.push(".tmp");
     let tmp = dir.join(tmp_name);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| io("create", e))?;
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io("remove the stale temporary file of", e));
+        }
+        _ => {}
+    }
+    let mut file =
+        OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(|e| io("create", e))?;
     file.write_all(bytes).map_err(|e| io("write", e))?;
     file.sync_all().map_err(|e| io("sync", e))?;
     drop(file);
@@ -439,9 +469,9 @@ mod tests {
     fn publications_bump_the_version_and_a_corrupt_store_is_an_error() {
         let dir = tmp();
         assert_eq!(PublishedRuleset::load(dir.path()).expect("readable"), None);
-        assert_eq!(publish(dir.path(), ONE_SLOT).expect("publishes").version(), 1);
+        let first = publish(dir.path(), ONE_SLOT).expect("publishes");
         let second = publish(dir.path(), ONE_SLOT).expect("publishes");
-        assert_eq!(second.version(), 2);
+        assert!(second.version() > first.version(), "{} after {}", second.version(), first.version());
         assert_eq!(PublishedRuleset::load(dir.path()).expect("readable"), Some(second));
         let path = dir.path().join(RULES_FILE);
         let mut bytes = std::fs::read(&path).expect("stored");
@@ -452,6 +482,65 @@ mod tests {
             matches!(publish(dir.path(), ONE_SLOT), Err(RulesError::Corrupt(_))),
             "no silent restart at 1"
         );
+    }
+
+    #[test]
+    fn versions_increase_when_the_stored_ruleset_is_lost_or_restored_from_a_backup() {
+        let dir = tmp();
+        let path = dir.path().join(RULES_FILE);
+        let first = publish(dir.path(), ONE_SLOT).expect("publishes").version();
+        let backup = std::fs::read(&path).expect("stored");
+        let second = publish(dir.path(), ONE_SLOT).expect("publishes").version();
+        std::fs::write(&path, backup).expect("writable");
+        let restored = publish(dir.path(), ONE_SLOT).expect("publishes").version();
+        assert!(restored > second, "{restored} after {second}, over a restored {first}");
+        std::fs::remove_file(&path).expect("stored");
+        let lost = publish(dir.path(), ONE_SLOT).expect("publishes").version();
+        assert!(lost > restored, "{lost} after {restored}, which was lost");
+    }
+
+    #[test]
+    fn versions_are_publication_times_in_microseconds_and_survive_a_clock_set_back() {
+        let at = |micros| UNIX_EPOCH + std::time::Duration::from_micros(micros);
+        let now = 1_790_000_000_123_456;
+        assert_eq!(next_version(None, at(now)).expect("a version"), now);
+        assert_eq!(next_version(Some(7), at(now)).expect("a version"), now, "old counters jump ahead");
+        assert_eq!(next_version(Some(now + 5), at(now)).expect("a version"), now + 6, "a clock set back");
+        assert_eq!(next_version(Some(now), at(now)).expect("a version"), now + 1, "the same microsecond");
+        let before_1970 = UNIX_EPOCH - std::time::Duration::from_secs(1);
+        assert_eq!(next_version(None, before_1970).expect("a version"), 1);
+        assert_eq!(next_version(Some(3), before_1970).expect("a version"), 4);
+        assert!(matches!(next_version(Some(u64::MAX), at(now)), Err(RulesError::Invalid(_))));
+    }
+
+    #[test]
+    fn atomic_writes_replace_a_stale_temporary_file_and_follow_no_symlink() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tmp();
+        let mode =
+            |path: &Path| std::fs::symlink_metadata(path).expect("exists").permissions().mode() & 0o777;
+        let key = dir.path().join(RULES_KEY_FILE);
+        let tmp_path = dir.path().join(format!("{RULES_KEY_FILE}.tmp"));
+
+        // A world-readable temporary file left behind: the key still gets mode 0600.
+        std::fs::write(&tmp_path, b"stale").expect("writable");
+        std::fs::set_permissions(&tmp_path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        write_atomic(&key, b"secret", 0o600).expect("writes");
+        assert_eq!(std::fs::read(&key).expect("written"), b"secret");
+        assert_eq!(mode(&key), 0o600);
+        assert!(!tmp_path.exists(), "renamed away");
+
+        // A symlink at the temporary path: its target is left alone.
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"untouched").expect("writable");
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        std::os::unix::fs::symlink(&target, &tmp_path).expect("symlink");
+        write_atomic(&key, b"secret 2", 0o600).expect("writes");
+        assert_eq!(std::fs::read(&target).expect("still there"), b"untouched");
+        assert_eq!(mode(&target), 0o644);
+        assert_eq!(std::fs::read(&key).expect("written"), b"secret 2");
+        assert_eq!(mode(&key), 0o600);
+        assert!(!std::fs::symlink_metadata(&key).expect("exists").file_type().is_symlink());
     }
 
     #[test]
@@ -469,11 +558,16 @@ mod tests {
     fn answers_by_the_version_the_device_holds() {
         let dir = tmp();
         let published = publish(dir.path(), ONE_SLOT).expect("publishes");
-        assert_eq!(answer(None, Some(1)), Response::Rules(RulesAnswer::NoRuleset));
-        assert_eq!(answer(Some(&published), Some(1)), Response::Rules(RulesAnswer::Unchanged { version: 1 }));
+        let version = published.version();
+        assert_eq!(answer(None, Some(version)), Response::Rules(RulesAnswer::NoRuleset));
+        assert_eq!(
+            answer(Some(&published), Some(version)),
+            Response::Rules(RulesAnswer::Unchanged { version })
+        );
         let fresh = Response::Rules(RulesAnswer::Ruleset(published.signed().clone()));
         assert_eq!(answer(Some(&published), None), fresh);
-        assert_eq!(answer(Some(&published), Some(7)), fresh);
+        assert_eq!(answer(Some(&published), Some(version - 1)), fresh);
+        assert_eq!(answer(Some(&published), Some(version + 1)), fresh, "the device judges rollbacks");
     }
 
     #[test]

@@ -44,11 +44,16 @@ fn prepare(dir: &Path) -> (CoordinatorDir, Vec<u8>) {
     (state, token)
 }
 
-/// `rules publish` of `toml`, which must succeed.
-fn publish(state: &CoordinatorDir, toml: &str) -> String {
+/// `rules publish` of `toml`, which must succeed; the version it tells the operator.
+fn publish(state: &CoordinatorDir, toml: &str) -> u64 {
     let out = state.publish_rules(toml);
     assert!(out.status.success(), "{}", describe(&out));
-    String::from_utf8(out.stderr).expect("UTF-8 output")
+    let said = String::from_utf8(out.stderr).expect("UTF-8 output");
+    let version = said
+        .split_once("published rules version ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok());
+    version.unwrap_or_else(|| panic!("`rules publish` names the version: {said}"))
 }
 
 fn device(serve: &CoordinatorProcess, token: Vec<u8>) -> Device {
@@ -77,11 +82,10 @@ async fn a_published_ruleset_reaches_a_device_verified_and_chooses_variants() {
         assert!(matches!(rules::fetch(&d, &public, None).await, Ok(Fetched::NoRuleset)));
     }
 
-    // Two publications: versions 1 and 2. An invalid file changes nothing.
-    for want in 1..=2 {
-        let said = publish(&state, RULES);
-        assert!(said.contains(&format!("published rules version {want}")), "{said}");
-    }
+    // Two publications: the version increases. An invalid file changes nothing.
+    let first = publish(&state, RULES);
+    let version = publish(&state, RULES);
+    assert!(version > first, "{version} after {first}");
     let stored = std::fs::read(dir.join("rules.signed")).expect("publish stores the signed ruleset");
     let bad = state.publish_rules(
         "[[slot]]\nname = \"s\"\ndefault = \"d\"\n[[slot.rule]]\nvariant = \"v\"\ntime = \"25:00-01:00\"\n",
@@ -94,12 +98,13 @@ async fn a_published_ruleset_reaches_a_device_verified_and_chooses_variants() {
     assert_eq!(std::fs::read(dir.join("rules.signed")).expect("still there"), stored);
 
     let serve = state.serve().await;
-    assert!(serve.lines().iter().any(|l| l.contains("serving rules version 2")), "{:#?}", serve.lines());
+    let serving = format!("serving rules version {version}");
+    assert!(serve.lines().iter().any(|l| l.contains(&serving)), "{:#?}", serve.lines());
     let d = device(&serve, token.clone());
     let Fetched::Updated(ruleset) = rules::fetch(&d, &public, None).await.expect("the fetch succeeds") else {
         panic!("a fresh device gets the ruleset");
     };
-    assert_eq!(ruleset.version(), 2);
+    assert_eq!(ruleset.version(), version);
     assert_eq!(ruleset.signed_bytes(), stored, "the device gets the stored bytes");
 
     let none = |_: ActivityWindow| 0u32;
@@ -116,12 +121,17 @@ async fn a_published_ruleset_reaches_a_device_verified_and_chooses_variants() {
     assert_eq!(choose(&Context::at(12, 0, 0), Some(3)), "generic");
 
     // Holding the current version: unchanged. An older one: the new one.
-    assert!(matches!(rules::fetch(&d, &public, Some(2)).await, Ok(Fetched::Unchanged)));
-    assert!(matches!(rules::fetch(&d, &public, Some(1)).await, Ok(Fetched::Updated(r)) if r.version() == 2));
-    // A device that somehow holds a newer version refuses to go back.
+    assert!(matches!(rules::fetch(&d, &public, Some(version)).await, Ok(Fetched::Unchanged)));
     assert!(matches!(
-        rules::fetch(&d, &public, Some(3)).await,
-        Err(FetchError::Rules(rules::RulesError::Rollback { installed: 3, offered: 2 }))
+        rules::fetch(&d, &public, Some(first)).await,
+        Ok(Fetched::Updated(r)) if r.version() == version
+    ));
+    // A device that somehow holds a newer version refuses to go back.
+    let newer = version + 1;
+    assert!(matches!(
+        rules::fetch(&d, &public, Some(newer)).await,
+        Err(FetchError::Rules(rules::RulesError::Rollback { installed, offered }))
+            if installed == newer && offered == version
     ));
     // Another key (an app configured for another coordinator) refuses it.
     assert!(matches!(
@@ -144,13 +154,42 @@ fn a_state_directory_without_a_rules_key_gets_one_at_the_first_publication() {
     // A directory made before rules existed.
     std::fs::remove_file(dir.join("rules_signing.key")).expect("exists");
     std::fs::remove_file(dir.join("rules_signing.pub")).expect("exists");
-    publish(&state, RULES);
+    let version = publish(&state, RULES);
     let public = std::fs::read(dir.join("rules_signing.pub")).expect("publish creates the key");
     let signed = std::fs::read(dir.join("rules.signed")).expect("publish stores the ruleset");
-    assert_eq!(rules::verify(&signed, &public).expect("signed with the new key").version(), 1);
+    assert_eq!(rules::verify(&signed, &public).expect("signed with the new key").version(), version);
     let key_mode = std::fs::metadata(dir.join("rules_signing.key")).expect("exists").permissions().mode();
     assert_eq!(key_mode & 0o777, 0o600);
     // `init` refuses to run twice, and so the key is never replaced behind the apps' back.
     assert!(!state.command(&["init"]).status.success());
     assert_eq!(std::fs::read(dir.join("rules_signing.pub")).expect("exists"), public);
+}
+
+#[test]
+fn versions_keep_increasing_when_rules_signed_is_lost_or_restored_from_a_backup() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let (state, _) = prepare(dir);
+    let public = std::fs::read(dir.join("rules_signing.pub")).expect("init writes the public key");
+    let signed = dir.join("rules.signed");
+
+    let first = publish(&state, RULES);
+    let backup = std::fs::read(&signed).expect("publish stores the ruleset");
+    let second = publish(&state, RULES);
+    assert!(second > first, "{second} after {first}");
+
+    // Restored from an older backup: the next publication is still newer than the lost one.
+    std::fs::write(&signed, &backup).expect("writable");
+    let after_restore = publish(&state, RULES);
+    assert!(after_restore > second, "{after_restore} after {second}");
+
+    // Deleted: likewise.
+    std::fs::remove_file(&signed).expect("exists");
+    let after_loss = publish(&state, RULES);
+    assert!(after_loss > after_restore, "{after_loss} after {after_restore}");
+
+    // A device holding the lost version takes the new one.
+    let bytes = std::fs::read(&signed).expect("publish stores the ruleset");
+    let update = rules::verify_update(&bytes, &public, Some(after_restore)).expect("not a rollback");
+    assert_eq!(update.version(), after_loss);
 }
