@@ -635,20 +635,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_cached_model_is_announced_at_check_in_unless_it_is_too_large() {
-        let shape = ModelShape { n_items: 3, dim: 2, n_segments: 1 };
-        let cfg = NetConfig {
-            server: SocketAddr::from(([127, 0, 0, 1], 9)),
-            server_name: "localhost".into(),
-            server_cert: rcgen::generate_simple_self_signed(vec!["localhost".into()])
-                .expect("a certificate")
-                .cert
-                .der()
-                .to_vec(),
-            token: vec![1],
-            sdk_version: "test".into(),
-            shape,
-            timeout: Duration::from_secs(1),
-        };
+        let cfg = test_config(SocketAddr::from(([127, 0, 0, 1], 9)), Duration::from_secs(1));
+        let shape = cfg.shape;
         let model = |n_items| {
             let shape = ModelShape { n_items, ..shape };
             let flat = |n| vec![0.0f32; n];
@@ -668,19 +656,7 @@ mod tests {
         // A silent "coordinator": the first attempt times out (transient), and the retry's
         // backoff of Duration::MAX is past any budget, so the call returns that error.
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP socket");
-        let cfg = NetConfig {
-            server: socket.local_addr().expect("an address"),
-            server_name: "localhost".into(),
-            server_cert: rcgen::generate_simple_self_signed(vec!["localhost".into()])
-                .expect("a certificate")
-                .cert
-                .der()
-                .to_vec(),
-            token: vec![1],
-            sdk_version: "test".into(),
-            shape: ModelShape { n_items: 3, dim: 2, n_segments: 1 },
-            timeout: Duration::from_millis(200),
-        };
+        let cfg = test_config(socket.local_addr().expect("an address"), Duration::from_millis(200));
         let mut device = Device::new(cfg).expect("a device");
         let opts = ParticipateOptions {
             time_budget: Duration::MAX,
@@ -693,5 +669,19 @@ mod tests {
         };
         let err = device.participate_with(&[], &opts, &CancelToken::new()).await.expect_err("no coordinator");
         assert!(matches!(err, NetError::Timeout), "{err:?}");
+    }
+
+    /// A device configuration for `server` with a throwaway certificate and token.
+    fn test_config(server: SocketAddr, timeout: Duration) -> NetConfig {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("a certificate");
+        NetConfig {
+            server,
+            server_name: "localhost".into(),
+            server_cert: cert.cert.der().to_vec(),
+            token: vec![1],
+            sdk_version: "test".into(),
+            shape: ModelShape { n_items: 3, dim: 2, n_segments: 1 },
+            timeout,
+        }
     }
 }
