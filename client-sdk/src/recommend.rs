@@ -187,6 +187,19 @@ pub struct Scratch {
     profile: Vec<f32>,
 }
 
+impl Scratch {
+    /// Overwrites every buffer with zeros (they hold which items the user consumed and
+    /// personalised scores), for `forget()`.
+    pub fn wipe(&mut self) {
+        self.excluded.fill(0);
+        self.items.fill(0);
+        self.cf.fill(0.0);
+        self.content.fill(0.0);
+        self.profile.fill(0.0);
+        std::hint::black_box(&self);
+    }
+}
+
 /// The top `k` items for the user, best first (fewer if fewer candidates remain).
 ///
 /// `user` is the reconstructed user state, `consumed` the user's interactions (the items to
@@ -706,5 +719,30 @@ impl TopK {
             .into_iter()
             .map(|Reverse(c)| Recommendation { item: c.item, score: c.score, source })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fedrec_shared::{GlobalModel, ModelShape};
+
+    use super::*;
+
+    #[test]
+    fn wiping_the_scratch_leaves_only_zeros() {
+        let shape = ModelShape { n_items: 6, dim: 2, n_segments: 1 };
+        let factors = (0..12).map(|i| i as f32 / 10.0 - 0.5).collect();
+        let model = GlobalModel::from_flat(shape, factors, vec![0.1; 6], 0.0, vec![0.3, -0.2])
+            .expect("a valid model");
+        let model = RoundModel::new(1, model);
+        let user = UserState { factors: vec![0.4, -0.7], bias: 0.0 };
+        let consumed = [Rating { item: 1, value: 1.0 }, Rating { item: 4, value: 2.0 }];
+        let mut scratch = Scratch::default();
+        recommend_with(&mut scratch, &model, Some(&user), &consumed, None, 3, &RecommendOptions::default())
+            .expect("recommends");
+        assert!(scratch.excluded.iter().any(|&w| w != 0), "the consumed items are marked");
+        scratch.wipe();
+        assert!(scratch.excluded.iter().all(|&w| w == 0) && scratch.items.iter().all(|&i| i == 0));
+        assert!(scratch.cf.iter().chain(&scratch.content).chain(&scratch.profile).all(|&x| x == 0.0));
     }
 }

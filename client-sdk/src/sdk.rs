@@ -699,6 +699,7 @@ impl Sdk {
         Store::erase(&self.settings.dir)?;
         if let Some(mut inner) = guard.take() {
             inner.contents.wipe();
+            inner.scratch.wipe();
             inner.tags.clear();
         }
         Ok(())
