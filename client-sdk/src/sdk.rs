@@ -28,10 +28,10 @@
 //! The user vector is reconstructed on the device (`fedrec_shared::train::reconstruct`, the
 //! same closed-form solve a training round uses) from the time-decayed implicit ratings of
 //! the log ([`crate::signals::implicit_ratings`]) and the cached model, the first time an
-//! inference call needs it after the events or the model changed; it is cached in memory
-//! and stored with the next write. Time passing alone does not trigger a new solve: decay
-//! scales every event by the same factor, so only the absolute confidences drift until the
-//! next event.
+//! inference call needs it after the events or the model changed, or after 1/64 of the
+//! half-life passed (decay scales every event by the same factor, so only the absolute
+//! confidences drift: about 1% per 1/64 half-life); it is cached in memory and stored with
+//! the next write.
 //!
 //! # Erasure
 //!
@@ -242,8 +242,9 @@ struct Settings {
 struct Inner {
     store: Store,
     contents: Contents,
-    /// Whether `contents.user` matches the current events and model.
-    user_fresh: bool,
+    /// When (UNIX seconds) `contents.user` was solved from the current events and model in
+    /// this process; `None` when it must be solved again.
+    user_solved_at: Option<i64>,
     /// Item tags (catalogue metadata, not user data: neither stored nor exported).
     tags: BTreeMap<u32, Vec<String>>,
     /// The content index for the current model's catalogue, built on first use.
@@ -292,8 +293,7 @@ impl Sdk {
             contents.events.drain(..excess);
             contents.user = None;
         }
-        let model_version = contents.model.as_ref().map(|m| m.version);
-        let user_fresh = contents.user.as_ref().is_some_and(|u| Some(u.model_version) == model_version);
+        // A stored vector is solved again at first use: time has passed since it was saved.
         // The stored ruleset is verified again: a ruleset that no longer verifies (the key
         // changed) stays stored but inactive until a new one is installed.
         let ruleset = match (&contents.ruleset, &cfg.rules_public_key) {
@@ -303,7 +303,7 @@ impl Sdk {
         let inner = Inner {
             store,
             contents,
-            user_fresh,
+            user_solved_at: None,
             tags: BTreeMap::new(),
             content: None,
             ruleset,
@@ -365,7 +365,7 @@ impl Sdk {
                 }
             })?;
             if !consent.personalization {
-                inner.user_fresh = false;
+                inner.user_solved_at = None;
             }
             Ok(())
         })
@@ -400,7 +400,7 @@ impl Sdk {
                 c.events.drain(..excess);
                 c.user = None;
             })?;
-            inner.user_fresh = false;
+            inner.user_solved_at = None;
             Ok(())
         })
     }
@@ -567,7 +567,7 @@ impl Sdk {
                     c.train = Some(p);
                     c.user = None;
                 })?;
-                inner.user_fresh = false;
+                inner.user_solved_at = None;
             }
             Ok(report(participation, inner.contents.model.as_ref().map(|m| m.version)))
         })
@@ -715,6 +715,14 @@ impl Sdk {
     }
 }
 
+/// Whether a user vector solved at `solved_at` (UNIX seconds, `None` = not solved from the
+/// current events and model) must be solved again at `now`: after 1/64 of the half-life
+/// (at least a second), or if the clock went back.
+fn needs_solve(solved_at: Option<i64>, now: i64, half_life: std::time::Duration) -> bool {
+    let refresh = i64::try_from(half_life.as_secs() / 64).unwrap_or(i64::MAX).max(1);
+    !solved_at.is_some_and(|t| now >= t && now - t < refresh)
+}
+
 /// Clears the flag it holds when dropped.
 struct ClearOnDrop<'a>(&'a AtomicBool);
 
@@ -833,7 +841,8 @@ impl Inner {
         s: &Settings,
     ) -> Result<(Option<UserState>, Vec<Rating>), SdkError> {
         let consumed = self.ratings(model.model.shape().n_items, s);
-        if !self.user_fresh {
+        let now = now_s();
+        if needs_solve(self.user_solved_at, now, s.signals.half_life) {
             let user = if consumed.is_empty() {
                 None
             } else {
@@ -843,7 +852,7 @@ impl Inner {
             };
             // Kept in memory; persisted with the next save.
             self.contents.user = user;
-            self.user_fresh = true;
+            self.user_solved_at = Some(now);
         }
         Ok((self.contents.user.as_ref().map(|u| u.state.clone()), consumed))
     }
@@ -888,7 +897,7 @@ impl Inner {
             c.model = Some(model);
             c.user = None;
         })?;
-        self.user_fresh = false;
+        self.user_solved_at = None;
         if self.content.as_ref().is_some_and(|c| c.n_items() != shape.n_items) {
             self.content = None;
         }
@@ -899,6 +908,20 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_user_vector_is_solved_again_as_time_passes() {
+        let day = std::time::Duration::from_secs(24 * 3600);
+        let half_life = day * 64; // refresh every day
+        assert!(needs_solve(None, 1_000, half_life), "never solved");
+        assert!(!needs_solve(Some(1_000), 1_000, half_life));
+        assert!(!needs_solve(Some(1_000), 1_000 + 86_399, half_life));
+        assert!(needs_solve(Some(1_000), 1_000 + 86_400, half_life), "a day later");
+        assert!(needs_solve(Some(1_000), 999, half_life), "the clock went back");
+        // A tiny half-life still waits a second; a huge one does not overflow.
+        assert!(!needs_solve(Some(5), 5, std::time::Duration::from_secs(1)));
+        assert!(!needs_solve(Some(0), 1 << 40, std::time::Duration::MAX));
+    }
 
     #[test]
     fn sdk_is_send_and_sync() {
