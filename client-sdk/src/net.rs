@@ -277,25 +277,14 @@ pub struct Device {
 impl Device {
     /// Builds the QUIC client endpoint; needs a running tokio runtime.
     pub fn new(cfg: NetConfig) -> Result<Device, NetError> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from(cfg.server_cert.clone()))
-            .map_err(|e| NetError::Setup(format!("server certificate: {e}")))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| NetError::Setup(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic = QuicClientConfig::try_from(tls).map_err(|e| NetError::Setup(e.to_string()))?;
+        let client_config = quic_client_config(&cfg.server_cert)?;
         let bind: SocketAddr = if cfg.server.is_ipv4() {
             SocketAddr::from(([0, 0, 0, 0], 0))
         } else {
             SocketAddr::from(([0u16; 8], 0))
         };
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| NetError::Setup(e.to_string()))?;
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+        endpoint.set_default_client_config(client_config);
         let limits = Limits::for_shape(&cfg.shape);
         Ok(Device { cfg, endpoint, limits, cached: None, task_params: None, rng: SystemRandom::new() })
     }
@@ -494,6 +483,25 @@ impl Device {
             ))),
         }
     }
+}
+
+/// The device's QUIC configuration: TLS 1.3 only (ring), ALPN `fedrec/1`, and `server_cert`
+/// (DER) as the only trusted certificate. Public so that benchmarks measure the transport
+/// with exactly the settings devices use.
+pub fn quic_client_config(server_cert: &[u8]) -> Result<quinn::ClientConfig, NetError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(server_cert.to_vec()))
+        .map_err(|e| NetError::Setup(format!("server certificate: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::Setup(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| NetError::Setup(e.to_string()))?;
+    Ok(quinn::ClientConfig::new(Arc::new(quic)))
 }
 
 /// The round an upload request is for.

@@ -90,6 +90,10 @@ pub enum TlsIdentity {
     },
 }
 
+/// Default of [`ServeConfig::read_timeout`] (also the connections' idle timeout).
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of [`ServeConfig::max_streams_per_connection`].
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 4;
 /// Default of [`ServeConfig::rounds_per_device_per_day`].
 pub const DEFAULT_ROUNDS_PER_DEVICE_PER_DAY: u32 = 24;
 /// Default of [`ServeConfig::max_connections`].
@@ -191,9 +195,9 @@ impl ServeConfig {
             verifier,
             replay_limits: ReplayLimits::default(),
             round_gap: Duration::from_millis(100),
-            read_timeout: Duration::from_secs(10),
+            read_timeout: DEFAULT_READ_TIMEOUT,
             retry_after: Duration::from_secs(1),
-            max_streams_per_connection: 4,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             store: None,
             metrics_listen: None,
             rules: None,
@@ -296,23 +300,7 @@ impl Server {
         let (chain, key) = identity(cfg.tls)?;
         let cert_der =
             chain.first().map(|c| c.to_vec()).ok_or_else(|| ServerError::Tls("empty chain".into()))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| ServerError::Tls(e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .map_err(|e| ServerError::Tls(e.to_string()))?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic = QuicServerConfig::try_from(tls).map_err(|e| ServerError::Tls(e.to_string()))?;
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        let mut transport = quinn::TransportConfig::default();
-        transport.max_concurrent_bidi_streams(cfg.max_streams_per_connection.into());
-        transport.max_concurrent_uni_streams(0u32.into());
-        let idle = quinn::IdleTimeout::try_from(cfg.read_timeout)
-            .map_err(|_| ServerError::Tls("read timeout too long for an idle timeout".into()))?;
-        transport.max_idle_timeout(Some(idle));
-        server_config.transport_config(Arc::new(transport));
+        let server_config = quic_server_config(chain, key, cfg.max_streams_per_connection, cfg.read_timeout)?;
         let endpoint = quinn::Endpoint::server(server_config, cfg.listen)?;
         let local_addr = endpoint.local_addr()?;
         let status = ServerStatus {
@@ -469,6 +457,36 @@ impl Server {
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }
+}
+
+/// The server's QUIC configuration: TLS 1.3 only (ring), ALPN `fedrec/1`, at most
+/// `max_streams` concurrent bidirectional streams and no unidirectional ones per connection,
+/// and `read_timeout` as the idle timeout. Public so that benchmarks measure the transport
+/// with exactly the settings the coordinator runs with.
+pub fn quic_server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    max_streams: u32,
+    read_timeout: Duration,
+) -> Result<quinn::ServerConfig, ServerError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| ServerError::Tls(e.to_string()))?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(max_streams.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    let idle = quinn::IdleTimeout::try_from(read_timeout)
+        .map_err(|_| ServerError::Tls("read timeout too long for an idle timeout".into()))?;
+    transport.max_idle_timeout(Some(idle));
+    server_config.transport_config(Arc::new(transport));
+    Ok(server_config)
 }
 
 /// The certificate chain and key of `tls`.

@@ -20,10 +20,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant as WallClock};
 
 use anyhow::{Context, bail};
+use fedrec_client::net;
+use fedrec_coordinator::server;
 use fedrec_shared::round::{ClientRound, Instant, ServerMessage, Task};
-use fedrec_shared::wire::{self, ALPN, LEN_PREFIX, Request, Response};
+use fedrec_shared::wire::{self, LEN_PREFIX, Request, Response};
 use fedrec_shared::{GlobalModel, Rating, RoundModel};
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -426,7 +427,7 @@ fn raw_quinn(n: usize, rounds: usize, frames: Frames, p: &LoadParams) -> anyhow:
     let accept = server_rt.spawn(raw_accept(endpoint.clone()));
     let client_rt = runtime(p.device_threads, "raw-device")?;
     let in_flight = Arc::new(Semaphore::new(p.in_flight.clamp(1, Semaphore::MAX_PERMITS)));
-    let client = Arc::new(client_config(&cert)?);
+    let client = Arc::new(net::quic_client_config(&cert)?);
     let mut series = Series::default();
     for _ in 0..rounds {
         let t0 = WallClock::now();
@@ -456,38 +457,19 @@ fn raw_quinn(n: usize, rounds: usize, frames: Frames, p: &LoadParams) -> anyhow:
     Ok(series)
 }
 
-/// A quinn server with the coordinator's TLS and transport settings.
+/// A quinn server with the coordinator's own QUIC configuration (TLS, ALPN, stream limits
+/// and idle timeout as `fedrec-coordinator serve` runs with them).
 fn raw_server(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> anyhow::Result<quinn::Endpoint> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    let mut transport = quinn::TransportConfig::default();
-    transport.max_concurrent_bidi_streams(4u32.into());
-    transport.max_concurrent_uni_streams(0u32.into());
-    // The coordinator's default read timeout, which is also its connections' idle timeout.
-    transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(10))?));
-    server.transport_config(Arc::new(transport));
-    Ok(quinn::Endpoint::server(server, SocketAddr::from(([127, 0, 0, 1], 0)))?)
-}
-
-/// The SDK's TLS settings, pinning `cert`.
-fn client_config(cert: &[u8]) -> anyhow::Result<quinn::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from(cert.to_vec()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    Ok(quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?)))
+    let config = server::quic_server_config(
+        chain,
+        key,
+        server::DEFAULT_MAX_STREAMS_PER_CONNECTION,
+        server::DEFAULT_READ_TIMEOUT,
+    )?;
+    Ok(quinn::Endpoint::server(config, SocketAddr::from(([127, 0, 0, 1], 0)))?)
 }
 
 async fn raw_accept(endpoint: quinn::Endpoint) {
