@@ -260,6 +260,13 @@ pub enum Participation {
         /// The coordinator's hint.
         retry_after: Duration,
     },
+    /// The federation is finished (its privacy budget is spent): no round will open again,
+    /// so the device should stop checking in. The final model is now the device's cached
+    /// model ([`Device::cached_model`]).
+    Finished {
+        /// The final model's version.
+        model_version: u64,
+    },
 }
 
 /// One device: its endpoint, its configuration and its cached model.
@@ -464,6 +471,12 @@ impl Device {
                     // Training runs here, on the caller's task: a device trains one small
                     // user at a time.
                     round.handle_message(now(), msg);
+                }
+                Inbound::Finished { model_version, model } => {
+                    if let Some(model) = model {
+                        self.cached = Some(model);
+                    }
+                    return Ok(Participation::Finished { model_version });
                 }
                 Inbound::Error { code, message } => match code.rejection() {
                     Some(reason) => {

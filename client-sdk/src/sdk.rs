@@ -179,6 +179,9 @@ pub enum RoundOutcome {
     TimedOut,
     /// The device could not compute its update (nothing was sent).
     Failed,
+    /// The federation is finished (its privacy budget is spent): no round will open again.
+    /// The device holds the final model; it should stop calling `participate`.
+    Finished,
 }
 
 /// What [`Sdk::participate`] did.
@@ -774,6 +777,10 @@ fn report(p: Participation, model_version: Option<u64>) -> ParticipationReport {
     };
     match p {
         Participation::NotSelected { retry_after } => r.retry_after = Some(retry_after),
+        Participation::Finished { model_version } => {
+            r.outcome = RoundOutcome::Finished;
+            r.model_version = Some(model_version);
+        }
         Participation::Outcome(o) => {
             r.selected = !matches!(o, ClientOutcome::NotSelected);
             r.outcome = match o {

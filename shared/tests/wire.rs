@@ -110,6 +110,8 @@ fn every_message_round_trips() {
         Response::NotSelected { round: 0, retry_after_ms: 60_000 },
         Response::Ack { round: 1 << 40 },
         Response::Aborted { round: 3 },
+        Response::finished(&m, None),
+        Response::finished(&m, Some(m.version)),
     ];
     responses.extend(ErrorCode::ALL.iter().map(|&c| Response::error(c, c.label())));
     for r in &responses {
@@ -358,7 +360,7 @@ fn known_answer_messages() -> Vec<(&'static str, Result<Request, Response>)> {
                 nonce: [0xff; 16],
             })),
         ),
-        ("task", Err(Response::Task(task))),
+        ("task", Err(Response::Task(task.clone()))),
         ("task_cached", Err(Response::Task(task_cached))),
         ("not_selected", Err(Response::NotSelected { round: 1, retry_after_ms: 1000 })),
         ("ack", Err(Response::Ack { round: 5 })),
@@ -379,6 +381,16 @@ fn known_answer_messages() -> Vec<(&'static str, Result<Request, Response>)> {
             }),
         ),
         ("aborted", Err(Response::Aborted { round: 128 })),
+        (
+            "error_busy",
+            Err(Response::Error {
+                code: ErrorCode::Busy,
+                message: "busy".into(),
+                retry_after_ms: Some(1000),
+            }),
+        ),
+        ("finished", Err(Response::Finished { model_version: 3, model: task.model.clone() })),
+        ("finished_cached", Err(Response::Finished { model_version: 3, model: None })),
     ]
 }
 
@@ -911,6 +923,7 @@ fn a_round_runs_over_the_wire() {
             match resp.into_inbound(cached.as_ref()).expect("valid") {
                 Inbound::Message(m) => clients[to as usize].handle_message(Instant::ZERO, m),
                 Inbound::Error { code, message } => panic!("unexpected error {code}: {message}"),
+                Inbound::Finished { .. } => panic!("the federation is not finished"),
             }
             deliveries += 1;
         }
@@ -1187,4 +1200,23 @@ fn check_in_debug_hides_the_token() {
     let as_numbers = format!("{:?}", &c.token[..4]);
     assert!(!shown.contains(&as_numbers[1..as_numbers.len() - 1]), "{shown}");
     assert!(shown.contains("<18 bytes>"), "{shown}");
+}
+
+#[test]
+fn a_finished_federation_hands_over_its_final_model() {
+    let m = round_model(4);
+    let Inbound::Finished { model_version, model: Some(got) } =
+        Response::finished(&m, None).into_inbound(None).expect("valid")
+    else {
+        panic!("a finished answer with the model")
+    };
+    assert_eq!(model_version, m.version);
+    assert_eq!(WireModel::from(&*got), WireModel::from(&*m));
+    let Inbound::Finished { model: None, .. } =
+        Response::finished(&m, Some(m.version)).into_inbound(None).expect("valid")
+    else {
+        panic!("a device that holds the final model is not sent it again")
+    };
+    let mismatched = Response::Finished { model_version: m.version + 1, model: Some(WireModel::from(&*m)) };
+    assert!(mismatched.into_inbound(None).is_err(), "the model must be the version the answer names");
 }

@@ -270,7 +270,7 @@ impl Fleet {
             .with_context(|| format!("device {idx}: check-in"))?;
         match response.into_inbound(None).with_context(|| format!("device {idx}: check-in answer"))? {
             Inbound::Message(task @ ServerMessage::Selected { .. }) => Ok(Some((device, session, task))),
-            Inbound::Message(_) => {
+            Inbound::Message(_) | Inbound::Finished { .. } => {
                 session.close();
                 Ok(None)
             }
@@ -294,6 +294,7 @@ impl Fleet {
         match response.into_inbound(None).context("upload answer")? {
             Inbound::Message(answer) => round.handle_message(self.now(), answer),
             Inbound::Error { code, message } => bail!("upload refused ({code}): {message}"),
+            Inbound::Finished { .. } => bail!("upload answered: the federation is finished"),
         }
         Ok(())
     }

@@ -206,6 +206,9 @@ pub enum FedrecRoundOutcome {
     TimedOut = 4,
     /// The device could not compute its update (nothing was sent).
     Failed = 5,
+    /// The federation is finished (its privacy budget is spent): the device holds the final
+    /// model and should stop calling `fedrec_sdk_participate`.
+    Finished = 6,
 }
 
 /// What `fedrec_sdk_participate` did. Plain values, nothing to free.
@@ -931,6 +934,7 @@ fn participation(r: &ParticipationReport) -> FedrecParticipation {
             RoundOutcome::Aborted => FedrecRoundOutcome::Aborted,
             RoundOutcome::TimedOut => FedrecRoundOutcome::TimedOut,
             RoundOutcome::Failed => FedrecRoundOutcome::Failed,
+            RoundOutcome::Finished => FedrecRoundOutcome::Finished,
         },
         selected: r.selected,
         completed: r.completed,

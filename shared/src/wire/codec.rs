@@ -123,6 +123,7 @@ impl Limits {
             0 => Some(self.task),
             1..=4 => Some(self.response()),
             5 => Some(self.rules()),
+            6 => Some(self.task),
             _ => None,
         }
     }

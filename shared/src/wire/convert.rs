@@ -273,6 +273,14 @@ impl WireTask {
 pub enum Inbound {
     /// Feed this to the round machine.
     Message(ServerMessage),
+    /// The federation is finished: no round will open again. The final model, checked, when
+    /// the response carried one (it omits the model the device said it holds).
+    Finished {
+        /// The final model's version.
+        model_version: u64,
+        /// The final model, if the response carried it.
+        model: Option<Arc<RoundModel>>,
+    },
     /// The coordinator refused the request. [`ErrorCode::rejection`] says whether the round
     /// machine can take it as a rejection of its upload.
     Error {
@@ -316,6 +324,15 @@ impl Response {
         }
     }
 
+    /// The final answer of a finished federation (see [`Response::Finished`]): the model is
+    /// left out when the device holds `cached_model_version` and that is the model's version.
+    pub fn finished(model: &RoundModel, cached_model_version: Option<u64>) -> Response {
+        Response::Finished {
+            model_version: model.version,
+            model: (cached_model_version != Some(model.version)).then(|| WireModel::from(model)),
+        }
+    }
+
     /// What the device's driver does with this response; `cached` is the model the device
     /// holds (see [`WireTask::into_server_message`]).
     pub fn into_inbound(self, cached: Option<&Arc<RoundModel>>) -> Result<Inbound, WireError> {
@@ -327,6 +344,19 @@ impl Response {
             Response::Aborted { round } => ServerMessage::Aborted { round },
             Response::Rules(_) => {
                 return Err(WireError::Invalid("a rules answer is not a round message".into()));
+            }
+            Response::Finished { model_version, model } => {
+                let model = match model {
+                    Some(m) if m.version != model_version => {
+                        return Err(WireError::Invalid(format!(
+                            "finished for model version {model_version} but carries version {}",
+                            m.version
+                        )));
+                    }
+                    Some(m) => Some(Arc::new(RoundModel::try_from(m)?)),
+                    None => None,
+                };
+                return Ok(Inbound::Finished { model_version, model });
             }
         }))
     }

@@ -194,6 +194,15 @@ pub enum Response {
     },
     /// Index 5: the answer to [`Request::FetchRules`].
     Rules(RulesAnswer),
+    /// Index 6: the federation is finished (its privacy budget is spent): no round will open
+    /// again, and the device should stop checking in. Carries the final model unless the
+    /// device said it holds that version.
+    Finished {
+        /// The final model's version.
+        model_version: u64,
+        /// The final model, or `None` when the device's cached version is `model_version`.
+        model: Option<WireModel>,
+    },
 }
 
 impl Response {
@@ -276,11 +285,15 @@ pub enum ErrorCode {
     /// The connection sent too many invalid requests. Not sent in a response: the
     /// coordinator closes such a connection with this code as the QUIC application error code.
     CutOff = 17,
+    /// The coordinator is at capacity (pace steering): the device should check in again
+    /// after the response's retry hint, which the coordinator spreads with jitter. Never a
+    /// strike.
+    Busy = 18,
 }
 
 impl ErrorCode {
     /// Every defined code, `Unknown` first.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::Unknown,
         ErrorCode::VersionMismatch,
         ErrorCode::BadToken,
@@ -299,6 +312,7 @@ impl ErrorCode {
         ErrorCode::MissingClipBit,
         ErrorCode::NotEligible,
         ErrorCode::CutOff,
+        ErrorCode::Busy,
     ];
 
     /// The code's number on the wire.
@@ -327,6 +341,7 @@ impl ErrorCode {
             ErrorCode::MissingClipBit => "missing_clip_bit",
             ErrorCode::NotEligible => "not_eligible",
             ErrorCode::CutOff => "cut_off",
+            ErrorCode::Busy => "busy",
         }
     }
 }
