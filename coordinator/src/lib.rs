@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod config;
 pub mod danger;
+pub mod log_throttle;
 pub mod metrics;
 pub mod rules;
 pub mod server;
