@@ -138,13 +138,17 @@ pub enum ErrorKind {
 
 impl AuthError {
     /// A short stable label for counting failures by reason (metrics, audit log).
+    ///
+    /// Every token that is not one this coordinator issued counts as `bad_token`, whatever
+    /// check caught it: a forged token of random bytes usually fails on its version byte,
+    /// which is no evidence of an old device, so the version check must not give it a label
+    /// of its own. An authentic token of a revoked device is `revoked`, an expired one
+    /// `expired`. [`AuthError::detail`] tells the token checks apart, for debugging.
     pub fn label(&self) -> &'static str {
         match self {
-            AuthError::Malformed => "malformed",
-            AuthError::BadTag => "bad_tag",
+            AuthError::Malformed | AuthError::BadTag | AuthError::UnsupportedVersion => "bad_token",
             AuthError::Expired => "expired",
             AuthError::Revoked => "revoked",
-            AuthError::UnsupportedVersion => "unsupported_version",
             AuthError::Replay => "replay",
             AuthError::TooMany => "too_many",
             AuthError::StaleRound => "stale_round",
@@ -153,6 +157,17 @@ impl AuthError {
             AuthError::KeyCount => "key_count",
             AuthError::Rng => "rng",
             AuthError::InvalidTtl => "invalid_ttl",
+        }
+    }
+
+    /// A finer stable name than [`AuthError::label`]: which check refused the token
+    /// (`malformed`, `bad_tag`, `unsupported_version`); the same as the label otherwise.
+    pub fn detail(&self) -> &'static str {
+        match self {
+            AuthError::Malformed => "malformed",
+            AuthError::BadTag => "bad_tag",
+            AuthError::UnsupportedVersion => "unsupported_version",
+            other => other.label(),
         }
     }
 

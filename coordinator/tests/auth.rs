@@ -382,27 +382,51 @@ fn debug_output_shows_no_key_or_tag_bytes() {
 }
 
 #[test]
-fn labels_are_stable_and_distinct() {
+fn labels_are_stable_and_every_bad_token_counts_as_bad_token() {
+    // (error, metrics label, detail)
     let all = [
-        (AuthError::Malformed, "malformed"),
-        (AuthError::BadTag, "bad_tag"),
-        (AuthError::Expired, "expired"),
-        (AuthError::Revoked, "revoked"),
-        (AuthError::UnsupportedVersion, "unsupported_version"),
-        (AuthError::Replay, "replay"),
-        (AuthError::TooMany, "too_many"),
-        (AuthError::StaleRound, "stale_round"),
-        (AuthError::RateLimited, "rate_limited"),
-        (AuthError::InvalidKeyLength, "invalid_key_length"),
-        (AuthError::KeyCount, "key_count"),
-        (AuthError::Rng, "rng"),
-        (AuthError::InvalidTtl, "invalid_ttl"),
+        (AuthError::Malformed, "bad_token", "malformed"),
+        (AuthError::BadTag, "bad_token", "bad_tag"),
+        (AuthError::Expired, "expired", "expired"),
+        (AuthError::Revoked, "revoked", "revoked"),
+        (AuthError::UnsupportedVersion, "bad_token", "unsupported_version"),
+        (AuthError::Replay, "replay", "replay"),
+        (AuthError::TooMany, "too_many", "too_many"),
+        (AuthError::StaleRound, "stale_round", "stale_round"),
+        (AuthError::RateLimited, "rate_limited", "rate_limited"),
+        (AuthError::InvalidKeyLength, "invalid_key_length", "invalid_key_length"),
+        (AuthError::KeyCount, "key_count", "key_count"),
+        (AuthError::Rng, "rng", "rng"),
+        (AuthError::InvalidTtl, "invalid_ttl", "invalid_ttl"),
     ];
-    for (err, label) in all {
-        assert_eq!(err.label(), label);
+    for (err, label, detail) in all {
+        assert_eq!(err.label(), label, "{err:?}");
+        assert_eq!(err.detail(), detail, "{err:?}");
+    }
+    // The label of a token refusal is the wire code's: what the device is told.
+    for err in [AuthError::Malformed, AuthError::BadTag, AuthError::UnsupportedVersion] {
+        assert_eq!(err.label(), err.code().label());
     }
     assert_eq!(AuthError::Rng.kind(), ErrorKind::Local);
     assert_eq!(AuthError::Rng.code(), ErrorCode::Internal);
+}
+
+#[test]
+fn a_forged_token_of_random_bytes_is_labelled_bad_token_not_unsupported_version() {
+    let key = TokenKey::from_bytes(&[7u8; 32]).expect("a key");
+    let v = Verifier::new(vec![key], RevocationList::new()).expect("one key");
+    // What a forger without the key sends: any bytes of a token's length. Most do not even
+    // start with the version byte.
+    for first in [0u8, 2, 0x5a, 0xff, TOKEN_VERSION] {
+        let mut forged = vec![0x42u8; TOKEN_LEN];
+        forged[0] = first;
+        let err = v.verify(&forged, NOW).expect_err("forged");
+        assert_eq!(err.label(), "bad_token", "first byte {first}: {err:?}");
+        assert!(err.is_peer_misbehaviour());
+    }
+    for short in [&b""[..], b"garbage", &[TOKEN_VERSION; 3]] {
+        assert_eq!(v.verify(short, NOW).expect_err("malformed").label(), "bad_token");
+    }
 }
 
 #[test]
