@@ -117,6 +117,19 @@
 #define FEDREC_ERR_INTERNAL 16
 
 /**
+ * Another open handle, in this process or another, holds the SDK folder: one folder has one
+ * handle at a time (share it between threads, or close it first).
+ */
+#define FEDREC_ERR_LOCKED 17
+
+/**
+ * The store is older than the last one the SDK wrote in the folder (an older copy was put
+ * back, which could restore a withdrawn consent). The file is left untouched; open with
+ * `recover` to move it aside and start empty.
+ */
+#define FEDREC_ERR_ROLLBACK 18
+
+/**
  * A pointer argument that must not be NULL was NULL.
  */
 #define FEDREC_ERR_NULL_POINTER 100
@@ -223,6 +236,11 @@ enum FedrecRoundOutcome
      * The device could not compute its update (nothing was sent).
      */
     FEDREC_ROUND_OUTCOME_FAILED = 5,
+    /**
+     * The federation is finished (its privacy budget is spent): the device holds the final
+     * model and should stop calling `fedrec_sdk_participate`.
+     */
+    FEDREC_ROUND_OUTCOME_FINISHED = 6,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -341,8 +359,8 @@ typedef struct FedrecOpenOptions {
      */
     size_t rules_public_key_len;
     /**
-     * If the store cannot be opened (wrong key, tampered, corrupt, too new), move it aside
-     * in the same folder and start empty instead of failing.
+     * If the store cannot be opened (wrong key, tampered, corrupt, too new, rolled back),
+     * move it aside in the same folder and start empty instead of failing.
      */
     bool recover;
 } FedrecOpenOptions;
@@ -545,8 +563,12 @@ struct FedrecOpenOptions fedrec_open_options_default(void);
  * Opens (or creates) the store in the folder `dir`, sealed under the 32-byte `key` (from the
  * platform keystore), and returns a new handle in `*sdk`.
  *
- * `options` may be NULL for the defaults. A wrong key or a tampered or corrupt store fails
- * with status 3 or 4 and leaves the file untouched (see `recover`, `fedrec_sdk_erase`).
+ * `dir` must not be empty (status 1). The handle holds the folder until `fedrec_sdk_close`:
+ * a second open of the same folder, in this process or another, fails with
+ * `FEDREC_ERR_LOCKED` (17). `options` may be NULL for the defaults. A wrong key or a
+ * tampered or corrupt store fails with status 3 or 4, an older copy of the store put back
+ * over a newer one with `FEDREC_ERR_ROLLBACK` (18); each leaves the file untouched (see
+ * `recover`, `fedrec_sdk_erase`).
  *
  * # Safety
  * `dir` is a NUL-terminated string; `key` points to `key_len` bytes; `options` is NULL or
@@ -563,7 +585,8 @@ int32_t fedrec_sdk_open(const char *dir,
 /**
  * Removes every store file in `dir` without opening it (no key needed): the recovery path
  * for a store whose key is lost or that is corrupt. Other files in `dir` are left alone.
- * Do not call it while a handle is open on `dir`; use `fedrec_sdk_forget` then.
+ * While a handle is open on `dir` it fails with `FEDREC_ERR_LOCKED` (17); use
+ * `fedrec_sdk_forget` on that handle instead.
  *
  * # Safety
  * `dir` is a NUL-terminated string; `err` is NULL or writable.
@@ -571,7 +594,8 @@ int32_t fedrec_sdk_open(const char *dir,
 int32_t fedrec_sdk_erase(const char *dir, struct FedrecError **err);
 
 /**
- * Closes a handle and frees it. NULL is allowed. Everything recorded was already saved.
+ * Closes a handle, releases its folder and frees it. NULL is allowed. Everything recorded
+ * was already saved.
  *
  * # Safety
  * `sdk` is NULL or a handle from `fedrec_sdk_open`, not closed yet, and no other call on it

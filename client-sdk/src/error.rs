@@ -75,6 +75,15 @@ pub enum SdkError {
     /// A bug or an unexpected state inside the SDK (code 16).
     #[error("internal error: {0}")]
     Internal(String),
+    /// Another open handle, in this process or another, holds the SDK folder (code 17). One
+    /// folder has one handle at a time: share it between threads, or close it first.
+    #[error("the SDK folder is in use by another open handle (this or another process)")]
+    Locked,
+    /// The store is older than the last one this SDK wrote in the folder (code 18): an older
+    /// copy was put back, which could, for example, restore a withdrawn consent. The file is
+    /// left untouched; `SdkConfig::recover` moves it aside and starts empty.
+    #[error("the store was rolled back: {0}")]
+    Rollback(String),
 }
 
 impl SdkError {
@@ -97,6 +106,8 @@ impl SdkError {
             SdkError::Closed => 14,
             SdkError::Busy => 15,
             SdkError::Internal(_) => 16,
+            SdkError::Locked => 17,
+            SdkError::Rollback(_) => 18,
         }
     }
 }
@@ -114,6 +125,14 @@ impl From<StoreError> for SdkError {
             StoreError::TooLarge { .. } => SdkError::TooLarge(e.to_string()),
             StoreError::Io { .. } => SdkError::StoreIo(e.to_string()),
             StoreError::Crypto => SdkError::Internal(e.to_string()),
+            StoreError::EmptyPath => {
+                SdkError::InvalidArgument("dir must not be empty: give the SDK its own folder".into())
+            }
+            StoreError::Locked => SdkError::Locked,
+            StoreError::NotAFile { .. } => SdkError::StoreCorrupt(e.to_string()),
+            StoreError::Rollback { .. } | StoreError::CounterMissing { .. } => {
+                SdkError::Rollback(e.to_string())
+            }
         }
     }
 }
@@ -171,6 +190,8 @@ mod tests {
             SdkError::Closed,
             SdkError::Busy,
             SdkError::Internal(String::new()),
+            SdkError::Locked,
+            SdkError::Rollback(String::new()),
         ];
         let mut codes: Vec<i32> = all.iter().map(SdkError::code).collect();
         assert!(codes.iter().all(|&c| c > 0));

@@ -79,7 +79,9 @@ pub struct Consent {
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct SdkConfig {
-    /// The SDK's own folder; the store file lives inside (created if missing).
+    /// The SDK's own folder (created if missing, `0700` on Unix); the store, its lock file
+    /// and its rollback counter live inside. Must not be empty. One open [`Sdk`] per folder:
+    /// a second open gets [`SdkError::Locked`].
     pub dir: PathBuf,
     /// The 32-byte key the store is sealed under (ChaCha20-Poly1305), from the platform keystore.
     pub key: [u8; 32],
@@ -99,8 +101,8 @@ pub struct SdkConfig {
     pub coordinator: Option<NetConfig>,
     /// The Ed25519 public key rulesets must be signed with; `None` = rulesets refused.
     pub rules_public_key: Option<Vec<u8>>,
-    /// If the store cannot be opened (wrong key, corrupt, too new), move it aside to
-    /// `fedrec.store.corrupt-…` in the same folder and start empty instead of failing. The
+    /// If the store cannot be opened (wrong key, corrupt, too new, rolled back), move it aside
+    /// to `fedrec.store.corrupt-…` in the same folder and start empty instead of failing. The
     /// moved file is not deleted (only [`Sdk::forget`] / [`Sdk::erase`] remove it). Default
     /// `false`.
     pub recover: bool,
@@ -145,6 +147,9 @@ impl SdkConfig {
 
     fn validate(&self) -> Result<(), SdkError> {
         let bad = |s: &str| Err(SdkError::InvalidArgument(s.to_owned()));
+        if self.dir.as_os_str().is_empty() {
+            return bad("dir must not be empty: give the SDK its own folder");
+        }
         if self.max_events == 0 {
             return bad("max_events must be at least 1");
         }
@@ -232,7 +237,6 @@ impl std::fmt::Debug for Sdk {
 /// The configuration minus the key (which lives only inside the store's AEAD key).
 #[derive(Debug)]
 struct Settings {
-    dir: PathBuf,
     max_events: usize,
     model_budget_bytes: u64,
     signals: SignalConfig,
@@ -268,18 +272,25 @@ fn now_s() -> i64 {
 }
 
 impl Sdk {
-    /// Opens (or creates) the store in `cfg.dir`. A store that cannot be opened is an error
+    /// Opens (or creates) the store in `cfg.dir` and holds the folder's lock until the handle
+    /// is dropped: a folder another handle holds (in this process or another) gives
+    /// [`SdkError::Locked`]. A store that cannot be opened is an error
     /// ([`SdkError::WrongKeyOrCorrupt`], [`SdkError::StoreCorrupt`],
-    /// [`SdkError::UnsupportedVersion`]) that leaves the file untouched, unless `cfg.recover`
-    /// is set: then the file is moved aside and the SDK starts empty.
+    /// [`SdkError::UnsupportedVersion`], [`SdkError::Rollback`]) that leaves the file
+    /// untouched, unless `cfg.recover` is set: then the file is moved aside and the SDK
+    /// starts empty. A store written before rollback detection is rewritten at once, with
+    /// its counter.
     pub fn open(mut cfg: SdkConfig) -> Result<Sdk, SdkError> {
         let store = cfg.validate().map(|()| Store::new(&cfg.dir, &cfg.key, cfg.max_store_bytes));
         // Zeroed on every path, before anything can return early.
         cfg.key.fill(0);
         std::hint::black_box(&cfg.key);
-        let store = store??;
-        let (mut contents, fresh) = match store.load() {
-            Ok(Some(c)) => (c, false),
+        let mut store = store??;
+        let (mut contents, rewrite) = match store.load() {
+            Ok(Some(c)) => {
+                let rewrite = store.needs_rewrite();
+                (c, rewrite)
+            }
             Ok(None) => (Contents::default(), true),
             Err(e) if cfg.recover && recoverable(&e) => {
                 store.quarantine()?;
@@ -287,7 +298,7 @@ impl Sdk {
             }
             Err(e) => return Err(e.into()),
         };
-        if fresh {
+        if rewrite {
             store.save(&contents)?;
         }
         // A lowered `max_events` applies at once (on disk with the next write).
@@ -313,7 +324,6 @@ impl Sdk {
             scratch: Scratch::default(),
         };
         let settings = Settings {
-            dir: cfg.dir,
             max_events: cfg.max_events,
             model_budget_bytes: cfg.model_budget_bytes,
             signals: cfg.signals,
@@ -331,7 +341,8 @@ impl Sdk {
 
     /// Removes every store file in `dir` without opening it (no key needed): the way to erase
     /// a store whose key is lost or that is corrupt. Other files in `dir` are left alone.
-    /// Do not call it while an [`Sdk`] is open on `dir`; use [`Sdk::forget`] then.
+    /// While an [`Sdk`] is open on `dir` it fails with [`SdkError::Locked`]; use
+    /// [`Sdk::forget`] on that handle instead.
     pub fn erase(dir: &Path) -> Result<(), SdkError> {
         Store::erase(dir)?;
         Ok(())
@@ -378,7 +389,7 @@ impl Sdk {
     /// training consent. The value must be finite and in `0..=1e6`. When the log is full the
     /// oldest events are pruned. Item ids outside the current model's catalogue are kept (the
     /// catalogue may grow) but ignored until a model covers them. Each call writes the store
-    /// (with two fsyncs); use [`Sdk::record_batch`] for many events at once.
+    /// and its rollback counter (four fsyncs); use [`Sdk::record_batch`] for many events at once.
     pub fn record(&self, event: Event) -> Result<(), SdkError> {
         self.record_batch(std::slice::from_ref(&event))
     }
@@ -423,10 +434,10 @@ impl Sdk {
             if inner.tags.len() >= MAX_TAGGED_ITEMS && !inner.tags.contains_key(&item) {
                 return Err(SdkError::TooLarge(format!("at most {MAX_TAGGED_ITEMS} items may carry tags")));
             }
-            if let Some(index) = &mut inner.content {
-                if (item as usize) < index.n_items() {
-                    index.set_tags(item, tags).map_err(|e| SdkError::InvalidArgument(e.to_string()))?;
-                }
+            if let Some(index) = &mut inner.content
+                && (item as usize) < index.n_items()
+            {
+                index.set_tags(item, tags).map_err(|e| SdkError::InvalidArgument(e.to_string()))?;
             }
             inner.tags.insert(item, tags.iter().map(|t| (*t).to_owned()).collect());
             Ok(())
@@ -689,17 +700,16 @@ impl Sdk {
         })
     }
 
-    /// Erases everything: removes the store file, a leftover temporary file and stores moved
-    /// aside by recovery, then zeroes the SDK's buffers (best-effort, see the module docs) and
-    /// closes the handle: later calls return [`SdkError::Closed`]. If removing a file fails the
-    /// handle stays open, so the call can be retried.
+    /// Erases everything: removes the store file, leftover temporary files, stores moved
+    /// aside by recovery, the rollback counter and the lock file, then zeroes the SDK's
+    /// buffers (best-effort, see the module docs), releases the folder and closes the
+    /// handle: later calls return [`SdkError::Closed`]. If removing a file fails the handle
+    /// stays open, so the call can be retried.
     pub fn forget(&self) -> Result<(), SdkError> {
         self.stop_participation();
         let mut guard = self.lock()?;
-        if guard.is_none() {
-            return Err(SdkError::Closed);
-        }
-        Store::erase(&self.settings.dir)?;
+        let inner = guard.as_ref().ok_or(SdkError::Closed)?;
+        inner.store.erase_files()?;
         if let Some(mut inner) = guard.take() {
             inner.contents.wipe();
             inner.scratch.wipe();

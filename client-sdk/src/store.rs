@@ -1,4 +1,4 @@
-//! The sealed local store: interactions, user vector, cached model, consent — AEAD at rest, atomic writes, schema versions.
+//! The sealed local store: interactions, user vector, cached model, consent — AEAD at rest, atomic writes, schema versions, one process per folder, rollback detection.
 //!
 //! Everything the SDK keeps about its user lives in one file, [`STORE_FILE`], in the SDK's
 //! folder. The file is:
@@ -26,8 +26,42 @@
 //! Writes are atomic: the sealed bytes go to [`TEMP_FILE`] in the same folder, are fsynced,
 //! renamed over the store and the folder is fsynced. A failed write leaves the previous file
 //! intact. Reads are bounded by a size cap before anything is allocated for the contents.
+//!
+//! # Files and modes
+//!
+//! Besides the store, the folder holds [`LOCK_FILE`] (the lock, below), [`GENERATION_FILE`]
+//! (the rollback counter, below) and, briefly, their temporary files. On Unix every file the
+//! store creates is `0600` and a folder it creates is `0700`; a lock file found with a wider
+//! mode is narrowed to `0600`, a store with a wider mode is replaced by a `0600` one at the
+//! next write. Each file is checked with `symlink_metadata` before it is opened: a symlink,
+//! FIFO, socket, device or folder at one of these names is refused
+//! ([`StoreError::NotAFile`]) instead of followed or blocked on.
+//!
+//! # One process per folder
+//!
+//! [`Store::new`] takes an exclusive OS lock (`File::try_lock`: `flock` on Unix,
+//! `LockFileEx` on Windows) on [`LOCK_FILE`] and holds it until the [`Store`] is dropped.
+//! A second store on the same folder, in this process or another, gets
+//! [`StoreError::Locked`] at once instead of silently overwriting the first one's writes.
+//! Where the filesystem does not support locks, the store runs unlocked.
+//!
+//! # Rollback detection
+//!
+//! Every write carries a generation, one more than the last, inside the sealed payload
+//! (schema 2), and after the store is renamed into place the same number is written, sealed
+//! under the same key, to [`GENERATION_FILE`]. Opening refuses a store whose sealed generation
+//! is below the counter ([`StoreError::Rollback`]): an older copy of the store file put back
+//! over a newer one (which could, for example, restore a withdrawn consent). A store of
+//! generation 2 or more with no counter beside it is refused the same way. The counter is
+//! written after the store, so a crash between the two leaves a store *newer* than the
+//! counter, which opens (and the counter catches up).
+//!
+//! The limit: the counter lives in the same folder. Whoever can replace the whole folder
+//! (the store and the counter together, e.g. from an old backup, or delete both and put back
+//! an old store of generation 1 or one written before schema 2) is not detected. Detecting
+//! that needs state outside the folder (the platform keystore); see the README.
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,12 +79,22 @@ pub const STORE_FILE: &str = "fedrec.store";
 pub const TEMP_FILE: &str = "fedrec.store.tmp";
 /// Prefix of a store moved aside by recovery (`fedrec.store.corrupt-<unix seconds>-<random>`).
 pub const QUARANTINE_PREFIX: &str = "fedrec.store.corrupt-";
+/// The lock file: held locked by the open store for its lifetime (empty).
+pub const LOCK_FILE: &str = "fedrec.lock";
+/// The rollback counter: the generation of the last store written, sealed under the store's key.
+pub const GENERATION_FILE: &str = "fedrec.generation";
+/// The temporary file a write of [`GENERATION_FILE`] goes through.
+pub const GENERATION_TEMP_FILE: &str = "fedrec.generation.tmp";
 /// The file's magic bytes.
 pub const MAGIC: [u8; 8] = *b"FEDRECST";
+/// The magic bytes of [`GENERATION_FILE`] (same envelope as the store, an 8-byte payload).
+pub const GENERATION_MAGIC: [u8; 8] = *b"FEDRECGN";
 /// The envelope format this SDK writes (and the newest it reads).
 pub const FORMAT_VERSION: u16 = 1;
 /// The payload schema this SDK writes (and the newest it reads).
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
+/// The largest [`GENERATION_FILE`] read (it is 48 bytes).
+const GENERATION_FILE_CAP: u64 = 256;
 /// Length of the plaintext header (the associated data).
 pub const HEADER_LEN: usize = 24;
 const ALG_CHACHA20_POLY1305: u8 = 1;
@@ -100,6 +144,33 @@ pub enum StoreError {
     /// The key was unusable or the random number generator failed.
     #[error("the cryptographic provider failed")]
     Crypto,
+    /// The folder path is empty (it would put the store in the working directory).
+    #[error("the store folder path is empty")]
+    EmptyPath,
+    /// Another open store (in this process or another) holds the folder's lock.
+    #[error("the store folder is in use by another open SDK handle (this or another process)")]
+    Locked,
+    /// One of the store's names is taken by something other than a regular file.
+    #[error("{name} is not a regular file (a symlink, FIFO, socket, device or folder)")]
+    NotAFile {
+        /// The file's name in the folder.
+        name: &'static str,
+    },
+    /// The store is older than the last one written in this folder: an older copy was put
+    /// back (see the module docs).
+    #[error("the store (generation {found}) is older than the last one written here (generation {expected})")]
+    Rollback {
+        /// The store file's generation.
+        found: u64,
+        /// The counter's generation.
+        expected: u64,
+    },
+    /// The store has been written more than once, but its rollback counter is missing.
+    #[error("the store (generation {found}) has no rollback counter beside it")]
+    CounterMissing {
+        /// The store file's generation.
+        found: u64,
+    },
 }
 
 fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
@@ -153,26 +224,53 @@ impl Contents {
     }
 }
 
-/// The store of one SDK folder: where the file is, the key, and the size cap.
+/// The store of one SDK folder: where the file is, the key, the size cap, the folder's lock
+/// (held until the store is dropped) and the generation of the last write.
 pub struct Store {
     dir: PathBuf,
     key: LessSafeKey,
     rng: SystemRandom,
     max_bytes: u64,
+    /// The locked [`LOCK_FILE`]; dropping it releases the lock.
+    _lock: File,
+    /// The generation of the store file last read or written (0: none yet).
+    generation: u64,
+    /// The generation [`GENERATION_FILE`] is known to hold (`None`: missing or unknown).
+    counter: Option<u64>,
+    /// Whether the loaded store predates generations (schema 1).
+    unversioned: bool,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("max_bytes", &self.max_bytes).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("max_bytes", &self.max_bytes)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
     }
 }
 
 impl Store {
-    /// A store in `dir` (created if missing) sealed under `key`, refusing files over `max_bytes`.
+    /// A store in `dir` (created if missing, `0700` on Unix) sealed under `key`, refusing files
+    /// over `max_bytes`. Takes the folder's lock: [`StoreError::Locked`] if another store holds
+    /// it, [`StoreError::EmptyPath`] for an empty `dir`.
     pub fn new(dir: &Path, key: &[u8; 32], max_bytes: u64) -> Result<Store, StoreError> {
-        fs::create_dir_all(dir).map_err(io_err("create the store folder"))?;
+        if dir.as_os_str().is_empty() {
+            return Err(StoreError::EmptyPath);
+        }
+        create_private_dir(dir)?;
+        let lock = lock_folder(dir)?;
         let key = UnboundKey::new(&CHACHA20_POLY1305, key).map_err(|_| StoreError::Crypto)?;
-        Ok(Store { dir: dir.to_owned(), key: LessSafeKey::new(key), rng: SystemRandom::new(), max_bytes })
+        Ok(Store {
+            dir: dir.to_owned(),
+            key: LessSafeKey::new(key),
+            rng: SystemRandom::new(),
+            max_bytes,
+            _lock: lock,
+            generation: 0,
+            counter: None,
+            unversioned: false,
+        })
     }
 
     /// The store file's path.
@@ -180,48 +278,90 @@ impl Store {
         self.dir.join(STORE_FILE)
     }
 
-    /// Reads and opens the store; `None` if there is no store file yet. Never modifies the file.
-    pub fn load(&self) -> Result<Option<Contents>, StoreError> {
-        let file = match File::open(self.path()) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("open the store")(e)),
-        };
-        let mut bytes = Vec::new();
-        file.take(self.max_bytes.saturating_add(1))
-            .read_to_end(&mut bytes)
-            .map_err(io_err("read the store"))?;
-        if bytes.len() as u64 > self.max_bytes {
-            return Err(StoreError::TooLarge { size: bytes.len() as u64, cap: self.max_bytes });
-        }
-        let mut payload = open_sealed(&self.key, &mut bytes)?;
-        let contents = decode(&payload);
-        payload.fill(0);
-        contents.map(Some)
+    /// The generation of the store file last read or written (0 before any).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
-    /// Seals `contents` and writes them atomically (temp file, fsync, rename, fsync of the
-    /// folder). On error the previous store file is intact.
-    pub fn save(&self, contents: &Contents) -> Result<(), StoreError> {
-        let mut plain = encode(contents);
+    /// Reads and opens the store; `None` if there is no store file yet. Never modifies a
+    /// file. Refuses a store older than the rollback counter ([`StoreError::Rollback`],
+    /// [`StoreError::CounterMissing`]).
+    pub fn load(&mut self) -> Result<Option<Contents>, StoreError> {
+        let Some(mut bytes) = read_regular(&self.path(), STORE_FILE, self.max_bytes)? else {
+            // Nothing to roll back to; a counter left behind (the store was deleted) only
+            // makes the next store's generation higher. One that does not open is replaced.
+            self.counter = self.read_counter().ok().flatten();
+            self.generation = self.counter.unwrap_or(0);
+            return Ok(None);
+        };
+        let mut payload = open_sealed(&self.key, &mut bytes, &MAGIC)?;
+        let decoded = decode(&payload);
+        payload.fill(0);
+        let (contents, found) = decoded?;
+        // Read with the key that just opened the store: a counter it cannot open was tampered with.
+        self.counter = self.read_counter()?;
+        self.generation = found.max(self.counter.unwrap_or(0));
+        self.unversioned = found == 0;
+        match self.counter {
+            Some(expected) if found < expected => Err(StoreError::Rollback { found, expected }),
+            // Generation 1 without a counter: a crash between the first store and its counter.
+            None if found > 1 => Err(StoreError::CounterMissing { found }),
+            _ => Ok(Some(contents)),
+        }
+    }
+
+    /// Whether the store just loaded should be written again at once: it predates
+    /// generations (schema 1), or the rollback counter is missing or behind it.
+    pub fn needs_rewrite(&self) -> bool {
+        self.unversioned || self.counter != Some(self.generation)
+    }
+
+    /// Seals `contents` as the next generation and writes them atomically (temp file, fsync,
+    /// rename, fsync of the folder), then writes the rollback counter the same way. On error
+    /// the previous store file is intact. The store file is the commit point: if only the
+    /// counter's write fails, the call still succeeds (the counter stays behind, which never
+    /// refuses a store, and catches up at the next write).
+    pub fn save(&mut self, contents: &Contents) -> Result<(), StoreError> {
+        let generation = self.generation.saturating_add(1);
+        let mut plain = encode(contents, generation);
         let size = (HEADER_LEN + plain.len() + TAG_LEN) as u64;
         if size > self.max_bytes {
             plain.fill(0);
             return Err(StoreError::TooLarge { size, cap: self.max_bytes });
         }
-        let sealed = seal(&self.key, &self.rng, plain)?;
-        let tmp = self.dir.join(TEMP_FILE);
-        let result = write_atomically(&tmp, &self.path(), &sealed);
-        if result.is_err() {
-            // Best-effort cleanup; the store file itself was not touched.
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        let sealed = seal(&self.key, &self.rng, plain, &MAGIC)?;
+        write_atomically(&self.dir.join(TEMP_FILE), &self.path(), &sealed)?;
+        self.generation = generation;
+        self.unversioned = false;
+        self.counter = match self.write_counter(generation) {
+            Ok(()) => Some(generation),
+            Err(_) => None,
+        };
+        Ok(())
+    }
+
+    /// The generation in [`GENERATION_FILE`]; `None` if there is none.
+    fn read_counter(&self) -> Result<Option<u64>, StoreError> {
+        let path = self.dir.join(GENERATION_FILE);
+        let Some(mut bytes) = read_regular(&path, GENERATION_FILE, GENERATION_FILE_CAP)? else {
+            return Ok(None);
+        };
+        let invalid = |_| StoreError::Invalid("rollback counter (fedrec.generation)");
+        let payload = open_sealed(&self.key, &mut bytes, &GENERATION_MAGIC).map_err(invalid)?;
+        let value: [u8; 8] = payload.as_slice().try_into().map_err(|_| invalid(StoreError::Truncated))?;
+        Ok(Some(u64::from_le_bytes(value)))
+    }
+
+    fn write_counter(&self, generation: u64) -> Result<(), StoreError> {
+        let sealed = seal(&self.key, &self.rng, generation.to_le_bytes().to_vec(), &GENERATION_MAGIC)?;
+        let tmp = self.dir.join(GENERATION_TEMP_FILE);
+        write_atomically(&tmp, &self.dir.join(GENERATION_FILE), &sealed)
     }
 
     /// Moves an unreadable store aside (to `fedrec.store.corrupt-…` in the same folder) so a
     /// fresh one can start; returns whether there was a file to move. Nothing is deleted:
-    /// [`Store::erase`] (or `Sdk::forget`) removes quarantined files too.
+    /// [`Store::erase`] (or `Sdk::forget`) removes quarantined files too. The rollback
+    /// counter stays, so the fresh store's generations continue above it.
     pub fn quarantine(&self) -> Result<bool, StoreError> {
         let mut suffix = [0u8; 4];
         self.rng.fill(&mut suffix).map_err(|_| StoreError::Crypto)?;
@@ -240,35 +380,170 @@ impl Store {
         }
     }
 
-    /// Removes every file of the store in `dir` (the store, a leftover temp file, quarantined
-    /// stores) and fsyncs the folder; returns how many files were removed. Other files in the
-    /// folder are left alone. Works without the key, so a store that can no longer be opened
-    /// can still be erased.
+    /// Removes every file of this store (see [`Store::erase`]) while holding its lock; the
+    /// store should be dropped afterwards.
+    pub fn erase_files(&self) -> Result<usize, StoreError> {
+        remove_files(&self.dir)
+    }
+
+    /// Removes every file of the store in `dir` (the store, leftover temp files, quarantined
+    /// stores, the rollback counter and the lock file) and fsyncs the folder; returns how
+    /// many files were removed. Other files in the folder are left alone. Works without the
+    /// key, so a store that can no longer be opened can still be erased. Takes the folder's
+    /// lock first: [`StoreError::Locked`] while a store is open on `dir`.
     pub fn erase(dir: &Path) -> Result<usize, StoreError> {
-        let entries = match fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(io_err("list the store folder")(e)),
-        };
-        let mut removed = 0;
-        for entry in entries {
-            let entry = entry.map_err(io_err("list the store folder"))?;
-            let name = entry.file_name();
-            let ours = name
-                .to_str()
-                .is_some_and(|n| n == STORE_FILE || n == TEMP_FILE || n.starts_with(QUARANTINE_PREFIX));
-            if ours {
-                fs::remove_file(entry.path()).map_err(io_err("remove a store file"))?;
-                removed += 1;
-            }
+        if dir.as_os_str().is_empty() {
+            return Err(StoreError::EmptyPath);
         }
-        sync_dir(dir)?;
-        Ok(removed)
+        match fs::symlink_metadata(dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err("inspect the store folder")(e)),
+            Ok(_) => {}
+        }
+        let lock = lock_folder(dir)?;
+        let removed = remove_files(dir);
+        drop(lock);
+        removed
     }
 }
 
+/// Whether `name` is one of the store's files.
+fn is_store_file(name: &str) -> bool {
+    [STORE_FILE, TEMP_FILE, GENERATION_FILE, GENERATION_TEMP_FILE, LOCK_FILE].contains(&name)
+        || name.starts_with(QUARANTINE_PREFIX)
+}
+
+/// Removes the store's files in `dir`: the store first (so that a crash part-way never leaves
+/// a store without its counter), the lock file last; then fsyncs the folder.
+fn remove_files(dir: &Path) -> Result<usize, StoreError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_err("list the store folder")(e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err("list the store folder"))?;
+        if let Some(name) = entry.file_name().to_str().filter(|n| is_store_file(n)) {
+            names.push(name.to_owned());
+        }
+    }
+    let rank = |n: &str| match n {
+        STORE_FILE => 0,
+        LOCK_FILE => 3,
+        GENERATION_FILE => 2,
+        _ => 1,
+    };
+    names.sort_by_key(|n| rank(n));
+    for name in &names {
+        fs::remove_file(dir.join(name)).map_err(io_err("remove a store file"))?;
+    }
+    sync_dir(dir)?;
+    Ok(names.len())
+}
+
+/// Creates `dir` and its missing parents (`0700` on Unix); an existing folder is left as it is.
+fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(io_err("create the store folder"))
+}
+
+/// Open options that create files `0600` on Unix.
+fn private_options() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+}
+
+/// Refuses anything but a regular file at `path`, without opening it (a FIFO would block the
+/// open); `Ok(false)` if nothing is there.
+fn check_regular(path: &Path, name: &'static str) -> Result<bool, StoreError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => Ok(true),
+        Ok(_) => Err(StoreError::NotAFile { name }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err("inspect a store file")(e)),
+    }
+}
+
+/// Reads the regular file at `path`, at most `cap` bytes; `None` if there is none.
+fn read_regular(path: &Path, name: &'static str, cap: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    if !check_regular(path, name)? {
+        return Ok(None);
+    }
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("open a store file")(e)),
+    };
+    // Checked again on what was opened, in case the name was swapped in between.
+    if !file.metadata().map_err(io_err("inspect a store file"))?.is_file() {
+        return Err(StoreError::NotAFile { name });
+    }
+    let mut bytes = Vec::new();
+    file.take(cap.saturating_add(1)).read_to_end(&mut bytes).map_err(io_err("read a store file"))?;
+    if bytes.len() as u64 > cap {
+        return Err(StoreError::TooLarge { size: bytes.len() as u64, cap });
+    }
+    Ok(Some(bytes))
+}
+
+/// Opens (creating, `0600`) and exclusively locks [`LOCK_FILE`] in `dir`.
+fn lock_folder(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    check_regular(&path, LOCK_FILE)?;
+    let file = private_options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err("open the lock file"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = file.metadata().map_err(io_err("inspect the lock file"))?.permissions().mode();
+        if mode & 0o077 != 0 {
+            file.set_permissions(fs::Permissions::from_mode(0o600))
+                .map_err(io_err("restrict the lock file"))?;
+        }
+    }
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked),
+        // A filesystem without locks: run unlocked rather than not at all.
+        Err(fs::TryLockError::Error(e)) if e.kind() == io::ErrorKind::Unsupported => Ok(file),
+        Err(fs::TryLockError::Error(e)) => Err(io_err("lock the store folder")(e)),
+    }
+}
+
+/// Writes `bytes` to `tmp` (created afresh, `0600`), fsyncs it, renames it over `path` and
+/// fsyncs the folder. On error `path` is intact and `tmp` is removed (best-effort).
 fn write_atomically(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let mut f = File::create(tmp).map_err(io_err("create the temporary file"))?;
+    let result = write_then_rename(tmp, path, bytes);
+    if result.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    result
+}
+
+fn write_then_rename(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    // A leftover of a crashed write (or anything else at that name) goes first: `create_new`
+    // then neither follows a symlink nor opens a FIFO, and the new file gets mode 0600.
+    match fs::remove_file(tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("remove a leftover temporary file")(e)),
+    }
+    let mut f = private_options()
+        .write(true)
+        .create_new(true)
+        .open(tmp)
+        .map_err(io_err("create the temporary file"))?;
     f.write_all(bytes).map_err(io_err("write the temporary file"))?;
     f.sync_all().map_err(io_err("sync the temporary file"))?;
     drop(f);
@@ -289,9 +564,9 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn header(nonce: &[u8; NONCE_LEN]) -> [u8; HEADER_LEN] {
+fn header(nonce: &[u8; NONCE_LEN], magic: &[u8; 8]) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
-    h[..8].copy_from_slice(&MAGIC);
+    h[..8].copy_from_slice(magic);
     h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     h[10] = ALG_CHACHA20_POLY1305;
     h[12..].copy_from_slice(nonce);
@@ -299,10 +574,15 @@ fn header(nonce: &[u8; NONCE_LEN]) -> [u8; HEADER_LEN] {
 }
 
 /// Seals `plain` (consumed; encrypted in place) into header ‖ ciphertext ‖ tag.
-fn seal(key: &LessSafeKey, rng: &SystemRandom, mut plain: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+fn seal(
+    key: &LessSafeKey,
+    rng: &SystemRandom,
+    mut plain: Vec<u8>,
+    magic: &[u8; 8],
+) -> Result<Vec<u8>, StoreError> {
     let mut nonce = [0u8; NONCE_LEN];
     rng.fill(&mut nonce).map_err(|_| StoreError::Crypto)?;
-    let header = header(&nonce);
+    let header = header(&nonce, magic);
     let tag = key
         .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(header), &mut plain)
         .map_err(|_| StoreError::Crypto)?;
@@ -314,11 +594,11 @@ fn seal(key: &LessSafeKey, rng: &SystemRandom, mut plain: Vec<u8>) -> Result<Vec
 }
 
 /// Checks the header and authenticates and decrypts `file` in place; returns the payload.
-fn open_sealed(key: &LessSafeKey, file: &mut [u8]) -> Result<Vec<u8>, StoreError> {
+fn open_sealed(key: &LessSafeKey, file: &mut [u8], magic: &[u8; 8]) -> Result<Vec<u8>, StoreError> {
     if file.len() < 8 {
         return Err(StoreError::Truncated);
     }
-    if file[..8] != MAGIC {
+    if file[..8] != *magic {
         return Err(StoreError::NotAStore);
     }
     if file.len() < HEADER_LEN + TAG_LEN {
@@ -347,6 +627,8 @@ fn open_sealed(key: &LessSafeKey, file: &mut [u8]) -> Result<Vec<u8>, StoreError
 
 /// Encodes `c` as a payload of the current schema: `u32` schema version, then the body.
 ///
+/// Body of schema 2: `u64` generation (see the module docs), then the body of schema 1.
+///
 /// Body of schema 1, little-endian:
 ///
 /// ```text
@@ -359,13 +641,14 @@ fn open_sealed(key: &LessSafeKey, file: &mut [u8]) -> Result<Vec<u8>, StoreError
 /// u8   has_train; if 1: u8 objective (0 explicit, 1 implicit), f32 alpha, f32 l2_user,
 ///                       f32 l2_user_bias, f32 l2_item, f32 l2_item_bias
 /// ```
-pub fn encode(c: &Contents) -> Vec<u8> {
+pub fn encode(c: &Contents, generation: u64) -> Vec<u8> {
     let model_len = c.model.as_ref().map_or(0, |m| {
         let s = m.model.shape();
         4 * (s.n_items * (s.dim + 1) + s.n_segments * s.dim) + 32
     });
     let mut out = Vec::with_capacity(64 + c.events.len() * 20 + model_len);
     out.extend_from_slice(&SCHEMA_VERSION.to_le_bytes());
+    out.extend_from_slice(&generation.to_le_bytes());
     out.push(u8::from(c.consent.personalization) | (u8::from(c.consent.training) << 1));
     put_len(&mut out, c.events.len());
     for e in &c.events {
@@ -421,18 +704,27 @@ fn put_f32s(out: &mut Vec<u8>, xs: &[f32]) {
     }
 }
 
-/// Decodes a payload (schema version, then body), migrating older schemas.
-pub fn decode(payload: &[u8]) -> Result<Contents, StoreError> {
+/// Decodes a payload (schema version, then body), migrating older schemas; returns the
+/// contents and the generation (0 for schema 1, which had none).
+pub fn decode(payload: &[u8]) -> Result<(Contents, u64), StoreError> {
     let mut r = Reader(payload);
     let version = r.u32()?;
     migrate(version, r.0)
 }
 
-/// Reads a body of schema `from` into the current [`Contents`]. Each past schema keeps its
-/// decoder here; a schema newer than [`SCHEMA_VERSION`] is refused.
-pub fn migrate(from: u32, body: &[u8]) -> Result<Contents, StoreError> {
+/// Reads a body of schema `from` into the current [`Contents`] and its generation. Each past
+/// schema keeps its decoder here; a schema newer than [`SCHEMA_VERSION`] is refused.
+pub fn migrate(from: u32, body: &[u8]) -> Result<(Contents, u64), StoreError> {
     match from {
-        1 => decode_v1(body),
+        1 => Ok((decode_v1(body)?, 0)),
+        2 => {
+            let mut r = Reader(body);
+            let generation = r.u64()?;
+            if generation == 0 {
+                return Err(StoreError::Invalid("generation"));
+            }
+            Ok((decode_v1(r.0)?, generation))
+        }
         v if v > SCHEMA_VERSION => {
             Err(StoreError::UnsupportedVersion { found: v, supported: SCHEMA_VERSION })
         }
@@ -595,7 +887,8 @@ mod tests {
                 l2_item_bias: 0.0,
             }),
         };
-        let d = decode(&encode(&c)).expect("decodes");
+        let (d, generation) = decode(&encode(&c, 9)).expect("decodes");
+        assert_eq!(generation, 9);
         assert_eq!(d.consent, c.consent);
         assert_eq!(d.events, c.events);
         assert_eq!(d.user, c.user);
@@ -611,7 +904,7 @@ mod tests {
             ruleset: Some(vec![9; 5]),
             ..Contents::default()
         };
-        let bytes = encode(&c);
+        let bytes = encode(&c, 1);
         for n in 0..bytes.len() {
             assert!(decode(&bytes[..n]).is_err(), "prefix of {n} bytes decoded");
         }
@@ -622,7 +915,7 @@ mod tests {
 
     #[test]
     fn newer_schema_is_unsupported_not_garbage() {
-        let mut bytes = encode(&Contents::default());
+        let mut bytes = encode(&Contents::default(), 1);
         bytes[..4].copy_from_slice(&(SCHEMA_VERSION + 1).to_le_bytes());
         assert_eq!(
             decode(&bytes).err(),
@@ -633,8 +926,21 @@ mod tests {
     }
 
     #[test]
+    fn a_schema_1_payload_has_generation_0_and_schema_2_never_does() {
+        // Schema 1 is schema 2 without the generation.
+        let v2 = encode(&Contents::default(), 7);
+        let mut v1 = 1u32.to_le_bytes().to_vec();
+        v1.extend_from_slice(&v2[12..]);
+        assert_eq!(decode(&v1).expect("schema 1 decodes").1, 0);
+        assert_eq!(decode(&v2).expect("schema 2 decodes").1, 7);
+        let zero = encode(&Contents::default(), 0);
+        assert_eq!(decode(&zero).err(), Some(StoreError::Invalid("generation")));
+    }
+
+    #[test]
     fn huge_counts_do_not_allocate() {
         let mut bytes = SCHEMA_VERSION.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&1u64.to_le_bytes());
         bytes.push(0);
         bytes.extend_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(decode(&bytes).err(), Some(StoreError::Invalid("length")));

@@ -5,7 +5,9 @@ mod support;
 use fedrec_client::error::SdkError;
 use fedrec_client::sdk::{Consent, Sdk};
 use fedrec_client::signals::EventKind;
-use fedrec_client::store::{HEADER_LEN, QUARANTINE_PREFIX, STORE_FILE, TEMP_FILE};
+use fedrec_client::store::{
+    GENERATION_FILE, HEADER_LEN, LOCK_FILE, QUARANTINE_PREFIX, STORE_FILE, TEMP_FILE,
+};
 use fedrec_shared::ModelShape;
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use serde_json::Value;
@@ -23,6 +25,9 @@ fn event_items(sdk: &Sdk) -> Vec<u64> {
         .map(|e| e["item"].as_u64().expect("an item id"))
         .collect()
 }
+
+/// The files of an open store, sorted.
+const STORE_FILES: [&str; 3] = [GENERATION_FILE, LOCK_FILE, STORE_FILE];
 
 fn is_open_error(e: &SdkError) -> bool {
     matches!(e, SdkError::WrongKeyOrCorrupt | SdkError::StoreCorrupt(_) | SdkError::UnsupportedVersion { .. })
@@ -42,7 +47,7 @@ fn every_tampered_byte_is_refused_and_the_file_is_left_as_it_was() {
         let err = Sdk::open(config(dir.path())).expect_err("a tampered store must not open");
         assert!(is_open_error(&err), "byte {pos}: {err:?}");
         assert_eq!(store_bytes(dir.path()), bad, "byte {pos}: the file was changed");
-        assert_eq!(files(dir.path()), [STORE_FILE], "byte {pos}: files were added or removed");
+        assert_eq!(files(dir.path()), STORE_FILES, "byte {pos}: files were added or removed");
     }
     std::fs::write(store_path(dir.path()), &good).expect("write");
     let sdk = Sdk::open(config(dir.path())).expect("the untouched store opens");
@@ -90,10 +95,10 @@ fn recovery_moves_the_unreadable_store_aside_and_starts_empty() {
     assert_eq!(sdk.consent().expect("consent"), Consent::default());
     assert!(event_items(&sdk).is_empty());
     let names = files(dir.path());
-    assert_eq!(names.len(), 2, "{names:?}");
-    assert_eq!(names[0], STORE_FILE);
-    assert!(names[1].starts_with(QUARANTINE_PREFIX), "{names:?}");
-    assert_eq!(std::fs::read(dir.path().join(&names[1])).expect("read"), good, "moved, not changed");
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert_eq!(names[..3], STORE_FILES);
+    assert!(names[3].starts_with(QUARANTINE_PREFIX), "{names:?}");
+    assert_eq!(std::fs::read(dir.path().join(&names[3])).expect("read"), good, "moved, not changed");
     sdk.forget().expect("forget");
     assert!(files(dir.path()).is_empty(), "forget removes the quarantined store too");
 }
@@ -239,15 +244,22 @@ fn a_hand_written_v1_store_opens() {
     assert_eq!(doc["events"][1]["value"], 2.5);
     assert_eq!(doc["events"][1]["timestamp_s"], 1_700_000_100);
     assert_eq!(doc["model_version"], Value::Null);
+    // Migration: the store was rewritten at once (schema 2) with its rollback counter beside
+    // it, so the pre-migration file put back is refused.
+    assert_eq!(files(dir.path()), STORE_FILES);
+    drop(sdk);
+    std::fs::write(store_path(dir.path()), seal_by_hand(1, &v1_payload(1))).expect("write");
+    let err = Sdk::open(config(dir.path())).expect_err("the pre-migration store is older");
+    assert!(matches!(err, SdkError::Rollback(_)), "{err:?}");
 }
 
 #[test]
 fn a_newer_schema_or_format_is_unsupported_not_garbage() {
     let dir = tempfile::tempdir().expect("a temp dir");
-    let newer_schema = seal_by_hand(1, &v1_payload(2));
+    let newer_schema = seal_by_hand(1, &v1_payload(3));
     std::fs::write(store_path(dir.path()), &newer_schema).expect("write");
-    let err = Sdk::open(config(dir.path())).expect_err("schema 2 is unknown");
-    assert_eq!(err, SdkError::UnsupportedVersion { found: 2, supported: 1 });
+    let err = Sdk::open(config(dir.path())).expect_err("schema 3 is unknown");
+    assert_eq!(err, SdkError::UnsupportedVersion { found: 3, supported: 2 });
     assert_eq!(store_bytes(dir.path()), newer_schema);
 
     let newer_format = seal_by_hand(2, &v1_payload(1));

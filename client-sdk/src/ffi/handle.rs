@@ -88,8 +88,8 @@ pub struct FedrecOpenOptions {
     pub rules_public_key: *const u8,
     /// Length of `rules_public_key`.
     pub rules_public_key_len: usize,
-    /// If the store cannot be opened (wrong key, tampered, corrupt, too new), move it aside
-    /// in the same folder and start empty instead of failing.
+    /// If the store cannot be opened (wrong key, tampered, corrupt, too new, rolled back),
+    /// move it aside in the same folder and start empty instead of failing.
     pub recover: bool,
 }
 
@@ -354,8 +354,12 @@ unsafe fn config(dir: &str, key: [u8; 32], options: &FedrecOpenOptions) -> Resul
 /// Opens (or creates) the store in the folder `dir`, sealed under the 32-byte `key` (from the
 /// platform keystore), and returns a new handle in `*sdk`.
 ///
-/// `options` may be NULL for the defaults. A wrong key or a tampered or corrupt store fails
-/// with status 3 or 4 and leaves the file untouched (see `recover`, `fedrec_sdk_erase`).
+/// `dir` must not be empty (status 1). The handle holds the folder until `fedrec_sdk_close`:
+/// a second open of the same folder, in this process or another, fails with
+/// `FEDREC_ERR_LOCKED` (17). `options` may be NULL for the defaults. A wrong key or a
+/// tampered or corrupt store fails with status 3 or 4, an older copy of the store put back
+/// over a newer one with `FEDREC_ERR_ROLLBACK` (18); each leaves the file untouched (see
+/// `recover`, `fedrec_sdk_erase`).
 ///
 /// # Safety
 /// `dir` is a NUL-terminated string; `key` points to `key_len` bytes; `options` is NULL or
@@ -394,7 +398,8 @@ pub unsafe extern "C" fn fedrec_sdk_open(
 
 /// Removes every store file in `dir` without opening it (no key needed): the recovery path
 /// for a store whose key is lost or that is corrupt. Other files in `dir` are left alone.
-/// Do not call it while a handle is open on `dir`; use `fedrec_sdk_forget` then.
+/// While a handle is open on `dir` it fails with `FEDREC_ERR_LOCKED` (17); use
+/// `fedrec_sdk_forget` on that handle instead.
 ///
 /// # Safety
 /// `dir` is a NUL-terminated string; `err` is NULL or writable.
@@ -407,7 +412,8 @@ pub unsafe extern "C" fn fedrec_sdk_erase(dir: *const c_char, err: *mut *mut Fed
     })
 }
 
-/// Closes a handle and frees it. NULL is allowed. Everything recorded was already saved.
+/// Closes a handle, releases its folder and frees it. NULL is allowed. Everything recorded
+/// was already saved.
 ///
 /// # Safety
 /// `sdk` is NULL or a handle from `fedrec_sdk_open`, not closed yet, and no other call on it

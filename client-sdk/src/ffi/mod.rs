@@ -73,6 +73,13 @@ pub const FEDREC_ERR_CLOSED: i32 = 14;
 pub const FEDREC_ERR_BUSY: i32 = 15;
 /// A bug or an unexpected state inside the SDK.
 pub const FEDREC_ERR_INTERNAL: i32 = 16;
+/// Another open handle, in this process or another, holds the SDK folder: one folder has one
+/// handle at a time (share it between threads, or close it first).
+pub const FEDREC_ERR_LOCKED: i32 = 17;
+/// The store is older than the last one the SDK wrote in the folder (an older copy was put
+/// back, which could restore a withdrawn consent). The file is left untouched; open with
+/// `recover` to move it aside and start empty.
+pub const FEDREC_ERR_ROLLBACK: i32 = 18;
 
 // Misuse of the C ABI itself.
 

@@ -170,13 +170,27 @@ fn bad_strings_lengths_and_kinds_are_refused() {
         );
         let tags = [c"drama".as_ptr(), invalid.as_ptr().cast::<c_char>()];
         assert_eq!(fedrec_sdk_set_item_tags(sdk, 1, tags.as_ptr(), 2, null_mut()), FEDREC_ERR_INVALID_UTF8);
-        // A wrong key on an existing store: an error, and the store is intact.
+        // A second handle on a folder in use: refused, whatever the key.
         let mut other = null_mut();
+        let status = fedrec_sdk_open(path.as_ptr(), KEY.as_ptr(), 32, null(), &mut other, &mut err);
+        assert_eq!(status, FEDREC_ERR_LOCKED);
+        assert!(take_message(err).contains("in use"));
+        assert!(other.is_null());
+        assert_eq!(fedrec_sdk_erase(path.as_ptr(), &mut err), FEDREC_ERR_LOCKED);
+        take_message(err);
+        fedrec_sdk_close(sdk);
+        // A wrong key on an existing store: an error, and the store is intact.
         let wrong = [8u8; 32];
         let status = fedrec_sdk_open(path.as_ptr(), wrong.as_ptr(), 32, null(), &mut other, &mut err);
         assert_eq!(status, FEDREC_ERR_WRONG_KEY_OR_CORRUPT);
         assert!(!take_message(err).contains(dir.path().to_str().expect("UTF-8")), "no path in messages");
-        fedrec_sdk_close(sdk);
+        // An empty path would put the store in the working directory: refused.
+        let status = fedrec_sdk_open(c"".as_ptr(), KEY.as_ptr(), 32, null(), &mut other, &mut err);
+        assert_eq!(status, FEDREC_ERR_INVALID_ARGUMENT);
+        assert!(take_message(err).contains("dir must not be empty"));
+        assert!(other.is_null());
+        assert_eq!(fedrec_sdk_erase(c"".as_ptr(), &mut err), FEDREC_ERR_INVALID_ARGUMENT);
+        take_message(err);
     }
     let sdk = open(dir.path(), null());
     let mut json = null_mut();
