@@ -52,9 +52,9 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedrec_shared::round::{
@@ -90,7 +90,7 @@ pub enum TlsIdentity {
     },
 }
 
-/// Default of [`ServeConfig::read_timeout`] (also the connections' idle timeout).
+/// Default of [`ServeConfig::read_timeout`] (twice it is the connections' QUIC idle timeout).
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default of [`ServeConfig::max_streams_per_connection`].
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 4;
@@ -100,6 +100,16 @@ pub const DEFAULT_ROUNDS_PER_DEVICE_PER_DAY: u32 = 24;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default of [`ServeConfig::max_invalid_requests`].
 pub const DEFAULT_MAX_INVALID_REQUESTS: u32 = 3;
+/// Default of [`ServeConfig::max_connections_per_source`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 64;
+/// Default of [`ServeConfig::max_upload_memory`]: 256 MiB.
+pub const DEFAULT_MAX_UPLOAD_MEMORY: usize = 256 << 20;
+/// The QUIC receive window (bytes all streams of a connection may have in flight unread) of
+/// a connection that is not reading an upload: enough for a few check-ins, never more. It is
+/// what an unauthenticated peer can make the server buffer per connection.
+pub const SMALL_RECEIVE_WINDOW: u32 = 64 * 1024;
+/// The receive window while a connection reads an admitted upload (see [`ServeConfig::max_upload_memory`]).
+pub const UPLOAD_RECEIVE_WINDOW: u32 = 1024 * 1024;
 
 /// Which device states the coordinator accepts at check-in, as the capability bits of
 /// [`CheckIn`] report them. The default requires nothing: the host app owns scheduling and
@@ -149,7 +159,9 @@ pub struct ServeConfig {
     pub replay_limits: ReplayLimits,
     /// Time between the close of one round and the start of the next.
     pub round_gap: Duration,
-    /// Longest wait for a request's bytes, and the idle timeout of a connection.
+    /// Longest wait for a request's bytes, for upload memory, and for a connection's next
+    /// request (a connection that opens no stream for this long is closed); twice it is the
+    /// QUIC idle timeout.
     pub read_timeout: Duration,
     /// The retry hint sent with `NotSelected`.
     pub retry_after: Duration,
@@ -170,6 +182,16 @@ pub struct ServeConfig {
     pub max_invalid_requests: u32,
     /// The device states accepted at check-in.
     pub eligibility: EligibilityPolicy,
+    /// Most concurrent connections from one IP address (0: no limit). Devices behind one NAT
+    /// share an address, so keep it well above the devices one address may hold.
+    pub max_connections_per_source: usize,
+    /// Bytes that uploads being received may hold at once, all connections together. An
+    /// upload (the only request larger than [`Limits::check_in`]) is read only on a
+    /// connection whose device was given a task in the open round, and only once this budget
+    /// has room for its announced length plus [`UPLOAD_RECEIVE_WINDOW`]; until then the peer
+    /// is held by flow control (backpressure), and after [`ServeConfig::read_timeout`] it is
+    /// told [`ErrorCode::Busy`] with a retry hint. Must hold at least one upload.
+    pub max_upload_memory: usize,
     /// Seed of the coordinator's RNG; `None` (always, outside simulations) draws it from the
     /// operating system. Set only through [`crate::danger::seed_coordinator_rng`].
     pub(crate) insecure_seed: Option<u64>,
@@ -180,7 +202,8 @@ impl ServeConfig {
     /// replay limits, a gap of 100 ms between rounds, reads timing out after 10 s, a retry
     /// hint of 1 s, 4 concurrent streams per connection, no store, no metrics endpoint,
     /// [`DEFAULT_ROUNDS_PER_DEVICE_PER_DAY`], [`DEFAULT_MAX_CONNECTIONS`],
-    /// [`DEFAULT_MAX_INVALID_REQUESTS`] and no eligibility requirement.
+    /// [`DEFAULT_MAX_INVALID_REQUESTS`], no eligibility requirement,
+    /// [`DEFAULT_MAX_CONNECTIONS_PER_SOURCE`] and [`DEFAULT_MAX_UPLOAD_MEMORY`].
     pub fn new(
         listen: SocketAddr,
         coordinator: CoordinatorConfig,
@@ -205,6 +228,8 @@ impl ServeConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_invalid_requests: DEFAULT_MAX_INVALID_REQUESTS,
             eligibility: EligibilityPolicy::default(),
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            max_upload_memory: DEFAULT_MAX_UPLOAD_MEMORY,
             insecure_seed: None,
         }
     }
@@ -226,6 +251,14 @@ pub enum ServerError {
     /// The store could not be read or a round could not be written to it.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// [`ServeConfig::max_upload_memory`] cannot hold one upload of the model.
+    #[error("max_upload_memory is {budget} bytes, but one upload needs {needed}")]
+    UploadMemory {
+        /// The configured budget.
+        budget: usize,
+        /// One upload of the model plus [`UPLOAD_RECEIVE_WINDOW`].
+        needed: usize,
+    },
     /// The store's checkpoint does not fit the configured model.
     #[error("the stored model has shape {stored:?}, the configuration {configured:?}")]
     ShapeMismatch {
@@ -267,6 +300,8 @@ pub struct Server {
     read_timeout: Duration,
     max_connections: usize,
     max_invalid_requests: u32,
+    max_connections_per_source: usize,
+    max_upload_memory: usize,
     metrics: Arc<ServerMetrics>,
     metrics_listener: Option<std::net::TcpListener>,
     metrics_addr: Option<SocketAddr>,
@@ -277,6 +312,10 @@ impl Server {
     pub fn bind(cfg: ServeConfig) -> Result<Server, ServerError> {
         let shape = cfg.model.shape();
         let limits = Limits::for_shape(&shape);
+        let needed = upload_charge(limits.upload());
+        if cfg.max_upload_memory < needed {
+            return Err(ServerError::UploadMemory { budget: cfg.max_upload_memory, needed });
+        }
         let rng = cfg.insecure_seed.map_or_else(StdRng::from_os_rng, crate::danger::seeded_std_rng);
         let mut store = cfg.store;
         let coordinator = match store.as_mut() {
@@ -325,6 +364,8 @@ impl Server {
         };
         let metrics_addr = metrics_listener.as_ref().map(std::net::TcpListener::local_addr).transpose()?;
         let owner = Owner {
+            next_start: Some(Instant::ZERO),
+            open_round: Arc::new(AtomicU64::new(0)),
             coordinator,
             verifier: cfg.verifier,
             replay: ReplayGuard::new(cfg.replay_limits),
@@ -349,6 +390,8 @@ impl Server {
             read_timeout: cfg.read_timeout,
             max_connections: cfg.max_connections.min(Semaphore::MAX_PERMITS),
             max_invalid_requests: cfg.max_invalid_requests,
+            max_connections_per_source: cfg.max_connections_per_source,
+            max_upload_memory: cfg.max_upload_memory,
             metrics,
             metrics_listener,
             metrics_addr,
@@ -391,6 +434,8 @@ impl Server {
             read_timeout,
             max_connections,
             max_invalid_requests,
+            max_connections_per_source,
+            max_upload_memory,
             metrics,
             metrics_listener,
             ..
@@ -404,7 +449,9 @@ impl Server {
         };
         let (req_tx, req_rx) = mpsc::channel::<Command>(256);
         let (stop_tx, stop_rx) = watch::channel(false);
+        let open_round = Arc::clone(&owner.open_round);
         let mut owner_task = tokio::spawn(owner.run(req_rx, stop_rx));
+        let upload_units = max_upload_memory.div_ceil(UPLOAD_UNIT).min(Semaphore::MAX_PERMITS);
         let ctx = Arc::new(StreamCtx {
             limits,
             read_timeout,
@@ -413,6 +460,10 @@ impl Server {
             max_invalid_requests,
             connections: Arc::new(Semaphore::new(max_connections)),
             max_connections,
+            sources: std::sync::Mutex::new(HashMap::new()),
+            max_connections_per_source,
+            upload_memory: Arc::new(Semaphore::new(upload_units)),
+            open_round,
         });
         let mut owner_result = None;
         tokio::pin!(shutdown);
@@ -425,10 +476,16 @@ impl Server {
                 }
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    let Some(source) = SourceSlot::take(&ctx, incoming.remote_address().ip()) else {
+                        ctx.metrics.rejected("source_cap");
+                        tracing::warn!(reason = "source_cap", "refused a connection");
+                        incoming.refuse();
+                        continue;
+                    };
                     match Arc::clone(&ctx.connections).try_acquire_owned() {
                         Ok(permit) => {
                             ctx.count_connections();
-                            tokio::spawn(serve_connection(incoming, Arc::clone(&ctx), permit));
+                            tokio::spawn(serve_connection(incoming, Arc::clone(&ctx), permit, source));
                         }
                         Err(_) => {
                             ctx.metrics.rejected("connection_cap");
@@ -461,8 +518,9 @@ impl Server {
 
 /// The server's QUIC configuration: TLS 1.3 only (ring), ALPN `fedrec/1`, at most
 /// `max_streams` concurrent bidirectional streams and no unidirectional ones per connection,
-/// and `read_timeout` as the idle timeout. Public so that benchmarks measure the transport
-/// with exactly the settings the coordinator runs with.
+/// twice `read_timeout` as the idle timeout, and a receive window of [`SMALL_RECEIVE_WINDOW`]
+/// (raised to [`UPLOAD_RECEIVE_WINDOW`] only while an admitted upload is read). Public so
+/// that benchmarks measure the transport with exactly the settings the coordinator runs with.
 pub fn quic_server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -482,7 +540,13 @@ pub fn quic_server_config(
     let mut transport = quinn::TransportConfig::default();
     transport.max_concurrent_bidi_streams(max_streams.into());
     transport.max_concurrent_uni_streams(0u32.into());
-    let idle = quinn::IdleTimeout::try_from(read_timeout)
+    // Flow control bounds what quinn buffers for a peer that sends faster than it is read.
+    transport.receive_window(SMALL_RECEIVE_WINDOW.into());
+    transport.stream_receive_window(UPLOAD_RECEIVE_WINDOW.into());
+    // Twice the read timeout: a request may wait a read timeout for upload memory, silent
+    // but for flow control, before it is read. Silent connections are closed by the
+    // server's own rule (no request for a read timeout), which PINGs do not satisfy.
+    let idle = quinn::IdleTimeout::try_from(read_timeout.saturating_mul(2))
         .map_err(|_| ServerError::Tls("read timeout too long for an idle timeout".into()))?;
     transport.max_idle_timeout(Some(idle));
     server_config.transport_config(Arc::new(transport));
@@ -513,24 +577,35 @@ enum Command {
     Closed { conn: usize },
 }
 
-/// The owner's answer to a request, and whether the request was a strike against its
-/// connection (see [`is_misbehaviour`]).
+/// The owner's answer to a request, whether the request was a strike against its connection
+/// (see [`is_misbehaviour`]), and the round whose task it hands out, if it is one.
 #[derive(Debug)]
 struct Reply {
     response: Response,
     misbehaved: bool,
+    /// The round whose task this answer carries: the connection may then upload once.
+    task_round: Option<u64>,
 }
 
 impl Reply {
     /// An answer that is no strike.
     fn ok(response: Response) -> Self {
-        Self { response, misbehaved: false }
+        let task_round = match &response {
+            Response::Task(task) => Some(task.round),
+            _ => None,
+        };
+        Self { response, misbehaved: false, task_round }
     }
 
     /// A refusal, a strike if [`is_misbehaviour`] says so for its code.
     fn refused(response: Response) -> Self {
         let misbehaved = matches!(&response, Response::Error { code, .. } if is_misbehaviour(*code));
-        Self { response, misbehaved }
+        Self { response, misbehaved, task_round: None }
+    }
+
+    /// A refusal that is a strike.
+    fn strike(response: Response) -> Self {
+        Self { response, misbehaved: true, task_round: None }
     }
 }
 
@@ -538,7 +613,7 @@ impl Reply {
 /// the SDK sends is refused this way. `BadToken` depends on why (a forged token is a strike,
 /// an expired or revoked one is not), so the auth path decides it with
 /// [`AuthError::is_peer_misbehaviour`]; timing refusals (`NotSelected`, `WrongRound`,
-/// `WrongPhase`, `Duplicate`), `RateLimited`, `NotEligible` and `Internal` never count.
+/// `WrongPhase`, `Duplicate`), `RateLimited`, `Busy`, `NotEligible` and `Internal` never count.
 fn is_misbehaviour(code: ErrorCode) -> bool {
     matches!(
         code,
@@ -553,6 +628,15 @@ fn is_misbehaviour(code: ErrorCode) -> bool {
     )
 }
 
+/// The unit of [`StreamCtx::upload_memory`]'s permits, in bytes.
+const UPLOAD_UNIT: usize = 1024;
+
+/// What an upload of `len` bytes is charged against [`ServeConfig::max_upload_memory`]: its
+/// buffer and what quinn may hold unread meanwhile.
+fn upload_charge(len: usize) -> usize {
+    len.saturating_add(UPLOAD_RECEIVE_WINDOW as usize)
+}
+
 /// What every stream task shares.
 #[derive(Debug)]
 struct StreamCtx {
@@ -564,6 +648,13 @@ struct StreamCtx {
     /// One permit per open connection.
     connections: Arc<Semaphore>,
     max_connections: usize,
+    /// Open connections per source address.
+    sources: std::sync::Mutex<HashMap<IpAddr, usize>>,
+    max_connections_per_source: usize,
+    /// [`ServeConfig::max_upload_memory`], in [`UPLOAD_UNIT`]s.
+    upload_memory: Arc<Semaphore>,
+    /// The open round plus one, 0 when none is open (written by the owner).
+    open_round: Arc<AtomicU64>,
 }
 
 impl StreamCtx {
@@ -574,12 +665,50 @@ impl StreamCtx {
     }
 }
 
-/// One connection and its strikes.
+/// A connection's place in its source address's count; given back when dropped.
+#[derive(Debug)]
+struct SourceSlot {
+    ctx: Arc<StreamCtx>,
+    ip: IpAddr,
+}
+
+impl SourceSlot {
+    /// A slot for `ip`, or `None` when it holds [`ServeConfig::max_connections_per_source`].
+    fn take(ctx: &Arc<StreamCtx>, ip: IpAddr) -> Option<SourceSlot> {
+        let mut sources = ctx.sources.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let open = sources.entry(ip).or_insert(0);
+        if ctx.max_connections_per_source > 0 && *open >= ctx.max_connections_per_source {
+            return None;
+        }
+        *open += 1;
+        Some(SourceSlot { ctx: Arc::clone(ctx), ip })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut sources = self.ctx.sources.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(open) = sources.get_mut(&self.ip) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                sources.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// One connection, its strikes and what it may upload.
 #[derive(Debug)]
 struct Peer {
     id: usize,
     conn: quinn::Connection,
     strikes: AtomicU32,
+    /// The round whose task this connection received, plus one (0: none).
+    task_round: AtomicU64,
+    /// Whether an upload is being read on this connection (at most one at a time).
+    uploading: AtomicBool,
+    /// Streams being served.
+    active_streams: AtomicU32,
 }
 
 impl Peer {
@@ -594,14 +723,79 @@ impl Peer {
     }
 }
 
-async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<StreamCtx>, permit: OwnedSemaphorePermit) {
-    if let Ok(conn) = incoming.await {
-        let peer = Arc::new(Peer { id: conn.stable_id(), conn, strikes: AtomicU32::new(0) });
-        while let Ok((send, recv)) = peer.conn.accept_bi().await {
-            tokio::spawn(serve_stream(Arc::clone(&peer), send, recv, Arc::clone(&ctx)));
-        }
-        let _ = ctx.requests.send(Command::Closed { conn: peer.id }).await;
+/// Counts a stream as active while it lives.
+struct ActiveStream(Arc<Peer>);
+
+impl ActiveStream {
+    fn new(peer: &Arc<Peer>) -> Self {
+        peer.active_streams.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(peer))
     }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        self.0.active_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An upload admitted on a connection: its share of the upload memory and the connection's
+/// raised receive window, both given back when dropped.
+struct UploadAdmission {
+    peer: Arc<Peer>,
+    _memory: OwnedSemaphorePermit,
+}
+
+impl Drop for UploadAdmission {
+    fn drop(&mut self) {
+        self.peer.conn.set_receive_window(SMALL_RECEIVE_WINDOW.into());
+        self.peer.uploading.store(false, Ordering::Release);
+    }
+}
+
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    ctx: Arc<StreamCtx>,
+    permit: OwnedSemaphorePermit,
+    source: SourceSlot,
+) {
+    match incoming.await {
+        Ok(conn) => {
+            let peer = Arc::new(Peer {
+                id: conn.stable_id(),
+                conn,
+                strikes: AtomicU32::new(0),
+                task_round: AtomicU64::new(0),
+                uploading: AtomicBool::new(false),
+                active_streams: AtomicU32::new(0),
+            });
+            loop {
+                // A connection must keep asking: one that opens no stream for a read timeout
+                // while none is being served (only PINGs, say) gives its slot back.
+                match tokio::time::timeout(ctx.read_timeout, peer.conn.accept_bi()).await {
+                    Ok(Ok((send, recv))) => {
+                        let active = ActiveStream::new(&peer);
+                        tokio::spawn(serve_stream(Arc::clone(&peer), send, recv, Arc::clone(&ctx), active));
+                    }
+                    Ok(Err(_)) => break,
+                    Err(_) if peer.active_streams.load(Ordering::Relaxed) == 0 => {
+                        ctx.metrics.rejected("idle");
+                        tracing::warn!(reason = "idle", "closed an idle connection");
+                        peer.conn.close(ErrorCode::CutOff.as_u16().into(), b"no request in time");
+                        break;
+                    }
+                    Err(_) => {}
+                }
+            }
+            let _ = ctx.requests.send(Command::Closed { conn: peer.id }).await;
+        }
+        Err(e) => {
+            // Wrong ALPN, TLS 1.2, a bad handshake, or a peer that never finished it.
+            ctx.metrics.rejected("handshake");
+            tracing::warn!(reason = "handshake", error = %e, "refused a connection");
+        }
+    }
+    drop(source);
     drop(permit);
     ctx.count_connections();
 }
@@ -611,14 +805,16 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     ctx: Arc<StreamCtx>,
+    _active: ActiveStream,
 ) {
     if peer.is_cut_off(ctx.max_invalid_requests) {
         // The close is on its way: let it, not a reset stream, tell the peer why.
         let _ = tokio::time::timeout(ctx.read_timeout, peer.conn.closed()).await;
         return;
     }
-    let reply = match read_request(&mut recv, &ctx).await {
-        Ok(request) => {
+    let reply = match read_request(&mut recv, &peer, &ctx).await {
+        // The upload's memory stays charged until the owner has taken the update in.
+        Ok((request, _admission)) => {
             let (tx, rx) = oneshot::channel();
             let shutting_down =
                 || Reply::ok(Response::error(ErrorCode::Internal, "the coordinator is shutting down"));
@@ -633,16 +829,40 @@ async fn serve_stream(
             ctx.metrics.rejected(label);
             tracing::warn!(reason = label, "refused a request");
             // Every decoding error is the peer's doing.
-            Reply { response: Response::error(e.code(), &e.to_string()), misbehaved: true }
+            Reply::strike(Response::error(e.code(), &e.to_string()))
         }
         Err(StreamError::Timeout) => {
             ctx.metrics.rejected("timeout");
             tracing::warn!(reason = "timeout", "refused a request");
-            // A slow network is no misbehaviour; the idle timeout ends a silent connection.
-            Reply::ok(Response::error(ErrorCode::Malformed, "request not received in time"))
+            // An honest device sends its request at once; a slow trickle holds a slot.
+            Reply::strike(Response::error(ErrorCode::Malformed, "request not received in time"))
+        }
+        Err(StreamError::NotAdmitted(why)) => {
+            let _ = recv.stop(0u32.into());
+            ctx.metrics.rejected("not_admitted");
+            tracing::warn!(reason = "not_admitted", why, "refused an upload before reading it");
+            Reply::strike(Response::error(ErrorCode::TooLarge, why))
+        }
+        Err(StreamError::Late) => {
+            let _ = recv.stop(0u32.into());
+            ctx.metrics.rejected(ErrorCode::WrongRound.label());
+            Reply::refused(Response::error(ErrorCode::WrongRound, "upload for a round that is not open"))
+        }
+        Err(StreamError::Busy) => {
+            let _ = recv.stop(0u32.into());
+            ctx.metrics.rejected(ErrorCode::Busy.label());
+            let retry = jittered(ctx.read_timeout);
+            Reply::refused(Response::error_with_retry(
+                ErrorCode::Busy,
+                "the coordinator is at capacity",
+                retry,
+            ))
         }
         Err(StreamError::Read) => return,
     };
+    if let Some(round) = reply.task_round {
+        peer.task_round.store(round.saturating_add(1), Ordering::Release);
+    }
     let cut_off = reply.misbehaved && peer.strike(ctx.max_invalid_requests);
     let Ok(frame) = wire::encode(&reply.response) else { return };
     ctx.metrics.bytes_out.add(frame.len() as u64);
@@ -659,29 +879,108 @@ async fn serve_stream(
     }
 }
 
+/// `base` stretched by a uniform factor in [1, 2): devices told to come back do not come
+/// back together.
+fn jittered(base: Duration) -> Duration {
+    base.mul_f64(1.0 + rand::random::<f64>())
+}
+
 enum StreamError {
     Wire(WireError),
     Timeout,
     Read,
+    /// A frame larger than any request but an upload, on a connection that may not upload.
+    NotAdmitted(&'static str),
+    /// An upload for a round that is no longer open.
+    Late,
+    /// The upload memory stayed full for a read timeout.
+    Busy,
 }
 
-async fn read_request(recv: &mut quinn::RecvStream, ctx: &StreamCtx) -> Result<Request, StreamError> {
-    let read = async {
+/// Reads one request. A frame larger than a check-in can only be an upload: it is admitted
+/// (see [`admit_upload`]) before a byte of its payload is read, and the buffer grows with the
+/// bytes received, never with the length announced.
+async fn read_request(
+    recv: &mut quinn::RecvStream,
+    peer: &Arc<Peer>,
+    ctx: &StreamCtx,
+) -> Result<(Request, Option<UploadAdmission>), StreamError> {
+    let timeout = ctx.read_timeout;
+    let len = tokio::time::timeout(timeout, async {
         let mut prefix = [0u8; LEN_PREFIX];
         recv.read_exact(&mut prefix).await.map_err(|_| StreamError::Read)?;
         ctx.metrics.bytes_in.add(LEN_PREFIX as u64);
-        let len = wire::frame_len(prefix, ctx.limits.max_request()).map_err(StreamError::Wire)?;
-        let mut payload = vec![0u8; len];
-        recv.read_exact(&mut payload).await.map_err(|_| StreamError::Read)?;
-        ctx.metrics.bytes_in.add(len as u64);
-        wire::decode_request(&payload, &ctx.limits).map_err(StreamError::Wire)
-    };
-    tokio::time::timeout(ctx.read_timeout, read).await.unwrap_or(Err(StreamError::Timeout))
+        wire::frame_len(prefix, ctx.limits.max_request()).map_err(StreamError::Wire)
+    })
+    .await
+    .unwrap_or(Err(StreamError::Timeout))?;
+    let admission =
+        if len > ctx.limits.check_in() { Some(admit_upload(peer, len, ctx).await?) } else { None };
+    let payload =
+        tokio::time::timeout(timeout, read_payload(recv, len)).await.unwrap_or(Err(StreamError::Timeout))?;
+    ctx.metrics.bytes_in.add(len as u64);
+    let request = wire::decode_request(&payload, &ctx.limits).map_err(StreamError::Wire)?;
+    Ok((request, admission))
+}
+
+/// Admits an upload of `len` bytes: the connection's device was given a task in the round
+/// that is open, no other upload is being read on the connection, and the upload memory has
+/// room (waiting up to a read timeout for it, while flow control holds the peer).
+async fn admit_upload(peer: &Arc<Peer>, len: usize, ctx: &StreamCtx) -> Result<UploadAdmission, StreamError> {
+    let task_round = peer.task_round.load(Ordering::Acquire);
+    if task_round == 0 {
+        return Err(StreamError::NotAdmitted(
+            "a frame this large is an upload, and this connection has no task",
+        ));
+    }
+    if task_round != ctx.open_round.load(Ordering::Acquire) {
+        return Err(StreamError::Late);
+    }
+    if peer.uploading.swap(true, Ordering::AcqRel) {
+        return Err(StreamError::NotAdmitted("another upload is being read on this connection"));
+    }
+    let units = u32::try_from(upload_charge(len).div_ceil(UPLOAD_UNIT)).unwrap_or(u32::MAX);
+    let memory = Arc::clone(&ctx.upload_memory);
+    match tokio::time::timeout(ctx.read_timeout, memory.acquire_many_owned(units)).await {
+        Ok(Ok(permit)) => {
+            peer.conn.set_receive_window(UPLOAD_RECEIVE_WINDOW.into());
+            Ok(UploadAdmission { peer: Arc::clone(peer), _memory: permit })
+        }
+        _ => {
+            peer.uploading.store(false, Ordering::Release);
+            Err(StreamError::Busy)
+        }
+    }
+}
+
+/// Reads exactly `len` bytes into a buffer that grows with what arrives (its capacity never
+/// passes `len`).
+async fn read_payload(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8>, StreamError> {
+    const FIRST: usize = 16 * 1024;
+    let mut payload = Vec::with_capacity(len.min(FIRST));
+    while payload.len() < len {
+        let chunk = match recv.read_chunk(len - payload.len(), true).await {
+            Ok(Some(chunk)) => chunk.bytes,
+            Ok(None) | Err(_) => return Err(StreamError::Read),
+        };
+        let needed = payload.len() + chunk.len();
+        if needed > payload.capacity() {
+            let target = payload.capacity().saturating_mul(2).max(needed).min(len);
+            payload.reserve_exact(target - payload.len());
+        }
+        payload.extend_from_slice(&chunk);
+    }
+    Ok(payload)
 }
 
 /// The owner of the round state.
 #[derive(Debug)]
 struct Owner {
+    /// When the next round may open (at the first check-in from then on); `None` once the
+    /// budget refused a round: the federation is finished.
+    next_start: Option<Instant>,
+    /// The open round plus one, 0 when none is open: what stream tasks admit uploads for.
+    open_round: Arc<AtomicU64>,
     coordinator: Coordinator<StdRng>,
     verifier: Verifier,
     replay: ReplayGuard,
@@ -712,28 +1011,10 @@ impl Owner {
         let now =
             move || Instant::from_micros(u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX));
         let to_tokio = move |t: Instant| start + Duration::from_micros(t.as_micros());
-        let mut next_start = Some(now());
         loop {
-            if self.coordinator.current_round().is_none()
-                && let Some(at) = next_start
-                && now() >= at
-            {
-                match self.coordinator.start_round(now()) {
-                    Ok(round) => tracing::info!(round, "round opened"),
-                    Err(StartError::RoundOpen(_)) => {}
-                    // The budget (or the accountant) refuses: no later round can do better,
-                    // so stop opening rounds and keep answering devices with `NotSelected`.
-                    Err(e) => {
-                        tracing::warn!(reason = %e, "no more rounds");
-                        next_start = None;
-                        self.status.send_modify(|s| s.start_refused = Some(e));
-                    }
-                }
-            }
-            let wake = match (self.coordinator.poll_timeout(), next_start) {
-                (Some(t), _) | (None, Some(t)) => Some(to_tokio(t)),
-                (None, None) => None,
-            };
+            // Rounds open at a check-in (see `open_round_if_due`): an idle server sleeps
+            // until a device comes, and records nothing meanwhile.
+            let wake = self.coordinator.poll_timeout().map(to_tokio);
             let sleep = async move {
                 match wake {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -758,10 +1039,36 @@ impl Owner {
                     self.coordinator.handle_timeout(now());
                 }
             }
-            if self.drain_events()? && next_start.is_some() {
-                next_start = Some(now().saturating_add(self.round_gap));
+            if self.drain_events()? && self.next_start.is_some() {
+                self.next_start = Some(now().saturating_add(self.round_gap));
+            }
+            self.publish_open_round();
+        }
+    }
+
+    /// Opens a round if none is open and the gap after the last one has passed. When the
+    /// budget (or the accountant) refuses, no later round can do better: the federation is
+    /// finished, and devices are told so from then on.
+    fn open_round_if_due(&mut self, now: Instant) {
+        if self.coordinator.current_round().is_some() || self.next_start.is_none_or(|at| now < at) {
+            return;
+        }
+        match self.coordinator.start_round(now) {
+            Ok(round) => tracing::info!(round, "round opened"),
+            Err(StartError::RoundOpen(_)) => {}
+            Err(e) => {
+                tracing::warn!(reason = %e, "no more rounds: the federation is finished");
+                self.next_start = None;
+                self.status.send_modify(|s| s.start_refused = Some(e));
             }
         }
+        self.publish_open_round();
+    }
+
+    /// Tells the stream tasks which round is open.
+    fn publish_open_round(&self) {
+        let open = self.coordinator.current_round().map_or(0, |r| r.saturating_add(1));
+        self.open_round.store(open, Ordering::Release);
     }
 
     /// Persists and publishes round closes; whether a round closed. A round that cannot be
@@ -882,6 +1189,12 @@ impl Owner {
                     let retry_after = DailyQuota::until_reset(now_ms);
                     return Reply::ok(Response::error_with_retry(e.code(), &e.to_string(), retry_after));
                 }
+                // Only a device that could be selected opens a round.
+                self.open_round_if_due(now);
+                if self.next_start.is_none() {
+                    let model = self.coordinator.model();
+                    return Reply::ok(Response::finished(model, check_in.cached_model_version));
+                }
                 let client: ClientId = device.get();
                 self.coordinator.handle_message(now, client, ClientMessage::CheckIn);
                 let response = self.answer(client, check_in.cached_model_version);
@@ -895,9 +1208,10 @@ impl Owner {
                 // same connection was verified. An honest device always checks in first.
                 let Some(&device) = self.sessions.get(&conn) else {
                     self.refuse(ErrorCode::BadToken.label());
-                    let response =
-                        Response::error(ErrorCode::BadToken, "upload on a connection without a check-in");
-                    return Reply { response, misbehaved: true };
+                    return Reply::strike(Response::error(
+                        ErrorCode::BadToken,
+                        "upload on a connection without a check-in",
+                    ));
                 };
                 let Some(current) = self.coordinator.current_round() else {
                     self.refuse(ErrorCode::WrongRound.label());
@@ -940,7 +1254,7 @@ impl Owner {
             ErrorCode::RateLimited => Response::error_with_retry(e.code(), &e.to_string(), self.retry_after),
             code => Response::error(code, &e.to_string()),
         };
-        Reply { response, misbehaved: e.is_peer_misbehaviour() }
+        if e.is_peer_misbehaviour() { Reply::strike(response) } else { Reply::ok(response) }
     }
 
     /// The machine's answer to `client`, if it queued one.

@@ -670,7 +670,7 @@ fn encode_f32s(values: impl IntoIterator<Item = f32>) -> Vec<u8> {
 
 /// Decodes a blob of `expected` little-endian `f32`s, all finite.
 fn decode_f32s(what: &str, bytes: &[u8], expected: usize) -> Result<Vec<f32>, StoreError> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(corrupt(what, format!("blob of {} bytes is not a whole number of f32s", bytes.len())));
     }
     if bytes.len() / 4 != expected {

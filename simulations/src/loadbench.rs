@@ -378,7 +378,7 @@ max_connections = {max_connections}
 
 fn hex(line: &str) -> anyhow::Result<Vec<u8>> {
     let line = line.trim();
-    if line.len() % 2 != 0 {
+    if !line.len().is_multiple_of(2) {
         bail!("a token line has an odd length");
     }
     (0..line.len())

@@ -194,6 +194,25 @@ impl CoordinatorProcess {
             .expect("the client endpoint binds")
     }
 
+    /// The process id of `serve`.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The process's current and peak resident memory in KiB (`VmRSS`, `VmHWM` of
+    /// `/proc/PID/status`; Linux).
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("/proc is readable");
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().strip_suffix("kB")?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/PID/status"))
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
     /// SIGKILL, and reaps the child.
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("running");

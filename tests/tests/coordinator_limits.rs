@@ -177,7 +177,10 @@ async fn a_peer_sending_garbage_is_cut_off_while_a_good_device_completes() {
         other => panic!("the connection must be cut off, got {other:?}"),
     }
     assert_eq!(server.rejected("cut_off"), 1);
-    assert!(server.rejected("bad_tag") >= 2 && server.rejected("unsupported_version") >= 1);
+    // Issue 9: a token the coordinator did not issue counts as bad_token, whatever check refused it
+    // (a forged one used to count as unsupported_version).
+    assert_eq!(server.rejected("bad_token"), 3);
+    assert_eq!(server.rejected("unsupported_version") + server.rejected("bad_tag"), 0);
 
     // A peer that is cut off may come back on a new connection: the strikes are per connection.
     let again = forger.connect().await.expect("a new connection is accepted");
@@ -205,21 +208,19 @@ async fn an_ineligible_device_is_refused_never_selected_and_not_cut_off() {
         other => panic!("an ineligible device must be refused with NotEligible, got {other:?}"),
     }
 
-    // More ineligible check-ins on one connection than the strike limit, while rounds open
-    // and close: always NotEligible, never cut off, never checked in to a round.
+    // More ineligible check-ins on one connection than the strike limit, spread over several
+    // check-in windows: always NotEligible, never cut off, never checked in to a round, and
+    // (rounds open at a check-in that could be selected) no round opened for it.
     let session = device.connect().await.expect("connects");
     let check_in = Request::CheckIn(device.check_in_as(on_battery));
     let closed = |s: &ServerStatus| s.n_committed + s.n_abandoned;
     let first_close = closed(&server.status().borrow());
-    let mut n_refused = 0;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while n_refused <= 3 || closed(&server.status().borrow()) < first_close + 2 {
-        assert!(tokio::time::Instant::now() < deadline, "two rounds did not close in time");
+    for _ in 0..15 {
         let answer = session.request(&check_in).await.expect("answered, not cut off");
         assert!(matches!(answer, Response::Error { code: ErrorCode::NotEligible, .. }), "{answer:?}");
-        n_refused += 1;
         tokio::time::sleep(PACE).await;
     }
+    assert_eq!(closed(&server.status().borrow()), first_close, "an ineligible device opens no round");
     assert_eq!(server.metrics().checked_in.get(), 0, "no round saw the ineligible device");
     assert_eq!(server.metrics().selected.get(), 0);
     assert_eq!(server.rejected("cut_off"), 0);

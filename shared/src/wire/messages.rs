@@ -444,7 +444,7 @@ mod f32_array {
                 f.write_str("a byte string of little-endian f32 values")
             }
             fn visit_bytes<E: Error>(self, b: &[u8]) -> Result<Vec<f32>, E> {
-                if b.len() % 4 != 0 {
+                if !b.len().is_multiple_of(4) {
                     return Err(E::custom("float array length is not a multiple of 4"));
                 }
                 Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
