@@ -2,15 +2,19 @@
 //!
 //! A [`Device`] keeps its QUIC endpoint and the last model it downloaded, so a task for a
 //! model it already holds arrives without the model. Each participation attempt opens one
-//! connection: a check-in stream, then, if selected, an upload stream. Every read has a
-//! timeout; whatever the coordinator sends is decoded within the [`Limits`] of the model
-//! shape the device was built for.
+//! connection: a check-in stream, then, if selected, an upload stream; the connection is
+//! closed when the attempt ends. Every read has a timeout; whatever the coordinator sends is
+//! decoded within the [`Limits`] of the model shape the device was built for. Before its
+//! runtime stops, a device's owner calls [`Device::shutdown`], so that the coordinator learns
+//! of every close at once instead of holding the connection until its idle timeout.
 //!
 //! [`Device::participate_with`] is the call an app makes: it sends the device's
 //! [`Eligibility`] with the check-in, retries transient failures with exponential backoff
-//! and jitter ([`RetryPolicy`], honouring the coordinator's retry hint), stops at the time
-//! budget ([`NetError::BudgetExceeded`]) and can be cancelled from another task
-//! ([`CancelToken`], [`NetError::Cancelled`]), even while it waits for the network.
+//! and jitter ([`RetryPolicy`], honouring the coordinator's retry hint, e.g. of
+//! [`ErrorCode::Busy`]), stops at the time budget ([`NetError::BudgetExceeded`]) and can be
+//! cancelled from another task ([`CancelToken`], [`NetError::Cancelled`]), even while it
+//! waits for the network. A certificate that is not the pinned one fails at once
+//! ([`NetError::Tls`]): no retry makes it trusted.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +29,9 @@ use quinn::crypto::rustls::QuicClientConfig;
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
+
+/// Longest wait in [`Device::shutdown`] for the endpoint's closed connections to drain.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
 
 /// How a device reaches its coordinator. `Debug` leaves the token out: it is a bearer credential.
 #[derive(Clone)]
@@ -68,6 +75,11 @@ pub enum NetError {
     /// The connection could not be made or was lost.
     #[error("connection failed: {0}")]
     Connection(String),
+    /// The TLS handshake failed: the coordinator's certificate is not the pinned one (or
+    /// not valid for the server name), or the two sides share no protocol version, cipher
+    /// suite or ALPN. A configuration error, never retried.
+    #[error("TLS handshake failed (is the pinned coordinator certificate the right one?): {0}")]
+    Tls(String),
     /// The coordinator did not answer in time.
     #[error("timed out waiting for the coordinator")]
     Timeout,
@@ -98,13 +110,17 @@ pub enum NetError {
 
 impl NetError {
     /// Whether trying again later may succeed: a lost or refused connection, a timeout, or a
-    /// refusal with [`ErrorCode::RateLimited`] or [`ErrorCode::Internal`]. A bad token, a
-    /// version mismatch, an ineligible device, a cut-off connection, a misbehaving
-    /// coordinator, a cancellation or a spent budget are permanent for this participation.
+    /// refusal with [`ErrorCode::RateLimited`], [`ErrorCode::Internal`] or
+    /// [`ErrorCode::Busy`]. A failed TLS handshake (a certificate that is not the pinned
+    /// one), a bad token, a version mismatch, an ineligible device, a cut-off connection, a
+    /// misbehaving coordinator, a cancellation or a spent budget are permanent for this
+    /// participation.
     pub fn is_transient(&self) -> bool {
         match self {
             NetError::Connection(_) | NetError::Timeout => true,
-            NetError::Refused { code, .. } => matches!(code, ErrorCode::RateLimited | ErrorCode::Internal),
+            NetError::Refused { code, .. } => {
+                matches!(code, ErrorCode::RateLimited | ErrorCode::Internal | ErrorCode::Busy)
+            }
             _ => false,
         }
     }
@@ -154,7 +170,9 @@ impl Eligibility {
 ///
 /// Retry `k` (0 for the first) waits a random time between half and all of
 /// `min(max_backoff, initial_backoff · 2^k)` ("equal jitter", so devices that failed
-/// together do not come back together), or the coordinator's retry hint if that is longer.
+/// together do not come back together), or, if the coordinator gave a retry hint (pace
+/// steering with [`ErrorCode::Busy`], a rate limit) that is longer, the hint plus a random
+/// 0–10 % of it ([`RetryPolicy::after_hint`]), so that devices told the same hint spread out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included (0 counts as 1).
@@ -177,6 +195,14 @@ impl RetryPolicy {
         let full = self.initial_backoff.saturating_mul(growth).min(self.max_backoff);
         let jitter = if jitter.is_finite() { jitter.clamp(0.0, 1.0) } else { 0.0 };
         full.div_f64(2.0).saturating_add(full.div_f64(2.0).mul_f64(jitter))
+    }
+
+    /// The wait before a retry the coordinator gave `hint` for, for a `jitter` drawn uniformly
+    /// from `[0, 1)`: between the hint and 10 % more, never less than [`RetryPolicy::backoff`]
+    /// would wait (`backoff`).
+    pub fn after_hint(hint: Duration, backoff: Duration, jitter: f64) -> Duration {
+        let jitter = if jitter.is_finite() { jitter.clamp(0.0, 1.0) } else { 0.0 };
+        hint.saturating_add(hint.div_f64(10.0).mul_f64(jitter)).max(backoff)
     }
 }
 
@@ -320,6 +346,7 @@ impl Device {
     }
 
     /// Opens a session with the coordinator (for callers that send requests themselves).
+    /// Close it with [`Session::close`] when done.
     pub async fn connect(&self) -> Result<Session, NetError> {
         let connecting = self
             .endpoint
@@ -328,8 +355,19 @@ impl Device {
         let conn = tokio::time::timeout(self.cfg.timeout, connecting)
             .await
             .map_err(|_| NetError::Timeout)?
-            .map_err(|e| NetError::Connection(e.to_string()))?;
+            .map_err(connection_error)?;
         Ok(Session { conn, limits: self.limits, timeout: self.cfg.timeout })
+    }
+
+    /// Closes every connection of the device's endpoint and waits (at most [`SHUTDOWN_WAIT`])
+    /// until the closes are sent and drained. Call it before the tokio runtime that drives
+    /// the endpoint is dropped: a runtime dropped first never sends the QUIC
+    /// `CONNECTION_CLOSE`, and the coordinator holds each such connection (and its slot of
+    /// the connection cap) until its idle timeout. The device can still connect afterwards.
+    pub async fn shutdown(&self) {
+        // Every session is closed by now: explicitly, or implicitly by quinn when an attempt
+        // cut short (cancelled, out of time budget) dropped its last handle.
+        let _ = tokio::time::timeout(SHUTDOWN_WAIT, self.endpoint.wait_idle()).await;
     }
 
     /// The check-in this device sends, claiming no [`Eligibility`].
@@ -413,7 +451,10 @@ impl Device {
                 return Err(err);
             }
             let backoff = opts.retry.backoff(retry, self.jitter()?);
-            let wait = backoff.max(err.retry_after().unwrap_or_default());
+            let wait = match err.retry_after() {
+                Some(hint) => RetryPolicy::after_hint(hint, backoff, self.jitter()?),
+                None => backoff,
+            };
             if tokio::time::Instant::now().checked_add(wait).is_none_or(|end| end >= budget_end) {
                 return Err(err);
             }
@@ -473,8 +514,15 @@ impl Device {
                     round.handle_message(now(), msg);
                 }
                 Inbound::Finished { model_version, model } => {
-                    if let Some(model) = model {
-                        self.cached = Some(model);
+                    match model {
+                        Some(model) => self.cached = Some(model),
+                        // The final model is left out only for a device that holds it.
+                        None if self.cached.as_ref().map(|m| m.version) != Some(model_version) => {
+                            return Err(NetError::PeerMisbehaved(WireError::Invalid(
+                                "finished without the final model, which the device does not hold".into(),
+                            )));
+                        }
+                        None => {}
                     }
                     return Ok(Participation::Finished { model_version });
                 }
@@ -515,6 +563,23 @@ pub fn quic_client_config(server_cert: &[u8]) -> Result<quinn::ClientConfig, Net
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| NetError::Setup(e.to_string()))?;
     Ok(quinn::ClientConfig::new(Arc::new(quic)))
+}
+
+/// A failed connection attempt: a TLS failure on either side (a QUIC `CRYPTO_ERROR`, codes
+/// 0x100–0x1ff, which carry a TLS alert) is permanent, anything else may pass.
+fn connection_error(e: quinn::ConnectionError) -> NetError {
+    match &e {
+        quinn::ConnectionError::TransportError(t) if crypto(t.code.into()) => NetError::Tls(e.to_string()),
+        quinn::ConnectionError::ConnectionClosed(c) if crypto(c.error_code.into()) => {
+            NetError::Tls(e.to_string())
+        }
+        _ => NetError::Connection(e.to_string()),
+    }
+}
+
+/// Whether a QUIC transport error code is a `CRYPTO_ERROR` (RFC 9001 §4.8: 0x100 + a TLS alert).
+fn crypto(code: u64) -> bool {
+    (0x100..0x200).contains(&code)
 }
 
 /// The round an upload request is for.
@@ -619,6 +684,12 @@ mod tests {
         assert!(NetError::Timeout.is_transient());
         assert!(refused(ErrorCode::RateLimited).is_transient());
         assert!(refused(ErrorCode::Internal).is_transient());
+        // Pace steering: the coordinator is at capacity and says when to come back.
+        assert!(refused(ErrorCode::Busy).is_transient());
+        assert_eq!(refused(ErrorCode::Busy).refusal(), Some(ErrorCode::Busy));
+        // A certificate that is not the pinned one stays so however often it is retried.
+        assert!(!NetError::Tls("invalid peer certificate: UnknownIssuer".into()).is_transient());
+        assert!(!NetError::Setup("x".into()).is_transient());
         for code in
             [ErrorCode::BadToken, ErrorCode::VersionMismatch, ErrorCode::NotEligible, ErrorCode::CutOff]
         {
@@ -628,6 +699,37 @@ mod tests {
         assert!(!NetError::PeerMisbehaved(WireError::Malformed("x".into())).is_transient());
         assert!(!NetError::Cancelled.is_transient());
         assert!(!NetError::BudgetExceeded.is_transient());
+    }
+
+    #[test]
+    fn a_retry_hint_is_honoured_with_up_to_ten_percent_of_jitter() {
+        let hint = Duration::from_secs(2);
+        let small = Duration::from_millis(100);
+        assert_eq!(RetryPolicy::after_hint(hint, small, 0.0), hint);
+        assert_eq!(RetryPolicy::after_hint(hint, small, 0.5), Duration::from_millis(2100));
+        let top = RetryPolicy::after_hint(hint, small, 0.999_999);
+        assert!(top > Duration::from_millis(2199) && top <= Duration::from_millis(2200), "{top:?}");
+        // Never shorter than the backoff; never a panic on odd input.
+        assert_eq!(RetryPolicy::after_hint(small, hint, 0.3), hint);
+        for jitter in [-1.0, 2.0, f64::NAN, f64::INFINITY] {
+            assert!(RetryPolicy::after_hint(hint, small, jitter) <= Duration::from_millis(2200), "{jitter}");
+        }
+        assert_eq!(RetryPolicy::after_hint(Duration::MAX, small, 0.9), Duration::MAX);
+    }
+
+    #[test]
+    fn tls_alerts_are_crypto_errors_and_other_transport_errors_are_not() {
+        // bad_certificate (42), unknown_ca (48), no_application_protocol (120).
+        for alert in [42u8, 48, 120] {
+            assert!(crypto(quinn::TransportErrorCode::crypto(alert).into()), "{alert}");
+        }
+        for code in
+            [quinn::TransportErrorCode::CONNECTION_REFUSED, quinn::TransportErrorCode::PROTOCOL_VIOLATION]
+        {
+            assert!(!crypto(code.into()), "{code:?}");
+        }
+        assert!(matches!(connection_error(quinn::ConnectionError::TimedOut), NetError::Connection(_)));
+        assert!(matches!(connection_error(quinn::ConnectionError::Reset), NetError::Connection(_)));
     }
 
     #[test]

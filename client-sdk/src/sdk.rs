@@ -511,6 +511,13 @@ impl Sdk {
     /// checked against the memory budget, stored, and used for inference afterwards. Only one
     /// participation runs at a time per handle ([`SdkError::Busy`]); other calls keep working
     /// while it runs.
+    ///
+    /// A coordinator at capacity answers with a retry hint (`Busy`, pace steering): the SDK
+    /// waits for the hint plus up to 10 % of random jitter and tries again, within the retry
+    /// policy and the time budget. When the federation is finished (its privacy budget is
+    /// spent) the outcome is [`RoundOutcome::Finished`] and the final model, which the
+    /// coordinator sends unless the device holds it, is stored like any other: stop calling
+    /// `participate` then. Each attempt uses one connection, closed before this returns.
     pub fn participate(
         &self,
         opts: &ParticipateOptions,
@@ -553,8 +560,11 @@ impl Sdk {
                 if let Some(model) = cached {
                     device = device.with_cached_model(model);
                 }
-                let participation = device.participate_with(&ratings, opts, &stop).await?;
-                Ok::<_, NetError>((participation, device.cached_model().cloned(), device.task_params()))
+                let participation = device.participate_with(&ratings, opts, &stop).await;
+                // Before the runtime goes: the coordinator learns at once that the connection
+                // is closed, instead of holding its slot until the idle timeout.
+                device.shutdown().await;
+                Ok::<_, NetError>((participation?, device.cached_model().cloned(), device.task_params()))
             };
             let out = attempt.await;
             watcher.abort();
@@ -609,7 +619,9 @@ impl Sdk {
         })?;
         let fetched = block_on(async {
             let device = Device::new(net)?;
-            rules::fetch(&device, &key, installed).await
+            let fetched = rules::fetch(&device, &key, installed).await;
+            device.shutdown().await;
+            fetched
         })?;
         match fetched.map_err(|e| match e {
             FetchError::Net(e) => participation_error(e),

@@ -890,7 +890,10 @@ pub extern "C" fn fedrec_participate_options_default() -> FedrecParticipateOptio
 /// Run it on a background thread. Needs training consent, checked before any connection is
 /// opened (status 2 otherwise), and a coordinator. `options` may be NULL for the defaults;
 /// `cancel` may be NULL, or a token another thread cancels (status 12). Other calls on the
-/// handle keep working while it runs; a second participation at once gets status 15. On
+/// handle keep working while it runs; a second participation at once gets status 15. A
+/// coordinator at capacity is retried after its retry hint (plus a little jitter); when the
+/// federation is finished the outcome is `FEDREC_ROUND_OUTCOME_FINISHED` and the final model
+/// is stored. On
 /// failure `*report` is the empty report: outcome `FEDREC_ROUND_OUTCOME_FAILED`, every flag
 /// false, `retry_after_ms` -1.
 ///
