@@ -4,7 +4,9 @@
  * real coordinator on loopback and runs it. Every status is checked; the first failure
  * prints the call, the status and the SDK's message, and exits 1.
  *
- *   sdk_smoke misuse       ABI misuse: NULL pointers, invalid UTF-8, bad lengths, bad kinds.
+ *   sdk_smoke misuse       ABI misuse: NULL pointers, invalid UTF-8, bad lengths, bad kinds,
+ *                          an empty folder path, a second open of a folder in use.
+ *   sdk_smoke locked       the folder is held by another process: open and erase are refused.
  *   sdk_smoke no-consent   events recorded without training consent: participate refuses
  *                          before connecting (the driver checks the coordinator saw nothing).
  *   sdk_smoke full         open, wrong key, consent, events, a round, recommendations, segment,
@@ -195,6 +197,9 @@ static int misuse(void) {
     FAILS(fedrec_sdk_open(dir, KEY, 32, NULL, NULL, &err), FEDREC_ERR_NULL_POINTER);
     FAILS(fedrec_sdk_open(dir, KEY, 16, NULL, &sdk, &err), FEDREC_ERR_INVALID_ARGUMENT);
     FAILS(fedrec_sdk_open("/tmp/\xff\xfe-not-utf8", KEY, 32, NULL, &sdk, &err), FEDREC_ERR_INVALID_UTF8);
+    /* An empty path would put the store in the working directory. */
+    FAILS(fedrec_sdk_open("", KEY, 32, NULL, &sdk, &err), FEDREC_ERR_INVALID_ARGUMENT);
+    FAILS(fedrec_sdk_erase("", &err), FEDREC_ERR_INVALID_ARGUMENT);
     FedrecCoordinator bad = {.address = "not an address", .server_name = "localhost"};
     FedrecOpenOptions options = fedrec_open_options_default();
     options.coordinator = &bad;
@@ -204,6 +209,12 @@ static int misuse(void) {
     /* Bad arguments on an open handle. */
     OK(fedrec_sdk_open(dir, KEY, 32, NULL, &sdk, &err));
     REQUIRE(sdk != NULL);
+    /* One handle per folder: a second open (any key) and an erase are refused while it is open. */
+    FedrecSdk *second = NULL;
+    FAILS(fedrec_sdk_open(dir, KEY, 32, NULL, &second, &err), FEDREC_ERR_LOCKED);
+    FAILS(fedrec_sdk_open(dir, OTHER_KEY, 32, NULL, &second, &err), FEDREC_ERR_LOCKED);
+    REQUIRE(second == NULL);
+    FAILS(fedrec_sdk_erase(dir, &err), FEDREC_ERR_LOCKED);
     FAILS(fedrec_sdk_record(sdk, 1, FEDREC_EVENT_VIEW, 1.0f, 0, &err), FEDREC_ERR_CONSENT_REQUIRED);
     OK(fedrec_sdk_set_consent(sdk, true, false, &err));
     FAILS(fedrec_sdk_record(sdk, 1, 99, 1.0f, 0, &err), FEDREC_ERR_INVALID_ARGUMENT);
@@ -264,6 +275,24 @@ static int misuse(void) {
 
     OK(fedrec_sdk_forget(sdk, &err));
     fedrec_sdk_close(sdk);
+    /* Forgetting released the folder: it opens again. */
+    OK(fedrec_sdk_open(dir, KEY, 32, NULL, &sdk, &err));
+    OK(fedrec_sdk_forget(sdk, &err));
+    fedrec_sdk_close(sdk);
+    REQUIRE(count_entries(dir) == 0);
+    return 0;
+}
+
+/* The driver holds the folder open in its own process: this process is refused. */
+static int locked(void) {
+    const char *dir = env("FEDREC_STORE_DIR");
+    FedrecSdk *sdk = NULL;
+    int entries = count_entries(dir);
+    REQUIRE(entries > 0);
+    FAILS(fedrec_sdk_open(dir, KEY, 32, NULL, &sdk, &err), FEDREC_ERR_LOCKED);
+    REQUIRE(sdk == NULL);
+    FAILS(fedrec_sdk_erase(dir, &err), FEDREC_ERR_LOCKED);
+    REQUIRE(count_entries(dir) == entries);
     return 0;
 }
 
@@ -470,12 +499,14 @@ static int full(void) {
 
 int main(int argc, char **argv) {
     if (argc != 2) {
-        fprintf(stderr, "usage: %s misuse|no-consent|full\n", argv[0]);
+        fprintf(stderr, "usage: %s misuse|locked|no-consent|full\n", argv[0]);
         return 2;
     }
     int rc;
     if (strcmp(argv[1], "misuse") == 0) {
         rc = misuse();
+    } else if (strcmp(argv[1], "locked") == 0) {
+        rc = locked();
     } else if (strcmp(argv[1], "no-consent") == 0) {
         rc = no_consent();
     } else if (strcmp(argv[1], "full") == 0) {

@@ -1,10 +1,11 @@
 //! The SDK's C ABI used from C: `tests/c/sdk_smoke.c` is compiled with the system `cc` against `include/fedrec.h` and the static library, and run against a real `fedrec-coordinator` on loopback.
 //!
 //! The C program checks every status itself and exits non-zero on the first surprise; these
-//! tests build it, prepare the coordinator (one device is enough for a round, charging
-//! required, a signed ruleset published), pass the addresses, certificate, token and keys
-//! through the environment, and check on the coordinator's side what the device did: nothing
-//! at all without training consent, one reported update with it.
+//! tests build it, hold a store folder open while it tries to open the same folder, prepare
+//! the coordinator (one device is enough for a round, charging required, a signed ruleset
+//! published), pass the addresses, certificate, token and keys through the environment, and
+//! check on the coordinator's side what the device did: nothing at all without training
+//! consent, one reported update with it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -119,6 +120,21 @@ fn c_program_misusing_the_abi_gets_errors_not_crashes() {
         .expect("sdk_smoke starts");
     assert!(out.status.success(), "sdk_smoke misuse failed:\n{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("all checks passed"), "{}", describe(&out));
+}
+
+#[test]
+fn c_program_is_refused_a_folder_another_process_holds() {
+    let tmp = tempfile::tempdir().expect("a temp dir");
+    let exe = compile_smoke(tmp.path());
+    let store = tmp.path().join("store");
+    // This process holds the folder (the C program's key: the lock does not care).
+    let held = fedrec_client::sdk::Sdk::open(fedrec_client::sdk::SdkConfig::new(&store, [9; 32]))
+        .expect("the SDK opens");
+    let out =
+        Command::new(&exe).arg("locked").env("FEDREC_STORE_DIR", &store).output().expect("sdk_smoke starts");
+    assert!(out.status.success(), "sdk_smoke locked failed:\n{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("all checks passed"), "{}", describe(&out));
+    held.consent().expect("the holder is unaffected");
 }
 
 #[tokio::test]
