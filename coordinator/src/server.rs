@@ -69,6 +69,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::auth::{AuthError, DailyQuota, DeviceId, ReplayGuard, ReplayLimits, Verifier};
+use crate::log_throttle::LogThrottle;
 use crate::metrics::{ServerMetrics, serve_http};
 use crate::store::{Store, StoreError};
 
@@ -110,6 +111,11 @@ pub const DEFAULT_MAX_UPLOAD_MEMORY: usize = 256 << 20;
 pub const SMALL_RECEIVE_WINDOW: u32 = 64 * 1024;
 /// The receive window while a connection reads an admitted upload (see [`ServeConfig::max_upload_memory`]).
 pub const UPLOAD_RECEIVE_WINDOW: u32 = 1024 * 1024;
+/// The UDP socket's receive and send buffer sizes the server asks for. A burst of devices
+/// (thousands of handshakes at the top of the hour) overflows the kernel's default (about
+/// 208 KB on Linux) and loses datagrams; Linux grants at most `net.core.rmem_max` /
+/// `wmem_max`, and the server logs what it got.
+pub const UDP_BUFFER_BYTES: usize = 4 << 20;
 
 /// Which device states the coordinator accepts at check-in, as the capability bits of
 /// [`CheckIn`] report them. The default requires nothing: the host app owns scheduling and
@@ -340,7 +346,12 @@ impl Server {
         let cert_der =
             chain.first().map(|c| c.to_vec()).ok_or_else(|| ServerError::Tls("empty chain".into()))?;
         let server_config = quic_server_config(chain, key, cfg.max_streams_per_connection, cfg.read_timeout)?;
-        let endpoint = quinn::Endpoint::server(server_config, cfg.listen)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            udp_socket(cfg.listen)?,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         let local_addr = endpoint.local_addr()?;
         let status = ServerStatus {
             n_committed: 0,
@@ -378,6 +389,7 @@ impl Server {
             quota: DailyQuota::new(cfg.rounds_per_device_per_day),
             eligibility: cfg.eligibility,
             rules: cfg.rules,
+            log: Arc::new(LogThrottle::default()),
         };
         owner.update_epsilon();
         Ok(Server {
@@ -450,6 +462,7 @@ impl Server {
         let (req_tx, req_rx) = mpsc::channel::<Command>(256);
         let (stop_tx, stop_rx) = watch::channel(false);
         let open_round = Arc::clone(&owner.open_round);
+        let log = Arc::clone(&owner.log);
         let mut owner_task = tokio::spawn(owner.run(req_rx, stop_rx));
         let upload_units = max_upload_memory.div_ceil(UPLOAD_UNIT).min(Semaphore::MAX_PERMITS);
         let ctx = Arc::new(StreamCtx {
@@ -464,6 +477,7 @@ impl Server {
             max_connections_per_source,
             upload_memory: Arc::new(Semaphore::new(upload_units)),
             open_round,
+            log,
         });
         let mut owner_result = None;
         tokio::pin!(shutdown);
@@ -477,8 +491,7 @@ impl Server {
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let Some(source) = SourceSlot::take(&ctx, incoming.remote_address().ip()) else {
-                        ctx.metrics.rejected("source_cap");
-                        tracing::warn!(reason = "source_cap", "refused a connection");
+                        refusal(&ctx.metrics, &ctx.log, "source_cap", "refused a connection");
                         incoming.refuse();
                         continue;
                     };
@@ -488,8 +501,7 @@ impl Server {
                             tokio::spawn(serve_connection(incoming, Arc::clone(&ctx), permit, source));
                         }
                         Err(_) => {
-                            ctx.metrics.rejected("connection_cap");
-                            tracing::warn!(reason = "connection_cap", "refused a connection");
+                            refusal(&ctx.metrics, &ctx.log, "connection_cap", "refused a connection");
                             incoming.refuse();
                         }
                     }
@@ -551,6 +563,28 @@ pub fn quic_server_config(
     transport.max_idle_timeout(Some(idle));
     server_config.transport_config(Arc::new(transport));
     Ok(server_config)
+}
+
+/// The server's UDP socket on `listen`, with buffers of [`UDP_BUFFER_BYTES`] where the
+/// kernel allows them.
+fn udp_socket(listen: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(listen), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer works, it only loses more datagrams in a burst.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    let (recv, send) = (socket.recv_buffer_size()?, socket.send_buffer_size()?);
+    // Linux reports twice what it grants (the doubling covers its bookkeeping).
+    if recv < UDP_BUFFER_BYTES || send < UDP_BUFFER_BYTES {
+        tracing::warn!(
+            recv_buffer = recv,
+            send_buffer = send,
+            wanted = UDP_BUFFER_BYTES,
+            "the UDP socket buffers are smaller than asked: raise net.core.rmem_max and wmem_max for bursts"
+        );
+    }
+    socket.bind(&listen.into())?;
+    Ok(socket.into())
 }
 
 /// The certificate chain and key of `tls`.
@@ -655,6 +689,8 @@ struct StreamCtx {
     upload_memory: Arc<Semaphore>,
     /// The open round plus one, 0 when none is open (written by the owner).
     open_round: Arc<AtomicU64>,
+    /// Keeps refusals from flooding the log.
+    log: Arc<LogThrottle>,
 }
 
 impl StreamCtx {
@@ -779,8 +815,7 @@ async fn serve_connection(
                     }
                     Ok(Err(_)) => break,
                     Err(_) if peer.active_streams.load(Ordering::Relaxed) == 0 => {
-                        ctx.metrics.rejected("idle");
-                        tracing::warn!(reason = "idle", "closed an idle connection");
+                        refusal(&ctx.metrics, &ctx.log, "idle", "closed an idle connection");
                         peer.conn.close(ErrorCode::CutOff.as_u16().into(), b"no request in time");
                         break;
                     }
@@ -789,10 +824,9 @@ async fn serve_connection(
             }
             let _ = ctx.requests.send(Command::Closed { conn: peer.id }).await;
         }
-        Err(e) => {
+        Err(_) => {
             // Wrong ALPN, TLS 1.2, a bad handshake, or a peer that never finished it.
-            ctx.metrics.rejected("handshake");
-            tracing::warn!(reason = "handshake", error = %e, "refused a connection");
+            refusal(&ctx.metrics, &ctx.log, "handshake", "refused a handshake");
         }
     }
     drop(source);
@@ -825,32 +859,28 @@ async fn serve_stream(
             }
         }
         Err(StreamError::Wire(e)) => {
-            let label = e.code().label();
-            ctx.metrics.rejected(label);
-            tracing::warn!(reason = label, "refused a request");
+            refusal(&ctx.metrics, &ctx.log, e.code().label(), "refused a request");
             // Every decoding error is the peer's doing.
             Reply::strike(Response::error(e.code(), &e.to_string()))
         }
         Err(StreamError::Timeout) => {
-            ctx.metrics.rejected("timeout");
-            tracing::warn!(reason = "timeout", "refused a request");
+            refusal(&ctx.metrics, &ctx.log, "timeout", "refused a request");
             // An honest device sends its request at once; a slow trickle holds a slot.
             Reply::strike(Response::error(ErrorCode::Malformed, "request not received in time"))
         }
         Err(StreamError::NotAdmitted(why)) => {
             let _ = recv.stop(0u32.into());
-            ctx.metrics.rejected("not_admitted");
-            tracing::warn!(reason = "not_admitted", why, "refused an upload before reading it");
+            refusal(&ctx.metrics, &ctx.log, "not_admitted", "refused an upload before reading it");
             Reply::strike(Response::error(ErrorCode::TooLarge, why))
         }
         Err(StreamError::Late) => {
             let _ = recv.stop(0u32.into());
-            ctx.metrics.rejected(ErrorCode::WrongRound.label());
+            refusal(&ctx.metrics, &ctx.log, ErrorCode::WrongRound.label(), "refused a late upload");
             Reply::refused(Response::error(ErrorCode::WrongRound, "upload for a round that is not open"))
         }
         Err(StreamError::Busy) => {
             let _ = recv.stop(0u32.into());
-            ctx.metrics.rejected(ErrorCode::Busy.label());
+            refusal(&ctx.metrics, &ctx.log, ErrorCode::Busy.label(), "no upload memory in time");
             let retry = jittered(ctx.read_timeout);
             Reply::refused(Response::error_with_retry(
                 ErrorCode::Busy,
@@ -872,11 +902,16 @@ async fn serve_stream(
         let _ = tokio::time::timeout(ctx.read_timeout, send.stopped()).await;
     }
     if cut_off {
-        let label = ErrorCode::CutOff.label();
-        ctx.metrics.rejected(label);
-        tracing::warn!(reason = label, strikes = ctx.max_invalid_requests, "closed a misbehaving connection");
+        refusal(&ctx.metrics, &ctx.log, ErrorCode::CutOff.label(), "closed a misbehaving connection");
         peer.conn.close(ErrorCode::CutOff.as_u16().into(), b"too many invalid requests");
     }
+}
+
+/// Counts a refusal under `label` and logs it, at most one line per label and second (the
+/// line says how many were held back): one attack must not flood the log.
+fn refusal(metrics: &ServerMetrics, log: &LogThrottle, label: &'static str, what: &'static str) {
+    metrics.rejected(label);
+    log.warn(label, |suppressed| tracing::warn!(reason = label, suppressed, "{what}"));
 }
 
 /// `base` stretched by a uniform factor in [1, 2): devices told to come back do not come
@@ -999,6 +1034,8 @@ struct Owner {
     eligibility: EligibilityPolicy,
     /// The signed ruleset devices fetch.
     rules: Option<Arc<crate::rules::PublishedRuleset>>,
+    /// Keeps refusals from flooding the log (shared with the stream tasks).
+    log: Arc<LogThrottle>,
 }
 
 impl Owner {
@@ -1080,8 +1117,7 @@ impl Owner {
                 CoordinatorEvent::RoundCommitted { stats, .. }
                 | CoordinatorEvent::RoundAbandoned { stats, .. } => stats.round,
                 CoordinatorEvent::Rejected { reason, .. } => {
-                    self.metrics.rejected(reason.label());
-                    tracing::warn!(reason = reason.label(), "refused a message");
+                    refusal(&self.metrics, &self.log, reason.label(), "refused a message");
                     continue;
                 }
                 _ => continue,
@@ -1163,8 +1199,7 @@ impl Owner {
 
     /// Counts and logs a refused peer (by reason label only: no tokens, no ids).
     fn refuse(&self, label: &'static str) {
-        self.metrics.rejected(label);
-        tracing::warn!(reason = label, "refused a peer");
+        refusal(&self.metrics, &self.log, label, "refused a peer");
     }
 
     fn handle_request(&mut self, now: Instant, conn: usize, request: Request) -> Reply {
