@@ -15,6 +15,7 @@ use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
 use fedrec_shared::{ModelInit, ModelShape, Objective, TrainParams};
 use serde::Deserialize;
 
+use crate::auth::ReplayLimits;
 use crate::server::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_INVALID_REQUESTS, DEFAULT_ROUNDS_PER_DEVICE_PER_DAY,
     EligibilityPolicy,
@@ -23,9 +24,29 @@ use crate::server::{
 /// The configuration file's name inside a state directory.
 pub const CONFIG_FILE: &str = "fedrec.toml";
 
+/// Shortest check-in and report windows accepted, in milliseconds. A device needs a network
+/// round trip to check in and a download, a training step and an upload to report; a shorter
+/// window abandons round after round (an idle coordinator with a zero window and no gap wrote
+/// 3,317 abandoned rounds in 4 s).
+pub const MIN_WINDOW_MS: u64 = 1_000;
+/// Longest window or pause between rounds accepted, in milliseconds: one day. Longer values
+/// are a mistake in the unit (these are milliseconds), not a policy.
+pub const MAX_DURATION_MS: u64 = 86_400_000;
+
 /// The template `init` writes: every setting, with a comment saying what it does.
+///
+/// It is ready for devices running the SDK once the privacy budget is set (the one thing it
+/// leaves out on purpose): the implicit objective the SDK's interaction signals call for, and
+/// rounds that can commit.
 pub const TEMPLATE: &str = r#"# fedrec coordinator configuration. `fedrec-coordinator serve --dir DIR` reads it.
 # Durations are in milliseconds.
+#
+# Before the first `serve`:
+#   1. Set the privacy budget in [privacy] (required: there is no default).
+#   2. Make [model] match your catalogue, and open the SDK in the app with the same
+#      n_items, dim and n_segments (FedrecCoordinator / SdkConfig::coordinator).
+#   3. To accept devices from other machines, listen on a routable address ("0.0.0.0:4433").
+# Everything else works as written with devices running the SDK.
 
 # Address the QUIC endpoint listens on.
 listen = "127.0.0.1:4433"
@@ -40,33 +61,52 @@ dim = 16
 n_segments = 8
 # Initialisation of a fresh model (ignored once the store holds a checkpoint).
 factor_std = 0.1
-global_mean = 3.5      # a prior for explicit ratings; 0 for implicit feedback
+global_mean = 0.0      # 0 for implicit feedback; a prior such as 3.5 for explicit ratings
 centroid_scale = 0.001
 
 [training]
-# "explicit" (squared error on ratings) or "implicit" (iALS; set implicit_alpha).
-objective = "explicit"
-# implicit_alpha = 40.0
-l2_user = 1.0
-l2_user_bias = 0.1
-l2_item = 0.05
-l2_item_bias = 0.01
+# What devices learn from. The SDK turns the app's events (views, clicks, purchases, ratings)
+# into decayed interaction strengths, not ratings: train it with "implicit" (weighted
+# matrix factorization, iALS). "explicit" (squared error on 1-5 star ratings) is for devices
+# that hold ratings, such as fedrec-sim's.
+objective = "implicit"
+# Confidence of an observed item: 1 + implicit_alpha * strength (unobserved items: 1). With
+# the SDK's default weights a view adds 1 to an item's strength, a click 2, a purchase 8.
+# Only with "implicit".
+implicit_alpha = 1.0
+# Ridge penalties: user vector, user bias (explicit only), item vectors, item biases. These
+# are fedrec-sim's defaults for the implicit objective.
+l2_user = 5.0
+l2_user_bias = 0.0
+l2_item = 0.1
+l2_item_bias = 0.0
 # Server optimizer for the item side: "adam" or "sgd" (sgd uses momentum).
 optimizer = "adam"
-server_lr = 0.1
+server_lr = 0.005
 # momentum = 0.9
 
 [rounds]
-# "poisson" (each device that checks in is selected with probability q; what the privacy
-# accountant models) or "first_come" (the first `cohort` devices; only without noise).
+# A round: devices check in during checkin_window_ms; some are selected; the selected ones
+# train and report within report_window_ms; the round commits a new model if at least
+# min_reports reported, and is abandoned otherwise (nothing released, nothing charged).
+#
+# Selection "poisson": every device that checks in is selected independently with
+#   probability q, so a round has on average  q x (devices checking in during the window)
+#   devices. This is what the privacy accountant models, and the only choice with noise.
+# Selection "first_come": the first `cohort` devices that check in (write cohort instead
+#   of q). Only without noise (noise_multiplier 0).
 selection = "poisson"
 q = 0.5
 # cohort = 100
-# Fewest reports with which a round commits; fewer and it is abandoned.
+# Fewest reports with which a round commits: at least 1, and at most cohort with first_come
+# (serve refuses more). With poisson nothing bounds it here: keep it well below
+# q x (devices checking in), leaving room for dropouts, or every round is abandoned.
 min_reports = 10
+# How long a round accepts check-ins, and how long selected devices then have to report
+# (each from 1000 to 86400000, i.e. 1 s to 1 day).
 checkin_window_ms = 30000
 report_window_ms = 120000
-# Pause between the close of one round and the start of the next.
+# Pause between the close of one round and the start of the next (0 to 86400000).
 round_gap_ms = 1000
 
 [privacy]
@@ -79,6 +119,10 @@ accountant = "rdp"
 # The (epsilon, delta) budget is REQUIRED when noise_multiplier > 0, and has no default:
 # choose it for your population (delta well below 1 / number of devices), then uncomment.
 # The coordinator refuses to open a round that could take the spend past epsilon.
+# What a budget buys (rdp, delta 1e-6): with this file's q (0.5) and noise_multiplier
+# (1.0), epsilon 8 pays for 3 rounds; with q 0.01 (a population 50 times larger for the
+# same devices per round) 1000 rounds cost epsilon 2.4. Price a plan with
+#   fedrec-sim privacy epsilon --q Q --sigma NOISE_MULTIPLIER --steps ROUNDS --delta DELTA
 # epsilon = 8.0
 # delta = 1e-6
 
@@ -349,7 +393,70 @@ impl FileConfig {
         }
     }
 
-    /// The round machine's configuration. Refuses noise without a budget.
+    /// Refuses round settings with which no round could commit, or that would open rounds
+    /// in a busy loop: `min_reports` of 0, above the first-come `cohort`, or above the most
+    /// uploads the coordinator accepts in a round; windows under [`MIN_WINDOW_MS`]; any
+    /// duration over [`MAX_DURATION_MS`].
+    ///
+    /// With Poisson selection the number of devices per round is `q` times the devices that
+    /// check in, which the file does not know: a `min_reports` above it is not caught here.
+    fn check_rounds(&self, selection: &Selection) -> Result<(), ConfigError> {
+        let r = &self.rounds;
+        if r.min_reports == 0 {
+            return Err(invalid(
+                "rounds.min_reports",
+                "must be at least 1: a round without reports has nothing to commit",
+            ));
+        }
+        if let Selection::FirstCome { cohort } = *selection
+            && r.min_reports > cohort
+        {
+            return Err(invalid(
+                "rounds.min_reports",
+                format!(
+                    "min_reports = {} > cohort = {cohort}: first_come selects at most `cohort` devices \
+                     per round, so every round would be abandoned; lower min_reports or raise cohort",
+                    r.min_reports
+                ),
+            ));
+        }
+        let max_uploads = ReplayLimits::default().max_nonces_per_round;
+        if r.min_reports > max_uploads {
+            return Err(invalid(
+                "rounds.min_reports",
+                format!(
+                    "min_reports = {} is more than the {max_uploads} uploads the coordinator accepts \
+                     in one round, so every round would be abandoned",
+                    r.min_reports
+                ),
+            ));
+        }
+        let window = |key: &'static str, ms: u64| {
+            if (MIN_WINDOW_MS..=MAX_DURATION_MS).contains(&ms) {
+                Ok(())
+            } else {
+                Err(invalid(
+                    key,
+                    format!(
+                        "{ms} ms is outside {MIN_WINDOW_MS}..={MAX_DURATION_MS} (1 s to 1 day, in \
+                         milliseconds): a shorter window abandons round after round"
+                    ),
+                ))
+            }
+        };
+        window("rounds.checkin_window_ms", r.checkin_window_ms)?;
+        window("rounds.report_window_ms", r.report_window_ms)?;
+        if r.round_gap_ms > MAX_DURATION_MS {
+            return Err(invalid(
+                "rounds.round_gap_ms",
+                format!("{} ms is more than {MAX_DURATION_MS} (1 day, in milliseconds)", r.round_gap_ms),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The round machine's configuration. Refuses noise without a budget, and round settings
+    /// with which no round could commit (see the bounds on [`MIN_WINDOW_MS`]).
     pub fn coordinator_config(&self) -> Result<CoordinatorConfig, ConfigError> {
         let t = &self.training;
         let objective = match (t.objective.as_str(), t.implicit_alpha) {
@@ -399,6 +506,7 @@ impl FileConfig {
                 ));
             }
         };
+        self.check_rounds(&selection)?;
         // Checked even without a budget, so that a typo is caught before it matters.
         self.accountant()?;
         let privacy = self.privacy_policy()?;
@@ -472,6 +580,89 @@ mod tests {
         let zero = FileConfig::parse(&TEMPLATE.replace("max_connections = 10000", "max_connections = 0"))
             .expect("parses");
         assert!(zero.limits().is_err(), "a cap of zero connections is refused");
+    }
+
+    /// The template with a budget, then `(from, to)` replacements (each `from` must be there).
+    fn template_with(edits: &[(&str, &str)]) -> FileConfig {
+        let mut text =
+            TEMPLATE.replace("# epsilon = 8.0", "epsilon = 8.0").replace("# delta = 1e-6", "delta = 1e-6");
+        for (from, to) in edits {
+            assert!(text.contains(from), "the template has {from:?}");
+            text = text.replacen(from, to, 1);
+        }
+        FileConfig::parse(&text).expect("parses")
+    }
+
+    fn refusal(cfg: &FileConfig) -> String {
+        cfg.coordinator_config().expect_err("refused").to_string()
+    }
+
+    const FIRST_COME: [(&str, &str); 3] = [
+        ("selection = \"poisson\"", "selection = \"first_come\""),
+        ("q = 0.5", "cohort = 10"),
+        ("noise_multiplier = 1.0", "noise_multiplier = 0.0"),
+    ];
+
+    #[test]
+    fn the_template_trains_the_implicit_objective_sdk_devices_hold() {
+        let coordinator = template_with(&[]).coordinator_config().expect("valid with a budget");
+        assert_eq!(coordinator.train.objective, Objective::Implicit { alpha: 1.0 });
+        assert_eq!(template_with(&[]).model_init().global_mean, 0.0);
+        assert_eq!(coordinator.selection, Selection::Poisson { q: 0.5 });
+        assert!(coordinator.min_reports >= 1);
+        // Its comments speak of the README's quantities.
+        for words in ["q x (devices checking in", "cohort", "min_reports", "1 s to 1 day", "SDK"] {
+            assert!(TEMPLATE.contains(words), "the template explains {words:?}");
+        }
+    }
+
+    #[test]
+    fn min_reports_above_a_first_come_cohort_or_zero_is_refused_naming_the_keys() {
+        let mut edits = FIRST_COME.to_vec();
+        edits.push(("min_reports = 10", "min_reports = 11"));
+        let err = refusal(&template_with(&edits));
+        assert!(
+            err.contains("rounds.min_reports") && err.contains("min_reports = 11 > cohort = 10"),
+            "{err}"
+        );
+        // Equal is fine: a round where every selected device reports commits.
+        edits.pop();
+        template_with(&edits).coordinator_config().expect("min_reports = cohort is valid");
+        let err = refusal(&template_with(&[("min_reports = 10", "min_reports = 0")]));
+        assert!(err.contains("rounds.min_reports") && err.contains("at least 1"), "{err}");
+        let err = refusal(&template_with(&[("min_reports = 10", "min_reports = 100001")]));
+        assert!(err.contains("rounds.min_reports") && err.contains("100000 uploads"), "{err}");
+    }
+
+    #[test]
+    fn windows_under_a_second_and_durations_over_a_day_are_refused() {
+        for (key, from, bad) in [
+            ("rounds.checkin_window_ms", "checkin_window_ms = 30000", "checkin_window_ms = 0"),
+            ("rounds.checkin_window_ms", "checkin_window_ms = 30000", "checkin_window_ms = 999"),
+            ("rounds.report_window_ms", "report_window_ms = 120000", "report_window_ms = 0"),
+            ("rounds.report_window_ms", "report_window_ms = 120000", "report_window_ms = 86400001"),
+            ("rounds.round_gap_ms", "round_gap_ms = 1000", "round_gap_ms = 9223372036854775807"),
+        ] {
+            let err = refusal(&template_with(&[(from, bad)]));
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+        let edges = [
+            ("checkin_window_ms = 30000", "checkin_window_ms = 1000"),
+            ("report_window_ms = 120000", "report_window_ms = 86400000"),
+            ("round_gap_ms = 1000", "round_gap_ms = 0"),
+        ];
+        let cfg = template_with(&edges).coordinator_config().expect("the bounds themselves are valid");
+        assert_eq!(cfg.checkin_window, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn every_setting_line_of_the_template_occurs_once_so_that_tools_can_edit_it() {
+        // Scripts and tests edit the template by replacing `key = value`; a comment quoting a
+        // setting would be edited instead.
+        for line in TEMPLATE.lines().filter(|l| !l.starts_with('#') && l.contains(" = ")) {
+            let setting = line.split(" #").next().unwrap_or(line).trim_end();
+            assert_eq!(TEMPLATE.matches(setting).count(), 1, "{setting:?} occurs once");
+        }
     }
 
     #[test]
