@@ -518,6 +518,20 @@ impl Verifier {
 
     /// Like [`Verifier::verify`], returning everything the token states.
     pub fn verify_claims(&self, token: &[u8], now_ms: u64) -> Result<TokenClaims, AuthError> {
+        let claims = self.authenticate(token)?;
+        if self.revoked.is_revoked(claims.device) {
+            return Err(AuthError::Revoked);
+        }
+        if claims.expires_at_ms.is_some_and(|expires| now_ms >= expires) {
+            return Err(AuthError::Expired);
+        }
+        Ok(claims)
+    }
+
+    /// Checks only that one of the keys issued `token` (version, length, tag, as
+    /// [`Verifier::verify`] does) and returns what it states, revoked or expired or not: for
+    /// operator tools that name a device by its token. Never admit a device with it.
+    pub fn authenticate(&self, token: &[u8]) -> Result<TokenClaims, AuthError> {
         let Some(&version) = token.first() else {
             return Err(AuthError::Malformed);
         };
@@ -531,14 +545,7 @@ impl Verifier {
         if !self.keys.iter().any(|key| key.verifies(signed, tag)) {
             return Err(AuthError::BadTag);
         }
-        let claims = TokenClaims::decode_signed(signed).ok_or(AuthError::Malformed)?;
-        if self.revoked.is_revoked(claims.device) {
-            return Err(AuthError::Revoked);
-        }
-        if claims.expires_at_ms.is_some_and(|expires| now_ms >= expires) {
-            return Err(AuthError::Expired);
-        }
-        Ok(claims)
+        TokenClaims::decode_signed(signed).ok_or(AuthError::Malformed)
     }
 
     /// Makes `key` the newest key (a rotation's first step). [`AuthError::KeyCount`] if the

@@ -1,7 +1,8 @@
 //! `fedrec-coordinator`: the operator's command line — create a state directory, enroll devices, serve rounds over QUIC, and report what the store holds.
 #![forbid(unsafe_code)]
 
-use std::fs::OpenOptions;
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
-use fedrec_coordinator::auth::{DeviceId, Enroller, RevocationList, TokenKey, Verifier};
+use fedrec_coordinator::auth::{DeviceId, Enroller, MAX_KEYS, RevocationList, TokenKey, Verifier};
 use fedrec_coordinator::config::{CONFIG_FILE, FileConfig, TEMPLATE};
 use fedrec_coordinator::rules;
 use fedrec_coordinator::server::{ServeConfig, Server, TlsIdentity};
@@ -27,6 +28,9 @@ const CERT_FILE: &str = "cert.der";
 const KEY_FILE: &str = "key.der";
 /// The HMAC key enrollment tokens are signed with.
 const TOKEN_KEY_FILE: &str = "token.key";
+/// Earlier token keys that still verify tokens (not sign them) after `rotate-key`: one hex
+/// key per line, newest first. Absent when there are none.
+const RETIRED_KEYS_FILE: &str = "token.key.retired";
 /// The SQLite store.
 const STORE_FILE: &str = "state.sqlite";
 
@@ -48,6 +52,9 @@ enum Command {
         dir: PathBuf,
     },
     /// Enroll new devices: print one hex token per line.
+    ///
+    /// With --out the file is created (it must not exist) before any device is enrolled; if
+    /// the tokens cannot be written, the devices just enrolled are revoked.
     Enroll {
         /// The state directory.
         #[arg(long)]
@@ -55,9 +62,44 @@ enum Command {
         /// How many devices.
         #[arg(long)]
         count: u32,
-        /// Write the tokens to this file (mode 0600) instead of standard output.
+        /// Write the tokens to this new file (mode 0600) instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Revoke devices: their tokens are refused (BadToken) from the next `serve` start.
+    Revoke {
+        /// The state directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Device ids, as `devices` lists them.
+        #[arg(long = "device", value_name = "ID", num_args = 1..)]
+        devices: Vec<u64>,
+        /// Enrollment tokens (hex), as `enroll` wrote them.
+        #[arg(long = "token", value_name = "HEX", num_args = 1..)]
+        tokens: Vec<String>,
+        /// A file of tokens, one hex token per line (an `enroll --out` file).
+        #[arg(long, value_name = "FILE")]
+        tokens_file: Option<PathBuf>,
+    },
+    /// List the enrolled devices: id, enrollment time and revocation time (Unix ms).
+    Devices {
+        /// The state directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Draw a new token key: `enroll` signs with it from now on, and the previous key still
+    /// verifies the tokens it signed until `retire-old-keys`. Restart `serve` to apply.
+    RotateKey {
+        /// The state directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Stop accepting tokens signed by keys that `rotate-key` replaced: devices holding them
+    /// must re-enroll. Restart `serve` to apply.
+    RetireOldKeys {
+        /// The state directory.
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// Serve rounds until SIGINT or SIGTERM.
     Serve {
@@ -103,6 +145,12 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Init { dir } => init(&dir),
         Command::Enroll { dir, count, out } => enroll(&dir, count, out.as_deref()),
+        Command::Revoke { dir, devices, tokens, tokens_file } => {
+            revoke(&dir, &devices, &tokens, tokens_file.as_deref())
+        }
+        Command::Devices { dir } => devices(&dir),
+        Command::RotateKey { dir } => rotate_key(&dir),
+        Command::RetireOldKeys { dir } => retire_old_keys(&dir),
         Command::Serve { dir } => serve(&dir),
         Command::Status { dir } => status(&dir),
         Command::Rules { command } => rules(command),
@@ -123,17 +171,72 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Writes a new file readable only by its owner; refuses to overwrite.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut file = OpenOptions::new()
+/// Creates a new file readable only by its owner; refuses to overwrite.
+fn create_private(path: &Path) -> Result<File> {
+    OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
+        .with_context(|| format!("cannot create {}", path.display()))
+}
+
+/// Writes `bytes` to `file` (at `path`) and syncs it.
+fn write_synced(mut file: &File, path: &Path, bytes: &[u8]) -> Result<()> {
     file.write_all(bytes).with_context(|| format!("cannot write {}", path.display()))?;
-    file.sync_all().with_context(|| format!("cannot sync {}", path.display()))?;
-    Ok(())
+    file.sync_all().with_context(|| format!("cannot sync {}", path.display()))
+}
+
+/// Writes a new file readable only by its owner; refuses to overwrite.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_synced(&create_private(path)?, path, bytes)
+}
+
+/// Replaces `path` with a file readable only by its owner holding `bytes`, atomically: a
+/// crash leaves the old file or the new one.
+fn replace_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut name = path.file_name().context("a file path")?.to_owned();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    // A leftover of an earlier crash: it never replaced anything.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot remove {}", tmp.display()));
+        }
+        _ => {}
+    }
+    write_private(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    sync_parent(path)
+}
+
+/// Syncs the directory holding `path`, so that a rename or removal in it is durable.
+fn sync_parent(path: &Path) -> Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync the directory {}", parent.display()))
+}
+
+/// Lower-case hex of `bytes`.
+fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The bytes of a hex string (surrounding whitespace ignored); `None` if it is not hex.
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim();
+    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect()
 }
 
 fn init(dir: &Path) -> Result<()> {
@@ -176,15 +279,96 @@ fn open_store(dir: &Path) -> Result<Store> {
     Store::open(&path).with_context(|| format!("cannot open the store {}", path.display()))
 }
 
+/// The key `enroll` signs with.
 fn token_key(dir: &Path) -> Result<TokenKey> {
     let path = dir.join(TOKEN_KEY_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
     TokenKey::from_bytes(&bytes).with_context(|| format!("invalid token key {}", path.display()))
 }
 
+/// The keys `rotate-key` replaced that still verify tokens, newest first, without the
+/// signing key (a rotation interrupted between its two writes may have listed it already).
+fn retired_keys(dir: &Path, signing: &TokenKey) -> Result<Vec<TokenKey>> {
+    let path = dir.join(RETIRED_KEYS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let key = decode_hex(line)
+            .and_then(|bytes| TokenKey::from_bytes(&bytes).ok())
+            .with_context(|| format!("{} line {}: not a hex token key", path.display(), i + 1))?;
+        if key.to_bytes() != signing.to_bytes() {
+            keys.push(key);
+        }
+    }
+    Ok(keys)
+}
+
+/// Every key that verifies tokens, newest (the signing key) first.
+fn verifying_keys(dir: &Path) -> Result<Vec<TokenKey>> {
+    let signing = token_key(dir)?;
+    let mut keys = retired_keys(dir, &signing)?;
+    keys.insert(0, signing);
+    Ok(keys)
+}
+
+/// A verifier with every key and no revocation, to read the device id out of a token.
+fn token_reader(dir: &Path) -> Result<Verifier> {
+    Verifier::new(verifying_keys(dir)?, RevocationList::new()).context("cannot load the token keys")
+}
+
 fn enroll(dir: &Path, count: u32, out: Option<&Path>) -> Result<()> {
     let enroller = Enroller::new(token_key(dir)?);
     let mut store = open_store(dir)?;
+    // The output before the first device: a file that cannot be created costs no device.
+    let file = out.map(|path| create_private(path).map(|file| (file, path))).transpose()?;
+    let mut enrolled = Vec::new();
+    let written = issue_tokens(&enroller, &mut store, count, &mut enrolled).and_then(|lines| match &file {
+        Some((file, path)) => write_synced(file, path, lines.as_bytes()),
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(lines.as_bytes())
+                .and_then(|()| stdout.flush())
+                .context("cannot write the tokens")
+        }
+    });
+    let Err(e) = written else { return Ok(()) };
+    // Nobody holds these tokens (or only part of them): devices nothing could revoke later.
+    if let Some((file, path)) = file {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+    }
+    let now = unix_ms();
+    let failed: Vec<String> = enrolled
+        .iter()
+        .filter(|&&device| store.revoke_device(device, now).is_err())
+        .map(|device| device.get().to_string())
+        .collect();
+    if failed.is_empty() {
+        Err(e.context(format!("enrolled {} devices, then revoked them again", enrolled.len())))
+    } else {
+        Err(e.context(format!(
+            "enrolled {} devices and could not revoke {} of them: revoke them with `fedrec-coordinator revoke --dir {} --device {}`",
+            enrolled.len(),
+            failed.len(),
+            dir.display(),
+            failed.join(" ")
+        )))
+    }
+}
+
+/// Enrolls `count` devices (pushing each onto `enrolled` as soon as it is stored); their
+/// tokens, one hex line each.
+fn issue_tokens(
+    enroller: &Enroller,
+    store: &mut Store,
+    count: u32,
+    enrolled: &mut Vec<DeviceId>,
+) -> Result<String> {
     let rng = SystemRandom::new();
     let mut lines = String::new();
     let now = unix_ms();
@@ -200,16 +384,130 @@ fn enroll(dir: &Path, count: u32, out: Option<&Path>) -> Result<()> {
                 Err(e) => return Err(e).context("cannot record the device"),
             }
         };
+        enrolled.push(device);
         let token = enroller.issue(device, now, None).context("cannot issue a token")?;
-        for b in token.as_bytes() {
-            lines.push_str(&format!("{b:02x}"));
-        }
+        lines.push_str(&encode_hex(token.as_bytes()));
         lines.push('\n');
     }
-    match out {
-        Some(path) => write_private(path, lines.as_bytes())?,
-        None => print!("{lines}"),
+    Ok(lines)
+}
+
+fn revoke(dir: &Path, ids: &[u64], tokens: &[String], tokens_file: Option<&Path>) -> Result<()> {
+    let mut store = open_store(dir)?;
+    let mut texts: Vec<(String, String)> =
+        tokens.iter().enumerate().map(|(i, t)| (format!("--token #{}", i + 1), t.clone())).collect();
+    if let Some(path) = tokens_file {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        texts.extend(
+            text.lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+                .map(|(i, l)| (format!("{} line {}", path.display(), i + 1), l.to_owned())),
+        );
     }
+    if ids.is_empty() && texts.is_empty() {
+        bail!("name the devices to revoke: --device ID, --token HEX or --tokens-file FILE");
+    }
+    // Everything is checked before anything is revoked: a typo revokes nothing.
+    let mut devices: Vec<DeviceId> = ids.iter().copied().map(DeviceId::new).collect();
+    if !texts.is_empty() {
+        let reader = token_reader(dir)?;
+        for (what, text) in &texts {
+            let bytes = decode_hex(text).with_context(|| format!("{what}: not hex"))?;
+            let claims = reader
+                .authenticate(&bytes)
+                .map_err(|e| anyhow::anyhow!("{what}: not a token of this coordinator ({e})"))?;
+            devices.push(claims.device);
+        }
+    }
+    devices.sort_unstable();
+    devices.dedup();
+    for &device in &devices {
+        if store.device(device).context("cannot read the devices")?.is_none() {
+            bail!("device {} is not enrolled here: nothing was revoked", device.get());
+        }
+    }
+    let now = unix_ms();
+    let (mut n_revoked, mut n_already) = (0, 0);
+    for &device in &devices {
+        match store.revoke_device(device, now) {
+            Ok(()) => n_revoked += 1,
+            Err(StoreError::AlreadyRevoked(_)) => n_already += 1,
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot revoke device {} ({n_revoked} revoked before it)", device.get())
+                });
+            }
+        }
+    }
+    eprintln!(
+        "revoked {n_revoked} devices ({n_already} were already revoked); restart `serve` to refuse their tokens"
+    );
+    Ok(())
+}
+
+fn devices(dir: &Path) -> Result<()> {
+    let store = open_store(dir)?;
+    let mut stdout = std::io::stdout().lock();
+    let mut text = String::from("device_id enrolled_at_ms revoked_at_ms\n");
+    for d in store.list_devices().context("cannot read the devices")? {
+        let revoked = d.revoked_at_ms.map_or_else(|| "-".to_owned(), |ms| ms.to_string());
+        let _ = writeln!(text, "{} {} {revoked}", d.device_id.get(), d.enrolled_at_ms);
+    }
+    stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()).context("cannot write the list")
+}
+
+fn rotate_key(dir: &Path) -> Result<()> {
+    open_store(dir)?;
+    let current = token_key(dir)?;
+    let mut retired = retired_keys(dir, &current)?;
+    if retired.len() + 2 > MAX_KEYS {
+        bail!(
+            "{} retired keys still verify tokens, and a verifier holds at most {MAX_KEYS} keys: run \
+             `fedrec-coordinator retire-old-keys --dir {}` first (devices holding tokens of them \
+             must then re-enroll)",
+            retired.len(),
+            dir.display()
+        );
+    }
+    retired.insert(0, current);
+    let new = TokenKey::generate(&SystemRandom::new()).context("cannot draw a token key")?;
+    // Retired list first: a crash between the two writes leaves the old key both signing and
+    // retired, which is harmless; the other order could lose it.
+    let mut text = String::new();
+    for key in &retired {
+        text.push_str(&encode_hex(&key.to_bytes()));
+        text.push('\n');
+    }
+    replace_private(&dir.join(RETIRED_KEYS_FILE), text.as_bytes())?;
+    replace_private(&dir.join(TOKEN_KEY_FILE), &new.to_bytes())?;
+    eprintln!(
+        "rotated the token key: `enroll` signs with the new key; tokens signed by the {} earlier \
+         keys keep working. Restart `serve` to accept the new tokens. Once every device holds a \
+         new token, `fedrec-coordinator retire-old-keys --dir {}` stops accepting the old ones \
+         (run it now if the old key leaked: every device must then re-enroll).",
+        retired.len(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn retire_old_keys(dir: &Path) -> Result<()> {
+    open_store(dir)?;
+    let current = token_key(dir)?;
+    let retired = retired_keys(dir, &current)?;
+    let path = dir.join(RETIRED_KEYS_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => sync_parent(&path)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
+    }
+    eprintln!(
+        "retired {} old token keys: only tokens signed by the current key verify from the next \
+         `serve` start; devices holding older tokens are refused (bad_token) and must re-enroll",
+        retired.len()
+    );
     Ok(())
 }
 
@@ -229,7 +527,7 @@ fn serve(dir: &Path) -> Result<()> {
         .filter(|d| d.is_revoked())
         .map(|d| d.device_id)
         .collect();
-    let verifier = Verifier::new(vec![token_key(dir)?], revoked).context("cannot build the verifier")?;
+    let verifier = Verifier::new(verifying_keys(dir)?, revoked).context("cannot build the verifier")?;
     let model = GlobalModel::init(file.shape(), file.model_init(), &mut StdRng::from_os_rng())
         .with_context(|| format!("invalid [model] in {}", config_path.display()))?;
     let read = |name: &str| {
@@ -341,6 +639,8 @@ fn status(dir: &Path) -> Result<()> {
     }
     println!("devices enrolled: {}", s.n_devices_enrolled);
     println!("devices revoked: {}", s.n_devices_revoked);
+    let signing = token_key(dir)?;
+    println!("retired token keys still verifying: {}", retired_keys(dir, &signing)?.len());
     Ok(())
 }
 

@@ -438,3 +438,19 @@ fn device_ids_survive_sqlite_integer_bit_casts() {
     assert_eq!(DeviceId::new(u64::MAX).to_i64_bits(), -1);
     assert_eq!(DeviceId::new(5).to_string(), "device-5");
 }
+
+#[test]
+fn authenticate_names_the_device_of_a_revoked_or_expired_token_but_never_of_a_forged_one() {
+    let key = TokenKey::from_bytes(&[9u8; 32]).expect("a key");
+    let enroller = Enroller::new(key.clone());
+    let device = DeviceId::new(42);
+    let expired = enroller.issue(device, NOW - 2_000, Some(Duration::from_millis(1_000))).expect("a token");
+    let revoked: RevocationList = [device].into_iter().collect();
+    let v = Verifier::new(vec![key], revoked).expect("one key");
+    assert_eq!(v.verify(expired.as_bytes(), NOW), Err(AuthError::Revoked));
+    assert_eq!(v.authenticate(expired.as_bytes()).map(|c| c.device), Ok(device));
+    let mut forged = expired.to_vec();
+    forged[TOKEN_LEN - 1] ^= 1;
+    assert_eq!(v.authenticate(&forged), Err(AuthError::BadTag));
+    assert_eq!(v.authenticate(b""), Err(AuthError::Malformed));
+}
