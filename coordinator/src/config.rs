@@ -17,8 +17,8 @@ use serde::Deserialize;
 
 use crate::auth::ReplayLimits;
 use crate::server::{
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_INVALID_REQUESTS, DEFAULT_ROUNDS_PER_DEVICE_PER_DAY,
-    EligibilityPolicy,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_SOURCE, DEFAULT_MAX_INVALID_REQUESTS,
+    DEFAULT_MAX_UPLOAD_MEMORY, DEFAULT_ROUNDS_PER_DEVICE_PER_DAY, EligibilityPolicy, UPLOAD_RECEIVE_WINDOW,
 };
 
 /// The configuration file's name inside a state directory.
@@ -137,6 +137,15 @@ max_connections = 10000
 # replays, updates of the wrong shape, non-finite or too large) after which its connection
 # is closed with error code cut_off (17). 0 never closes a connection.
 max_invalid_requests = 3
+# Most concurrent connections from one IP address (0 = no limit; metric reason
+# "source_cap"). Devices behind one NAT share an address: keep it above what one may hold.
+max_connections_per_source = 64
+# MiB that uploads being received may hold at once, all connections together; at least one
+# upload of the model (n_items x (dim + 1) x 4 bytes and the centroids) plus 1 MiB. Beyond
+# it devices wait (flow control), then are told Busy and retry.
+max_upload_memory_mb = 256
+# Peak memory, even under attack, is bounded by about max_connections x 64 KiB (here 625
+# MiB) + max_upload_memory_mb + the model and its optimizer state.
 
 [eligibility]
 # Device states a check-in must report, else it is refused with NotEligible and never
@@ -216,6 +225,18 @@ pub struct LimitsSection {
     pub max_connections: usize,
     /// Strikes after which a misbehaving connection is closed; 0 never closes one.
     pub max_invalid_requests: u32,
+    /// Most concurrent connections from one IP address; 0 is no limit.
+    pub max_connections_per_source: usize,
+    /// MiB that uploads being received may hold at once, all connections together (at least
+    /// one upload of the model plus the upload receive window).
+    pub max_upload_memory_mb: usize,
+}
+
+impl LimitsSection {
+    /// [`LimitsSection::max_upload_memory_mb`] in bytes (saturating).
+    pub fn max_upload_memory(&self) -> usize {
+        self.max_upload_memory_mb.saturating_mul(1 << 20)
+    }
 }
 
 impl Default for LimitsSection {
@@ -224,6 +245,8 @@ impl Default for LimitsSection {
             rounds_per_device_per_day: DEFAULT_ROUNDS_PER_DEVICE_PER_DAY,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_invalid_requests: DEFAULT_MAX_INVALID_REQUESTS,
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            max_upload_memory_mb: DEFAULT_MAX_UPLOAD_MEMORY >> 20,
         }
     }
 }
@@ -345,12 +368,26 @@ impl FileConfig {
         }
     }
 
-    /// The `[limits]`, checked: a connection cap of 0 would refuse every device.
+    /// The `[limits]`, checked: a connection cap of 0 would refuse every device, and an
+    /// upload memory that cannot hold one upload of the model would refuse every report.
     pub fn limits(&self) -> Result<&LimitsSection, ConfigError> {
-        if self.limits.max_connections == 0 {
+        let l = &self.limits;
+        if l.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));
         }
-        Ok(&self.limits)
+        let needed =
+            fedrec_shared::wire::upload_limit(&self.shape()).saturating_add(UPLOAD_RECEIVE_WINDOW as usize);
+        if l.max_upload_memory() < needed {
+            return Err(invalid(
+                "limits.max_upload_memory_mb",
+                format!(
+                    "{} MiB cannot hold one upload of this model: it needs {needed} bytes ({} MiB)",
+                    l.max_upload_memory_mb,
+                    needed.div_ceil(1 << 20)
+                ),
+            ));
+        }
+        Ok(l)
     }
 
     /// The eligibility policy.
@@ -580,6 +617,24 @@ mod tests {
         let zero = FileConfig::parse(&TEMPLATE.replace("max_connections = 10000", "max_connections = 0"))
             .expect("parses");
         assert!(zero.limits().is_err(), "a cap of zero connections is refused");
+        assert_eq!(limits.max_connections_per_source, DEFAULT_MAX_CONNECTIONS_PER_SOURCE);
+        assert_eq!(limits.max_upload_memory(), DEFAULT_MAX_UPLOAD_MEMORY);
+        assert_eq!(old.limits().expect("valid").max_upload_memory(), DEFAULT_MAX_UPLOAD_MEMORY);
+    }
+
+    #[test]
+    fn upload_memory_must_hold_one_upload_of_the_model() {
+        // 100,000 items x 32: one upload is about 13 MB.
+        let big = [("n_items = 1000", "n_items = 100000"), ("dim = 16", "dim = 32")];
+        let mut edits = big.to_vec();
+        edits.push(("max_upload_memory_mb = 256", "max_upload_memory_mb = 13"));
+        let err = template_with(&edits).limits().expect_err("too small").to_string();
+        assert!(err.contains("limits.max_upload_memory_mb") && err.contains("14 MiB"), "{err}");
+        edits.pop();
+        edits.push(("max_upload_memory_mb = 256", "max_upload_memory_mb = 14"));
+        assert_eq!(template_with(&edits).limits().expect("valid").max_upload_memory(), 14 << 20);
+        let cfg = template_with(&[("max_connections_per_source = 64", "max_connections_per_source = 0")]);
+        assert_eq!(cfg.limits().expect("0 is no limit").max_connections_per_source, 0);
     }
 
     /// The template with a budget, then `(from, to)` replacements (each `from` must be there).

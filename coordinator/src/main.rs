@@ -548,6 +548,8 @@ fn serve(dir: &Path) -> Result<()> {
     cfg.rounds_per_device_per_day = limits.rounds_per_device_per_day;
     cfg.max_connections = limits.max_connections;
     cfg.max_invalid_requests = limits.max_invalid_requests;
+    cfg.max_connections_per_source = limits.max_connections_per_source;
+    cfg.max_upload_memory = limits.max_upload_memory();
     cfg.eligibility = file.eligibility();
 
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

@@ -2,9 +2,11 @@
 
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
+use std::time::Duration;
 
 use fedrec_client::net::{CancelToken, ParticipateOptions, Participation};
 use fedrec_shared::round::ClientOutcome;
+use fedrec_shared::wire::Request;
 use fedrec_shared::{ModelShape, Objective, Rating};
 use fedrec_tests::coordinator::describe;
 use fedrec_tests::{CoordinatorDir, WAIT, fedrec_coordinator_bin};
@@ -85,6 +87,48 @@ fn serve_refuses_round_windows_under_a_second_naming_the_key() {
     state.edit_config(&[("report_window_ms = 120000", "report_window_ms = 999")]);
     let said = stderr(&serve_must_refuse(&state));
     assert!(said.contains("rounds.report_window_ms"), "{said}");
+}
+
+#[test]
+fn serve_refuses_an_upload_memory_that_cannot_hold_one_upload() {
+    let tmp = tempfile::tempdir().expect("a temp dir");
+    let state = CoordinatorDir::init(
+        tmp.path().join("state"),
+        &[
+            ("n_items = 1000", "n_items = 100000"),
+            ("dim = 16", "dim = 32"),
+            ("max_upload_memory_mb = 256", "max_upload_memory_mb = 13"),
+            ("noise_multiplier = 1.0", "noise_multiplier = 0.0"),
+        ],
+    );
+    let said = stderr(&serve_must_refuse(&state));
+    assert!(said.contains("limits.max_upload_memory_mb") && said.contains("14 MiB"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_caps_the_connections_of_one_source_address_as_configured() {
+    let tmp = tempfile::tempdir().expect("a temp dir");
+    let state = CoordinatorDir::init(
+        tmp.path().join("state"),
+        &[
+            ("max_connections_per_source = 64", "max_connections_per_source = 1"),
+            ("noise_multiplier = 1.0", "noise_multiplier = 0.0"),
+        ],
+    );
+    let token = state.enroll(1).remove(0);
+    let serve = state.serve().await;
+    let first = serve.device(token.clone(), TEMPLATE_SHAPE, Duration::from_secs(10));
+    let held = first.connect().await.expect("the first connection is accepted");
+    held.request(&Request::CheckIn(first.check_in())).await.expect("and served");
+    // Both devices are on 127.0.0.1: the second connection is over the cap of one.
+    let second = serve.device(token, TEMPLATE_SHAPE, Duration::from_secs(10));
+    let refused = match second.connect().await {
+        Err(_) => true,
+        Ok(session) => session.request(&Request::CheckIn(second.check_in())).await.is_err(),
+    };
+    assert!(refused, "a second connection from the same address is refused");
+    assert!(serve.metric("fedrec_rejected_total{reason=\"source_cap\"}").await >= 1.0);
+    held.close();
 }
 
 /// What the SDK holds for device `d`: decayed interaction strengths (a view is 1, a click 2,
