@@ -72,6 +72,8 @@ fn status_constants_are_the_sdk_codes() {
         (FEDREC_ERR_CLOSED, SdkError::Closed),
         (FEDREC_ERR_BUSY, SdkError::Busy),
         (FEDREC_ERR_INTERNAL, SdkError::Internal(String::new())),
+        (FEDREC_ERR_LOCKED, SdkError::Locked),
+        (FEDREC_ERR_ROLLBACK, SdkError::Rollback(String::new())),
     ];
     for (constant, error) in &pairs {
         assert_eq!(*constant, error.code(), "{error:?}");
