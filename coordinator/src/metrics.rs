@@ -337,7 +337,10 @@ impl ServerMetrics {
         }
     }
 
-    /// Counts one refusal with reason `label`.
+    /// Counts one refusal with reason `label`: an [`crate::auth::AuthError::label`] (a
+    /// token the coordinator did not issue is `bad_token`, an authentic one of a revoked
+    /// device `revoked`, an expired one `expired`), a wire error code's label, or a word of
+    /// the server's own (`connection_cap`, `source_cap`, `timeout`, ...).
     pub fn rejected(&self, label: &str) {
         self.registry.counter(REJECTED, REJECTED_HELP, &[("reason", label)]).inc();
     }
