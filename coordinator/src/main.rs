@@ -483,8 +483,8 @@ fn rotate_key(dir: &Path) -> Result<()> {
     replace_private(&dir.join(RETIRED_KEYS_FILE), text.as_bytes())?;
     replace_private(&dir.join(TOKEN_KEY_FILE), &new.to_bytes())?;
     eprintln!(
-        "rotated the token key: `enroll` signs with the new key; tokens signed by the {} earlier \
-         keys keep working. Restart `serve` to accept the new tokens. Once every device holds a \
+        "rotated the token key: `enroll` signs with the new key; tokens signed by earlier keys \
+         ({} kept) keep working. Restart `serve` to accept the new tokens. Once every device holds a \
          new token, `fedrec-coordinator retire-old-keys --dir {}` stops accepting the old ones \
          (run it now if the old key leaked: every device must then re-enroll).",
         retired.len(),
