@@ -57,10 +57,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use fedrec_shared::round::{
-    ClientId, ClientMessage, Coordinator, CoordinatorConfig, CoordinatorEvent, Instant, StartError,
+    ClientId, ClientMessage, Coordinator, CoordinatorConfig, CoordinatorEvent, Instant, ServerMessage,
+    StartError, Task,
 };
-use fedrec_shared::wire::{self, ALPN, CheckIn, ErrorCode, LEN_PREFIX, Limits, Request, Response, WireError};
+use fedrec_shared::wire::{
+    self, ALPN, CheckIn, ErrorCode, LEN_PREFIX, Limits, Request, Response, WireError, WireTask,
+};
 use fedrec_shared::{GlobalModel, ParamError, RoundModel};
 use quinn::crypto::rustls::QuicServerConfig;
 use rand::SeedableRng;
@@ -390,6 +394,7 @@ impl Server {
             eligibility: cfg.eligibility,
             rules: cfg.rules,
             log: Arc::new(LogThrottle::default()),
+            task_frames: TaskFrames::default(),
         };
         owner.update_epsilon();
         Ok(Server {
@@ -615,7 +620,7 @@ enum Command {
 /// (see [`is_misbehaviour`]), and the round whose task it hands out, if it is one.
 #[derive(Debug)]
 struct Reply {
-    response: Response,
+    answer: Answer,
     misbehaved: bool,
     /// The round whose task this answer carries: the connection may then upload once.
     task_round: Option<u64>,
@@ -628,19 +633,34 @@ impl Reply {
             Response::Task(task) => Some(task.round),
             _ => None,
         };
-        Self { response, misbehaved: false, task_round }
+        Self { answer: Answer::Response(response), misbehaved: false, task_round }
+    }
+
+    /// A task for `round`, sent as the shared `frame`.
+    fn task(round: u64, frame: Bytes) -> Self {
+        Self { answer: Answer::Frame(frame), misbehaved: false, task_round: Some(round) }
     }
 
     /// A refusal, a strike if [`is_misbehaviour`] says so for its code.
     fn refused(response: Response) -> Self {
         let misbehaved = matches!(&response, Response::Error { code, .. } if is_misbehaviour(*code));
-        Self { response, misbehaved, task_round: None }
+        Self { answer: Answer::Response(response), misbehaved, task_round: None }
     }
 
     /// A refusal that is a strike.
     fn strike(response: Response) -> Self {
-        Self { response, misbehaved: true, task_round: None }
+        Self { answer: Answer::Response(response), misbehaved: true, task_round: None }
     }
+}
+
+/// What goes back on the stream.
+#[derive(Debug)]
+enum Answer {
+    /// A response to encode.
+    Response(Response),
+    /// A response already encoded and shared with every other device it goes to (a task: one
+    /// copy of the model per round, whatever the number of devices).
+    Frame(Bytes),
 }
 
 /// Whether a refusal with `code` means the peer misbehaved: nothing an honest device running
@@ -894,9 +914,15 @@ async fn serve_stream(
         peer.task_round.store(round.saturating_add(1), Ordering::Release);
     }
     let cut_off = reply.misbehaved && peer.strike(ctx.max_invalid_requests);
-    let Ok(frame) = wire::encode(&reply.response) else { return };
+    let frame = match reply.answer {
+        Answer::Frame(frame) => frame,
+        Answer::Response(response) => match wire::encode(&response) {
+            Ok(frame) => Bytes::from(frame),
+            Err(_) => return,
+        },
+    };
     ctx.metrics.bytes_out.add(frame.len() as u64);
-    if send.write_all(&frame).await.is_ok() {
+    if send.write_chunk(frame).await.is_ok() {
         let _ = send.finish();
         // Wait for the peer to read the answer (or go away) before the stream is dropped.
         let _ = tokio::time::timeout(ctx.read_timeout, send.stopped()).await;
@@ -1036,6 +1062,8 @@ struct Owner {
     rules: Option<Arc<crate::rules::PublishedRuleset>>,
     /// Keeps refusals from flooding the log (shared with the stream tasks).
     log: Arc<LogThrottle>,
+    /// The current task, encoded once.
+    task_frames: TaskFrames,
 }
 
 impl Owner {
@@ -1232,11 +1260,11 @@ impl Owner {
                 }
                 let client: ClientId = device.get();
                 self.coordinator.handle_message(now, client, ClientMessage::CheckIn);
-                let response = self.answer(client, check_in.cached_model_version);
-                if let Response::Task(_) = response {
+                let reply = self.answer(client, check_in.cached_model_version);
+                if reply.task_round.is_some() {
                     self.quota.record(device, now_ms);
                 }
-                Reply::ok(response)
+                reply
             }
             Request::Upload(upload) => {
                 // An upload carries no token: it comes from the device whose check-in on the
@@ -1272,7 +1300,12 @@ impl Owner {
                 };
                 let client: ClientId = device.get();
                 self.coordinator.handle_message(now, client, msg);
-                Reply::refused(self.answer(client, None))
+                match self.answer(client, None).answer {
+                    Answer::Response(response) => Reply::refused(response),
+                    Answer::Frame(_) => {
+                        Reply::ok(Response::error(ErrorCode::Internal, "a task in answer to an upload"))
+                    }
+                }
             }
             Request::FetchRules(fetch) => match self.verifier.verify(&fetch.token, unix_ms()) {
                 Ok(_) => Reply::ok(crate::rules::answer(self.rules.as_deref(), fetch.have_version)),
@@ -1293,7 +1326,7 @@ impl Owner {
     }
 
     /// The machine's answer to `client`, if it queued one.
-    fn answer(&mut self, client: ClientId, cached_model_version: Option<u64>) -> Response {
+    fn answer(&mut self, client: ClientId, cached_model_version: Option<u64>) -> Reply {
         let mut answer = None;
         while let Some((to, msg)) = self.coordinator.poll_transmit() {
             if to == client {
@@ -1301,9 +1334,52 @@ impl Owner {
             }
         }
         match answer {
-            Some(msg) => Response::from_server_message(&msg, cached_model_version, self.retry_after),
-            None => Response::error(ErrorCode::Internal, "no answer from the round"),
+            Some(ServerMessage::Selected { task, model }) => {
+                match self.task_frames.frame(&task, &model, cached_model_version) {
+                    Ok(frame) => Reply::task(task.round, frame),
+                    Err(e) => Reply::ok(Response::error(ErrorCode::Internal, &e.to_string())),
+                }
+            }
+            Some(msg) => {
+                Reply::ok(Response::from_server_message(&msg, cached_model_version, self.retry_after))
+            }
+            None => Reply::ok(Response::error(ErrorCode::Internal, "no answer from the round")),
         }
+    }
+}
+
+/// The encoded task frames of the latest task, with and without the model: encoded once and
+/// shared by every device of the round (quinn sends from the shared buffer).
+#[derive(Debug, Default)]
+struct TaskFrames {
+    /// The task and model version the frames encode.
+    key: Option<(Task, u64)>,
+    /// With the model, for devices that do not hold it.
+    with_model: Option<Bytes>,
+    /// Without, for devices that said they hold the model's version.
+    without_model: Option<Bytes>,
+}
+
+impl TaskFrames {
+    /// The frame of `task` on `model` for a device holding `cached_model_version`.
+    fn frame(
+        &mut self,
+        task: &Task,
+        model: &RoundModel,
+        cached_model_version: Option<u64>,
+    ) -> Result<Bytes, WireError> {
+        if self.key.as_ref().is_none_or(|(t, v)| t != task || *v != model.version) {
+            *self = TaskFrames { key: Some((task.clone(), model.version)), ..TaskFrames::default() };
+        }
+        let holds_model = cached_model_version == Some(model.version);
+        let slot = if holds_model { &mut self.without_model } else { &mut self.with_model };
+        if let Some(frame) = slot {
+            return Ok(frame.clone());
+        }
+        let response = Response::Task(WireTask::new(task, model, cached_model_version));
+        let frame = Bytes::from(wire::encode(&response)?);
+        *slot = Some(frame.clone());
+        Ok(frame)
     }
 }
 
