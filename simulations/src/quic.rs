@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use fedrec_client::net::{Device, NetConfig, Session};
+use fedrec_client::net::{
+    CancelToken, Device, NetConfig, ParticipateOptions, Participation, RetryPolicy, Session,
+};
 use fedrec_coordinator::auth::{DeviceId, Enroller, RevocationList, TokenKey, Verifier};
 use fedrec_coordinator::danger::seed_coordinator_rng;
 use fedrec_coordinator::server::{ServeConfig, Server, ServerStatus};
@@ -55,8 +57,9 @@ pub enum Pace {
     /// Check-ins one after another in the given order, uploads in selection order:
     /// reproduces the in-process run.
     InTurn,
-    /// Devices check in, train and upload as fast as they can, as the SDK's `participate`
-    /// does, at most `in_flight` at once: load. With a cohort smaller than the fleet, a
+    /// Devices take part through the SDK's own loop ([`Device::participate_with`], with its
+    /// retries, backoff and honouring of the coordinator's retry hints), at most `in_flight`
+    /// at once: load, as a fleet of apps makes it. With a cohort smaller than the fleet, a
     /// device that checks in after a quick round committed joins the next round.
     AllAtOnce {
         /// Most participations under way at any moment.
@@ -76,7 +79,8 @@ pub struct FleetRound {
     pub n_errors: usize,
     /// The first network or protocol error, if any.
     pub first_error: Option<String>,
-    /// Wall time the devices spent training, summed over devices.
+    /// Wall time the devices spent training, summed over devices ([`Pace::InTurn`] only: the
+    /// SDK's loop does not report it).
     pub train_seconds: f64,
 }
 
@@ -223,6 +227,13 @@ impl Fleet {
         let Ok(_permit) = Arc::clone(&ctx.in_flight).acquire_owned().await else {
             bail!("device {idx}: the round was cancelled")
         };
+        if !in_turn {
+            let outcome = self.participate_as_app(idx).await?;
+            if matches!(&outcome, Outcome::Done(o) if !matches!(o, ClientOutcome::NotSelected)) {
+                ctx.n_selected.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(outcome);
+        }
         if in_turn {
             ctx.check_ins.wait(pos).await;
         }
@@ -253,10 +264,28 @@ impl Fleet {
             ctx.uploads.pass();
         }
         session.close();
+        device.shutdown().await;
         sent?;
         match round.outcome() {
             Some(o) => Ok(Outcome::Done(o.clone())),
             None => bail!("device {idx}: the coordinator's answer did not end the round"),
+        }
+    }
+
+    /// Device `idx` takes part as an app's SDK does: one [`Device::participate_with`], which
+    /// retries lost connections and `Busy` answers after the coordinator's hint.
+    async fn participate_as_app(&self, idx: usize) -> anyhow::Result<Outcome> {
+        let mut device = self.device(idx)?;
+        let opts = ParticipateOptions {
+            time_budget: self.timeout,
+            retry: RetryPolicy { max_attempts: 20, ..RetryPolicy::default() },
+            ..ParticipateOptions::default()
+        };
+        let result = device.participate_with(&self.ratings[idx], &opts, &CancelToken::new()).await;
+        device.shutdown().await;
+        match result.with_context(|| format!("device {idx}"))? {
+            Participation::Outcome(o) => Ok(Outcome::Done(o)),
+            _ => Ok(Outcome::NotSelected),
         }
     }
 
@@ -270,6 +299,7 @@ impl Fleet {
             .with_context(|| format!("device {idx}: check-in"))?;
         match response.into_inbound(None).with_context(|| format!("device {idx}: check-in answer"))? {
             Inbound::Message(task @ ServerMessage::Selected { .. }) => Ok(Some((device, session, task))),
+            // The turn is held here: the runtime lives on and sends the close without waiting.
             Inbound::Message(_) | Inbound::Finished { .. } => {
                 session.close();
                 Ok(None)
@@ -367,6 +397,8 @@ pub(crate) fn run_rounds(
     // Devices take part as often as the run selects them, as in process.
     serve.rounds_per_device_per_day = u32::MAX;
     serve.max_connections = serve.max_connections.max(data.train.len() + 1);
+    // Every device is on 127.0.0.1, and a selected one holds its connection until its turn.
+    serve.max_connections_per_source = 0;
     // A selected device's connection waits for the devices before it; keep it open meanwhile.
     serve.read_timeout = Duration::from_secs(600);
     // The coordinator selects and adds noise exactly as the in-process one does: same seed,

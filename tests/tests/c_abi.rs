@@ -64,9 +64,7 @@ fn prepare(dir: &Path) -> (CoordinatorDir, String) {
             ("n_items = 1000", format!("n_items = {N_ITEMS}")),
             ("dim = 16", format!("dim = {DIM}")),
             ("n_segments = 8", format!("n_segments = {N_SEGMENTS}")),
-            ("global_mean = 3.5", "global_mean = 0.0".to_owned()),
-            ("objective = \"explicit\"", "objective = \"implicit\"".to_owned()),
-            ("# implicit_alpha = 40.0", "implicit_alpha = 1.0".to_owned()),
+            // The template already trains the implicit objective SDK devices need (alpha 1).
             ("selection = \"poisson\"", "selection = \"first_come\"".to_owned()),
             ("q = 0.5", "cohort = 1".to_owned()),
             ("min_reports = 10", "min_reports = 1".to_owned()),

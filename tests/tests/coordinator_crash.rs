@@ -184,7 +184,7 @@ async fn a_coordinator_killed_mid_round_resumes_without_double_counting() {
     let tmp = tempfile::tempdir().expect("a temp dir");
     let dir = tmp.path().join("state");
     let settings =
-        Settings { q: 0.5, min_reports: 3, checkin_window_ms: 300, report_window_ms: 2000, noise: 1.0 };
+        Settings { q: 0.5, min_reports: 3, checkin_window_ms: 1000, report_window_ms: 2000, noise: 1.0 };
     let (state, tokens) = prepare(&dir, &settings, N);
     let data = ratings(N);
 
@@ -247,7 +247,7 @@ async fn devices_that_vanish_after_selection_do_not_block_a_round() {
     let dir = tmp.path().join("state");
     // Everyone who checks in is selected; two reports are enough.
     let settings =
-        Settings { q: 1.0, min_reports: 2, checkin_window_ms: 400, report_window_ms: 1200, noise: 0.0 };
+        Settings { q: 1.0, min_reports: 2, checkin_window_ms: 1000, report_window_ms: 1200, noise: 0.0 };
     let (state, tokens) = prepare(&dir, &settings, GOOD + VANISH);
     let data = ratings(GOOD);
     let serve = state.serve().await;
@@ -339,7 +339,7 @@ async fn bad_uploads_are_refused_while_a_good_device_completes_its_round() {
     let tmp = tempfile::tempdir().expect("a temp dir");
     let dir = tmp.path().join("state");
     let settings =
-        Settings { q: 0.5, min_reports: 1, checkin_window_ms: 300, report_window_ms: 1000, noise: 0.0 };
+        Settings { q: 0.5, min_reports: 1, checkin_window_ms: 1000, report_window_ms: 1000, noise: 0.0 };
     let (state, tokens) = prepare(&dir, &settings, 2);
     let data = ratings(1);
     let serve = state.serve().await;
