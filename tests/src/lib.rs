@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod coordinator;
+pub mod relay;
 pub mod server;
 
 use std::fmt::Write as _;
@@ -173,7 +174,7 @@ pub fn unix_ms() -> u64 {
 
 /// The bytes of a hex string (as `enroll` prints tokens); panics on anything else.
 pub fn decode_hex(s: &str) -> Vec<u8> {
-    assert!(s.len() % 2 == 0, "hex has an even length");
+    assert!(s.len().is_multiple_of(2), "hex has an even length");
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
 }
 
