@@ -5,8 +5,8 @@
 //! one distinct peer per device, as it would on a real network. Every datagram, in either
 //! direction, goes through one scheduler task that draws its fate from a seeded RNG per
 //! direction ([`LinkProfile`]): dropped, or delivered after the one-way delay plus a uniform
-//! jitter, plus (for a fraction of datagrams) an extra hold-back that lets later datagrams
-//! overtake it. Delivery times sit in a bounded timer queue; a datagram that finds it full is
+//! jitter. Jitter alone keeps each device's datagrams in order, as a FIFO link does; a
+//! fraction of datagrams is held back further, and later datagrams overtake it. Delivery times sit in a bounded timer queue; a datagram that finds it full is
 //! dropped (counted as `overflowed`), as a router's full buffer would.
 //!
 //! The relay only binds `127.0.0.1`, refuses a non-loopback upstream and ignores datagrams
@@ -44,7 +44,9 @@ pub struct LinkProfile {
     pub loss: f64,
     /// Delay added to every delivered datagram.
     pub one_way_delay: Duration,
-    /// Upper bound of a uniform extra delay drawn per datagram.
+    /// Upper bound of a uniform extra delay drawn per datagram. A datagram is never delivered
+    /// before one the relay received earlier from (or for) the same device, unless that one
+    /// was held back by `reorder`: jitter varies the delay, it does not reorder.
     pub jitter: Duration,
     /// Probability, in `[0, 1]`, that a delivered datagram is held back a further
     /// `one_way_delay + jitter` (at least 1 ms), so that datagrams sent after it overtake it.
@@ -371,6 +373,8 @@ struct Scheduler {
     next_seq: [u64; 2],
     /// Per device and direction, the highest arrival number delivered so far.
     delivered: HashMap<(SocketAddr, Direction), u64>,
+    /// Per device and direction, the latest delivery time of a datagram not held back.
+    last_due: HashMap<(SocketAddr, Direction), Instant>,
     counters: watch::Sender<RelayCounters>,
 }
 
@@ -384,6 +388,7 @@ impl Scheduler {
             queue: BinaryHeap::new(),
             next_seq: [0; 2],
             delivered: HashMap::new(),
+            last_due: HashMap::new(),
             counters,
         }
     }
@@ -427,11 +432,15 @@ impl Scheduler {
         let held = rng.random::<f64>() < profile.reorder;
         let overflowed = !lost && (via.is_none() || self.queue.len() >= MAX_QUEUED);
         if let (false, false, Some(via)) = (lost, overflowed, via) {
-            let mut delay = profile.one_way_delay.saturating_add(jitter);
-            if held {
-                delay = delay.saturating_add(profile.hold());
-            }
-            let due = Instant::now() + delay;
+            let due = Instant::now() + profile.one_way_delay.saturating_add(jitter);
+            let due = if held {
+                due + profile.hold()
+            } else {
+                // FIFO: not before the flow's previous datagram.
+                let last = self.last_due.entry((device, direction)).or_insert(due);
+                *last = due.max(*last);
+                *last
+            };
             self.queue.push(Reverse(Scheduled { due, seq, direction, device, via, bytes }));
         }
         let in_flight = self.queue.len();
@@ -615,16 +624,20 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_link_without_loss_or_jitter_delivers_everything_in_order() {
+    async fn a_link_without_loss_or_reordering_delivers_everything_in_order() {
         const N: u64 = 500;
         let (upstream, _echo) = echo().await;
-        let profile = LinkProfile { one_way_delay: Duration::from_millis(2), ..LinkProfile::clean(3) };
-        let relay = Relay::start(upstream, profile).await.expect("starts");
-        let got = echo_through(&relay, N, 32).await;
-        assert_eq!(got, (0..N).collect::<Vec<_>>());
-        let c = relay.counters();
-        assert_eq!((c.to_server.reordered, c.to_device.reordered), (0, 0), "{c:?}");
-        assert_eq!((c.to_server.forwarded, c.to_device.forwarded), (N, N), "{c:?}");
+        let delay = LinkProfile { one_way_delay: Duration::from_millis(2), ..LinkProfile::clean(3) };
+        // Jitter varies each datagram's delay but does not reorder a flow.
+        let jitter = LinkProfile { jitter: Duration::from_millis(3), ..delay };
+        for profile in [delay, jitter] {
+            let relay = Relay::start(upstream, profile).await.expect("starts");
+            let got = echo_through(&relay, N, 32).await;
+            assert_eq!(got, (0..N).collect::<Vec<_>>(), "{profile:?}");
+            let c = relay.counters();
+            assert_eq!((c.to_server.reordered, c.to_device.reordered), (0, 0), "{c:?}");
+            assert_eq!((c.to_server.forwarded, c.to_device.forwarded), (N, N), "{c:?}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
