@@ -54,7 +54,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -107,6 +107,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_INVALID_REQUESTS: u32 = 3;
 /// Default of [`ServeConfig::max_connections_per_source`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 64;
+/// Default of [`ServeConfig::max_concurrent_handshakes`].
+pub const DEFAULT_MAX_CONCURRENT_HANDSHAKES: usize = 256;
 /// Default of [`ServeConfig::max_upload_memory`]: 256 MiB.
 pub const DEFAULT_MAX_UPLOAD_MEMORY: usize = 256 << 20;
 /// The QUIC receive window (bytes all streams of a connection may have in flight unread) of
@@ -202,6 +204,12 @@ pub struct ServeConfig {
     /// is held by flow control (backpressure), and after [`ServeConfig::read_timeout`] it is
     /// told [`ErrorCode::Busy`] with a retry hint. Must hold at least one upload.
     pub max_upload_memory: usize,
+    /// Most QUIC handshakes under way at once (0: no limit). A burst beyond it is refused at
+    /// once (QUIC `CONNECTION_REFUSED`, counted as `reason="handshake_cap"`), which costs the
+    /// server one packet; devices retry after their backoff with jitter, so a burst is spread
+    /// out instead of overflowing the socket and the CPU. Past half of it, peers must first
+    /// prove their address (a stateless QUIC Retry), so spoofed sources hold at most half.
+    pub max_concurrent_handshakes: usize,
     /// Seed of the coordinator's RNG; `None` (always, outside simulations) draws it from the
     /// operating system. Set only through [`crate::danger::seed_coordinator_rng`].
     pub(crate) insecure_seed: Option<u64>,
@@ -213,7 +221,8 @@ impl ServeConfig {
     /// hint of 1 s, 4 concurrent streams per connection, no store, no metrics endpoint,
     /// [`DEFAULT_ROUNDS_PER_DEVICE_PER_DAY`], [`DEFAULT_MAX_CONNECTIONS`],
     /// [`DEFAULT_MAX_INVALID_REQUESTS`], no eligibility requirement,
-    /// [`DEFAULT_MAX_CONNECTIONS_PER_SOURCE`] and [`DEFAULT_MAX_UPLOAD_MEMORY`].
+    /// [`DEFAULT_MAX_CONNECTIONS_PER_SOURCE`], [`DEFAULT_MAX_UPLOAD_MEMORY`] and
+    /// [`DEFAULT_MAX_CONCURRENT_HANDSHAKES`].
     pub fn new(
         listen: SocketAddr,
         coordinator: CoordinatorConfig,
@@ -240,6 +249,7 @@ impl ServeConfig {
             eligibility: EligibilityPolicy::default(),
             max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
             max_upload_memory: DEFAULT_MAX_UPLOAD_MEMORY,
+            max_concurrent_handshakes: DEFAULT_MAX_CONCURRENT_HANDSHAKES,
             insecure_seed: None,
         }
     }
@@ -312,6 +322,7 @@ pub struct Server {
     max_invalid_requests: u32,
     max_connections_per_source: usize,
     max_upload_memory: usize,
+    max_concurrent_handshakes: usize,
     metrics: Arc<ServerMetrics>,
     metrics_listener: Option<std::net::TcpListener>,
     metrics_addr: Option<SocketAddr>,
@@ -409,6 +420,7 @@ impl Server {
             max_invalid_requests: cfg.max_invalid_requests,
             max_connections_per_source: cfg.max_connections_per_source,
             max_upload_memory: cfg.max_upload_memory,
+            max_concurrent_handshakes: cfg.max_concurrent_handshakes,
             metrics,
             metrics_listener,
             metrics_addr,
@@ -453,6 +465,7 @@ impl Server {
             max_invalid_requests,
             max_connections_per_source,
             max_upload_memory,
+            max_concurrent_handshakes,
             metrics,
             metrics_listener,
             ..
@@ -483,6 +496,8 @@ impl Server {
             upload_memory: Arc::new(Semaphore::new(upload_units)),
             open_round,
             log,
+            handshakes: AtomicUsize::new(0),
+            max_concurrent_handshakes,
         });
         let mut owner_result = None;
         tokio::pin!(shutdown);
@@ -495,6 +510,20 @@ impl Server {
                 }
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    let (busy, cap) = (ctx.handshakes.load(Ordering::Relaxed), ctx.max_concurrent_handshakes);
+                    if cap > 0 && busy >= cap {
+                        refusal(&ctx.metrics, &ctx.log, "handshake_cap", "refused a connection");
+                        incoming.refuse();
+                        continue;
+                    }
+                    // Past half the cap, a peer must first prove its address with a QUIC Retry
+                    // (stateless: one packet, no state kept): a spoofed source never answers,
+                    // so it can hold at most half of the handshake slots.
+                    if cap > 1 && busy >= cap / 2 && !incoming.remote_address_validated() && incoming.may_retry() {
+                        ctx.metrics.registry.counter(RETRIES, RETRIES_HELP, &[]).inc();
+                        let _ = incoming.retry();
+                        continue;
+                    }
                     let Some(source) = SourceSlot::take(&ctx, incoming.remote_address().ip()) else {
                         refusal(&ctx.metrics, &ctx.log, "source_cap", "refused a connection");
                         incoming.refuse();
@@ -503,6 +532,7 @@ impl Server {
                     match Arc::clone(&ctx.connections).try_acquire_owned() {
                         Ok(permit) => {
                             ctx.count_connections();
+                            ctx.handshakes.fetch_add(1, Ordering::Relaxed);
                             tokio::spawn(serve_connection(incoming, Arc::clone(&ctx), permit, source));
                         }
                         Err(_) => {
@@ -682,6 +712,13 @@ fn is_misbehaviour(code: ErrorCode) -> bool {
     )
 }
 
+/// The counter of completed handshakes.
+const HANDSHAKES: &str = "fedrec_handshakes_total";
+const HANDSHAKES_HELP: &str = "QUIC handshakes completed (connections accepted).";
+/// The counter of address validations asked for (QUIC Retry) under handshake load.
+const RETRIES: &str = "fedrec_handshake_retries_total";
+const RETRIES_HELP: &str = "QUIC Retry packets sent to validate a peer's address under handshake load.";
+
 /// The unit of [`StreamCtx::upload_memory`]'s permits, in bytes.
 const UPLOAD_UNIT: usize = 1024;
 
@@ -711,6 +748,9 @@ struct StreamCtx {
     open_round: Arc<AtomicU64>,
     /// Keeps refusals from flooding the log.
     log: Arc<LogThrottle>,
+    /// Handshakes under way.
+    handshakes: AtomicUsize,
+    max_concurrent_handshakes: usize,
 }
 
 impl StreamCtx {
@@ -815,8 +855,12 @@ async fn serve_connection(
     permit: OwnedSemaphorePermit,
     source: SourceSlot,
 ) {
-    match incoming.await {
+    // Counted up by the accept loop, before this task was spawned.
+    let handshake = incoming.await;
+    ctx.handshakes.fetch_sub(1, Ordering::Relaxed);
+    match handshake {
         Ok(conn) => {
+            ctx.metrics.registry.counter(HANDSHAKES, HANDSHAKES_HELP, &[]).inc();
             let peer = Arc::new(Peer {
                 id: conn.stable_id(),
                 conn,

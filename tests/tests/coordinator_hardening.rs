@@ -392,3 +392,99 @@ async fn a_spent_budget_finishes_the_federation_and_hands_out_the_final_model() 
     assert_eq!(model.model.shape(), SHAPE);
     server.stop().await;
 }
+
+/// Issue 9 (5): at most `max_concurrent_handshakes` handshakes are under way at once; one
+/// more is refused at once (one packet), and the slot comes back when a handshake ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_past_the_cap_are_refused_at_once() {
+    let read_timeout = Duration::from_millis(500);
+    let server = LoopbackServer::start(
+        coordinator_config(Selection::FirstCome { cohort: 1 }, 1),
+        initial_model(SHAPE, 3.0, 1),
+        |cfg| {
+            cfg.read_timeout = read_timeout;
+            cfg.max_concurrent_handshakes = 1;
+        },
+    );
+    // A one-way relay: the client's packets reach the server, the server's answers are lost,
+    // so that handshake stays under way until the server gives up on it.
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("binds");
+    let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("binds");
+    let relay_addr = relay.local_addr().expect("bound");
+    let (forwarded_tx, mut forwarded) = tokio::sync::watch::channel(0usize);
+    let server_addr = server.addr();
+    let relaying = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, _)) = relay.recv_from(&mut buf).await {
+            let _ = upstream.send_to(&buf[..n], server_addr).await;
+            forwarded_tx.send_modify(|c| *c += 1);
+        }
+    });
+    let stuck_endpoint = endpoint(IpAddr::V4(Ipv4Addr::LOCALHOST), server.cert());
+    let stuck = stuck_endpoint.connect(relay_addr, "localhost").expect("valid");
+    let stuck = tokio::spawn(async move { stuck.await.is_ok() });
+    tokio::time::timeout(WAIT, forwarded.wait_for(|&c| c > 0)).await.expect("in time").expect("relaying");
+
+    let direct = endpoint(IpAddr::V4(Ipv4Addr::LOCALHOST), server.cert());
+    let refused =
+        tokio::time::timeout(WAIT, direct.connect(server.addr(), "localhost").expect("valid")).await;
+    assert!(matches!(refused, Ok(Err(_))), "a handshake past the cap is refused: {refused:?}");
+    assert_eq!(server.rejected("handshake_cap"), 1);
+
+    // The stuck handshake times out on the server's side, and the slot is free again.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let attempt = direct.connect(server.addr(), "localhost").expect("valid");
+        if tokio::time::timeout(WAIT, attempt).await.is_ok_and(|c| c.is_ok()) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the handshake slot was not given back");
+        tokio::time::sleep(read_timeout / 5).await;
+    }
+    let text = server.metrics().registry.render();
+    let completed =
+        fedrec_tests::series(&text, "fedrec_handshakes_total").and_then(|v| v.parse::<u64>().ok());
+    assert_eq!(completed, Some(1), "only the direct handshake completed:\n{text}");
+    relaying.abort();
+    stuck.abort();
+    server.stop().await;
+}
+
+/// Issue 9 (5): past half the handshake cap, a new peer must prove its address (QUIC Retry)
+/// before the server keeps any state for it; an honest client does so and is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_handshake_load_peers_prove_their_address_first() {
+    let server = LoopbackServer::start(
+        coordinator_config(Selection::FirstCome { cohort: 1 }, 1),
+        initial_model(SHAPE, 3.0, 1),
+        |cfg| cfg.max_concurrent_handshakes = 2,
+    );
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("binds");
+    let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("binds");
+    let relay_addr = relay.local_addr().expect("bound");
+    let (forwarded_tx, mut forwarded) = tokio::sync::watch::channel(0usize);
+    let server_addr = server.addr();
+    let relaying = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, _)) = relay.recv_from(&mut buf).await {
+            let _ = upstream.send_to(&buf[..n], server_addr).await;
+            forwarded_tx.send_modify(|c| *c += 1);
+        }
+    });
+    // One handshake stays under way (its answers are lost): half the cap is taken.
+    let stuck_endpoint = endpoint(IpAddr::V4(Ipv4Addr::LOCALHOST), server.cert());
+    let stuck = stuck_endpoint.connect(relay_addr, "localhost").expect("valid");
+    let stuck = tokio::spawn(async move { stuck.await.is_ok() });
+    tokio::time::timeout(WAIT, forwarded.wait_for(|&c| c > 0)).await.expect("in time").expect("relaying");
+
+    let direct = endpoint(IpAddr::V4(Ipv4Addr::LOCALHOST), server.cert());
+    let conn = connect(&direct, server.addr()).await;
+    let answer = exchange(&conn, &check_in_frame(server.token(1)), WAIT).await;
+    assert!(matches!(answer, Some(Response::Task(_) | Response::NotSelected { .. })), "{answer:?}");
+    let text = server.metrics().registry.render();
+    assert!(text.contains("fedrec_handshake_retries_total 1"), "the new peer proved its address:\n{text}");
+    assert_eq!(server.rejected("handshake_cap"), 0);
+    relaying.abort();
+    stuck.abort();
+    server.stop().await;
+}
