@@ -34,6 +34,8 @@ pub const MAX_FLOWS: usize = 1024;
 const MAX_DATAGRAM: usize = 65_535;
 /// Datagrams the readers may hand to the scheduler before they wait for it.
 const CHANNEL: usize = 1024;
+/// The longest `one_way_delay + jitter` a profile may ask for.
+pub const MAX_DELAY: Duration = Duration::from_secs(60);
 /// The shortest extra hold-back of a reordered datagram.
 const MIN_HOLD: Duration = Duration::from_millis(1);
 
@@ -69,6 +71,10 @@ impl LinkProfile {
         }
         if !probability(self.reorder) {
             return Err(RelayError::InvalidProfile("reorder must be in [0, 1]"));
+        }
+        // Delay, jitter and hold-back together stay far from overflowing a clock.
+        if self.one_way_delay.saturating_add(self.jitter) > MAX_DELAY {
+            return Err(RelayError::InvalidProfile("one_way_delay + jitter must be at most 60 s"));
         }
         Ok(())
     }
@@ -666,6 +672,8 @@ mod tests {
         assert!(matches!(Relay::start(upstream, bad).await, Err(RelayError::InvalidProfile(_))));
         let nan = LinkProfile { reorder: f64::NAN, ..LOSSY };
         assert!(matches!(Relay::start(upstream, nan).await, Err(RelayError::InvalidProfile(_))));
+        let forever = LinkProfile { one_way_delay: Duration::MAX, ..LOSSY };
+        assert!(matches!(Relay::start(upstream, forever).await, Err(RelayError::InvalidProfile(_))));
 
         let relay = Relay::start(upstream, LinkProfile::clean(0)).await.expect("starts");
         let addr = relay.addr();

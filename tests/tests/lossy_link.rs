@@ -316,9 +316,10 @@ async fn run_link(name: &'static str, profile: LinkProfile, users: &[Vec<Rating>
     let (time_to_rounds, time_to_stop, logs) = tokio::time::timeout(RUN_LIMIT, run)
         .await
         .unwrap_or_else(|_| panic!("{name} link: {ROUNDS} rounds did not commit within {RUN_LIMIT:?}"));
-    let n_selected = server.metrics().selected.get();
-    let n_reported = server.metrics().reported.get();
+    // Read after the server stopped, so that they cover exactly the rounds that closed.
+    let (selected, reported) = (server.metrics().selected.clone(), server.metrics().reported.clone());
     let last = server.stop().await;
+    let (n_selected, n_reported) = (selected.get(), reported.get());
     let relay = relay.shutdown().await;
     let closes = watcher.await.expect("the watcher ends when the server stops");
 
