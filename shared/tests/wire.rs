@@ -8,8 +8,8 @@ use std::time::Duration;
 use fedrec_shared::danger::seeded_rng;
 use fedrec_shared::error::{Rejection, UpdateError};
 use fedrec_shared::round::{
-    ClientMessage, ClientOutcome, ClientRound, Coordinator, CoordinatorConfig, CoordinatorEvent, Instant,
-    Selection, ServerMessage, Task,
+    Aggregation, ClientMessage, ClientOutcome, ClientRound, Coordinator, CoordinatorConfig, CoordinatorEvent,
+    Instant, Mechanism, Selection, ServerMessage, Task, TaskPrivacy, TaskSelection,
 };
 use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
 use fedrec_shared::train::{local_update, reconstruct};
@@ -306,6 +306,16 @@ fn known_answer_messages() -> Vec<(&'static str, Result<Request, Response>)> {
         clip_norm: 1.0,
         report_clip_bit: true,
         report_window_ms: 1500,
+        privacy: (&TaskPrivacy {
+            mechanism: Mechanism::CentralGaussian,
+            noise_multiplier: 1.0,
+            clip_norm: 1.0,
+            selection: TaskSelection::Poisson { q: 0.5 },
+            min_reports: 100,
+            population: Some(1000),
+            aggregation: Aggregation::Plain,
+        })
+            .into(),
         model: Some(WireModel {
             version: 3,
             n_items: 1,
@@ -319,6 +329,16 @@ fn known_answer_messages() -> Vec<(&'static str, Result<Request, Response>)> {
     };
     let task_cached = WireTask {
         train: WireTrainParams { objective: WireObjective::Explicit, ..train },
+        privacy: (&TaskPrivacy {
+            mechanism: Mechanism::None,
+            noise_multiplier: 0.0,
+            clip_norm: 1.0,
+            selection: TaskSelection::FirstCome { cohort: 300 },
+            min_reports: 1,
+            population: None,
+            aggregation: Aggregation::Secure,
+        })
+            .into(),
         model: None,
         ..task.clone()
     };
@@ -547,6 +567,17 @@ fn the_largest_messages_fit_their_limits() {
             clip_norm: 1.0,
             report_clip_bit: true,
             report_window_ms: u64::MAX,
+            // The longest privacy block: unknown codes, every varint at its longest.
+            privacy: (&TaskPrivacy {
+                mechanism: Mechanism::Unknown(u16::MAX),
+                noise_multiplier: f64::MAX,
+                clip_norm: 1.0,
+                selection: TaskSelection::FirstCome { cohort: u64::MAX },
+                min_reports: u64::MAX,
+                population: Some(u64::MAX),
+                aggregation: Aggregation::Unknown(u16::MAX),
+            })
+                .into(),
             model: Some(wm),
         };
         let p = payload(&Response::Task(t));
@@ -802,6 +833,78 @@ fn tasks_need_the_model_they_name() {
 }
 
 #[test]
+fn a_task_declares_its_rounds_privacy_and_the_device_reads_it_back() {
+    let m = round_model(4);
+    let task = Task {
+        round: 1,
+        train: EXPLICIT,
+        clip_norm: 2.0,
+        report_clip_bit: false,
+        report_window: Duration::ZERO,
+    };
+    // A task built without privacy parameters promises nothing.
+    let plain = WireTask::new(&task, &m, None);
+    assert_eq!(plain.task_privacy(), Ok(TaskPrivacy::undeclared(2.0)));
+    // A noised Poisson round, as the coordinator's configuration describes it.
+    let mut cfg = wire_config(Selection::Poisson { q: 0.25 }, 3);
+    cfg.noise_multiplier = 1.5;
+    cfg.population = Some(400);
+    let declared = TaskPrivacy::from_config(&cfg, 2.0);
+    assert_eq!(declared.population, Some(400));
+    assert_eq!(declared.mechanism, Mechanism::CentralGaussian);
+    assert_eq!(declared.selection, TaskSelection::Poisson { q: 0.25 });
+    assert_eq!((declared.noise_multiplier, declared.min_reports), (1.5, 3));
+    let t = WireTask::new(&task, &m, None).with_privacy(&declared);
+    let back = wire::decode_response(&payload(&Response::Task(t)), &limits()).expect("decodes");
+    let Response::Task(back) = back else { panic!("a task") };
+    assert_eq!(back.task_privacy(), Ok(declared));
+    // First-come without noise: mechanism None, σ 0, the cohort and min_reports as configured.
+    let first_come = TaskPrivacy::from_config(&wire_config(Selection::FirstCome { cohort: 7 }, 1), 2.0);
+    assert_eq!(first_come.mechanism, Mechanism::None);
+    assert_eq!(first_come.selection, TaskSelection::FirstCome { cohort: 7 });
+    assert_eq!(
+        (first_come.noise_multiplier, first_come.min_reports, first_come.sampling_probability()),
+        (0.0, 1, 1.0)
+    );
+    // Numbers no honest coordinator sends are refused as misbehaviour, not guessed at.
+    for bad in [
+        TaskPrivacy { noise_multiplier: f64::NAN, ..declared },
+        TaskPrivacy { noise_multiplier: -1.0, ..declared },
+        TaskPrivacy { selection: TaskSelection::Poisson { q: 0.0 }, ..declared },
+        TaskPrivacy { selection: TaskSelection::Poisson { q: 1.5 }, ..declared },
+        TaskPrivacy { selection: TaskSelection::Poisson { q: f64::NAN }, ..declared },
+    ] {
+        let t = WireTask::new(&task, &m, None).with_privacy(&bad);
+        assert!(matches!(t.task_privacy(), Err(WireError::Invalid(_))), "{bad:?}");
+    }
+    // A mechanism or an aggregation mode from a later version arrives as unknown, not as an error.
+    let later =
+        TaskPrivacy { mechanism: Mechanism::Unknown(9), aggregation: Aggregation::Unknown(4), ..declared };
+    let t = WireTask::new(&task, &m, None).with_privacy(&later);
+    let back = wire::decode_response(&payload(&Response::Task(t)), &limits()).expect("decodes");
+    let Response::Task(back) = back else { panic!("a task") };
+    assert_eq!(back.task_privacy(), Ok(later));
+}
+
+/// A coordinator configuration without noise for the conversion tests.
+fn wire_config(selection: Selection, min_reports: usize) -> CoordinatorConfig {
+    CoordinatorConfig {
+        train: EXPLICIT,
+        optimizer: ServerOptimizer::adam(0.1),
+        selection,
+        min_reports,
+        population: None,
+        checkin_window: Duration::from_secs(1),
+        report_window: Duration::from_secs(1),
+        clip_norm: 2.0,
+        adaptive_clip: None,
+        noise_multiplier: 0.0,
+        centroids: CentroidPolicy::with_min_count(1.0),
+        privacy: None,
+    }
+}
+
+#[test]
 fn every_rejection_has_an_error_code() {
     let rejections = [
         Rejection::WrongRound { got: 1, current: 2 },
@@ -859,6 +962,7 @@ fn a_round_runs_over_the_wire() {
         optimizer: ServerOptimizer::adam(0.05),
         selection: Selection::FirstCome { cohort: 2 },
         min_reports: 2,
+        population: None,
         checkin_window: Duration::from_secs(60),
         report_window: Duration::from_secs(120),
         clip_norm: 10.0,
@@ -1003,7 +1107,7 @@ fn any_task() -> impl Strategy<Value = WireTask> {
         any::<f32>(),
         any::<bool>(),
         any::<u64>(),
-        prop::option::of(model),
+        (any_privacy(), prop::option::of(model)),
     )
         .prop_map(
             |(
@@ -1012,7 +1116,7 @@ fn any_task() -> impl Strategy<Value = WireTask> {
                 clip_norm,
                 report_clip_bit,
                 report_window_ms,
-                model,
+                (privacy, model),
             )| {
                 WireTask {
                     round,
@@ -1027,10 +1131,40 @@ fn any_task() -> impl Strategy<Value = WireTask> {
                     clip_norm,
                     report_clip_bit,
                     report_window_ms,
+                    privacy: (&privacy).into(),
                     model,
                 }
             },
         )
+}
+
+fn any_privacy() -> impl Strategy<Value = TaskPrivacy> {
+    let mechanism = prop_oneof![
+        Just(Mechanism::None),
+        Just(Mechanism::CentralGaussian),
+        Just(Mechanism::DistributedDiscreteGaussian),
+        (3u16..).prop_map(Mechanism::Unknown),
+    ];
+    let aggregation = prop_oneof![
+        Just(Aggregation::Plain),
+        Just(Aggregation::Secure),
+        (2u16..).prop_map(Aggregation::Unknown)
+    ];
+    let selection = prop_oneof![
+        any::<f64>().prop_map(|q| TaskSelection::Poisson { q }),
+        any::<u64>().prop_map(|cohort| TaskSelection::FirstCome { cohort }),
+    ];
+    (mechanism, any::<f32>(), selection, any::<u64>(), prop::option::of(any::<u64>()), aggregation).prop_map(
+        |(mechanism, z, selection, min_reports, population, aggregation)| TaskPrivacy {
+            mechanism,
+            noise_multiplier: f64::from(z),
+            clip_norm: 1.0,
+            selection,
+            min_reports,
+            population,
+            aggregation,
+        },
+    )
 }
 
 fn any_response() -> impl Strategy<Value = Response> {

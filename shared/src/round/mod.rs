@@ -18,7 +18,7 @@ use std::time::Duration;
 pub use client::{ClientError, ClientOutcome, ClientRound};
 pub use coordinator::{
     AbandonReason, AdaptiveClip, Coordinator, CoordinatorConfig, CoordinatorEvent, CoordinatorState,
-    RoundPhase, RoundStats, Selection, StartError,
+    RoundPhase, RoundStats, Selection, StartError, effective_noise_multiplier,
 };
 
 use crate::model::RoundModel;
@@ -73,6 +73,122 @@ pub struct Task {
     pub report_clip_bit: bool,
     /// Time the device has to report, from receipt.
     pub report_window: Duration,
+}
+
+/// The privacy mechanism a round applies to the sum of the uploads, as a task declares it.
+///
+/// New mechanisms get new codes on the wire; a code a device does not know arrives as
+/// [`Mechanism::Unknown`], which a device policy refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Mechanism {
+    /// No noise: the coordinator releases exact sums (no differential privacy).
+    None,
+    /// The coordinator adds Gaussian noise of `noise_multiplier · clip_norm` to the sum.
+    CentralGaussian,
+    /// Each device adds its share of discrete Gaussian noise before masking (not implemented
+    /// by any coordinator yet; reserved so that devices can be told about it).
+    DistributedDiscreteGaussian,
+    /// A mechanism this version does not know (its wire code).
+    Unknown(u16),
+}
+
+/// How the coordinator combines the uploads of a round, as a task declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Aggregation {
+    /// The coordinator sees every clipped upload (the only mode today).
+    Plain,
+    /// Secure aggregation: the coordinator sees only the sum of the survivors' masked uploads.
+    Secure,
+    /// A mode this version does not know (its wire code).
+    Unknown(u16),
+}
+
+/// How devices are selected for a round, as a task declares it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TaskSelection {
+    /// Each checked-in device is selected independently with probability `q`.
+    Poisson {
+        /// The sampling probability.
+        q: f64,
+    },
+    /// The first `cohort` devices to check in are selected (no sampling the accountant models).
+    FirstCome {
+        /// The target cohort.
+        cohort: u64,
+    },
+}
+
+/// The privacy parameters of a round as its task declares them to a device: what the device
+/// is promised, which its policy checks before it trains. A device cannot verify them (a
+/// coordinator that lies about σ is caught only by secure aggregation with distributed
+/// noise); they defend against a misconfigured coordinator, and the device records them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TaskPrivacy {
+    /// The mechanism.
+    pub mechanism: Mechanism,
+    /// The noise multiplier `σ` the round's charge is computed with (under adaptive clipping
+    /// the combined multiplier of the update and the clipping bits); 0 without noise.
+    pub noise_multiplier: f64,
+    /// The L2 bound `C` on each upload.
+    pub clip_norm: f32,
+    /// The selection.
+    pub selection: TaskSelection,
+    /// The fewest reports with which a round without noise commits (a round with noise
+    /// commits whatever the count: deciding on the exact count would release it).
+    pub min_reports: u64,
+    /// The configured population the expected cohort `q · population` (the round's public
+    /// denominator) is computed from, when the coordinator has one.
+    pub population: Option<u64>,
+    /// The aggregation mode.
+    pub aggregation: Aggregation,
+}
+
+impl TaskPrivacy {
+    /// What a task that declares nothing promises: no noise, no sampling, no cohort, plain
+    /// aggregation. A device policy with any noise floor refuses it.
+    pub fn undeclared(clip_norm: f32) -> Self {
+        Self {
+            mechanism: Mechanism::None,
+            noise_multiplier: 0.0,
+            clip_norm,
+            selection: TaskSelection::FirstCome { cohort: 0 },
+            min_reports: 0,
+            population: None,
+            aggregation: Aggregation::Plain,
+        }
+    }
+
+    /// The parameters a round of `config` with clip norm `clip_norm` runs with (plain
+    /// aggregation, central noise when `noise_multiplier > 0`, the combined multiplier under
+    /// adaptive clipping).
+    pub fn from_config(config: &CoordinatorConfig, clip_norm: f32) -> Self {
+        let z = effective_noise_multiplier(config.noise_multiplier, config.adaptive_clip.as_ref());
+        Self {
+            mechanism: if z > 0.0 { Mechanism::CentralGaussian } else { Mechanism::None },
+            noise_multiplier: z,
+            clip_norm,
+            selection: match config.selection {
+                Selection::Poisson { q } => TaskSelection::Poisson { q },
+                Selection::FirstCome { cohort } => {
+                    TaskSelection::FirstCome { cohort: u64::try_from(cohort).unwrap_or(u64::MAX) }
+                }
+            },
+            min_reports: u64::try_from(config.min_reports).unwrap_or(u64::MAX),
+            population: config.population.map(|n| u64::try_from(n).unwrap_or(u64::MAX)),
+            aggregation: Aggregation::Plain,
+        }
+    }
+
+    /// The sampling probability the accountant charges: `q` under Poisson selection, 1 under
+    /// first-come selection (no amplification by sampling).
+    pub fn sampling_probability(&self) -> f64 {
+        match self.selection {
+            TaskSelection::Poisson { q } => q,
+            TaskSelection::FirstCome { .. } => 1.0,
+        }
+    }
 }
 
 /// Messages from the coordinator to one device.

@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use super::WireError;
 use super::messages::{
-    CheckIn, ErrorCode, NONCE_LEN, Request, Response, Upload, WireModel, WireObjective, WireTask,
-    WireTrainParams,
+    CheckIn, ErrorCode, NONCE_LEN, Request, Response, Upload, WireAggregation, WireMechanism, WireModel,
+    WireObjective, WirePrivacy, WireSelection, WireTask, WireTrainParams,
 };
 use crate::error::{Rejection, UpdateError};
 use crate::model::{GlobalModel, ModelShape, RoundModel, UpdateLayout};
-use crate::round::{ClientMessage, ServerMessage, Task};
+use crate::round::{Aggregation, ClientMessage, Mechanism, ServerMessage, Task, TaskPrivacy, TaskSelection};
 use crate::train::{Objective, TrainParams};
 use crate::update::{ClippedUpdate, UpdateVector};
 
@@ -219,9 +219,101 @@ impl ErrorCode {
     }
 }
 
+impl From<Mechanism> for WireMechanism {
+    fn from(m: Mechanism) -> Self {
+        match m {
+            Mechanism::None => WireMechanism::None,
+            Mechanism::CentralGaussian => WireMechanism::CentralGaussian,
+            Mechanism::DistributedDiscreteGaussian => WireMechanism::DistributedDiscreteGaussian,
+            Mechanism::Unknown(n) => WireMechanism::Unknown(n),
+        }
+    }
+}
+
+impl From<WireMechanism> for Mechanism {
+    fn from(m: WireMechanism) -> Self {
+        match m {
+            WireMechanism::None => Mechanism::None,
+            WireMechanism::CentralGaussian => Mechanism::CentralGaussian,
+            WireMechanism::DistributedDiscreteGaussian => Mechanism::DistributedDiscreteGaussian,
+            WireMechanism::Unknown(n) => Mechanism::Unknown(n),
+        }
+    }
+}
+
+impl From<Aggregation> for WireAggregation {
+    fn from(a: Aggregation) -> Self {
+        match a {
+            Aggregation::Plain => WireAggregation::Plain,
+            Aggregation::Secure => WireAggregation::Secure,
+            Aggregation::Unknown(n) => WireAggregation::Unknown(n),
+        }
+    }
+}
+
+impl From<WireAggregation> for Aggregation {
+    fn from(a: WireAggregation) -> Self {
+        match a {
+            WireAggregation::Plain => Aggregation::Plain,
+            WireAggregation::Secure => Aggregation::Secure,
+            WireAggregation::Unknown(n) => Aggregation::Unknown(n),
+        }
+    }
+}
+
+impl From<&TaskPrivacy> for WirePrivacy {
+    fn from(p: &TaskPrivacy) -> Self {
+        Self {
+            mechanism: p.mechanism.into(),
+            // σ is sent as f32; rounding moves it by less than one part in 10⁷.
+            noise_multiplier: p.noise_multiplier as f32,
+            selection: match p.selection {
+                TaskSelection::Poisson { q } => WireSelection::Poisson { q },
+                TaskSelection::FirstCome { cohort } => WireSelection::FirstCome { cohort },
+            },
+            min_reports: p.min_reports,
+            population: p.population,
+            aggregation: p.aggregation.into(),
+        }
+    }
+}
+
+impl WirePrivacy {
+    /// The internal form, with the task's `clip_norm`, after checking the numbers a peer
+    /// sent: `σ` finite and ≥ 0, `q` in `(0, 1]`. (Whether they are good enough is the
+    /// device policy's question, not the decoder's.)
+    pub fn to_task_privacy(self, clip_norm: f32) -> Result<TaskPrivacy, WireError> {
+        let z = self.noise_multiplier;
+        if !(z.is_finite() && z >= 0.0) {
+            return Err(WireError::Invalid(format!(
+                "task privacy: noise multiplier {z} is not finite and ≥ 0"
+            )));
+        }
+        let selection = match self.selection {
+            WireSelection::Poisson { q } if !(q > 0.0 && q <= 1.0) => {
+                return Err(WireError::Invalid(format!("task privacy: q = {q} is not in (0, 1]")));
+            }
+            WireSelection::Poisson { q } => TaskSelection::Poisson { q },
+            WireSelection::FirstCome { cohort } => TaskSelection::FirstCome { cohort },
+        };
+        Ok(TaskPrivacy {
+            mechanism: self.mechanism.into(),
+            noise_multiplier: f64::from(z),
+            clip_norm,
+            selection,
+            min_reports: self.min_reports,
+            population: self.population,
+            aggregation: self.aggregation.into(),
+        })
+    }
+}
+
 impl WireTask {
     /// The wire form of a task on `model`; the model is left out when the device holds
-    /// `cached_model_version` and that is the model's version.
+    /// `cached_model_version` and that is the model's version. The privacy parameters are
+    /// [`TaskPrivacy::undeclared`] until [`WireTask::with_privacy`] sets them: a coordinator
+    /// that does not declare its round's noise gets refused by every device policy with a
+    /// noise floor.
     pub fn new(task: &Task, model: &RoundModel, cached_model_version: Option<u64>) -> Self {
         Self {
             round: task.round,
@@ -230,8 +322,21 @@ impl WireTask {
             clip_norm: task.clip_norm,
             report_clip_bit: task.report_clip_bit,
             report_window_ms: u64::try_from(task.report_window.as_millis()).unwrap_or(u64::MAX),
+            privacy: WirePrivacy::from(&TaskPrivacy::undeclared(task.clip_norm)),
             model: (cached_model_version != Some(model.version)).then(|| WireModel::from(model)),
         }
+    }
+
+    /// This task declaring `privacy` (e.g. [`TaskPrivacy::from_config`] of the coordinator's
+    /// configuration). Its clip norm is the task's own.
+    pub fn with_privacy(mut self, privacy: &TaskPrivacy) -> Self {
+        self.privacy = WirePrivacy::from(privacy);
+        self
+    }
+
+    /// The privacy parameters the task declares, checked ([`WirePrivacy::to_task_privacy`]).
+    pub fn task_privacy(&self) -> Result<TaskPrivacy, WireError> {
+        self.privacy.to_task_privacy(self.clip_norm)
     }
 
     /// The device machine's `Selected` message. The model comes from the task, checked

@@ -157,8 +157,115 @@ pub struct WireTask {
     pub report_clip_bit: bool,
     /// Time the device has to upload, from receipt, in milliseconds.
     pub report_window_ms: u64,
+    /// The round's privacy parameters, which the device's policy checks before it trains.
+    pub privacy: WirePrivacy,
     /// The model, or `None` when the device's cached version is `model_version`.
     pub model: Option<WireModel>,
+}
+
+/// A round's privacy mechanism, as a `u16` on the wire. Codes are stable; a code this side
+/// does not know decodes as [`WireMechanism::Unknown`] with its number, so that a device can
+/// refuse a mechanism it does not know instead of failing to read the task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "u16", into = "u16")]
+pub enum WireMechanism {
+    /// Code 0: no noise.
+    None,
+    /// Code 1: central Gaussian noise added by the coordinator.
+    CentralGaussian,
+    /// Code 2: distributed discrete Gaussian noise (device shares under secure aggregation).
+    DistributedDiscreteGaussian,
+    /// Any other code.
+    Unknown(u16),
+}
+
+impl From<u16> for WireMechanism {
+    fn from(n: u16) -> Self {
+        match n {
+            0 => WireMechanism::None,
+            1 => WireMechanism::CentralGaussian,
+            2 => WireMechanism::DistributedDiscreteGaussian,
+            n => WireMechanism::Unknown(n),
+        }
+    }
+}
+
+impl From<WireMechanism> for u16 {
+    fn from(m: WireMechanism) -> u16 {
+        match m {
+            WireMechanism::None => 0,
+            WireMechanism::CentralGaussian => 1,
+            WireMechanism::DistributedDiscreteGaussian => 2,
+            WireMechanism::Unknown(n) => n,
+        }
+    }
+}
+
+/// A round's aggregation mode, as a `u16` on the wire; unknown codes decode as
+/// [`WireAggregation::Unknown`] (see [`WireMechanism`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "u16", into = "u16")]
+pub enum WireAggregation {
+    /// Code 0: the coordinator sees each clipped upload.
+    Plain,
+    /// Code 1: secure aggregation; the coordinator sees only sums.
+    Secure,
+    /// Any other code.
+    Unknown(u16),
+}
+
+impl From<u16> for WireAggregation {
+    fn from(n: u16) -> Self {
+        match n {
+            0 => WireAggregation::Plain,
+            1 => WireAggregation::Secure,
+            n => WireAggregation::Unknown(n),
+        }
+    }
+}
+
+impl From<WireAggregation> for u16 {
+    fn from(a: WireAggregation) -> u16 {
+        match a {
+            WireAggregation::Plain => 0,
+            WireAggregation::Secure => 1,
+            WireAggregation::Unknown(n) => n,
+        }
+    }
+}
+
+/// How the round selects devices, as sent with a task.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum WireSelection {
+    /// Index 0: Poisson sampling of the checked-in devices with probability `q`.
+    Poisson {
+        /// The sampling probability, in `(0, 1]`.
+        q: f64,
+    },
+    /// Index 1: the first `cohort` devices to check in.
+    FirstCome {
+        /// The target cohort.
+        cohort: u64,
+    },
+}
+
+/// A round's privacy parameters, as sent with a task (the clip norm is the task's own
+/// `clip_norm`). Declared by the coordinator; the device checks them against its policy and
+/// records them, but cannot verify them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct WirePrivacy {
+    /// The mechanism.
+    pub mechanism: WireMechanism,
+    /// The noise multiplier `σ` the round is charged with (0 without noise).
+    pub noise_multiplier: f32,
+    /// The selection.
+    pub selection: WireSelection,
+    /// The fewest reports with which the round commits.
+    pub min_reports: u64,
+    /// The population the expected cohort is computed from, if the coordinator has one.
+    pub population: Option<u64>,
+    /// The aggregation mode.
+    pub aggregation: WireAggregation,
 }
 
 /// A message from the coordinator to a device. The variant order is the wire's variant index.
