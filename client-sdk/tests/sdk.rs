@@ -266,6 +266,7 @@ impl Coordinator {
             optimizer: ServerOptimizer::adam(0.1),
             selection: Selection::FirstCome { cohort: 1 },
             min_reports: 1,
+            population: None,
             checkin_window: Duration::from_secs(2),
             report_window: Duration::from_secs(5),
             clip_norm: 10.0,

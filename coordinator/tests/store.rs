@@ -51,6 +51,7 @@ fn config(adam: bool, min_reports: usize) -> CoordinatorConfig {
         },
         selection: Selection::Poisson { q: 0.5 },
         min_reports,
+        population: None,
         checkin_window: Duration::from_secs(60),
         report_window: Duration::from_secs(120),
         clip_norm: 2.0,

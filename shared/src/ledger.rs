@@ -3,8 +3,9 @@
 //! What is charged, and when: a round is charged when it commits, because only then is
 //! anything computed from the devices' data released (the noised sum). The charge is the
 //! round's Poisson sampling probability `q` and its effective noise multiplier (the update's
-//! noise combined with the adaptive-clipping bits' noise). An abandoned round releases
-//! nothing and is not charged. Before a round starts, the coordinator adds that round's
+//! noise combined with the adaptive-clipping bits' noise). A round with noise always commits
+//! (its outcome may not depend on how many devices reported); only rounds without noise are
+//! ever abandoned, and an abandoned round releases nothing and is not charged. Before a round starts, the coordinator adds that round's
 //! charge to the ledger and refuses to start if the result would exceed the budget — so the
 //! budget holds whatever the round's outcome.
 

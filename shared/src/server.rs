@@ -191,8 +191,10 @@ impl ServerState {
     /// Applies one round: the item side takes an optimizer step along
     /// `noised.trainable / denominator`; centroids move to the noised means.
     ///
-    /// `denominator` is the expected cohort size under Poisson sampling (so that the
-    /// sensitivity of the average is `C / denominator`), or the number of reports otherwise.
+    /// `denominator` is the public expected cohort `q · population` under Poisson sampling
+    /// (so that the sensitivity of the average is `C / denominator`, and the noise scale of
+    /// the step, `σ C / denominator`, is the same whoever took part), or the number of reports
+    /// of a round without noise.
     pub fn apply(
         &mut self,
         model: &mut GlobalModel,

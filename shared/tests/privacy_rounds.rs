@@ -39,6 +39,7 @@ fn config(selection: Selection, noise_multiplier: f32, min_reports: usize) -> Co
         optimizer: ServerOptimizer::adam(0.05),
         selection,
         min_reports,
+        population: Some(N_DEVICES),
         checkin_window: Duration::from_secs(60),
         report_window: Duration::from_secs(120),
         clip_norm: 2.0,
@@ -120,6 +121,16 @@ fn run_until_refused(
     policy: &PrivacyPolicy,
     max_rounds: usize,
 ) -> BudgetRun {
+    run_until_refused_with(fed, policy, max_rounds, |_| {})
+}
+
+/// [`run_until_refused`], showing each committed round's stats to `on_commit`.
+fn run_until_refused_with(
+    fed: &mut Federation<'_, ChaCha12Rng>,
+    policy: &PrivacyPolicy,
+    max_rounds: usize,
+    mut on_commit: impl FnMut(&RoundStats),
+) -> BudgetRun {
     let (budget, delta, kind) = (policy.budget.epsilon(), policy.budget.delta(), policy.accountant);
     let mut run = BudgetRun::default();
     for _ in 0..max_rounds {
@@ -149,6 +160,7 @@ fn run_until_refused(
             }
             Some(CoordinatorEvent::RoundCommitted { stats, .. }) => {
                 assert_eq!(stats.round, idx);
+                on_commit(stats);
                 assert!(would <= budget, "round {idx} started although it spends {would} > {budget}");
                 run.committed.push(idx);
                 let spent = fed.coordinator.ledger().epsilon(delta, kind).expect("accountable");
@@ -203,11 +215,14 @@ fn no_sequence_of_rounds_overspends_the_budget() {
     }
 }
 
+/// Issue 10: with noise a round commits whatever the number of reports (here min_reports is
+/// about the expected reports, and dropouts take many rounds below it): the outcome must not
+/// reveal the count. Spend stays within the budget after every prefix.
 #[test]
-fn spend_stays_within_budget_after_every_prefix_with_abandoned_rounds() {
+fn spend_stays_within_budget_and_noised_rounds_commit_whatever_the_reports() {
     let devices = devices();
     let mut rng = seeded_rng(2024);
-    let (mut total_committed, mut total_abandoned) = (0, 0);
+    let (mut total_committed, mut total_short) = (0, 0);
     for case in 0..10u64 {
         let q: f64 = rng.random_range(0.1..0.6);
         let z: f32 = rng.random_range(0.7..2.5);
@@ -223,7 +238,7 @@ fn spend_stays_within_budget_after_every_prefix_with_abandoned_rounds() {
         // Every third budget sits exactly on ε(n_target); the others strictly between.
         let budget = if case % 3 == 0 { lo } else { lo + rng.random_range(0.01..0.99) * (hi - lo) };
         let dropout = [0.0, 0.3, 0.6][case as usize % 3];
-        // About half the rounds fall short of min_reports.
+        // About half the rounds fall short of min_reports (which applies only without noise).
         let min_reports = ((N_DEVICES as f64 * q * (1.0 - dropout)).round() as usize).max(1);
 
         let mut cfg = config(Selection::Poisson { q }, z, min_reports);
@@ -231,14 +246,18 @@ fn spend_stays_within_budget_after_every_prefix_with_abandoned_rounds() {
         cfg.privacy = Some(policy(budget, AccountantKind::Rdp));
         assert_eq!(max_rounds_within(q, z_charged, AccountantKind::Rdp, budget), n_target);
         let mut fed = federation(cfg.clone(), &devices, dropout, 100 + case);
-        let run = run_until_refused(&mut fed, cfg.privacy.as_ref().expect("set"), 400);
+        let mut short = 0;
+        let run = run_until_refused_with(&mut fed, cfg.privacy.as_ref().expect("set"), 400, |stats| {
+            short += usize::from(stats.n_reported < min_reports);
+        });
         let desc = format!("case {case}: q {q}, z {z}, {adaptive:?}, budget {budget}, {run:?}");
+        assert!(run.abandoned.is_empty(), "{desc}");
         assert_eq!(run.committed.len() as u64, n_target, "{desc}");
-        assert_eq!(run.refused as usize, run.committed.len() + run.abandoned.len(), "{desc}");
+        assert_eq!(run.refused as usize, run.committed.len(), "{desc}");
         total_committed += run.committed.len();
-        total_abandoned += run.abandoned.len();
+        total_short += short;
     }
-    assert!(total_abandoned >= 5, "the dropouts abandoned only {total_abandoned} rounds");
+    assert!(total_short >= 5, "only {total_short} rounds fell short of min_reports");
     assert!(total_committed >= 10);
 }
 
@@ -263,19 +282,23 @@ fn restart_never_forgets_spend() {
             let report = original.run_round();
             assert!(matches!(report.event, Some(CoordinatorEvent::RoundCommitted { .. })), "{report:?}");
         }
-        // No snapshot while a round is open: its progress is not persisted. The round is
-        // then abandoned (nobody checked in), which uses an index but charges nothing.
+        // No snapshot while a round is open: its progress is not persisted. Nobody checks
+        // in; with noise the round still commits (a noise-only step) and is charged: its
+        // outcome may not depend on how many devices took part.
         let now = original.now();
         original.coordinator.start_round(now).expect("within budget");
         assert_eq!(original.coordinator.state(), None);
         original.coordinator.handle_timeout(now.saturating_add(Duration::from_secs(3600)));
         let _ = std::iter::from_fn(|| original.coordinator.poll_transmit()).count();
-        let abandoned = std::iter::from_fn(|| original.coordinator.poll_event()).collect::<Vec<_>>();
-        assert!(matches!(abandoned.as_slice(), [CoordinatorEvent::RoundAbandoned { .. }]), "{abandoned:?}");
+        let empty = std::iter::from_fn(|| original.coordinator.poll_event()).collect::<Vec<_>>();
+        assert!(
+            matches!(empty.as_slice(), [CoordinatorEvent::RoundCommitted { stats, .. }] if stats.n_reported == 0),
+            "{empty:?}"
+        );
 
         let saved = original.coordinator.state().expect("between rounds");
-        assert_eq!(saved.ledger.entries().len(), 5);
-        assert_eq!((saved.version, saved.next_round), (5, 6));
+        assert_eq!(saved.ledger.entries().len(), 6);
+        assert_eq!((saved.version, saved.next_round), (6, 6));
         assert_eq!(saved.clip_norm != cfg.clip_norm, adaptive.is_some(), "only adaptive clipping moves C");
         // A different RNG: the randomness is not part of the state, the spend is.
         let restored =
@@ -313,6 +336,7 @@ fn restart_never_forgets_spend() {
         let n_max = max_rounds_within(q, z_charged, AccountantKind::Rdp, budget);
         assert_eq!(n_max, 9);
         assert_eq!(original.coordinator.ledger().entries().len() as u64, n_max, "case {case}");
+        assert_eq!(n_more, 3, "case {case}: 6 rounds before the restart, 3 after");
         let (ta, tb) = (original.now(), resumed.now());
         let refusal = original.coordinator.start_round(ta);
         assert!(matches!(refusal, Err(StartError::BudgetExhausted { .. })), "{refusal:?}");
@@ -390,6 +414,14 @@ fn configurations_that_would_weaken_privacy_are_refused() {
     assert_eq!(name(cfg.clone()), "noise_multiplier");
     cfg.noise_multiplier = 1.0;
     assert_eq!(build(cfg), Ok(()));
+    // Issue 10: Poisson selection with noise needs the public population (the denominator).
+    let mut cfg = config(poisson, 1.0, 1);
+    cfg.population = None;
+    assert_eq!(name(cfg.clone()), "population");
+    cfg.noise_multiplier = 0.0;
+    assert_eq!(build(cfg.clone()), Ok(()), "without noise the population may be left out");
+    cfg.population = Some(0);
+    assert_eq!(name(cfg), "population");
     // Noise with a selection the accountant does not model, with or without a budget.
     assert_eq!(name(config(first_come, 1.0, 1)), "selection");
     let mut cfg = config(first_come, 1.0, 1);
@@ -475,7 +507,8 @@ fn adaptive_clipping_tracks_the_median_update_norm() {
             for (k, (stats, n_completed, n_clipped)) in history.iter().enumerate() {
                 let denominator = match selection {
                     Selection::FirstCome { .. } => *n_completed as f64,
-                    Selection::Poisson { q } => q * stats.n_checked_in as f64,
+                    // The configured population, not the devices that checked in.
+                    Selection::Poisson { q } => q * N_DEVICES as f64,
                 };
                 let want = (n_completed - n_clipped) as f64 / denominator;
                 let got = stats.unclipped_fraction.expect("adaptive clipping reports the fraction");
@@ -672,7 +705,7 @@ fn the_charge_is_the_configured_sampling_rate_and_noise() {
         match &report.event {
             Some(CoordinatorEvent::RoundCommitted { stats, .. }) => {
                 assert_eq!(stats.noise_std, z * stats.clip_norm);
-                assert_eq!(stats.denominator, q * stats.n_checked_in as f64);
+                assert_eq!(stats.denominator, q * N_DEVICES as f64);
                 assert_eq!(stats.n_checked_in, N_DEVICES);
                 committed.push(stats.round);
             }
@@ -719,4 +752,57 @@ fn restart_takes_the_new_configuration_but_keeps_the_spend() {
     changed.optimizer = ServerOptimizer::Sgd { lr: 0.1, momentum: 0.5 };
     let sgd = Coordinator::restore(changed, saved, seeded_rng(6)).expect("valid state");
     assert_eq!(sgd.state().map(|s| s.server.step()), Some(0));
+}
+
+/// Issue 10 (1): the noised sum used to be divided by `q ×` the devices that checked in, an
+/// unnoised count that moves by one with a user's presence, and the step's noise scale
+/// carried it. Two worlds that differ by one device now divide by the same public number,
+/// and the noise on the step, `σ C / denominator`, is the same in both.
+#[test]
+fn issue_10_the_denominator_is_the_same_in_neighbouring_worlds() {
+    let all = devices();
+    let without_one = &all[1..];
+    let (q, z) = (0.4, 1.0f32);
+    let cfg = config(Selection::Poisson { q }, z, 1);
+    let mut seen = Vec::new();
+    for world in [&all[..], without_one] {
+        let mut fed = federation(cfg.clone(), world, 0.0, 300);
+        for _ in 0..3 {
+            let report = fed.run_round();
+            let Some(CoordinatorEvent::RoundCommitted { stats, .. }) = &report.event else {
+                panic!("{report:?}")
+            };
+            assert_eq!(stats.n_checked_in, world.len(), "every device checks in");
+            assert!(stats.private, "a round with noise is private");
+            seen.push((stats.denominator, stats.noise_std));
+        }
+    }
+    let public = (q * N_DEVICES as f64, z * cfg.clip_norm);
+    assert!(seen.iter().all(|&s| s == public), "{seen:?} vs {public:?}");
+}
+
+/// Issue 10 (1): with noise the outcome of a round may not depend on how many devices
+/// reported, so it commits (a noise-only step if nobody did) and is charged; without noise
+/// `min_reports` still abandons a short round.
+#[test]
+fn issue_10_a_noised_round_commits_whatever_the_number_of_reports() {
+    let all = devices();
+    let (q, z) = (0.5, 1.0f32);
+    for dropout in [0.0, 1.0] {
+        let mut fed = federation(config(Selection::Poisson { q }, z, N_DEVICES + 1), &all, dropout, 310);
+        let report = fed.run_round();
+        let Some(CoordinatorEvent::RoundCommitted { stats, new_version }) = &report.event else {
+            panic!("dropout {dropout}: {report:?}")
+        };
+        assert_eq!(*new_version, 1);
+        assert!(stats.n_reported < N_DEVICES + 1);
+        assert_eq!(stats.n_reported == 0, dropout == 1.0, "{stats:?}");
+        assert_eq!(fed.coordinator.ledger().entries().len(), 1, "the round is charged");
+    }
+    let mut fed = federation(config(Selection::Poisson { q }, 0.0, N_DEVICES + 1), &all, 0.0, 320);
+    let report = fed.run_round();
+    assert!(
+        matches!(&report.event, Some(CoordinatorEvent::RoundAbandoned { stats, .. }) if !stats.private),
+        "{report:?}"
+    );
 }

@@ -25,6 +25,7 @@ fn config(train: TrainParams, selection: Selection, noise_multiplier: f32) -> Co
         optimizer: ServerOptimizer::adam(0.05),
         selection,
         min_reports: 1,
+        population: Some(200),
         checkin_window: Duration::from_secs(60),
         report_window: Duration::from_secs(60),
         clip_norm: 1e3,

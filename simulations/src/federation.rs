@@ -400,6 +400,8 @@ pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> anyhow::Result<Coo
         optimizer,
         selection,
         min_reports: 1,
+        // Every user checks in each round: the expected cohort is q x n_users, public.
+        population: Some(n_users),
         checkin_window: Duration::from_millis(cfg.checkin_window_ms),
         report_window: Duration::from_secs(600),
         clip_norm: cfg.clip_norm,

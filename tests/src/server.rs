@@ -27,14 +27,20 @@ pub const TRAIN: TrainParams = TrainParams {
     l2_item_bias: 0.01,
 };
 
+/// The expected population [`coordinator_config`] declares: Poisson selection with noise
+/// divides the sum by `q` times it.
+pub const POPULATION: usize = 16;
+
 /// A round configuration without noise or budget: [`TRAIN`], Adam at 0.1, a check-in window
-/// of 2 s, a report window of 5 s, clipping at 10, centroids from a single member.
+/// of 2 s, a report window of 5 s, clipping at 10, centroids from a single member, an expected
+/// population of [`POPULATION`] devices.
 pub fn coordinator_config(selection: Selection, min_reports: usize) -> CoordinatorConfig {
     CoordinatorConfig {
         train: TRAIN,
         optimizer: ServerOptimizer::adam(0.1),
         selection,
         min_reports,
+        population: Some(POPULATION),
         checkin_window: Duration::from_secs(2),
         report_window: Duration::from_secs(5),
         clip_norm: 10.0,

@@ -27,7 +27,8 @@ pub enum Selection {
     },
     /// Each device that checks in before the check-in deadline is selected independently
     /// with probability `q` (Poisson sampling, which the accountant models). The update sum
-    /// is normalised by the expected cohort `q · n_checked_in`.
+    /// is normalised by the public expected cohort `q · population`
+    /// ([`CoordinatorConfig::population`]), never by a count of this round's devices.
     Poisson {
         /// Sampling probability.
         q: f64,
@@ -77,8 +78,18 @@ pub struct CoordinatorConfig {
     pub optimizer: ServerOptimizer,
     /// Selection policy.
     pub selection: Selection,
-    /// Fewest reports with which a round may commit; fewer and it is abandoned.
+    /// Fewest reports with which a round may commit; fewer and it is abandoned. Only
+    /// without noise: with noise every round commits (at its deadline, or when every selected
+    /// device has reported), because a decision on the exact number of reports would itself
+    /// release that number.
     pub min_reports: usize,
+    /// The expected number of devices that check in per round: a public, configured number
+    /// (in a simulation, the number of users). With Poisson selection the sum is divided by
+    /// `q · population`, which does not depend on who took part (fixed-denominator
+    /// DP-FedAvg, McMahan et al. 2018). Required with Poisson selection and noise; without
+    /// noise and without it, the denominator falls back to `q ·` the devices that checked in
+    /// (which is not private, and there is no privacy without noise anyway).
+    pub population: Option<usize>,
     /// How long check-in stays open.
     pub checkin_window: Duration,
     /// How long selected devices have to report, from the end of check-in.
@@ -114,7 +125,17 @@ impl CoordinatorConfig {
                     "noise requires Poisson selection: first-come selection is not what the accountant models",
                 ));
             }
+            Selection::Poisson { .. } if self.noise_multiplier > 0.0 && self.population.is_none() => {
+                return Err(ParamError::new(
+                    "population",
+                    "Poisson selection with noise needs the expected population: the sum is divided by \
+                     q x population, a public number, never by a count of this round's devices",
+                ));
+            }
             _ => {}
+        }
+        if self.population == Some(0) {
+            return Err(ParamError::new("population", "must be at least 1"));
         }
         if self.min_reports == 0 {
             return Err(ParamError::new("min_reports", "must be at least 1"));
@@ -208,6 +229,7 @@ pub struct CoordinatorState {
 }
 
 /// Why a round was abandoned (no model change, nothing charged to the privacy budget).
+/// Only rounds without noise are ever abandoned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AbandonReason {
@@ -218,10 +240,19 @@ pub enum AbandonReason {
 }
 
 /// Counters of one round. Dropouts are data: they are reported here, not raised.
+///
+/// The counts (`n_checked_in`, `n_selected`, `n_reported`, `n_dropped`, `rejected`) are
+/// exact and unnoised: they are for the driver in memory (a simulator's report). When
+/// [`RoundStats::private`] is set they must not be stored, exported or logged: they would
+/// reveal the round's sample, which only the noised sum may. Every other field is either
+/// public configuration, a function of noised values, or the round's timing.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RoundStats {
     /// Round index.
     pub round: u64,
+    /// The round ran with noise (a differentially private round): its exact counts stay in
+    /// memory.
+    pub private: bool,
     /// Devices that checked in.
     pub n_checked_in: usize,
     /// Devices selected.
@@ -232,7 +263,8 @@ pub struct RoundStats {
     pub n_dropped: usize,
     /// Refused messages, by [`Rejection::label`].
     pub rejected: Vec<(&'static str, usize)>,
-    /// The normaliser the sum was divided by.
+    /// The normaliser the sum was divided by (public: `q · population`, or the reports of a
+    /// round without noise).
     pub denominator: f64,
     /// Noise standard deviation per coordinate.
     pub noise_std: f32,
@@ -445,6 +477,12 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         effective_noise_multiplier(self.config.noise_multiplier, self.config.adaptive_clip.as_ref())
     }
 
+    /// Whether rounds run with noise: their outcome and released values must not depend on
+    /// the exact counts of the sample.
+    pub fn is_private(&self) -> bool {
+        self.config.noise_multiplier > 0.0
+    }
+
     /// The phase of the open round, if any.
     pub fn phase(&self) -> Option<RoundPhase> {
         self.round.as_ref().map(|r| match r.phase {
@@ -591,6 +629,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
 
     /// Advances phases whose deadline has passed or whose work is done; commits or abandons.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let private = self.is_private();
         loop {
             let Some(round) = self.round.as_mut() else { return };
             let n_selected = round.n_selected;
@@ -600,7 +639,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                     if now < deadline {
                         return;
                     }
-                    if n_selected < self.config.min_reports {
+                    if !private && n_selected < self.config.min_reports {
                         self.close(now, Err(AbandonReason::TooFewSelected));
                         return;
                     }
@@ -609,7 +648,8 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                 }
                 Phase::Report { deadline } => {
                     if n_reported == n_selected || now >= deadline {
-                        let outcome = if n_reported >= self.config.min_reports {
+                        // With noise the outcome may not depend on the number of reports.
+                        let outcome = if private || n_reported >= self.config.min_reports {
                             Ok(())
                         } else {
                             Err(AbandonReason::TooFewReports)
@@ -628,6 +668,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         let n_reported = round.aggregator.n_updates();
         let mut stats = RoundStats {
             round: round.idx,
+            private: self.is_private(),
             n_checked_in: round.n_checked_in,
             n_selected,
             n_reported,
@@ -651,9 +692,12 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             self.events.push_back(CoordinatorEvent::RoundAbandoned { stats, reason });
             return;
         }
-        let denominator = match self.config.selection {
-            Selection::Poisson { q } => q * round.n_checked_in as f64,
-            Selection::FirstCome { .. } => n_reported as f64,
+        let denominator = match (self.config.selection, self.config.population) {
+            // Public: the same in neighbouring worlds.
+            (Selection::Poisson { q }, Some(population)) => q * population as f64,
+            // Only without noise (validated): no privacy to keep.
+            (Selection::Poisson { q }, None) => q * round.n_checked_in as f64,
+            (Selection::FirstCome { .. }, _) => n_reported as f64,
         };
         let n_unclipped = round.n_unclipped;
         let noised = round.aggregator.release(self.config.noise_multiplier, &mut self.rng);
