@@ -1,25 +1,42 @@
-//! Summing clipped updates and releasing the sum with Gaussian noise: only a [`NoisedSum`] can reach the server optimizer.
+//! Summing clipped updates and releasing the sum with exact discrete Gaussian noise on a fixed-point grid: only a [`NoisedSum`] can reach the server optimizer.
+//!
+//! Each update is rounded to the grid of [`Grid::for_sum`] as it is added, the integer sum gets
+//! discrete Gaussian noise of parameter `z · Δ` per coordinate (`Δ` the sum's L2 sensitivity in
+//! grid units), and the result is scaled back by the grid step. The mechanism, its bounds and
+//! what the accountant relies on are written down in [`crate::privacy::discrete`].
 
 use rand::{CryptoRng, Rng};
-use rand_distr::{Distribution, StandardNormal};
 
 use crate::error::UpdateError;
 use crate::model::UpdateLayout;
-use crate::update::ClippedUpdate;
+use crate::privacy::discrete::{DiscreteNoiseError, Grid, count_noise};
+use crate::update::{ClippedUpdate, UpdateVector};
 
 /// Running sum of the clipped updates received in one round.
 #[derive(Debug, Clone)]
 pub struct Aggregator {
     layout: UpdateLayout,
     clip_norm: f32,
+    /// The exact `f32` sum: released only without noise (no privacy).
     sum: Vec<f32>,
+    /// This round's grid, or why there is none (a clip norm that is not positive and finite).
+    grid: Result<Grid, DiscreteNoiseError>,
+    /// The sum of the updates rounded to the grid, in grid units, exact.
+    grid_sum: Vec<i64>,
     n_updates: usize,
 }
 
 impl Aggregator {
     /// An empty sum for updates of `layout`, each bounded by `clip_norm`.
     pub fn new(layout: UpdateLayout, clip_norm: f32) -> Self {
-        Self { layout, clip_norm, sum: vec![0.0; layout.len()], n_updates: 0 }
+        Self {
+            layout,
+            clip_norm,
+            sum: vec![0.0; layout.len()],
+            grid: Grid::for_sum(clip_norm, layout.len()),
+            grid_sum: vec![0; layout.len()],
+            n_updates: 0,
+        }
     }
 
     /// Adds one update. Fails if its shape or bound does not match this round's.
@@ -35,8 +52,46 @@ impl Aggregator {
             });
         }
         v.add_to(&mut self.sum);
+        self.add_to_grid(v);
         self.n_updates += 1;
         Ok(())
+    }
+
+    /// Rounds `v` to the grid coordinate by coordinate and adds it to the integer sum. Zero
+    /// rows (not stored) round to zero and are skipped.
+    fn add_to_grid(&mut self, v: &UpdateVector) {
+        let Ok(grid) = &self.grid else { return };
+        let l = self.layout;
+        let d = l.shape().dim;
+        let bias_start = l.item_bias().start;
+        let tail_start = l.global_mean();
+        let (factors, bias, tail) = v.parts();
+        let sum = &mut self.grid_sum;
+        // Saturation needs more than 2⁶³ / (G + 1) updates (about 10¹³ for a million
+        // coordinates); it would also only shrink a device's effect on the sum.
+        let mut put = |idx: usize, x: f32| sum[idx] = sum[idx].saturating_add(grid.to_grid(x));
+        match v.rows() {
+            None => {
+                for (i, &x) in factors.iter().enumerate() {
+                    put(i, x);
+                }
+                for (i, &x) in bias.iter().enumerate() {
+                    put(bias_start + i, x);
+                }
+            }
+            Some(rows) => {
+                for (k, &r) in rows.iter().enumerate() {
+                    let r = r as usize;
+                    for (j, &x) in factors[k * d..(k + 1) * d].iter().enumerate() {
+                        put(r * d + j, x);
+                    }
+                    put(bias_start + r, bias[k]);
+                }
+            }
+        }
+        for (i, &x) in tail.iter().enumerate() {
+            put(tail_start + i, x);
+        }
     }
 
     /// Number of updates summed so far.
@@ -44,21 +99,88 @@ impl Aggregator {
         self.n_updates
     }
 
-    /// Releases the sum with Gaussian noise of standard deviation `noise_multiplier · C`
-    /// added to every coordinate. `noise_multiplier = 0` releases the exact sum (no privacy).
+    /// The grid this round's updates are rounded to (fails only for a clip norm that is not
+    /// positive and finite).
+    pub fn grid(&self) -> Result<Grid, DiscreteNoiseError> {
+        self.grid.clone()
+    }
+
+    /// Releases the sum with exact discrete Gaussian noise: every coordinate of the integer
+    /// grid sum gets independent `N_Z(0, σ_z²)` with `σ_z ≥ noise_multiplier · Δ` (`Δ` the
+    /// grid sensitivity, see [`Grid::sensitivity`]), and is then multiplied by the grid step
+    /// `γ`. The noise standard deviation in real units is `γ σ_z ≈ 1.01 · noise_multiplier · C`.
+    /// `noise_multiplier = 0` releases the exact `f32` sum (no privacy).
+    ///
+    /// Fails for a negative or non-finite multiplier, a clip norm that is not positive and
+    /// finite, or a noise scale beyond the exact sampler's range
+    /// ([`crate::privacy::discrete::MAX_SIGMA`] in grid units).
     ///
     /// The RNG must be cryptographically secure: noise from a predictable generator can be
     /// subtracted. Reproducible simulations get a seeded one only through [`crate::danger`].
-    pub fn release<R: Rng + CryptoRng + ?Sized>(mut self, noise_multiplier: f32, rng: &mut R) -> NoisedSum {
-        let std = noise_multiplier * self.clip_norm;
-        if std > 0.0 {
-            for s in &mut self.sum {
-                let z: f32 = StandardNormal.sample(rng);
-                *s += std * z;
-            }
+    pub fn release_checked<R: Rng + CryptoRng + ?Sized>(
+        self,
+        noise_multiplier: f32,
+        rng: &mut R,
+    ) -> Result<NoisedSum, DiscreteNoiseError> {
+        let z = f64::from(noise_multiplier);
+        if !(z >= 0.0 && z.is_finite()) {
+            return Err(DiscreteNoiseError::NoiseMultiplier(z));
         }
-        NoisedSum { layout: self.layout, sum: self.sum, n_updates: self.n_updates, noise_std: std }
+        let exact = |sum| NoisedSum {
+            layout: self.layout,
+            sum,
+            n_updates: self.n_updates,
+            noise_std: 0.0,
+            grid: None,
+        };
+        if z == 0.0 {
+            return Ok(exact(self.sum));
+        }
+        let grid = self.grid?;
+        let Some(noise) = grid.noise(z)? else { return Ok(exact(self.sum)) };
+        let step = grid.step();
+        // Keep in step with Grid::noise_std, which reports this value ahead of a release.
+        let sum = self
+            .grid_sum
+            .iter()
+            .map(|&k| ((i128::from(k) + noise.sample(rng)) as f64 * step) as f32)
+            .collect();
+        Ok(NoisedSum {
+            layout: self.layout,
+            sum,
+            n_updates: self.n_updates,
+            noise_std: (noise.sigma() * step) as f32,
+            grid: Some(grid),
+        })
     }
+
+    /// [`Aggregator::release_checked`] for callers that cannot handle its refusal: parameters
+    /// it refuses release a sum of zeros with an infinite [`NoisedSum::noise_std`]. A
+    /// constant carries no information, so this stays private whatever the round was
+    /// charged; coordinator configuration should refuse such parameters up front
+    /// (`Grid::for_sum(C, d)?.noise(z)?`).
+    pub fn release<R: Rng + CryptoRng + ?Sized>(self, noise_multiplier: f32, rng: &mut R) -> NoisedSum {
+        let (layout, n_updates) = (self.layout, self.n_updates);
+        self.release_checked(noise_multiplier, rng).unwrap_or_else(|_| NoisedSum {
+            layout,
+            sum: vec![0.0; layout.len()],
+            n_updates,
+            noise_std: f32::INFINITY,
+            grid: None,
+        })
+    }
+}
+
+/// Releases a count whose sensitivity is 1 (one device adds 0 or 1), such as the number of
+/// updates that were not clipped in adaptive clipping: `count + N_Z(0, σ²)` with
+/// `σ ≥ noise_multiplier`, exact integer noise. `noise_multiplier = 0` returns the count.
+pub fn release_count<R: Rng + CryptoRng + ?Sized>(
+    count: u64,
+    noise_multiplier: f32,
+    rng: &mut R,
+) -> Result<f64, DiscreteNoiseError> {
+    let noise = count_noise(f64::from(noise_multiplier))?.map_or(0, |dg| dg.sample(rng));
+    Ok((i128::from(count) + noise) as f64)
 }
 
 /// A sum of clipped updates with its noise added: the only aggregate the server may use.
@@ -68,6 +190,7 @@ pub struct NoisedSum {
     sum: Vec<f32>,
     n_updates: usize,
     noise_std: f32,
+    grid: Option<Grid>,
 }
 
 impl NoisedSum {
@@ -83,9 +206,15 @@ impl NoisedSum {
     pub fn n_updates(&self) -> usize {
         self.n_updates
     }
-    /// Standard deviation of the noise added to each coordinate.
+    /// Standard deviation parameter of the noise added to each coordinate, in real units
+    /// (`γ σ_z`; 0 for an exact release, infinite for a release of zeros).
     pub fn noise_std(&self) -> f32 {
         self.noise_std
+    }
+    /// The grid the noised sum lies on (every coordinate is the `f32` nearest to the grid
+    /// step times an integer), or `None` when it was released without noise.
+    pub fn grid(&self) -> Option<Grid> {
+        self.grid
     }
 }
 
@@ -123,23 +252,56 @@ mod tests {
         assert_eq!(agg.n_updates(), 0);
     }
 
-    /// The noise added per coordinate has mean 0 and standard deviation σ·C
-    /// (fixed seed; tolerance ≈ 6 standard errors of each estimate).
+    /// The noise added per coordinate has mean 0 and standard deviation σ·Δ₂ with
+    /// Δ₂ = γ·Δ ≈ 1.01·C (fixed seed; tolerance ≈ 6 standard errors of each estimate), and
+    /// every released value is the grid step times an integer.
     #[test]
     fn noise_has_the_calibrated_scale() {
         let shape = ModelShape { n_items: 20_000, dim: 4, n_segments: 1 };
         let layout = shape.layout();
         let (sigma, clip) = (1.3f32, 0.7f32);
         let agg = Aggregator::new(layout, clip);
+        let grid = agg.grid().expect("valid clip norm");
         let mut rng = danger::seeded_rng(42);
         let out = agg.release(sigma, &mut rng);
         let n = out.as_slice().len() as f64;
         let mean = out.as_slice().iter().map(|&x| f64::from(x)).sum::<f64>() / n;
         let var = out.as_slice().iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / (n - 1.0);
-        let want = f64::from(sigma * clip);
+        let want = f64::from(sigma) * grid.sensitivity_real();
         assert!(mean.abs() < 6.0 * want / n.sqrt(), "mean {mean}");
         let rel_se = (2.0 / n).sqrt();
         assert!((var.sqrt() / want - 1.0).abs() < 6.0 * rel_se, "std {} want {want}", var.sqrt());
-        assert_eq!(out.noise_std(), sigma * clip);
+        assert!((f64::from(out.noise_std()) / want - 1.0).abs() < 1e-3);
+        assert_eq!(out.noise_std(), grid.noise_std(f64::from(sigma)).expect("in range") as f32);
+        assert_eq!(out.grid(), Some(grid));
+        for &x in out.as_slice() {
+            let j = (f64::from(x) / grid.step()).round();
+            assert_eq!((j * grid.step()) as f32, x);
+        }
+    }
+
+    #[test]
+    fn out_of_range_parameters_are_refused_or_release_nothing() {
+        let layout = ModelShape { n_items: 3, dim: 2, n_segments: 1 }.layout();
+        let mut rng = danger::seeded_rng(3);
+        for z in [-1.0f32, f32::NAN, f32::INFINITY, 1e30] {
+            assert!(Aggregator::new(layout, 1.0).release_checked(z, &mut rng).is_err(), "{z}");
+            let out = Aggregator::new(layout, 1.0).release(z, &mut rng);
+            assert!(out.as_slice().iter().all(|&x| x == 0.0));
+            assert_eq!(out.noise_std(), f32::INFINITY);
+        }
+        assert!(Aggregator::new(layout, f32::NAN).release_checked(1.0, &mut rng).is_err());
+    }
+
+    #[test]
+    fn counts_get_integer_noise() {
+        let mut rng = danger::seeded_rng(9);
+        assert_eq!(release_count(17, 0.0, &mut rng), Ok(17.0));
+        let draws: Vec<f64> =
+            (0..4000).map(|_| release_count(17, 2.0, &mut rng).expect("in range")).collect();
+        assert!(draws.iter().all(|x| x.fract() == 0.0));
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        assert!((mean - 17.0).abs() < 6.0 * 2.0 / (draws.len() as f64).sqrt(), "mean {mean}");
+        assert!(release_count(1, -1.0, &mut rng).is_err());
     }
 }

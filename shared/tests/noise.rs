@@ -1,7 +1,8 @@
-//! Releasing a sum of clipped updates: the noise added is Gaussian with standard deviation σ·C around the exact sum, and σ = 0 releases the exact sum.
+//! Releasing a sum of clipped updates: the updates are rounded to a grid, the integer sum gets discrete Gaussian noise of standard deviation σ·Δ (Δ the grid sensitivity), the result is scaled back by the grid step, and σ = 0 releases the exact sum.
 
 use fedrec_shared::aggregate::Aggregator;
 use fedrec_shared::danger::seeded_rng;
+use fedrec_shared::privacy::discrete::Grid;
 use fedrec_shared::update::{ClippedUpdate, UpdateVector};
 use fedrec_shared::{ModelShape, UpdateLayout};
 use rand::Rng;
@@ -47,6 +48,17 @@ fn exact_sum(updates: &[ClippedUpdate], layout: UpdateLayout) -> Vec<f64> {
     sum
 }
 
+/// The sum rounded to the grid, in grid units, as the aggregator must compute it.
+fn grid_sum(updates: &[ClippedUpdate], grid: &Grid, layout: UpdateLayout) -> Vec<i64> {
+    let mut sum = vec![0i64; layout.len()];
+    for u in updates {
+        for (s, x) in sum.iter_mut().zip(u.vector().to_dense()) {
+            *s += grid.to_grid(x);
+        }
+    }
+    sum
+}
+
 #[test]
 fn noise_around_a_known_sum_has_the_calibrated_scale() {
     let layout = layout();
@@ -58,14 +70,44 @@ fn noise_around_a_known_sum_has_the_calibrated_scale() {
     for u in &updates {
         agg.add(u).expect("same layout and bound");
     }
+    let grid = agg.grid().expect("valid clip norm");
+    // The grid costs at most 1% of the clip norm: γ√d/2 ≤ 0.01·C, Δ₂ = γΔ ≤ 1.01·C.
+    let d = layout.len() as f64;
+    assert!(grid.step() * d.sqrt() / 2.0 <= 0.01 * f64::from(CLIP) * (1.0 + 1e-12));
+    assert!(grid.sensitivity_real() <= 1.0101 * f64::from(CLIP));
     let released = agg.release(sigma, &mut seeded_rng(2));
     assert_eq!(released.n_updates(), updates.len());
-    assert_eq!(released.noise_std(), sigma * CLIP);
+    assert_eq!(released.grid(), Some(grid));
     assert_eq!(released.as_slice().len(), layout.len());
+    // The released std is σ·Δ₂ = γ·σ·Δ: the multiplier is relative to the real sensitivity.
+    let want = f64::from(sigma) * grid.sensitivity_real();
+    assert!(
+        (f64::from(released.noise_std()) / want - 1.0).abs() < 1e-3,
+        "{} vs {want}",
+        released.noise_std()
+    );
 
-    let noise: Vec<f64> = released.as_slice().iter().zip(&exact).map(|(&x, e)| f64::from(x) - e).collect();
+    // Every released value is γ times an integer; the integer minus the grid sum is the noise.
+    let rounded = grid_sum(&updates, &grid, layout);
+    let noise_units: Vec<i64> = released
+        .as_slice()
+        .iter()
+        .zip(&rounded)
+        .map(|(&x, &k)| {
+            let j = (f64::from(x) / grid.step()).round();
+            assert_eq!((j * grid.step()) as f32, x, "not on the grid");
+            j as i64 - k
+        })
+        .collect();
+    // Rounding moved each coordinate of the sum by at most n·γ/2 from the exact sum.
+    for (&k, e) in rounded.iter().zip(&exact) {
+        assert!(
+            (k as f64 * grid.step() - e).abs() <= updates.len() as f64 * grid.step() / 2.0 * (1.0 + 1e-9)
+        );
+    }
+
+    let noise: Vec<f64> = noise_units.iter().map(|&z| z as f64 * grid.step()).collect();
     let n = noise.len() as f64;
-    let want = f64::from(sigma * CLIP);
     let mean = noise.iter().sum::<f64>() / n;
     let var = noise.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
     // Tolerances: six standard errors of each estimate.
@@ -81,13 +123,32 @@ fn noise_around_a_known_sum_has_the_calibrated_scale() {
         let se = (p * (1.0 - p) / n).sqrt();
         assert!((within(k) - p).abs() < 6.0 * se, "P(|z| < {k}) = {} want {p}", within(k));
     }
-    // Every coordinate is noised, rows no update touched and the tail included, and the
-    // large parts each have the full scale.
-    assert!(noise.iter().all(|&x| x != 0.0));
-    for range in [layout.item_factors(), layout.item_bias()] {
+    // Every coordinate is noised, rows no update touched and the tail included: each part
+    // has the full scale (the tail has 37 coordinates, hence its looser tolerance).
+    let tail = layout.global_mean()..layout.len();
+    for (range, tol) in [(layout.item_factors(), 0.05), (layout.item_bias(), 0.05), (tail, 0.5)] {
         let part = &noise[range.clone()];
         let rms = (part.iter().map(|x| x * x).sum::<f64>() / part.len() as f64).sqrt();
-        assert!((rms / want - 1.0).abs() < 0.05, "part {range:?}: rms {rms}");
+        assert!((rms / want - 1.0).abs() < tol, "part {range:?}: rms {rms}");
+    }
+}
+
+/// Several σ and clip norms: the std of the released coordinates of an empty sum is σ·Δ₂
+/// (fixed seeds, six standard errors).
+#[test]
+fn released_std_is_sigma_times_the_real_sensitivity() {
+    let layout = ModelShape { n_items: 5_000, dim: 4, n_segments: 2 }.layout();
+    for (seed, sigma, clip) in [(10, 0.3f32, 1.0f32), (11, 1.0, 0.05), (12, 4.5, 20.0), (13, 60.0, 1e-3)] {
+        let agg = Aggregator::new(layout, clip);
+        let want = f64::from(sigma) * agg.grid().expect("valid").sensitivity_real();
+        let out = agg.release(sigma, &mut seeded_rng(seed));
+        let n = out.as_slice().len() as f64;
+        let var = out.as_slice().iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / n;
+        assert!(
+            (var.sqrt() / want - 1.0).abs() < 6.0 * (1.0 / (2.0 * n)).sqrt(),
+            "σ {sigma}: std {} want {want}",
+            var.sqrt()
+        );
     }
 }
 

@@ -19,6 +19,7 @@
 use thiserror::Error;
 
 pub mod calibrate;
+pub mod discrete;
 mod fft;
 pub mod pld;
 pub mod rdp;
