@@ -14,7 +14,19 @@
 //!   against the shape, finite values, known optimizer names, the checking constructors of
 //!   `fedrec-shared` ([`ServerState::from_parts`], [`Ledger::from_entries`]). A tampered or
 //!   corrupted file gives a [`StoreError`], never a panic.
-//! - **The audit log holds counts only**, never the ids of the devices a round selected.
+//! - **The audit log holds counts only**, never the ids of the devices a round selected,
+//!   and for a round with noise ([`RoundStats::private`]) not even those: the exact number of
+//!   devices that checked in, were selected, reported or dropped would reveal the round's
+//!   sample, so the `rounds` row stores NULL counts and the audit line none.
+//! - **The ledger and the budget are tamper-evident.** Each `ledger` and `budget` row stores
+//!   `hash = SHA-256(previous row's hash || the row's canonical bytes)` (the first row chains
+//!   from 32 zero bytes). [`Store::verify_chain`] recomputes both chains and names the first
+//!   row that does not match. This detects an edited, inserted or deleted row; it does not
+//!   stop someone who can write the file from rebuilding the whole chain, nor from replacing
+//!   the file by an older copy. Keeping the head ([`ChainReport::head`]) elsewhere detects
+//!   both.
+//! - **The budget is fixed in the store.** [`Store::set_budget`] appends a budget row (the
+//!   first fixes it; a later one changes ε only, with a reason, and writes an audit line).
 //!
 //! # Schema (version [`SCHEMA_VERSION`], kept in `PRAGMA user_version`)
 //!
@@ -24,10 +36,11 @@
 //!
 //! | table | one row per | columns |
 //! | --- | --- | --- |
-//! | `rounds` | closed round | `round` (key), `model_version` (after the round), `committed_at_ms` (when the outcome was recorded), `n_checked_in`, `n_selected`, `n_reported`, `n_dropped`, `noise_std`, `clip_norm`, `unclipped_fraction` (NULL without adaptive clipping), `outcome` (`committed` or `abandoned`), `abandon_reason` (`too_few_selected`, `too_few_reports`; NULL when committed) |
+//! | `rounds` | closed round | `round` (key), `model_version` (after the round), `committed_at_ms` (when the outcome was recorded), `n_checked_in`, `n_selected`, `n_reported`, `n_dropped` (all four NULL for a round with noise), `noise_std`, `clip_norm`, `unclipped_fraction` (NULL without adaptive clipping), `outcome` (`committed` or `abandoned`), `abandon_reason` (`too_few_selected`, `too_few_reports`; NULL when committed) |
 //! | `checkpoints` | model version kept | `model_version` (key), `round` (the round that produced it; NULL for the initial model), `saved_at_ms`, `next_round`, `clip_norm`, `n_items`, `dim`, `n_segments`, `item_factors`, `item_bias`, `global_mean`, `centroids`, `optimizer` (`sgd` or `adam`), `lr`, `momentum` (SGD only), `beta1`, `beta2`, `eps` (Adam only), `first_moment`, `second_moment` (empty for SGD), `step`, `centroid_mass` |
-//! | `ledger` | privacy charge | `round` (key), `q`, `noise_multiplier`, `clip_bits_noise` (NULL without adaptive clipping) |
-//! | `audit_log` | event | `id` (key), `at_ms`, `event`, `detail` (counts only) |
+//! | `ledger` | privacy charge | `round` (key), `q`, `noise_multiplier`, `clip_bits_noise` (NULL without adaptive clipping), `hash` (the chain) |
+//! | `budget` | budget setting | `seq` (key, from 0), `set_at_ms`, `epsilon`, `delta`, `accountant` (`rdp` or `pld`), `reason`, `hash` (the chain); the newest row is the budget |
+//! | `audit_log` | event | `id` (key), `at_ms`, `event`, `detail` (counts only; none for a round with noise; the reason of a budget change) |
 //! | `devices` | enrolled device | `device_id` (key; [`DeviceId::to_i64_bits`]), `enrolled_at_ms`, `revoked_at_ms` (NULL while enrolled), `label` |
 //!
 //! Only the newest [`StoreOptions::keep_checkpoints`] checkpoints are kept; the ledger, the
@@ -38,8 +51,8 @@ use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Duration;
 
-use fedrec_shared::ledger::{Ledger, LedgerEntry};
-use fedrec_shared::privacy::PrivacyError;
+use fedrec_shared::ledger::{Ledger, LedgerEntry, PrivacyBudget, PrivacyPolicy};
+use fedrec_shared::privacy::{AccountantKind, PrivacyError};
 use fedrec_shared::round::{AbandonReason, CoordinatorState, RoundStats};
 use fedrec_shared::server::{ServerOptimizer, ServerState, ServerStateParts};
 use fedrec_shared::{GlobalModel, ModelShape, ParamError};
@@ -48,7 +61,7 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 use crate::auth::DeviceId;
 
 /// The schema version this build writes, and the newest it can read.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// How many checkpoints [`StoreOptions::default`] keeps.
 pub const DEFAULT_KEEP_CHECKPOINTS: NonZeroUsize = NonZeroUsize::new(10).expect("10 is not zero");
@@ -58,7 +71,53 @@ pub const DEFAULT_KEEP_CHECKPOINTS: NonZeroUsize = NonZeroUsize::new(10).expect(
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Migration `i` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2];
+
+/// Version 2 (issue 10): round counts may be NULL (rounds with noise store none), the ledger
+/// gets its hash chain (filled in for existing rows by [`migrate`]), and the budget its table.
+const SCHEMA_V2: &str = "
+CREATE TABLE rounds_v2 (
+    round              INTEGER PRIMARY KEY CHECK (round >= 0),
+    -- The model version after the round (unchanged when it was abandoned).
+    model_version      INTEGER NOT NULL CHECK (model_version >= 0),
+    -- When the outcome was recorded (committed or abandoned), ms since the Unix epoch.
+    committed_at_ms    INTEGER NOT NULL,
+    -- Exact counts: NULL for a round with noise (they would reveal its sample).
+    n_checked_in       INTEGER CHECK (n_checked_in >= 0),
+    n_selected         INTEGER CHECK (n_selected >= 0),
+    n_reported         INTEGER CHECK (n_reported >= 0),
+    n_dropped          INTEGER CHECK (n_dropped >= 0),
+    -- Noise standard deviation per coordinate (0 without noise or when abandoned).
+    noise_std          REAL NOT NULL,
+    clip_norm          REAL NOT NULL,
+    -- Noised fraction of updates within the clip norm (adaptive clipping only).
+    unclipped_fraction REAL,
+    outcome            TEXT NOT NULL CHECK (outcome IN ('committed', 'abandoned')),
+    abandon_reason     TEXT CHECK ((outcome = 'abandoned') = (abandon_reason IS NOT NULL))
+) STRICT;
+INSERT INTO rounds_v2 SELECT * FROM rounds;
+DROP TABLE rounds;
+ALTER TABLE rounds_v2 RENAME TO rounds;
+
+-- SHA-256(previous row's hash || canonical bytes of this row); the first row chains from
+-- 32 zero bytes. Filled in for rows written before version 2 when the store is upgraded.
+ALTER TABLE ledger ADD COLUMN hash BLOB;
+
+-- The privacy budget: the newest row is in force. The first row fixes it (init or the first
+-- serve); later rows change epsilon, each with the operator's reason. Chained like the ledger.
+CREATE TABLE budget (
+    seq        INTEGER PRIMARY KEY CHECK (seq >= 0),
+    set_at_ms  INTEGER NOT NULL,
+    epsilon    REAL NOT NULL,
+    delta      REAL NOT NULL,
+    accountant TEXT NOT NULL CHECK (accountant IN ('rdp', 'pld')),
+    reason     TEXT NOT NULL,
+    hash       BLOB NOT NULL
+) STRICT;
+";
+
+/// The hash the first row of a chain chains from.
+const CHAIN_START: [u8; 32] = [0; 32];
 
 const SCHEMA_V1: &str = "
 CREATE TABLE rounds (
@@ -209,6 +268,9 @@ pub enum StoreError {
     /// [`Store::revoke_device`] on a device already revoked.
     #[error("device {0} is already revoked")]
     AlreadyRevoked(DeviceId),
+    /// [`Store::set_budget`] refused the change.
+    #[error("budget: {0}")]
+    Budget(String),
 }
 
 impl From<ParamError> for StoreError {
@@ -311,6 +373,176 @@ pub struct Status {
     pub n_devices_revoked: u64,
 }
 
+/// A privacy budget as stored: the newest row of the `budget` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredBudget {
+    /// Its position in the budget's history (0: the budget first fixed).
+    pub seq: u64,
+    /// When it was set, ms since the Unix epoch.
+    pub set_at_ms: u64,
+    /// The budget and its accountant.
+    pub policy: PrivacyPolicy,
+    /// The operator's reason.
+    pub reason: String,
+}
+
+/// The first row of a chain whose stored hash does not match its recomputed one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainBreak {
+    /// The ledger row of this round.
+    Ledger {
+        /// The row's round.
+        round: u64,
+    },
+    /// The budget row of this sequence number.
+    Budget {
+        /// The row's `seq`.
+        seq: u64,
+    },
+}
+
+impl std::fmt::Display for ChainBreak {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChainBreak::Ledger { round } => write!(f, "the ledger row of round {round}"),
+            ChainBreak::Budget { seq } => write!(f, "the budget row seq {seq}"),
+        }
+    }
+}
+
+/// The hash chains of the ledger and the budget, recomputed from the rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainReport {
+    /// The recomputed hash after each ledger row, oldest first.
+    pub ledger_hashes: Vec<[u8; 32]>,
+    /// The recomputed hash after each budget row, oldest first.
+    pub budget_hashes: Vec<[u8; 32]>,
+    /// The first row (ledger first, then budget) whose stored hash differs, if any.
+    pub broken: Option<ChainBreak>,
+}
+
+impl ChainReport {
+    /// The head of the store: one hash of both chains' last hashes. Keep it somewhere else
+    /// (it is printed by `status`): a store whose head differs was rewritten or replaced.
+    pub fn head(&self) -> [u8; 32] {
+        let (l, b) = (self.ledger_hashes.len(), self.budget_hashes.len());
+        self.head_at(l, b).unwrap_or(CHAIN_START)
+    }
+
+    /// The head the store had when it held the first `n_ledger` ledger rows and `n_budget`
+    /// budget rows; `None` if it holds fewer.
+    pub fn head_at(&self, n_ledger: usize, n_budget: usize) -> Option<[u8; 32]> {
+        let last = |hashes: &[[u8; 32]], n: usize| match n {
+            0 => Some(CHAIN_START),
+            n => hashes.get(n - 1).copied(),
+        };
+        let (l, b) = (last(&self.ledger_hashes, n_ledger)?, last(&self.budget_hashes, n_budget)?);
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"fedrec-head-v1\0");
+        ctx.update(&l);
+        ctx.update(&b);
+        Some(digest32(ctx.finish()))
+    }
+}
+
+fn digest32(d: ring::digest::Digest) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// `SHA-256(prev || bytes)`.
+fn chain_hash(prev: &[u8; 32], bytes: &[u8]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(prev);
+    ctx.update(bytes);
+    digest32(ctx.finish())
+}
+
+fn accountant_label(kind: AccountantKind) -> &'static str {
+    match kind {
+        AccountantKind::Rdp => "rdp",
+        AccountantKind::Pld => "pld",
+    }
+}
+
+/// A budget row as stored, before any check.
+struct BudgetRow {
+    seq: i64,
+    set_at_ms: i64,
+    epsilon: f64,
+    delta: f64,
+    accountant: String,
+    reason: String,
+    hash: Vec<u8>,
+}
+
+impl BudgetRow {
+    fn read(r: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            seq: r.get(0)?,
+            set_at_ms: r.get(1)?,
+            epsilon: r.get(2)?,
+            delta: r.get(3)?,
+            accountant: r.get(4)?,
+            reason: r.get(5)?,
+            hash: r.get(6)?,
+        })
+    }
+
+    /// The row's canonical bytes: a tag, `seq`, `set_at_ms` (u64), ε and δ (f64 bits), the
+    /// accountant and the reason (each a u64 length and UTF-8 bytes), little-endian.
+    fn canonical_bytes(
+        seq: i64,
+        set_at_ms: i64,
+        epsilon: f64,
+        delta: f64,
+        accountant: &str,
+        reason: &str,
+    ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + reason.len());
+        out.extend_from_slice(b"fedrec-budget-v1\0");
+        out.extend_from_slice(&seq.to_le_bytes());
+        out.extend_from_slice(&set_at_ms.to_le_bytes());
+        out.extend_from_slice(&epsilon.to_bits().to_le_bytes());
+        out.extend_from_slice(&delta.to_bits().to_le_bytes());
+        for text in [accountant, reason] {
+            out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+            out.extend_from_slice(text.as_bytes());
+        }
+        out
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        Self::canonical_bytes(
+            self.seq,
+            self.set_at_ms,
+            self.epsilon,
+            self.delta,
+            &self.accountant,
+            &self.reason,
+        )
+    }
+
+    fn decode(&self) -> Result<StoredBudget, StoreError> {
+        let accountant = match self.accountant.as_str() {
+            "rdp" => AccountantKind::Rdp,
+            "pld" => AccountantKind::Pld,
+            other => return Err(corrupt("budget.accountant", format!("unknown accountant {other:?}"))),
+        };
+        let budget =
+            PrivacyBudget::new(self.epsilon, self.delta).map_err(|e| corrupt("budget", e.to_string()))?;
+        Ok(StoredBudget {
+            seq: from_sql("budget.seq", self.seq)?,
+            set_at_ms: from_sql("budget.set_at_ms", self.set_at_ms)?,
+            policy: PrivacyPolicy { budget, accountant },
+            reason: self.reason.clone(),
+        })
+    }
+}
+
+const BUDGET_COLUMNS: &str = "seq, set_at_ms, epsilon, delta, accountant, reason, hash";
+
 /// The coordinator's database. One writer: the task that owns the coordinator.
 #[derive(Debug)]
 pub struct Store {
@@ -355,10 +587,12 @@ impl Store {
         }
         // Durability over speed: a committed round must survive a power loss.
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", true)?;
         // The file is input: its schema may not run functions with side effects.
         conn.pragma_update(None, "trusted_schema", false)?;
+        // Foreign keys off while migrating: a migration rebuilds a referenced table.
+        conn.pragma_update(None, "foreign_keys", false)?;
         migrate(&mut conn)?;
+        conn.pragma_update(None, "foreign_keys", true)?;
         Ok(Self { conn, options })
     }
 
@@ -506,6 +740,138 @@ impl Store {
         }))
     }
 
+    /// The budget in force (the newest `budget` row), if one was ever set.
+    pub fn budget(&self) -> Result<Option<StoredBudget>, StoreError> {
+        let row = self
+            .conn
+            .query_row(&format!("SELECT {BUDGET_COLUMNS} FROM budget ORDER BY seq DESC LIMIT 1"), [], |r| {
+                Ok(BudgetRow::read(r))
+            })
+            .optional()?;
+        row.map(|r| r.map_err(|e| read_error("budget", e))?.decode()).transpose()
+    }
+
+    /// Sets the budget: the first call fixes it (`budget_set` in the audit log); a later one
+    /// may change ε only (`budget_raised` or `budget_lowered`, with the old and new ε and
+    /// `reason`). A change of δ or of the accountant, an unchanged ε and an empty reason are
+    /// refused ([`StoreError::Budget`]). The new row extends the budget's hash chain.
+    pub fn set_budget(&mut self, policy: PrivacyPolicy, reason: &str, at_ms: u64) -> Result<(), StoreError> {
+        let reason = reason.trim();
+        if reason.is_empty() {
+            return Err(StoreError::Budget("a reason is required".into()));
+        }
+        let at = to_sql("at_ms", at_ms)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let last = tx
+            .query_row(&format!("SELECT {BUDGET_COLUMNS} FROM budget ORDER BY seq DESC LIMIT 1"), [], |r| {
+                Ok(BudgetRow::read(r))
+            })
+            .optional()?
+            .map(|r| r.map_err(|e| read_error("budget", e)))
+            .transpose()?;
+        let (epsilon, delta) = (policy.budget.epsilon(), policy.budget.delta());
+        let accountant = accountant_label(policy.accountant);
+        let (seq, prev, event, detail) = match &last {
+            None => (
+                0,
+                CHAIN_START,
+                "budget_set",
+                format!("epsilon={epsilon} delta={delta:e} accountant={accountant} reason={reason}"),
+            ),
+            Some(old) => {
+                let stored = old.decode()?;
+                if stored.policy.budget.delta().to_bits() != delta.to_bits()
+                    || stored.policy.accountant != policy.accountant
+                {
+                    return Err(StoreError::Budget(format!(
+                        "delta ({:e}) and the accountant ({}) are fixed when the budget is first set; only epsilon may change",
+                        stored.policy.budget.delta(),
+                        accountant_label(stored.policy.accountant)
+                    )));
+                }
+                let old_eps = stored.policy.budget.epsilon();
+                if old_eps.to_bits() == epsilon.to_bits() {
+                    return Err(StoreError::Budget(format!("epsilon is already {old_eps}")));
+                }
+                let prev: [u8; 32] =
+                    old.hash.as_slice().try_into().map_err(|_| corrupt("budget.hash", "not 32 bytes"))?;
+                let event = if epsilon > old_eps { "budget_raised" } else { "budget_lowered" };
+                (
+                    old.seq.checked_add(1).ok_or_else(|| corrupt("budget.seq", "overflows"))?,
+                    prev,
+                    event,
+                    format!(
+                        "epsilon={old_eps}->{epsilon} delta={delta:e} accountant={accountant} reason={reason}"
+                    ),
+                )
+            }
+        };
+        let hash =
+            chain_hash(&prev, &BudgetRow::canonical_bytes(seq, at, epsilon, delta, accountant, reason));
+        tx.execute(
+            &format!("INSERT INTO budget ({BUDGET_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+            params![seq, at, epsilon, delta, accountant, reason, hash.as_slice()],
+        )?;
+        audit(&tx, at, event, &detail)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Recomputes the hash chains of the ledger and the budget from their rows and compares
+    /// them with the stored hashes; the first row that differs is [`ChainReport::broken`].
+    pub fn verify_chain(&self) -> Result<ChainReport, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let mut broken = None;
+        let mut ledger_hashes = Vec::new();
+        {
+            let mut stmt = tx.prepare(
+                "SELECT round, q, noise_multiplier, clip_bits_noise, hash FROM ledger ORDER BY round",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, f64>(1)?,
+                    r.get::<_, f64>(2)?,
+                    r.get::<_, Option<f64>>(3)?,
+                    r.get::<_, Option<Vec<u8>>>(4)?,
+                ))
+            })?;
+            let mut prev = CHAIN_START;
+            for row in rows {
+                let (round, q, noise_multiplier, clip_bits_noise, stored) =
+                    row.map_err(|e| read_error("ledger", e))?;
+                let entry = LedgerEntry {
+                    round: from_sql("ledger.round", round)?,
+                    q,
+                    noise_multiplier,
+                    clip_bits_noise,
+                };
+                let hash = chain_hash(&prev, &entry.canonical_bytes());
+                if broken.is_none() && stored.as_deref() != Some(hash.as_slice()) {
+                    broken = Some(ChainBreak::Ledger { round: entry.round });
+                }
+                ledger_hashes.push(hash);
+                prev = hash;
+            }
+        }
+        let mut budget_hashes = Vec::new();
+        {
+            let mut stmt = tx.prepare(&format!("SELECT {BUDGET_COLUMNS} FROM budget ORDER BY seq"))?;
+            let rows = stmt.query_map([], |r| Ok(BudgetRow::read(r)))?;
+            let mut prev = CHAIN_START;
+            for row in rows {
+                let row = row?.map_err(|e| read_error("budget", e))?;
+                let hash = chain_hash(&prev, &row.bytes());
+                if broken.is_none() && row.hash.as_slice() != hash.as_slice() {
+                    broken = Some(ChainBreak::Budget { seq: from_sql("budget.seq", row.seq)? });
+                }
+                budget_hashes.push(hash);
+                prev = hash;
+            }
+        }
+        Ok(ChainReport { ledger_hashes, budget_hashes, broken })
+    }
+
     /// Counts for a status report.
     pub fn status(&self) -> Result<Status, StoreError> {
         let tx = self.conn.unchecked_transaction()?;
@@ -637,6 +1003,25 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     for migration in MIGRATIONS.iter().skip(found as usize) {
         tx.execute_batch(migration)?;
+    }
+    if found < 2 {
+        // The chain of a store written before version 2 attests to what it held when upgraded.
+        let entries = read_ledger(&tx)?;
+        let mut prev = CHAIN_START;
+        for e in &entries {
+            let hash = chain_hash(&prev, &e.canonical_bytes());
+            tx.execute(
+                "UPDATE ledger SET hash = ?2 WHERE round = ?1",
+                params![to_sql("ledger round", e.round)?, hash.as_slice()],
+            )?;
+            prev = hash;
+        }
+        let bad: Option<String> = tx.query_row("PRAGMA foreign_key_check", [], |r| r.get(0)).optional()?;
+        if let Some(table) = bad {
+            return Err(StoreError::Inconsistent(format!(
+                "after the upgrade, {table} has a dangling foreign key"
+            )));
+        }
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
@@ -886,11 +1271,31 @@ fn sync_ledger(tx: &Transaction<'_>, entries: &[LedgerEntry]) -> Result<usize, S
         }
     }
     let new = &entries[stored.len()..];
+    if new.is_empty() {
+        return Ok(0);
+    }
+    let last: Option<Option<Vec<u8>>> =
+        tx.query_row("SELECT hash FROM ledger ORDER BY round DESC LIMIT 1", [], |r| r.get(0)).optional()?;
+    let mut prev = match last {
+        None => CHAIN_START,
+        Some(hash) => hash
+            .as_deref()
+            .and_then(|h| <[u8; 32]>::try_from(h).ok())
+            .ok_or_else(|| corrupt("ledger.hash", "the newest row has no valid hash"))?,
+    };
     let mut stmt = tx.prepare(
-        "INSERT INTO ledger (round, q, noise_multiplier, clip_bits_noise) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO ledger (round, q, noise_multiplier, clip_bits_noise, hash) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     for e in new {
-        stmt.execute(params![to_sql("ledger round", e.round)?, e.q, e.noise_multiplier, e.clip_bits_noise])?;
+        let hash = chain_hash(&prev, &e.canonical_bytes());
+        stmt.execute(params![
+            to_sql("ledger round", e.round)?,
+            e.q,
+            e.noise_multiplier,
+            e.clip_bits_noise,
+            hash.as_slice()
+        ])?;
+        prev = hash;
     }
     Ok(new.len())
 }
@@ -1035,10 +1440,11 @@ struct RoundRow {
     round: i64,
     model_version: i64,
     at_ms: i64,
-    n_checked_in: i64,
-    n_selected: i64,
-    n_reported: i64,
-    n_dropped: i64,
+    /// The exact counts; `None` for a round with noise.
+    n_checked_in: Option<i64>,
+    n_selected: Option<i64>,
+    n_reported: Option<i64>,
+    n_dropped: Option<i64>,
     noise_std: f64,
     clip_norm: f64,
     unclipped_fraction: Option<f64>,
@@ -1052,14 +1458,18 @@ impl RoundRow {
         abandoned: Option<AbandonReason>,
         at_ms: u64,
     ) -> Result<Self, StoreError> {
+        // A round with noise keeps its exact counts out of the store.
+        let count = |what: &'static str, n: usize| -> Result<Option<i64>, StoreError> {
+            if stats.private { Ok(None) } else { count_to_sql(what, n).map(Some) }
+        };
         Ok(Self {
             round: to_sql("round", stats.round)?,
             model_version: to_sql("model_version", model_version)?,
             at_ms: to_sql("at_ms", at_ms)?,
-            n_checked_in: count_to_sql("n_checked_in", stats.n_checked_in)?,
-            n_selected: count_to_sql("n_selected", stats.n_selected)?,
-            n_reported: count_to_sql("n_reported", stats.n_reported)?,
-            n_dropped: count_to_sql("n_dropped", stats.n_dropped)?,
+            n_checked_in: count("n_checked_in", stats.n_checked_in)?,
+            n_selected: count("n_selected", stats.n_selected)?,
+            n_reported: count("n_reported", stats.n_reported)?,
+            n_dropped: count("n_dropped", stats.n_dropped)?,
             noise_std: f64::from(stats.noise_std),
             clip_norm: f64::from(stats.clip_norm),
             // SQLite stores NaN as NULL; say so explicitly.
@@ -1105,8 +1515,11 @@ fn abandon_label(reason: AbandonReason) -> &'static str {
     }
 }
 
-/// The audit detail of a round: counts only.
+/// The audit detail of a round: counts only, and for a round with noise not even those.
 fn round_detail(stats: &RoundStats, model_version: u64) -> String {
+    if stats.private {
+        return format!("round={} model_version={model_version}", stats.round);
+    }
     let mut s = format!(
         "round={} model_version={model_version} n_checked_in={} n_selected={} n_reported={} n_dropped={}",
         stats.round, stats.n_checked_in, stats.n_selected, stats.n_reported, stats.n_dropped

@@ -51,7 +51,7 @@ fn config(adam: bool, min_reports: usize) -> CoordinatorConfig {
         },
         selection: Selection::Poisson { q: 0.5 },
         min_reports,
-        population: None,
+        population: Some(N_DEVICES),
         checkin_window: Duration::from_secs(60),
         report_window: Duration::from_secs(120),
         clip_norm: 2.0,
@@ -544,8 +544,11 @@ fn pruning_keeps_the_newest_checkpoints_and_all_history() {
 fn abandoned_rounds_have_no_checkpoint_and_no_charge() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = db_path(&dir, "abandoned.db");
-    // More reports required than there are devices: every round is abandoned.
-    let history = History::run(config(true, N_DEVICES + 1), 3, 61);
+    // More reports required than there are devices: every round is abandoned (without
+    // noise: a round with noise commits whatever the number of reports).
+    let mut cfg = config(true, N_DEVICES + 1);
+    cfg.noise_multiplier = 0.0;
+    let history = History::run(cfg, 3, 61);
     assert!(history.rounds.iter().all(|(_, e)| matches!(
         e,
         CoordinatorEvent::RoundAbandoned { reason: AbandonReason::TooFewSelected, .. }
@@ -621,4 +624,197 @@ fn devices_are_inserted_revoked_and_listed() {
 
     let err = store.insert_device(DeviceId::new(9), u64::MAX, None).expect_err("time out of range");
     assert!(matches!(err, StoreError::OutOfRange { .. }), "{err:?}");
+}
+
+/// Every column of every `rounds` row, as text, and the audit details, of the store at `path`.
+fn rows_and_audit(path: &Path) -> (Vec<String>, Vec<(String, String)>) {
+    let conn = Connection::open(path).expect("open");
+    let rows = conn
+        .prepare(
+            "SELECT round, model_version, committed_at_ms, n_checked_in, n_selected, n_reported, n_dropped,
+                    noise_std, clip_norm, unclipped_fraction, outcome, abandon_reason FROM rounds ORDER BY round",
+        )
+        .expect("prepare")
+        .query_map([], |r| {
+            let cols: Vec<String> =
+                (0..12).map(|i| r.get::<_, rusqlite::types::Value>(i).map(|v| format!("{v:?}"))).collect::<Result<_, _>>()?;
+            Ok(cols.join(" "))
+        })
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    let audit = conn
+        .prepare("SELECT event, detail FROM audit_log ORDER BY id")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("audit");
+    (rows, audit)
+}
+
+/// Issue 10 (1): the rounds table and the audit log stored the exact number of devices that
+/// checked in, were selected, reported and dropped — a membership signal. Two coordinators
+/// on neighbouring device sets (one device apart), same seeds, no adaptive clipping: every
+/// stored round row and audit line is identical, and the counts are NULL.
+#[test]
+fn issue_10_stored_rows_of_noised_rounds_do_not_reveal_the_sample() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let devices = ratings(71);
+    let mut stored = Vec::new();
+    for (name, world) in [("all.db", &devices[..]), ("one_fewer.db", &devices[1..])] {
+        let coordinator = Coordinator::new(config(false, 1), init_model(71), seeded_rng(72)).expect("valid");
+        let mut fed = Federation::new(coordinator, world, harness(), seeded_rng(73));
+        let path = db_path(&dir, name);
+        let mut store = Store::open(&path).expect("a new database");
+        store.save_initial(&fed.coordinator.state().expect("no round open"), at(0)).expect("initial");
+        let mut checked_in = Vec::new();
+        for _ in 0..3 {
+            let event = fed.run_round().event.expect("the round closed");
+            checked_in.push(stats_of(&event).n_checked_in);
+            persist(&mut store, &fed.coordinator.state().expect("no round open"), &event).expect("commit");
+        }
+        assert_eq!(checked_in, vec![world.len(); 3], "the worlds differ in what the coordinator saw");
+        drop(store);
+        stored.push(rows_and_audit(&path));
+    }
+    let (rows, audit) = &stored[0];
+    assert_eq!(rows.len(), 3);
+    for row in rows {
+        assert_eq!(
+            row.matches("Null").count(),
+            6,
+            "four NULL counts, no unclipped fraction or abandon reason: {row}"
+        );
+    }
+    assert!(audit.iter().all(|(_, d)| !d.contains("n_")), "{audit:?}");
+    assert_eq!(stored[0], stored[1], "the stored rows tell the worlds apart");
+}
+
+/// Issue 10 (4): each ledger and budget row carries a hash chained from the previous one;
+/// an edited, deleted or inserted row is reported, by the first row that fails.
+#[test]
+fn issue_10_an_edited_ledger_row_is_detected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir, "chain.db");
+    let history = History::run(config(false, 1), 4, 81);
+    let mut store = store_with(&path, &history, 4, StoreOptions::default());
+    let policy = fedrec_shared::ledger::PrivacyPolicy {
+        budget: fedrec_shared::ledger::PrivacyBudget::new(8.0, 1e-6).expect("valid"),
+        accountant: fedrec_shared::privacy::AccountantKind::Rdp,
+    };
+    store.set_budget(policy, "initial budget", at(0)).expect("first budget");
+    let good = store.verify_chain().expect("readable");
+    assert_eq!(good.broken, None);
+    assert_eq!((good.ledger_hashes.len(), good.budget_hashes.len()), (4, 1));
+    let head = good.head();
+    assert_eq!(store.verify_chain().expect("readable").head(), head, "the head is a function of the rows");
+    assert_eq!(good.head_at(4, 1), Some(head));
+    assert_eq!(good.head_at(5, 1), None, "a head past the rows");
+    assert_ne!(good.head_at(3, 1), Some(head));
+    drop(store);
+
+    let tamper = |name: &str, sql: &str| {
+        let copy = db_path(&dir, name);
+        std::fs::copy(&path, &copy).expect("copy");
+        let conn = Connection::open(&copy).expect("open");
+        conn.execute_batch(sql).expect("tamper");
+        drop(conn);
+        let store = Store::open(&copy).expect("still opens");
+        store.verify_chain().expect("readable")
+    };
+    use fedrec_coordinator::store::ChainBreak;
+    // A lower charge for round 1: still a valid event, so only the chain can tell.
+    let edited = tamper("edited.db", "UPDATE ledger SET noise_multiplier = 50.0 WHERE round = 1;");
+    assert_eq!(edited.broken, Some(ChainBreak::Ledger { round: 1 }));
+    assert_ne!(edited.head(), head);
+    let deleted = tamper("deleted.db", "DELETE FROM ledger WHERE round = 2;");
+    assert_eq!(deleted.broken, Some(ChainBreak::Ledger { round: 3 }), "the row after the gap fails");
+    let truncated = tamper("truncated.db", "DELETE FROM ledger WHERE round = 3;");
+    assert_eq!(truncated.broken, None, "dropping the newest row keeps a valid chain ...");
+    assert_ne!(truncated.head(), head, "... but not the head an operator kept");
+    assert_eq!(truncated.head_at(4, 1), None);
+    let budget = tamper("budget.db", "UPDATE budget SET epsilon = 80.0;");
+    assert_eq!(budget.broken, Some(ChainBreak::Budget { seq: 0 }));
+}
+
+/// Issue 10 (4): the budget is fixed in the store; a change is a new row with a reason and an
+/// audit line; δ and the accountant cannot change; an empty reason is refused.
+#[test]
+fn issue_10_budget_changes_are_explicit_and_logged() {
+    use fedrec_shared::ledger::{PrivacyBudget, PrivacyPolicy};
+    use fedrec_shared::privacy::AccountantKind;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(db_path(&dir, "budget.db")).expect("a new database");
+    let policy = |eps: f64, delta: f64, accountant| PrivacyPolicy {
+        budget: PrivacyBudget::new(eps, delta).expect("valid"),
+        accountant,
+    };
+    assert_eq!(store.budget().expect("readable"), None);
+    let err = store.set_budget(policy(4.0, 1e-6, AccountantKind::Rdp), "  ", at(0)).expect_err("no reason");
+    assert!(matches!(err, StoreError::Budget(_)), "{err:?}");
+    store.set_budget(policy(4.0, 1e-6, AccountantKind::Rdp), "launch", at(0)).expect("first");
+    let b = store.budget().expect("readable").expect("set");
+    assert_eq!((b.seq, b.policy, b.reason.as_str()), (0, policy(4.0, 1e-6, AccountantKind::Rdp), "launch"));
+    for (bad, why) in [
+        (policy(4.0, 1e-6, AccountantKind::Rdp), "unchanged"),
+        (policy(6.0, 1e-5, AccountantKind::Rdp), "delta"),
+        (policy(6.0, 1e-6, AccountantKind::Pld), "accountant"),
+    ] {
+        let err = store.set_budget(bad, "reason", at(1)).expect_err(why);
+        assert!(matches!(err, StoreError::Budget(_)), "{why}: {err:?}");
+    }
+    store
+        .set_budget(policy(6.0, 1e-6, AccountantKind::Rdp), "board approved 2027 plan", at(2))
+        .expect("raise");
+    store.set_budget(policy(5.0, 1e-6, AccountantKind::Rdp), "tighten", at(3)).expect("lower");
+    let b = store.budget().expect("readable").expect("set");
+    assert_eq!((b.seq, b.policy.budget.epsilon(), b.set_at_ms), (2, 5.0, at(3)));
+    let log = store.audit_log(10).expect("audit log");
+    let events: Vec<(&str, &str)> = log.iter().map(|r| (r.event.as_str(), r.detail.as_str())).collect();
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert_eq!(events[0].0, "budget_set");
+    assert_eq!(events[1].0, "budget_raised");
+    assert!(
+        events[1].1.contains("epsilon=4->6") && events[1].1.contains("reason=board approved 2027 plan"),
+        "{events:?}"
+    );
+    assert_eq!(events[2].0, "budget_lowered");
+    assert_eq!(store.verify_chain().expect("readable").broken, None);
+}
+
+/// A store written by the version-1 schema (counts NOT NULL, no hashes, no budget table)
+/// opens: its rows are kept and its ledger gets a chain.
+#[test]
+fn a_version_1_store_is_upgraded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir, "v1.db");
+    {
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch(include_str!("data/schema_v1.sql")).expect("the v1 schema");
+        conn.execute_batch(
+            "INSERT INTO rounds VALUES (0, 1, 1700000000000, 10, 5, 4, 1, 2.0, 2.0, NULL, 'committed', NULL);
+             INSERT INTO ledger VALUES (0, 0.5, 1.0, NULL);
+             INSERT INTO audit_log (at_ms, event, detail) VALUES (1700000000000, 'round_committed', 'round=0');
+             PRAGMA user_version = 1;",
+        )
+        .expect("v1 rows");
+    }
+    let store = Store::open(&path).expect("a v1 store opens");
+    let chain = store.verify_chain().expect("readable");
+    assert_eq!((chain.broken, chain.ledger_hashes.len()), (None, 1));
+    drop(store);
+    let conn = Connection::open(&path).expect("open");
+    let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).expect("version");
+    assert_eq!(version, SCHEMA_VERSION);
+    let counts: (i64, i64) = conn
+        .query_row("SELECT n_checked_in, n_reported FROM rounds", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("row");
+    assert_eq!(counts, (10, 4), "old rows are kept");
+    // The upgraded table accepts the NULL counts of a noised round.
+    conn.execute(
+        "INSERT INTO rounds VALUES (1, 2, 1700000060000, NULL, NULL, NULL, NULL, 2.0, 2.0, NULL, 'committed', NULL)",
+        [],
+    )
+    .expect("NULL counts");
 }

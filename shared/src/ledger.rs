@@ -64,6 +64,28 @@ pub struct LedgerEntry {
     pub clip_bits_noise: Option<f64>,
 }
 
+impl LedgerEntry {
+    /// The entry's canonical bytes, which a tamper-evident store hashes: a tag, then the
+    /// round (u64), `q` and the noise multiplier (f64 bits), and the clip bits' noise (a
+    /// presence byte and its f64 bits), all little-endian. Bit-exact: a charge read back
+    /// must hash as the charge made.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(48);
+        out.extend_from_slice(b"fedrec-ledger-entry-v1\0");
+        out.extend_from_slice(&self.round.to_le_bytes());
+        out.extend_from_slice(&self.q.to_bits().to_le_bytes());
+        out.extend_from_slice(&self.noise_multiplier.to_bits().to_le_bytes());
+        match self.clip_bits_noise {
+            None => out.push(0),
+            Some(zb) => {
+                out.push(1);
+                out.extend_from_slice(&zb.to_bits().to_le_bytes());
+            }
+        }
+        out
+    }
+}
+
 /// Every charge so far, in order.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Ledger {
@@ -167,6 +189,25 @@ mod tests {
         let a = privacy::epsilon(&ev, 1e-6, AccountantKind::Rdp).expect("valid");
         let b = privacy::epsilon(&single, 1e-6, AccountantKind::Rdp).expect("valid");
         assert!((a - b).abs() < 1e-9 * a.max(1.0), "{a} vs {b}");
+    }
+
+    #[test]
+    fn canonical_bytes_tell_every_field_apart() {
+        let e = LedgerEntry { round: 3, q: 0.25, noise_multiplier: 1.5, clip_bits_noise: None };
+        let variants = [
+            LedgerEntry { round: 4, ..e },
+            LedgerEntry { q: 0.250_000_000_000_000_06, ..e },
+            LedgerEntry { noise_multiplier: 1.6, ..e },
+            LedgerEntry { clip_bits_noise: Some(0.0), ..e },
+            LedgerEntry { clip_bits_noise: Some(2.0), ..e },
+        ];
+        let mut seen = vec![e.canonical_bytes()];
+        for v in variants {
+            let bytes = v.canonical_bytes();
+            assert!(!seen.contains(&bytes), "{v:?}");
+            seen.push(bytes);
+        }
+        assert_eq!(e.canonical_bytes(), e.canonical_bytes());
     }
 
     #[test]
