@@ -125,6 +125,10 @@ pub enum DiscreteNoiseError {
         /// The largest σ accepted with this denominator.
         limit: f64,
     },
+    /// A `σ²` denominator above `2⁶²` (after reducing the fraction): too fine for exact
+    /// `u128` arithmetic.
+    #[error("sigma² denominator {0} is above 2^62")]
+    DenominatorTooLarge(u64),
     /// A noise multiplier that is negative or not finite.
     #[error("noise multiplier must be finite and ≥ 0, got {0}")]
     NoiseMultiplier(f64),
@@ -163,7 +167,8 @@ pub struct DiscreteGaussian {
 }
 
 impl DiscreteGaussian {
-    /// `N_Z(0, num/den)`. Refuses a zero numerator or denominator, and parameters for which
+    /// `N_Z(0, num/den)`. Refuses a zero numerator or denominator, a denominator above `2⁶²`,
+    /// and parameters for which
     /// `t² · den > 2⁶²` (after reducing the fraction), where `t = ⌊σ⌋ + 1`: beyond that the
     /// acceptance test could leave `u128`.
     pub fn new(num: u64, den: u64) -> Result<Self, DiscreteNoiseError> {
@@ -172,6 +177,9 @@ impl DiscreteGaussian {
         }
         let g = gcd(num, den);
         let (num, den) = (u128::from(num / g), u128::from(den / g));
+        if den > T2_DEN_LIMIT {
+            return Err(DiscreteNoiseError::DenominatorTooLarge(den as u64));
+        }
         // ⌊σ⌋ = ⌊√⌊σ²⌋⌋: k ≤ √x ⇔ k² ≤ x ⇔ k² ≤ ⌊x⌋ for integer k.
         let t = (num / den).isqrt() + 1;
         let too_large = || DiscreteNoiseError::SigmaTooLarge {
