@@ -241,12 +241,66 @@ enum FedrecRoundOutcome
      * model and should stop calling `fedrec_sdk_participate`.
      */
     FEDREC_ROUND_OUTCOME_FINISHED = 6,
+    /**
+     * The device's privacy policy refused the task (`refusal` says why): nothing was trained
+     * or sent.
+     */
+    FEDREC_ROUND_OUTCOME_POLICY_REFUSED = 7,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
 typedef enum FedrecRoundOutcome FedrecRoundOutcome;
 #else
 typedef uint32_t FedrecRoundOutcome;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * Why the device's privacy policy refused a task. Codes are stable.
+ */
+enum FedrecRefusal
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /**
+     * No refusal.
+     */
+    FEDREC_REFUSAL_NONE = 0,
+    /**
+     * No noise, or a noise multiplier below the policy's minimum.
+     */
+    FEDREC_REFUSAL_NOISE_TOO_LOW = 1,
+    /**
+     * One round would cost more than the policy's ε per round.
+     */
+    FEDREC_REFUSAL_EPSILON_TOO_HIGH = 2,
+    /**
+     * The round's cohort is below the policy's minimum.
+     */
+    FEDREC_REFUSAL_COHORT_TOO_SMALL = 3,
+    /**
+     * The policy requires secure aggregation and the round is plain.
+     */
+    FEDREC_REFUSAL_SECURE_AGGREGATION_REQUIRED = 4,
+    /**
+     * The device's own ε would exceed its limit: it refuses every further task.
+     */
+    FEDREC_REFUSAL_DEVICE_BUDGET_SPENT = 5,
+    /**
+     * First-come selection: the round does not sample devices.
+     */
+    FEDREC_REFUSAL_NOT_SAMPLED = 6,
+    /**
+     * A mechanism or aggregation mode this SDK does not know.
+     */
+    FEDREC_REFUSAL_UNKNOWN_MECHANISM = 7,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum FedrecRefusal FedrecRefusal;
+#else
+typedef uint32_t FedrecRefusal;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
@@ -283,6 +337,41 @@ typedef struct FedrecError {
      */
     char *message;
 } FedrecError;
+
+/**
+ * Which training tasks the device accepts (checked before it trains). Start from
+ * `fedrec_privacy_policy_production()`. Every ε is stated at `delta`.
+ */
+typedef struct FedrecPrivacyPolicy {
+    /**
+     * Smallest noise multiplier accepted (a task without noise has 0).
+     */
+    double min_noise_multiplier;
+    /**
+     * Largest ε one round may cost (may be infinity).
+     */
+    double max_epsilon_per_round;
+    /**
+     * Largest ε the device's own record may reach (may be infinity).
+     */
+    double max_total_epsilon;
+    /**
+     * The δ of every ε here, in (0, 1).
+     */
+    double delta;
+    /**
+     * Smallest cohort accepted (`q · population`, else the round's minimum reports).
+     */
+    uint64_t min_cohort;
+    /**
+     * Refuse first-come selection.
+     */
+    bool require_sampling;
+    /**
+     * Refuse rounds without secure aggregation.
+     */
+    bool require_secure_aggregation;
+} FedrecPrivacyPolicy;
 
 /**
  * How the SDK reaches its coordinator (part of `FedrecOpenOptions`). Every pointer is
@@ -363,6 +452,11 @@ typedef struct FedrecOpenOptions {
      * move it aside in the same folder and start empty instead of failing.
      */
     bool recover;
+    /**
+     * The device's privacy policy; NULL = `fedrec_privacy_policy_production()`. Lower it
+     * only in tests.
+     */
+    const struct FedrecPrivacyPolicy *policy;
 } FedrecOpenOptions;
 
 /**
@@ -526,6 +620,11 @@ typedef struct FedrecParticipation {
      * The coordinator's hint for when to check in again, in milliseconds; -1 = none given.
      */
     int64_t retry_after_ms;
+    /**
+     * Why the privacy policy refused the task (with `FEDREC_ROUND_OUTCOME_POLICY_REFUSED`),
+     * else `FEDREC_REFUSAL_NONE`.
+     */
+    FedrecRefusal refusal;
 } FedrecParticipation;
 
 #ifdef __cplusplus
@@ -552,6 +651,13 @@ void fedrec_error_free(struct FedrecError *err);
  * `s` is NULL or a string returned by this SDK that was not freed yet.
  */
 void fedrec_string_free(char *s);
+
+/**
+ * The production privacy policy: noise multiplier at least 0.5, ε at most 1 per round and 10
+ * in all at δ = 1e-6, a cohort of at least 100, Poisson sampling; secure aggregation not yet
+ * required (no coordinator offers it).
+ */
+struct FedrecPrivacyPolicy fedrec_privacy_policy_production(void);
 
 /**
  * The default options of `fedrec_sdk_open`: defaults for the log size and half-life,

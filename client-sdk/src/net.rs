@@ -25,6 +25,8 @@ use fedrec_shared::wire::{
     self, ALPN, CheckIn, ErrorCode, Inbound, LEN_PREFIX, Limits, NONCE_LEN, Request, Response, WireError,
 };
 use fedrec_shared::{ModelShape, Rating, RoundModel, TrainParams};
+
+use crate::policy::{AdmitAll, RefusalReason, TaskGate, TaskOffer};
 use quinn::crypto::rustls::QuicClientConfig;
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::pki_types::CertificateDer;
@@ -293,6 +295,14 @@ pub enum Participation {
         /// The final model's version.
         model_version: u64,
     },
+    /// The device's [`TaskGate`] refused the task: nothing was trained or sent, and the
+    /// coordinator counts the device as a dropout. The task's model is not kept.
+    PolicyRefused {
+        /// The round.
+        round: u64,
+        /// Why.
+        reason: RefusalReason,
+    },
 }
 
 /// One device: its endpoint, its configuration and its cached model.
@@ -396,7 +406,7 @@ impl Device {
     /// the clipped update. The ratings never leave the device. One attempt, no retry, no
     /// eligibility claimed; see [`Device::participate_with`].
     pub async fn participate(&mut self, ratings: &[Rating]) -> Result<Participation, NetError> {
-        self.attempt(ratings, Eligibility::default()).await
+        self.attempt(ratings, Eligibility::default(), &mut AdmitAll).await
     }
 
     /// Takes part in one round like [`Device::participate`], with `opts`: the device's
@@ -417,6 +427,19 @@ impl Device {
         opts: &ParticipateOptions,
         cancel: &CancelToken,
     ) -> Result<Participation, NetError> {
+        self.participate_gated(ratings, opts, cancel, &mut AdmitAll).await
+    }
+
+    /// [`Device::participate_with`], with `gate` deciding on every task before the device
+    /// trains (e.g. a [`crate::policy::PolicyGate`]): a refused task ends the participation
+    /// with [`Participation::PolicyRefused`], and nothing is trained or sent for it.
+    pub async fn participate_gated(
+        &mut self,
+        ratings: &[Rating],
+        opts: &ParticipateOptions,
+        cancel: &CancelToken,
+        gate: &mut (dyn TaskGate + Send),
+    ) -> Result<Participation, NetError> {
         if cancel.is_cancelled() {
             return Err(NetError::Cancelled);
         }
@@ -428,7 +451,7 @@ impl Device {
         tokio::select! {
             biased;
             () = cancel.cancelled() => Err(NetError::Cancelled),
-            result = tokio::time::timeout_at(budget_end, self.attempts(ratings, opts, budget_end)) => {
+            result = tokio::time::timeout_at(budget_end, self.attempts(ratings, opts, budget_end, gate)) => {
                 result.unwrap_or(Err(NetError::BudgetExceeded))
             }
         }
@@ -440,10 +463,11 @@ impl Device {
         ratings: &[Rating],
         opts: &ParticipateOptions,
         budget_end: tokio::time::Instant,
+        gate: &mut (dyn TaskGate + Send),
     ) -> Result<Participation, NetError> {
         let mut retry = 0u32;
         loop {
-            let err = match self.attempt(ratings, opts.eligibility).await {
+            let err = match self.attempt(ratings, opts.eligibility, gate).await {
                 Ok(p) => return Ok(p),
                 Err(e) => e,
             };
@@ -476,9 +500,10 @@ impl Device {
         &mut self,
         ratings: &[Rating],
         eligibility: Eligibility,
+        gate: &mut (dyn TaskGate + Send),
     ) -> Result<Participation, NetError> {
         let session = self.connect().await?;
-        let result = self.participate_in(&session, ratings, eligibility).await;
+        let result = self.participate_in(&session, ratings, eligibility, gate).await;
         session.close();
         result
     }
@@ -488,6 +513,7 @@ impl Device {
         session: &Session,
         ratings: &[Rating],
         eligibility: Eligibility,
+        gate: &mut (dyn TaskGate + Send),
     ) -> Result<Participation, NetError> {
         // The machine's clock: time since this participation began.
         let start = tokio::time::Instant::now();
@@ -501,6 +527,17 @@ impl Device {
             if let Response::NotSelected { .. } = &response {
                 let retry_after = response.retry_after().unwrap_or_default();
                 return Ok(Participation::NotSelected { retry_after });
+            }
+            if let Response::Task(task) = &response {
+                // The policy decides before the model is decoded or anything is trained.
+                let offer = TaskOffer {
+                    round: task.round,
+                    model_version: task.model_version,
+                    privacy: task.task_privacy()?,
+                };
+                if let Err(reason) = gate.admit(&offer) {
+                    return Ok(Participation::PolicyRefused { round: task.round, reason });
+                }
             }
             let retry_after = response.error_retry_after();
             match response.into_inbound(self.cached.as_ref())? {

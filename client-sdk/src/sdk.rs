@@ -60,6 +60,7 @@ use serde_json::{Value, json};
 use crate::content::{ContentIndex, MAX_TAG_LEN, MAX_TAGS_PER_ITEM};
 use crate::error::SdkError;
 use crate::net::{CancelToken, Device, NetConfig, NetError, ParticipateOptions, Participation};
+use crate::policy::{PrivacyPolicy, RefusalReason, TaskGate, TaskOffer};
 use crate::recommend::{self, Explanation, RecommendOptions, Recommendation, Scratch, Segment};
 use crate::rules::{self, ActivityCounts, Context, EvalContext, FetchError, Fetched, VerifiedRuleset};
 use crate::signals::{Event, SignalConfig, implicit_ratings};
@@ -106,6 +107,9 @@ pub struct SdkConfig {
     /// moved file is not deleted (only [`Sdk::forget`] / [`Sdk::erase`] remove it). Default
     /// `false`.
     pub recover: bool,
+    /// Which training tasks the device accepts, checked before it trains (see
+    /// [`crate::policy`]). Default [`PrivacyPolicy::production`]; lower it only in tests.
+    pub policy: PrivacyPolicy,
 }
 
 impl std::fmt::Debug for SdkConfig {
@@ -118,6 +122,7 @@ impl std::fmt::Debug for SdkConfig {
             .field("train", &self.train)
             .field("coordinator", &self.coordinator)
             .field("recover", &self.recover)
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }
@@ -142,6 +147,7 @@ impl SdkConfig {
             coordinator: None,
             rules_public_key: None,
             recover: false,
+            policy: PrivacyPolicy::production(),
         }
     }
 
@@ -161,6 +167,7 @@ impl SdkConfig {
         if let Some(net) = &self.coordinator {
             net.shape.validate().map_err(|e| SdkError::InvalidArgument(format!("coordinator.shape: {e}")))?;
         }
+        self.policy.validate().map_err(|e| SdkError::InvalidArgument(e.to_owned()))?;
         if self.rules_public_key.as_ref().is_some_and(|k| k.len() != rules::PUBLIC_KEY_LEN) {
             return bad("rules_public_key must be an Ed25519 public key of 32 bytes");
         }
@@ -187,6 +194,11 @@ pub enum RoundOutcome {
     /// The federation is finished (its privacy budget is spent): no round will open again.
     /// The device holds the final model; it should stop calling `participate`.
     Finished,
+    /// The device's privacy policy refused the task ([`ParticipationReport::refusal`] says
+    /// why): nothing was trained or sent, and the coordinator sees a dropout. With
+    /// [`RefusalReason::DeviceBudgetSpent`] the device has reached its own limit and
+    /// refuses every further task.
+    PolicyRefused,
 }
 
 /// What [`Sdk::participate`] did.
@@ -205,6 +217,8 @@ pub struct ParticipationReport {
     pub model_version: Option<u64>,
     /// The coordinator's hint for when to check in again, if it gave one.
     pub retry_after: Option<Duration>,
+    /// Why the device refused the task, with [`RoundOutcome::PolicyRefused`].
+    pub refusal: Option<RefusalReason>,
 }
 
 /// Bytes of the parameters of a model of `shape`, the quantity the memory budget bounds.
@@ -243,6 +257,7 @@ struct Settings {
     train: TrainParams,
     coordinator: Option<NetConfig>,
     rules_public_key: Option<Vec<u8>>,
+    policy: PrivacyPolicy,
 }
 
 /// The open handle's state; `None` in [`Sdk::state`] once forgotten.
@@ -330,6 +345,7 @@ impl Sdk {
             train: cfg.train,
             coordinator: cfg.coordinator,
             rules_public_key: cfg.rules_public_key,
+            policy: cfg.policy,
         };
         Ok(Sdk {
             settings,
@@ -450,6 +466,16 @@ impl Sdk {
         self.with(|inner, s| inner.install_model(Arc::new(model), s))
     }
 
+    /// The rounds this device contributed to and their composed charge.
+    pub fn privacy_record(&self) -> Result<crate::policy::PrivacyRecord, SdkError> {
+        self.with(|inner, _| Ok(inner.contents.privacy.clone()))
+    }
+
+    /// The device's own ε so far, at its policy's δ (∞ after a round without noise).
+    pub fn privacy_epsilon(&self) -> Result<f64, SdkError> {
+        self.with(|inner, s| Ok(inner.contents.privacy.epsilon(s.policy.delta)))
+    }
+
     /// The version of the installed model, if any.
     pub fn model_version(&self) -> Result<Option<u64>, SdkError> {
         self.with(|inner, _| Ok(inner.contents.model.as_ref().map(|m| m.version)))
@@ -518,6 +544,12 @@ impl Sdk {
     /// spent) the outcome is [`RoundOutcome::Finished`] and the final model, which the
     /// coordinator sends unless the device holds it, is stored like any other: stop calling
     /// `participate` then. Each attempt uses one connection, closed before this returns.
+    ///
+    /// Every task is checked against the device's [`PrivacyPolicy`] before the device trains:
+    /// a task below it ends the call with [`RoundOutcome::PolicyRefused`] and its
+    /// [`RefusalReason`], nothing trained or sent. An admitted round is charged to the
+    /// device's privacy record (persisted) before training. A device whose own ε has reached
+    /// its limit does not even check in.
     pub fn participate(
         &self,
         opts: &ParticipateOptions,
@@ -538,6 +570,17 @@ impl Sdk {
             let ratings = inner.ratings(n_items, s);
             Ok((net, ratings, inner.contents.model.clone()))
         })?;
+        let spent = self.with(|inner, s| {
+            let p = &s.policy;
+            Ok(inner.contents.privacy.epsilon(p.delta) >= p.max_total_epsilon)
+        })?;
+        if spent {
+            // Whatever the coordinator would offer, this device's own limit is reached.
+            let mut r = report(Participation::Outcome(ClientOutcome::NotSelected), cached.map(|m| m.version));
+            r.outcome = RoundOutcome::PolicyRefused;
+            r.refusal = Some(RefusalReason::DeviceBudgetSpent);
+            return Ok(r);
+        }
         let cached_version = cached.as_ref().map(|m| m.version);
         if self.participating.swap(true, Ordering::AcqRel) {
             return Err(SdkError::Busy);
@@ -548,6 +591,7 @@ impl Sdk {
         // or asks to be forgotten while it runs (`stop_participation`).
         let stop = CancelToken::new();
         *self.running.lock().unwrap_or_else(PoisonError::into_inner) = Some(stop.clone());
+        let mut gate = SdkGate { sdk: self, failure: None };
         let result = block_on(async {
             let host = cancel.clone();
             let relay = stop.clone();
@@ -560,7 +604,7 @@ impl Sdk {
                 if let Some(model) = cached {
                     device = device.with_cached_model(model);
                 }
-                let participation = device.participate_with(&ratings, opts, &stop).await;
+                let participation = device.participate_gated(&ratings, opts, &stop, &mut gate).await;
                 // Before the runtime goes: the coordinator learns at once that the connection
                 // is closed, instead of holding its slot until the idle timeout.
                 device.shutdown().await;
@@ -571,6 +615,10 @@ impl Sdk {
             out
         });
         self.running.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(e) = gate.failure.take() {
+            // The charge could not be recorded, so the task was refused: say why.
+            return Err(e);
+        }
         let result = result?;
         // Consent withdrawn (or the store forgotten) while the round ran: say so, keep nothing.
         self.with(|inner, _| {
@@ -663,9 +711,11 @@ impl Sdk {
 
     /// Everything stored about the user, as JSON (right of access): consent, every event,
     /// the user vector and its model version, the segment, the model version, whether a
-    /// ruleset is installed and the training parameters. Needs no consent.
+    /// ruleset is installed, the training parameters, and the privacy record (the device's
+    /// own ε at the policy's δ, its limit, the rounds contributed and the last of them; an
+    /// infinite ε is written `"inf"`). Needs no consent.
     pub fn export(&self) -> Result<String, SdkError> {
-        self.with(|inner, _| {
+        self.with(|inner, s| {
             let c = &inner.contents;
             let events: Vec<Value> = c
                 .events
@@ -694,6 +744,26 @@ impl Sdk {
                     "l2_user_bias": t.l2_user_bias, "l2_item": t.l2_item, "l2_item_bias": t.l2_item_bias,
                 })
             });
+            let policy = &s.policy;
+            let finite = |x: f64| if x.is_finite() { json!(x) } else { json!("inf") };
+            let rounds: Vec<Value> = c
+                .privacy
+                .entries()
+                .map(|e| {
+                    json!({
+                        "round": e.round, "model_version": e.model_version, "q": e.q,
+                        "noise_multiplier": e.noise_multiplier, "clip_norm": e.clip_norm,
+                        "epsilon": finite(e.epsilon), "time_s": e.time_s,
+                    })
+                })
+                .collect();
+            let record = json!({
+                "delta": policy.delta,
+                "epsilon": finite(c.privacy.epsilon(policy.delta)),
+                "epsilon_limit": finite(policy.max_total_epsilon),
+                "rounds_contributed": c.privacy.n_rounds(),
+                "last_rounds": rounds,
+            });
             let doc = json!({
                 "schema_version": SCHEMA_VERSION,
                 "consent": { "personalization": c.consent.personalization, "training": c.consent.training },
@@ -707,6 +777,7 @@ impl Sdk {
                 "model_version": c.model.as_ref().map(|m| m.version),
                 "ruleset_installed": c.ruleset.is_some(),
                 "training_params": train,
+                "privacy_record": record,
             });
             serde_json::to_string_pretty(&doc).map_err(|e| SdkError::Internal(e.to_string()))
         })
@@ -757,6 +828,39 @@ impl Drop for ClearOnDrop<'_> {
     }
 }
 
+/// The SDK's gate: the policy against the stored record; an admitted round's charge is
+/// persisted before the device trains. A failed write refuses the task and is kept in
+/// `failure` for [`Sdk::participate`] to return.
+struct SdkGate<'a> {
+    sdk: &'a Sdk,
+    failure: Option<SdkError>,
+}
+
+impl TaskGate for SdkGate<'_> {
+    fn admit(&mut self, offer: &TaskOffer) -> Result<(), RefusalReason> {
+        let outcome = self.sdk.with(|inner, s| {
+            if !inner.contents.consent.training {
+                return Err(SdkError::ConsentRequired { purpose: "training" });
+            }
+            let charge = match s.policy.admit(&offer.privacy, &inner.contents.privacy) {
+                Ok(charge) => charge,
+                Err(reason) => return Ok(Err(reason)),
+            };
+            let now = now_s();
+            inner.update(|c| c.privacy.charge(&charge, offer.round, offer.model_version, now))?;
+            Ok(Ok(()))
+        });
+        match outcome {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                self.failure = Some(e);
+                // Any reason: the failure is what the caller sees.
+                Err(RefusalReason::DeviceBudgetSpent)
+            }
+        }
+    }
+}
+
 /// Errors of `load` that recovery may move aside (not I/O errors, which may be transient).
 fn recoverable(e: &StoreError) -> bool {
     !matches!(e, StoreError::Io { .. } | StoreError::Crypto)
@@ -796,12 +900,19 @@ fn report(p: Participation, model_version: Option<u64>) -> ParticipationReport {
         round: None,
         model_version,
         retry_after: None,
+        refusal: None,
     };
     match p {
         Participation::NotSelected { retry_after } => r.retry_after = Some(retry_after),
         Participation::Finished { model_version } => {
             r.outcome = RoundOutcome::Finished;
             r.model_version = Some(model_version);
+        }
+        Participation::PolicyRefused { round, reason } => {
+            r.outcome = RoundOutcome::PolicyRefused;
+            r.selected = true;
+            r.round = Some(round);
+            r.refusal = Some(reason);
         }
         Participation::Outcome(o) => {
             r.selected = !matches!(o, ClientOutcome::NotSelected);

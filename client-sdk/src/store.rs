@@ -60,6 +60,13 @@
 //! (the store and the counter together, e.g. from an old backup, or delete both and put back
 //! an old store of generation 1 or one written before schema 2) is not detected. Detecting
 //! that needs state outside the folder (the platform keystore); see the README.
+//!
+//! # The privacy record
+//!
+//! Schema 3 adds the device's own privacy record ([`crate::policy::PrivacyRecord`]): the
+//! rounds it contributed to and their composed charge. It is sealed like everything else,
+//! and rollback detection also keeps an older (smaller) record from being put back. A store
+//! of schema 1 or 2 opens with an empty record.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -70,6 +77,7 @@ use fedrec_shared::{GlobalModel, ModelShape, Objective, RoundModel, TrainParams,
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 
+use crate::policy::{PrivacyRecord, RecordEntry};
 use crate::sdk::Consent;
 use crate::signals::{Event, EventKind};
 
@@ -92,7 +100,7 @@ pub const GENERATION_MAGIC: [u8; 8] = *b"FEDRECGN";
 /// The envelope format this SDK writes (and the newest it reads).
 pub const FORMAT_VERSION: u16 = 1;
 /// The payload schema this SDK writes (and the newest it reads).
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 /// The largest [`GENERATION_FILE`] read (it is 48 bytes).
 const GENERATION_FILE_CAP: u64 = 256;
 /// Length of the plaintext header (the associated data).
@@ -202,6 +210,8 @@ pub struct Contents {
     pub ruleset: Option<Vec<u8>>,
     /// The training parameters of the last task, if known.
     pub train: Option<TrainParams>,
+    /// The rounds the device contributed to and their composed privacy charge.
+    pub privacy: PrivacyRecord,
 }
 
 impl Contents {
@@ -220,6 +230,7 @@ impl Contents {
         }
         self.ruleset = None;
         self.consent = Consent::default();
+        self.privacy = PrivacyRecord::default();
         std::hint::black_box(&self.events);
     }
 }
@@ -627,6 +638,15 @@ fn open_sealed(key: &LessSafeKey, file: &mut [u8], magic: &[u8; 8]) -> Result<Ve
 
 /// Encodes `c` as a payload of the current schema: `u32` schema version, then the body.
 ///
+/// Body of schema 3: the body of schema 2, then the privacy record:
+///
+/// ```text
+/// u64  rounds contributed
+/// u32  n_orders, n_orders × f64 composed RDP (one per order of rdp::DEFAULT_ORDERS)
+/// u32  n_entries, then per entry: u64 round, u64 model_version, f64 q, f64 noise_multiplier,
+///                                 f32 clip_norm, f64 epsilon, i64 time_s
+/// ```
+///
 /// Body of schema 2: `u64` generation (see the module docs), then the body of schema 1.
 ///
 /// Body of schema 1, little-endian:
@@ -690,6 +710,22 @@ pub fn encode(c: &Contents, generation: u64) -> Vec<u8> {
         out.push(objective);
         put_f32s(&mut out, &[alpha, t.l2_user, t.l2_user_bias, t.l2_item, t.l2_item_bias]);
     }
+    let p = &c.privacy;
+    out.extend_from_slice(&p.n_rounds().to_le_bytes());
+    put_len(&mut out, p.rdp().len());
+    for r in p.rdp() {
+        out.extend_from_slice(&r.to_le_bytes());
+    }
+    put_len(&mut out, p.entries().len());
+    for e in p.entries() {
+        out.extend_from_slice(&e.round.to_le_bytes());
+        out.extend_from_slice(&e.model_version.to_le_bytes());
+        out.extend_from_slice(&e.q.to_le_bytes());
+        out.extend_from_slice(&e.noise_multiplier.to_le_bytes());
+        out.extend_from_slice(&e.clip_norm.to_le_bytes());
+        out.extend_from_slice(&e.epsilon.to_le_bytes());
+        out.extend_from_slice(&e.time_s.to_le_bytes());
+    }
     out
 }
 
@@ -715,25 +751,54 @@ pub fn decode(payload: &[u8]) -> Result<(Contents, u64), StoreError> {
 /// Reads a body of schema `from` into the current [`Contents`] and its generation. Each past
 /// schema keeps its decoder here; a schema newer than [`SCHEMA_VERSION`] is refused.
 pub fn migrate(from: u32, body: &[u8]) -> Result<(Contents, u64), StoreError> {
-    match from {
-        1 => Ok((decode_v1(body)?, 0)),
-        2 => {
-            let mut r = Reader(body);
+    let mut r = Reader(body);
+    let (contents, generation) = match from {
+        1 => (decode_v1(&mut r)?, 0),
+        2 | 3 => {
             let generation = r.u64()?;
             if generation == 0 {
                 return Err(StoreError::Invalid("generation"));
             }
-            Ok((decode_v1(r.0)?, generation))
+            let mut contents = decode_v1(&mut r)?;
+            if from == 3 {
+                contents.privacy = decode_record(&mut r)?;
+            }
+            (contents, generation)
         }
         v if v > SCHEMA_VERSION => {
-            Err(StoreError::UnsupportedVersion { found: v, supported: SCHEMA_VERSION })
+            return Err(StoreError::UnsupportedVersion { found: v, supported: SCHEMA_VERSION });
         }
-        _ => Err(StoreError::Invalid("schema version")),
+        _ => return Err(StoreError::Invalid("schema version")),
+    };
+    if !r.0.is_empty() {
+        return Err(StoreError::Invalid("trailing bytes"));
     }
+    Ok((contents, generation))
 }
 
-fn decode_v1(body: &[u8]) -> Result<Contents, StoreError> {
-    let mut r = Reader(body);
+/// The privacy record of schema 3 (see [`encode`]).
+fn decode_record(r: &mut Reader<'_>) -> Result<PrivacyRecord, StoreError> {
+    let n_rounds = r.u64()?;
+    let n_orders = r.len(8)?;
+    let rdp = (0..n_orders).map(|_| r.f64()).collect::<Result<Vec<_>, _>>()?;
+    let n_entries = r.len(52)?;
+    let mut entries = Vec::with_capacity(n_entries);
+    for _ in 0..n_entries {
+        entries.push(RecordEntry {
+            round: r.u64()?,
+            model_version: r.u64()?,
+            q: r.f64()?,
+            noise_multiplier: r.f64()?,
+            clip_norm: r.f32()?,
+            epsilon: r.f64()?,
+            time_s: r.i64()?,
+        });
+    }
+    PrivacyRecord::from_parts(rdp, n_rounds, entries).map_err(StoreError::Invalid)
+}
+
+/// The fields of schema 1 (also the start of schemas 2 and 3).
+fn decode_v1(r: &mut Reader<'_>) -> Result<Contents, StoreError> {
     let flags = r.u8()?;
     if flags & !0b11 != 0 {
         return Err(StoreError::Invalid("consent flags"));
@@ -797,10 +862,7 @@ fn decode_v1(body: &[u8]) -> Result<Contents, StoreError> {
     } else {
         None
     };
-    if !r.0.is_empty() {
-        return Err(StoreError::Invalid("trailing bytes"));
-    }
-    Ok(Contents { consent, events, user, model, ruleset, train })
+    Ok(Contents { consent, events, user, model, ruleset, train, privacy: PrivacyRecord::default() })
 }
 
 /// A cursor over a payload; every read checks the remaining length first.
@@ -841,6 +903,9 @@ impl<'a> Reader<'a> {
     }
     fn f32(&mut self) -> Result<f32, StoreError> {
         Ok(f32::from_le_bytes(self.array()?))
+    }
+    fn f64(&mut self) -> Result<f64, StoreError> {
+        Ok(f64::from_le_bytes(self.array()?))
     }
     /// A count of items of `item_size` bytes each, checked against what is left.
     fn len(&mut self, item_size: usize) -> Result<usize, StoreError> {
@@ -886,6 +951,7 @@ mod tests {
                 l2_item: 0.01,
                 l2_item_bias: 0.0,
             }),
+            privacy: PrivacyRecord::default(),
         };
         let (d, generation) = decode(&encode(&c, 9)).expect("decodes");
         assert_eq!(generation, 9);
@@ -925,16 +991,64 @@ mod tests {
         assert_eq!(decode(&bytes).err(), Some(StoreError::Invalid("schema version")));
     }
 
+    /// Bytes of the privacy record at the end of a schema 3 payload of `c`.
+    fn record_len(c: &Contents) -> usize {
+        8 + 4 + 8 * c.privacy.rdp().len() + 4 + 52 * c.privacy.entries().len()
+    }
+
+    /// Contents with a record of two charged rounds.
+    fn with_record() -> Contents {
+        let policy = crate::policy::PrivacyPolicy::production();
+        let task = fedrec_shared::round::TaskPrivacy {
+            mechanism: fedrec_shared::round::Mechanism::CentralGaussian,
+            noise_multiplier: 2.0,
+            clip_norm: 0.5,
+            selection: fedrec_shared::round::TaskSelection::Poisson { q: 0.01 },
+            min_reports: 1,
+            population: Some(100_000),
+            aggregation: fedrec_shared::round::Aggregation::Plain,
+        };
+        let mut c = Contents::default();
+        for round in [3, 4] {
+            let charge = policy.admit(&task, &c.privacy).expect("admitted");
+            c.privacy.charge(&charge, round, 7, 1_700_000_000);
+        }
+        c
+    }
+
     #[test]
     fn a_schema_1_payload_has_generation_0_and_schema_2_never_does() {
-        // Schema 1 is schema 2 without the generation.
-        let v2 = encode(&Contents::default(), 7);
+        // Schema 2 is schema 3 without the privacy record; schema 1 is schema 2 without the
+        // generation. Both open with an empty record.
+        let old = with_record();
+        let v3 = encode(&old, 7);
+        let body_end = v3.len() - record_len(&old);
+        let mut v2 = 2u32.to_le_bytes().to_vec();
+        v2.extend_from_slice(&v3[4..body_end]);
         let mut v1 = 1u32.to_le_bytes().to_vec();
-        v1.extend_from_slice(&v2[12..]);
-        assert_eq!(decode(&v1).expect("schema 1 decodes").1, 0);
-        assert_eq!(decode(&v2).expect("schema 2 decodes").1, 7);
+        v1.extend_from_slice(&v3[12..body_end]);
+        let (c1, g1) = decode(&v1).expect("schema 1 decodes");
+        assert_eq!((g1, c1.privacy), (0, PrivacyRecord::default()));
+        let (c2, g2) = decode(&v2).expect("schema 2 decodes");
+        assert_eq!((g2, c2.privacy), (7, PrivacyRecord::default()));
+        let (c3, g3) = decode(&v3).expect("schema 3 decodes");
+        assert_eq!((g3, c3.privacy.n_rounds()), (7, 2));
         let zero = encode(&Contents::default(), 0);
         assert_eq!(decode(&zero).err(), Some(StoreError::Invalid("generation")));
+    }
+
+    #[test]
+    fn the_privacy_record_round_trips_and_a_broken_one_is_refused() {
+        let c = with_record();
+        let (d, _) = decode(&encode(&c, 1)).expect("decodes");
+        assert_eq!(d.privacy, c.privacy);
+        let rounds: Vec<u64> = d.privacy.entries().map(|e| e.round).collect();
+        assert_eq!(rounds, [3, 4]);
+        // A NaN in the composition is refused, never read as "nothing spent".
+        let mut bytes = encode(&c, 1);
+        let rdp_at = bytes.len() - record_len(&c) + 12;
+        bytes[rdp_at..rdp_at + 8].copy_from_slice(&f64::NAN.to_le_bytes());
+        assert_eq!(decode(&bytes).err(), Some(StoreError::Invalid("privacy record")));
     }
 
     #[test]

@@ -324,10 +324,12 @@ fn opts() -> ParticipateOptions {
     ParticipateOptions { time_budget: Duration::from_secs(30), ..ParticipateOptions::default() }
 }
 
-/// An SDK in `dir` configured for `server`, with `consent`.
+/// An SDK in `dir` configured for `server`, with `consent`. The test coordinator adds no
+/// noise, so the device's privacy policy is lowered to admit it (and still records it).
 fn sdk_for(server: &Coordinator, dir: &std::path::Path, consent: Consent) -> Sdk {
     let mut cfg = config(dir);
     cfg.coordinator = Some(server.net_config());
+    cfg.policy = fedrec_client::policy::PrivacyPolicy::unenforced();
     let sdk = Sdk::open(cfg).expect("opens");
     sdk.set_consent(consent).expect("consent");
     sdk

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use super::{Empty, Failure, FedrecError, Out, bytes_arg, call, give_string, guard, opt_str_arg, str_arg};
 use crate::net::{CancelToken, Eligibility, NetConfig, ParticipateOptions, RetryPolicy};
+use crate::policy::{PrivacyPolicy, RefusalReason};
 use crate::recommend::{RecommendOptions, Source};
 use crate::rules::Context;
 use crate::sdk::{Consent, ParticipationReport, RoundOutcome, Sdk, SdkConfig};
@@ -91,6 +92,67 @@ pub struct FedrecOpenOptions {
     /// If the store cannot be opened (wrong key, tampered, corrupt, too new, rolled back),
     /// move it aside in the same folder and start empty instead of failing.
     pub recover: bool,
+    /// The device's privacy policy; NULL = `fedrec_privacy_policy_production()`. Lower it
+    /// only in tests.
+    pub policy: *const FedrecPrivacyPolicy,
+}
+
+/// Which training tasks the device accepts (checked before it trains). Start from
+/// `fedrec_privacy_policy_production()`. Every ε is stated at `delta`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct FedrecPrivacyPolicy {
+    /// Smallest noise multiplier accepted (a task without noise has 0).
+    pub min_noise_multiplier: f64,
+    /// Largest ε one round may cost (may be infinity).
+    pub max_epsilon_per_round: f64,
+    /// Largest ε the device's own record may reach (may be infinity).
+    pub max_total_epsilon: f64,
+    /// The δ of every ε here, in (0, 1).
+    pub delta: f64,
+    /// Smallest cohort accepted (`q · population`, else the round's minimum reports).
+    pub min_cohort: u64,
+    /// Refuse first-come selection.
+    pub require_sampling: bool,
+    /// Refuse rounds without secure aggregation.
+    pub require_secure_aggregation: bool,
+}
+
+impl From<PrivacyPolicy> for FedrecPrivacyPolicy {
+    fn from(p: PrivacyPolicy) -> Self {
+        Self {
+            min_noise_multiplier: p.min_noise_multiplier,
+            max_epsilon_per_round: p.max_epsilon_per_round,
+            max_total_epsilon: p.max_total_epsilon,
+            delta: p.delta,
+            min_cohort: p.min_cohort,
+            require_sampling: p.require_sampling,
+            require_secure_aggregation: p.require_secure_aggregation,
+        }
+    }
+}
+
+impl From<FedrecPrivacyPolicy> for PrivacyPolicy {
+    fn from(p: FedrecPrivacyPolicy) -> Self {
+        Self {
+            min_noise_multiplier: p.min_noise_multiplier,
+            max_epsilon_per_round: p.max_epsilon_per_round,
+            max_total_epsilon: p.max_total_epsilon,
+            delta: p.delta,
+            min_cohort: p.min_cohort,
+            require_sampling: p.require_sampling,
+            require_secure_aggregation: p.require_secure_aggregation,
+        }
+    }
+}
+
+/// The production privacy policy: noise multiplier at least 0.5, ε at most 1 per round and 10
+/// in all at δ = 1e-6, a cohort of at least 100, Poisson sampling; secure aggregation not yet
+/// required (no coordinator offers it).
+#[unsafe(no_mangle)]
+pub extern "C" fn fedrec_privacy_policy_production() -> FedrecPrivacyPolicy {
+    let production = FedrecPrivacyPolicy::from(PrivacyPolicy::production());
+    guard(production, || production)
 }
 
 /// Options of `fedrec_sdk_recommend`. Start from `fedrec_recommend_options_default()`.
@@ -209,6 +271,45 @@ pub enum FedrecRoundOutcome {
     /// The federation is finished (its privacy budget is spent): the device holds the final
     /// model and should stop calling `fedrec_sdk_participate`.
     Finished = 6,
+    /// The device's privacy policy refused the task (`refusal` says why): nothing was trained
+    /// or sent.
+    PolicyRefused = 7,
+}
+
+/// Why the device's privacy policy refused a task. Codes are stable.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FedrecRefusal {
+    /// No refusal.
+    None = 0,
+    /// No noise, or a noise multiplier below the policy's minimum.
+    NoiseTooLow = 1,
+    /// One round would cost more than the policy's ε per round.
+    EpsilonTooHigh = 2,
+    /// The round's cohort is below the policy's minimum.
+    CohortTooSmall = 3,
+    /// The policy requires secure aggregation and the round is plain.
+    SecureAggregationRequired = 4,
+    /// The device's own ε would exceed its limit: it refuses every further task.
+    DeviceBudgetSpent = 5,
+    /// First-come selection: the round does not sample devices.
+    NotSampled = 6,
+    /// A mechanism or aggregation mode this SDK does not know.
+    UnknownMechanism = 7,
+}
+
+impl From<RefusalReason> for FedrecRefusal {
+    fn from(r: RefusalReason) -> Self {
+        match r {
+            RefusalReason::NoiseTooLow => FedrecRefusal::NoiseTooLow,
+            RefusalReason::EpsilonTooHigh => FedrecRefusal::EpsilonTooHigh,
+            RefusalReason::CohortTooSmall => FedrecRefusal::CohortTooSmall,
+            RefusalReason::SecureAggregationRequired => FedrecRefusal::SecureAggregationRequired,
+            RefusalReason::DeviceBudgetSpent => FedrecRefusal::DeviceBudgetSpent,
+            RefusalReason::NotSampled => FedrecRefusal::NotSampled,
+            RefusalReason::UnknownMechanism => FedrecRefusal::UnknownMechanism,
+        }
+    }
 }
 
 /// What `fedrec_sdk_participate` did. Plain values, nothing to free.
@@ -231,6 +332,9 @@ pub struct FedrecParticipation {
     pub model_version: u64,
     /// The coordinator's hint for when to check in again, in milliseconds; -1 = none given.
     pub retry_after_ms: i64,
+    /// Why the privacy policy refused the task (with `FEDREC_ROUND_OUTCOME_POLICY_REFUSED`),
+    /// else `FEDREC_REFUSAL_NONE`.
+    pub refusal: FedrecRefusal,
 }
 
 impl Empty for FedrecParticipation {
@@ -244,6 +348,7 @@ impl Empty for FedrecParticipation {
         has_model_version: false,
         model_version: 0,
         retry_after_ms: -1,
+        refusal: FedrecRefusal::None,
     };
 }
 
@@ -295,6 +400,7 @@ pub extern "C" fn fedrec_open_options_default() -> FedrecOpenOptions {
         rules_public_key: std::ptr::null(),
         rules_public_key_len: 0,
         recover: false,
+        policy: std::ptr::null(),
     };
     // A constant cannot panic, but every exported function goes through a guard.
     guard(DEFAULT, || DEFAULT)
@@ -313,6 +419,10 @@ unsafe fn config(dir: &str, key: [u8; 32], options: &FedrecOpenOptions) -> Resul
         cfg.signals.half_life = Duration::from_secs(options.half_life_s);
     }
     cfg.recover = options.recover;
+    // SAFETY: a non-NULL `policy` points to a valid struct (the options' contract).
+    if let Some(p) = unsafe { options.policy.as_ref() } {
+        cfg.policy = PrivacyPolicy::from(*p);
+    }
     if !options.rules_public_key.is_null() {
         // SAFETY: `rules_public_key_len` readable bytes (the options' contract).
         let key =
@@ -944,6 +1054,7 @@ fn participation(r: &ParticipationReport) -> FedrecParticipation {
             RoundOutcome::TimedOut => FedrecRoundOutcome::TimedOut,
             RoundOutcome::Failed => FedrecRoundOutcome::Failed,
             RoundOutcome::Finished => FedrecRoundOutcome::Finished,
+            RoundOutcome::PolicyRefused => FedrecRoundOutcome::PolicyRefused,
         },
         selected: r.selected,
         completed: r.completed,
@@ -952,6 +1063,7 @@ fn participation(r: &ParticipationReport) -> FedrecParticipation {
         has_model_version: r.model_version.is_some(),
         model_version: r.model_version.unwrap_or(0),
         retry_after_ms: r.retry_after.map_or(-1, duration_ms),
+        refusal: r.refusal.map_or(FedrecRefusal::None, FedrecRefusal::from),
     }
 }
 

@@ -432,6 +432,7 @@ fn failed_calls_leave_every_out_parameter_empty_and_safe_to_free() {
         has_model_version: true,
         model_version: 42,
         retry_after_ms: 1_000,
+        refusal: FedrecRefusal::NotSampled,
     };
     let ctx = FedrecContext { hour: 12, minute: 0, weekday: 0, location: null(), device_type: null() };
     // SAFETY: a live handle and valid out-pointers holding garbage, as C leaves them.
@@ -471,6 +472,7 @@ fn failed_calls_leave_every_out_parameter_empty_and_safe_to_free() {
         assert_eq!(report.outcome, FedrecRoundOutcome::Failed);
         assert!(!report.selected && !report.completed && !report.has_round && !report.has_model_version);
         assert_eq!((report.round, report.model_version, report.retry_after_ms), (0, 0, -1));
+        assert_eq!(report.refusal, FedrecRefusal::None);
         // One NULL among several out-parameters: the others are cleared all the same.
         (found, distance) = (true, 9.5);
         expect_failure(

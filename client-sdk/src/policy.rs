@@ -1,0 +1,483 @@
+//! The device's own privacy policy and record: which tasks it accepts, and what it has contributed.
+//!
+//! A task declares its round's privacy parameters ([`TaskPrivacy`]: mechanism, noise
+//! multiplier `σ`, clip norm, selection, minimum cohort, aggregation). Before the device
+//! trains, its [`PrivacyPolicy`] checks them and either admits the task — charging the
+//! round to the device's [`PrivacyRecord`] first — or refuses it with a [`RefusalReason`]:
+//! then nothing is computed or sent, and the coordinator sees a dropout.
+//!
+//! # What this protects against, and what not
+//!
+//! The coordinator is honest but curious. The parameters are declared by the coordinator and
+//! the device cannot verify them: a coordinator that lies about `σ` (or adds no noise at all)
+//! is caught only by secure aggregation with distributed noise, where each device adds its
+//! own share. The policy defends against a misconfigured coordinator — `σ = 0`, first-come
+//! selection, a tiny cohort — and the record keeps what the device was promised.
+//!
+//! # The record
+//!
+//! The device's own ε is the RDP composition ([`fedrec_shared::privacy::rdp`]) of the
+//! Poisson-subsampled Gaussian over the rounds it contributed to — not over every round the
+//! coordinator ran — converted to ε at the policy's δ. A round is charged when its task is
+//! admitted, before training; a round whose upload then fails stays charged (the
+//! conservative direction). A round without noise charges ε = ∞: the device has then lost
+//! its guarantee, and a policy with any finite limit admits nothing more. The record keeps
+//! the composition (one RDP value per order) and the last [`MAX_RECORD_ENTRIES`] rounds.
+
+use std::collections::VecDeque;
+
+use fedrec_shared::privacy::rdp::{self, DEFAULT_ORDERS};
+use fedrec_shared::round::{Aggregation, Mechanism, TaskPrivacy, TaskSelection};
+
+/// Most rounds the record lists individually (the composition covers every round).
+pub const MAX_RECORD_ENTRIES: usize = 64;
+
+/// Why the device refused a task. Codes are stable ([`RefusalReason::code`]); the C ABI
+/// reports them as `FedrecRefusal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RefusalReason {
+    /// No noise, or a noise multiplier below the policy's minimum (code 1).
+    NoiseTooLow,
+    /// One round would cost more than the policy's ε per round at its δ (code 2).
+    EpsilonTooHigh,
+    /// The round's cohort is below the policy's minimum (code 3).
+    CohortTooSmall,
+    /// The policy requires secure aggregation and the round is plain (code 4).
+    SecureAggregationRequired,
+    /// The device's own composed ε would exceed its limit (code 5).
+    DeviceBudgetSpent,
+    /// First-come selection: the round does not sample devices, which the accounting assumes (code 6).
+    NotSampled,
+    /// A mechanism or aggregation mode this SDK does not know (code 7).
+    UnknownMechanism,
+}
+
+impl RefusalReason {
+    /// Every reason, in code order.
+    pub const ALL: [RefusalReason; 7] = [
+        RefusalReason::NoiseTooLow,
+        RefusalReason::EpsilonTooHigh,
+        RefusalReason::CohortTooSmall,
+        RefusalReason::SecureAggregationRequired,
+        RefusalReason::DeviceBudgetSpent,
+        RefusalReason::NotSampled,
+        RefusalReason::UnknownMechanism,
+    ];
+
+    /// The stable numeric code (never 0: 0 means "no refusal" in the C ABI).
+    pub fn code(self) -> u32 {
+        match self {
+            RefusalReason::NoiseTooLow => 1,
+            RefusalReason::EpsilonTooHigh => 2,
+            RefusalReason::CohortTooSmall => 3,
+            RefusalReason::SecureAggregationRequired => 4,
+            RefusalReason::DeviceBudgetSpent => 5,
+            RefusalReason::NotSampled => 6,
+            RefusalReason::UnknownMechanism => 7,
+        }
+    }
+
+    /// A short stable label (for logs and the export).
+    pub fn label(self) -> &'static str {
+        match self {
+            RefusalReason::NoiseTooLow => "noise_too_low",
+            RefusalReason::EpsilonTooHigh => "epsilon_too_high",
+            RefusalReason::CohortTooSmall => "cohort_too_small",
+            RefusalReason::SecureAggregationRequired => "secure_aggregation_required",
+            RefusalReason::DeviceBudgetSpent => "device_budget_spent",
+            RefusalReason::NotSampled => "not_sampled",
+            RefusalReason::UnknownMechanism => "unknown_mechanism",
+        }
+    }
+}
+
+impl std::fmt::Display for RefusalReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Which tasks the device accepts. A budget, so no `Default`: start from
+/// [`PrivacyPolicy::production`] and lower it only in tests and simulations
+/// ([`PrivacyPolicy::unenforced`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrivacyPolicy {
+    /// Smallest noise multiplier `σ` accepted (a task without noise has `σ = 0`).
+    pub min_noise_multiplier: f64,
+    /// Largest ε one round may cost at [`PrivacyPolicy::delta`].
+    pub max_epsilon_per_round: f64,
+    /// Largest ε the device's own record may reach at [`PrivacyPolicy::delta`].
+    pub max_total_epsilon: f64,
+    /// The δ every ε here is stated at.
+    pub delta: f64,
+    /// Smallest cohort accepted: `q · population` for a Poisson round that declares its
+    /// population, else the round's `min_reports`.
+    pub min_cohort: u64,
+    /// Refuse first-come selection (the accountant models Poisson sampling only).
+    pub require_sampling: bool,
+    /// Refuse rounds without secure aggregation. No coordinator offers it yet, so production
+    /// leaves it off (or every device would refuse every task); it turns on when SecAgg lands.
+    pub require_secure_aggregation: bool,
+}
+
+impl PrivacyPolicy {
+    /// Production values: `σ ≥ 0.5`, ε ≤ 1 per round and ε ≤ 10 in all at δ = 10⁻⁶, a cohort
+    /// of at least 100, Poisson sampling, secure aggregation not (yet) required.
+    pub fn production() -> Self {
+        Self {
+            min_noise_multiplier: 0.5,
+            max_epsilon_per_round: 1.0,
+            max_total_epsilon: 10.0,
+            delta: 1e-6,
+            min_cohort: 100,
+            require_sampling: true,
+            require_secure_aggregation: false,
+        }
+    }
+
+    /// Admits every task, with or without noise, and still records every charge. For tests
+    /// and simulations of coordinators without privacy; never for users.
+    pub fn unenforced() -> Self {
+        Self {
+            min_noise_multiplier: 0.0,
+            max_epsilon_per_round: f64::INFINITY,
+            max_total_epsilon: f64::INFINITY,
+            delta: 1e-6,
+            min_cohort: 0,
+            require_sampling: false,
+            require_secure_aggregation: false,
+        }
+    }
+
+    /// Checks the values: δ in `(0, 1)`, the others non-negative and not NaN.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err("policy.delta must be in (0, 1)");
+        }
+        if !(self.min_noise_multiplier >= 0.0 && self.min_noise_multiplier.is_finite()) {
+            return Err("policy.min_noise_multiplier must be finite and >= 0");
+        }
+        if [self.max_epsilon_per_round, self.max_total_epsilon].iter().any(|e| e.is_nan() || *e < 0.0) {
+            return Err("policy epsilon limits must be >= 0 (infinity allowed)");
+        }
+        Ok(())
+    }
+
+    /// Admits `task` given what the device has contributed (`record`): the charge the round
+    /// costs, or the first reason to refuse in this order: unknown mechanism, noise, sampling,
+    /// cohort, secure aggregation, ε per round, the device's own limit.
+    pub fn admit(&self, task: &TaskPrivacy, record: &PrivacyRecord) -> Result<Charge, RefusalReason> {
+        if matches!(task.mechanism, Mechanism::Unknown(_))
+            || matches!(task.aggregation, Aggregation::Unknown(_))
+        {
+            return Err(RefusalReason::UnknownMechanism);
+        }
+        let sigma = match task.mechanism {
+            Mechanism::None => 0.0,
+            _ => task.noise_multiplier,
+        };
+        if sigma < self.min_noise_multiplier || (sigma <= 0.0 && self.min_noise_multiplier > 0.0) {
+            return Err(RefusalReason::NoiseTooLow);
+        }
+        if self.require_sampling && !matches!(task.selection, TaskSelection::Poisson { .. }) {
+            return Err(RefusalReason::NotSampled);
+        }
+        if cohort(task) < self.min_cohort as f64 {
+            return Err(RefusalReason::CohortTooSmall);
+        }
+        if self.require_secure_aggregation && task.aggregation != Aggregation::Secure {
+            return Err(RefusalReason::SecureAggregationRequired);
+        }
+        let q = task.sampling_probability();
+        let round_rdp: Vec<f64> = DEFAULT_ORDERS
+            .iter()
+            .map(|&a| rdp::rdp_sampled_gaussian(q, sigma, a).unwrap_or(f64::INFINITY))
+            .collect();
+        let epsilon = epsilon_at(&round_rdp, self.delta);
+        if epsilon > self.max_epsilon_per_round {
+            return Err(RefusalReason::EpsilonTooHigh);
+        }
+        let total: Vec<f64> = record.rdp.iter().zip(&round_rdp).map(|(a, b)| a + b).collect();
+        let total_epsilon = epsilon_at(&total, self.delta);
+        if total_epsilon > self.max_total_epsilon {
+            return Err(RefusalReason::DeviceBudgetSpent);
+        }
+        Ok(Charge {
+            q,
+            noise_multiplier: sigma,
+            clip_norm: task.clip_norm,
+            epsilon,
+            round_rdp,
+            total_epsilon,
+        })
+    }
+}
+
+/// The cohort a task promises: `q · population` for a Poisson round that declares its
+/// population, else its `min_reports`.
+fn cohort(task: &TaskPrivacy) -> f64 {
+    match (task.selection, task.population) {
+        (TaskSelection::Poisson { q }, Some(n)) => q * n as f64,
+        _ => task.min_reports as f64,
+    }
+}
+
+/// ε of an RDP curve over [`DEFAULT_ORDERS`] at `delta`; `∞` if the accountant refuses.
+fn epsilon_at(curve: &[f64], delta: f64) -> f64 {
+    rdp::epsilon_from_rdp(&DEFAULT_ORDERS, curve, delta).map_or(f64::INFINITY, |(e, _)| e)
+}
+
+/// What an admitted round costs the device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Charge {
+    /// The sampling probability charged (1 for first-come selection).
+    pub q: f64,
+    /// The noise multiplier charged (0 without noise).
+    pub noise_multiplier: f64,
+    /// The round's clip norm.
+    pub clip_norm: f32,
+    /// The round's own ε at the policy's δ.
+    pub epsilon: f64,
+    /// The device's ε after the round, at the policy's δ.
+    pub total_epsilon: f64,
+    round_rdp: Vec<f64>,
+}
+
+/// One round the device contributed to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordEntry {
+    /// The round.
+    pub round: u64,
+    /// The model version it trained on.
+    pub model_version: u64,
+    /// The sampling probability charged.
+    pub q: f64,
+    /// The noise multiplier charged.
+    pub noise_multiplier: f64,
+    /// The clip norm.
+    pub clip_norm: f32,
+    /// The round's ε at the policy's δ when it was charged.
+    pub epsilon: f64,
+    /// When it was charged (UNIX seconds).
+    pub time_s: i64,
+}
+
+/// What the device has contributed: the RDP composition over every round it contributed to
+/// (one value per order of [`DEFAULT_ORDERS`]), how many, and the last
+/// [`MAX_RECORD_ENTRIES`] rounds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrivacyRecord {
+    rdp: Vec<f64>,
+    n_rounds: u64,
+    entries: VecDeque<RecordEntry>,
+}
+
+impl Default for PrivacyRecord {
+    /// Nothing contributed.
+    fn default() -> Self {
+        Self { rdp: vec![0.0; DEFAULT_ORDERS.len()], n_rounds: 0, entries: VecDeque::new() }
+    }
+}
+
+impl PrivacyRecord {
+    /// A record from its parts (as stored): `rdp` must have one finite-or-infinite,
+    /// non-negative value per order of [`DEFAULT_ORDERS`].
+    pub fn from_parts(rdp: Vec<f64>, n_rounds: u64, entries: Vec<RecordEntry>) -> Result<Self, &'static str> {
+        if rdp.len() != DEFAULT_ORDERS.len() || rdp.iter().any(|r| r.is_nan() || *r < 0.0) {
+            return Err("privacy record");
+        }
+        let mut entries: VecDeque<RecordEntry> = entries.into();
+        while entries.len() > MAX_RECORD_ENTRIES {
+            entries.pop_front();
+        }
+        Ok(Self { rdp, n_rounds, entries })
+    }
+
+    /// Adds an admitted round.
+    pub fn charge(&mut self, charge: &Charge, round: u64, model_version: u64, time_s: i64) {
+        for (total, r) in self.rdp.iter_mut().zip(&charge.round_rdp) {
+            *total += r;
+        }
+        self.n_rounds = self.n_rounds.saturating_add(1);
+        if self.entries.len() == MAX_RECORD_ENTRIES {
+            self.entries.pop_front();
+        }
+        self.entries.push_back(RecordEntry {
+            round,
+            model_version,
+            q: charge.q,
+            noise_multiplier: charge.noise_multiplier,
+            clip_norm: charge.clip_norm,
+            epsilon: charge.epsilon,
+            time_s,
+        });
+    }
+
+    /// The device's own ε at `delta` (∞ after a round without noise).
+    pub fn epsilon(&self, delta: f64) -> f64 {
+        epsilon_at(&self.rdp, delta)
+    }
+
+    /// Rounds contributed to.
+    pub fn n_rounds(&self) -> u64 {
+        self.n_rounds
+    }
+
+    /// The last rounds, oldest first.
+    pub fn entries(&self) -> impl ExactSizeIterator<Item = &RecordEntry> {
+        self.entries.iter()
+    }
+
+    /// The composed RDP, one value per order of [`DEFAULT_ORDERS`].
+    pub fn rdp(&self) -> &[f64] {
+        &self.rdp
+    }
+}
+
+/// A task as offered to the device, before it trains.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TaskOffer {
+    /// The round.
+    pub round: u64,
+    /// The model version to train on.
+    pub model_version: u64,
+    /// What the task declares.
+    pub privacy: TaskPrivacy,
+}
+
+/// Decides, before the device trains, whether it takes a task (see
+/// [`crate::net::Device::participate_gated`]). An admitting gate charges the round first.
+pub trait TaskGate {
+    /// Admits the task (after recording its charge) or refuses it.
+    fn admit(&mut self, offer: &TaskOffer) -> Result<(), RefusalReason>;
+}
+
+/// Admits everything and records nothing: a device driven without a policy (the default of
+/// [`crate::net::Device`], for simulations and tests; the [`crate::sdk::Sdk`] always has a policy).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AdmitAll;
+
+impl TaskGate for AdmitAll {
+    fn admit(&mut self, _offer: &TaskOffer) -> Result<(), RefusalReason> {
+        Ok(())
+    }
+}
+
+/// A policy and an in-memory record: the gate of a [`crate::net::Device`] driven without the
+/// SDK's store (simulations, tests).
+#[derive(Debug, Clone)]
+pub struct PolicyGate {
+    /// The policy.
+    pub policy: PrivacyPolicy,
+    /// What the device has contributed.
+    pub record: PrivacyRecord,
+}
+
+impl TaskGate for PolicyGate {
+    fn admit(&mut self, offer: &TaskOffer) -> Result<(), RefusalReason> {
+        let charge = self.policy.admit(&offer.privacy, &self.record)?;
+        self.record.charge(&charge, offer.round, offer.model_version, now_s());
+        Ok(())
+    }
+}
+
+/// UNIX seconds now (0 if the clock is before 1970).
+pub(crate) fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noised(q: f64, sigma: f64, population: u64) -> TaskPrivacy {
+        TaskPrivacy {
+            mechanism: Mechanism::CentralGaussian,
+            noise_multiplier: sigma,
+            clip_norm: 1.0,
+            selection: TaskSelection::Poisson { q },
+            min_reports: 1,
+            population: Some(population),
+            aggregation: Aggregation::Plain,
+        }
+    }
+
+    #[test]
+    fn production_refuses_each_weakness_with_its_reason() {
+        let p = PrivacyPolicy::production();
+        let r = PrivacyRecord::default();
+        let good = noised(0.01, 2.0, 100_000);
+        assert!(p.admit(&good, &r).is_ok());
+        let cases = [
+            (TaskPrivacy { noise_multiplier: 0.0, ..good }, RefusalReason::NoiseTooLow),
+            (TaskPrivacy { mechanism: Mechanism::None, ..good }, RefusalReason::NoiseTooLow),
+            (TaskPrivacy { noise_multiplier: 0.3, ..good }, RefusalReason::NoiseTooLow),
+            (
+                TaskPrivacy { selection: TaskSelection::FirstCome { cohort: 1000 }, ..good },
+                RefusalReason::NotSampled,
+            ),
+            (noised(0.01, 2.0, 5_000), RefusalReason::CohortTooSmall),
+            (TaskPrivacy { population: None, ..good }, RefusalReason::CohortTooSmall),
+            (noised(1.0, 0.6, 100_000), RefusalReason::EpsilonTooHigh),
+            (TaskPrivacy { mechanism: Mechanism::Unknown(7), ..good }, RefusalReason::UnknownMechanism),
+            (TaskPrivacy { aggregation: Aggregation::Unknown(7), ..good }, RefusalReason::UnknownMechanism),
+        ];
+        for (task, want) in cases {
+            assert_eq!(p.admit(&task, &r).err(), Some(want), "{task:?}");
+        }
+        let secure = PrivacyPolicy { require_secure_aggregation: true, ..p };
+        assert_eq!(secure.admit(&good, &r).err(), Some(RefusalReason::SecureAggregationRequired));
+        assert!(secure.admit(&TaskPrivacy { aggregation: Aggregation::Secure, ..good }, &r).is_ok());
+    }
+
+    #[test]
+    fn the_record_composes_its_own_rounds_and_stops_at_the_limit() {
+        let p = PrivacyPolicy { max_total_epsilon: 2.0, ..PrivacyPolicy::production() };
+        let task = noised(0.01, 2.0, 100_000);
+        let mut r = PrivacyRecord::default();
+        let mut last = 0.0;
+        let mut admitted = 0;
+        while let Ok(charge) = p.admit(&task, &r) {
+            r.charge(&charge, admitted, 0, 0);
+            admitted += 1;
+            let eps = r.epsilon(p.delta);
+            assert!(eps > last && (eps - charge.total_epsilon).abs() < 1e-12, "{eps} after {last}");
+            last = eps;
+            assert!(admitted < 100_000, "never stops");
+        }
+        assert_eq!(p.admit(&task, &r).err(), Some(RefusalReason::DeviceBudgetSpent));
+        assert!(admitted > 1 && last <= 2.0, "{admitted} rounds, ε = {last}");
+        eprintln!("σ = 2, q = 0.01, δ = 1e-6: {admitted} rounds within ε = 2 (ε = {last:.4})");
+        assert_eq!(r.n_rounds(), admitted);
+        assert_eq!(r.entries().len(), (admitted as usize).min(MAX_RECORD_ENTRIES));
+        // The composition is the accountant's for that many identical rounds.
+        let events = [fedrec_shared::privacy::PrivacyEvent::new(0.01, 2.0, admitted).expect("valid")];
+        let want = rdp::epsilon(&events, p.delta).expect("accountant");
+        assert!((last - want).abs() < 1e-9 * want.max(1.0), "{last} vs {want}");
+    }
+
+    #[test]
+    fn a_round_without_noise_spends_everything() {
+        let mut r = PrivacyRecord::default();
+        let open = PrivacyPolicy::unenforced();
+        let bare = TaskPrivacy::undeclared(1.0);
+        let charge = open.admit(&bare, &r).expect("admitted");
+        assert!(charge.epsilon.is_infinite());
+        r.charge(&charge, 0, 0, 0);
+        assert!(r.epsilon(1e-6).is_infinite());
+        let strict = PrivacyPolicy { max_total_epsilon: 1e9, ..PrivacyPolicy::unenforced() };
+        assert_eq!(strict.admit(&noised(0.01, 5.0, 1), &r).err(), Some(RefusalReason::DeviceBudgetSpent));
+    }
+
+    #[test]
+    fn reason_codes_are_distinct_and_non_zero() {
+        let mut codes: Vec<u32> = RefusalReason::ALL.iter().map(|r| r.code()).collect();
+        assert!(codes.iter().all(|&c| c > 0));
+        codes.dedup();
+        assert_eq!(codes, (1..=7).collect::<Vec<_>>());
+    }
+}
