@@ -2,9 +2,14 @@
 //! user-level (ε, δ)-differential privacy, and how much noise a target budget needs.
 //!
 //! The mechanism is the one the coordinator runs: each device takes part in a round
-//! independently with probability `q` (Poisson sampling), the clipped updates are summed, and
-//! Gaussian noise of standard deviation `noise_multiplier × clip_norm` is added. Neighbouring
-//! datasets differ by adding or removing one user (dp-accounting's `ADD_OR_REMOVE_ONE`).
+//! independently with probability `q` (Poisson sampling), the clipped updates are rounded to
+//! a fixed-point grid and summed as integers, and exact discrete Gaussian noise with parameter
+//! `noise_multiplier × Δ` is added, `Δ` the rounded sum's L2 sensitivity ([`discrete`]).
+//! Neighbouring datasets differ by adding or removing one user (dp-accounting's
+//! `ADD_OR_REMOVE_ONE`). The accountants below are those of the *continuous* sampled
+//! Gaussian with the same noise multiplier; [`discrete`] states what that relies on (exact at
+//! integer orders for removal, by Canonne, Kamath & Steinke 2020; a numerical check in one
+//! dimension for addition, fractional orders and the PLD).
 //!
 //! Two accountants, both pure functions of the events:
 //! - [`rdp`]: Rényi DP of the sampled Gaussian mechanism (Mironov, Talwar & Zhang 2019),
