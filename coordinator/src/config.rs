@@ -2,7 +2,10 @@
 //!
 //! The file is input: unknown keys are refused, and every value is checked by the same
 //! constructors the library uses. A privacy budget has no default: with noise on, the
-//! operator must write `epsilon` and `delta` before `serve` accepts the file.
+//! operator must write `epsilon` and `delta` before `serve` accepts the file. Once a budget
+//! is stored (by `init --epsilon --delta` or the first `serve`), the store's budget is the
+//! authority: `serve` refuses a file whose budget differs from it, and only
+//! `fedrec-coordinator budget raise` (logged, with a reason) changes it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,7 +13,7 @@ use std::time::Duration;
 
 use fedrec_shared::ledger::{PrivacyBudget, PrivacyPolicy};
 use fedrec_shared::privacy::AccountantKind;
-use fedrec_shared::round::{CoordinatorConfig, Selection};
+use fedrec_shared::round::{AdaptiveClip, CoordinatorConfig, Selection};
 use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
 use fedrec_shared::{ModelInit, ModelShape, Objective, TrainParams};
 use serde::Deserialize;
@@ -98,9 +101,16 @@ server_lr = 0.005
 selection = "poisson"
 q = 0.5
 # cohort = 100
+# The number of devices you expect to check in during a round's window: a public number
+# you choose, not a count. With poisson and noise the noised sum is divided by
+# q x population whoever took part (a count of this round's devices would reveal who did).
+# Required with poisson and noise; set it to your typical check-ins per round.
+population = 100
 # Fewest reports with which a round commits: at least 1, and at most cohort with first_come
-# (serve refuses more). With poisson nothing bounds it here: keep it well below
-# q x (devices checking in), leaving room for dropouts, or every round is abandoned.
+# (serve refuses more). With noise it does not apply: every round commits at its deadline
+# (or when every selected device has reported), because a decision on the exact number of
+# reports would itself reveal it. Without noise, keep it well below q x (devices checking
+# in), leaving room for dropouts, or every round is abandoned.
 min_reports = 10
 # How long a round accepts check-ins, and how long selected devices then have to report
 # (each from 1000 to 86400000, i.e. 1 s to 1 day).
@@ -110,8 +120,18 @@ report_window_ms = 120000
 round_gap_ms = 1000
 
 [privacy]
-# L2 bound on each device's update.
+# L2 bound on each device's update (the starting bound with clip = "adaptive").
 clip_norm = 1.0
+# "fixed": every round clips at clip_norm. "adaptive": the bound tracks a quantile of the
+# update norms (Andrew et al. 2021): each device also reports whether its update was within
+# the bound; the noised fraction moves the bound by exp(-clip_learning_rate x (fraction -
+# target_quantile)). The bits are a second noised release, charged with the update:
+# noise z and bit noise b cost as one noise multiplier (z^-2 + b^-2)^-1/2 (z 1, b 10: 0.995).
+clip = "fixed"
+# With clip = "adaptive" (remove the # of all three):
+# target_quantile = 0.5
+# clip_learning_rate = 0.2
+# clip_count_noise = 10.0
 # Gaussian noise standard deviation as a multiple of clip_norm (0 = no noise, no privacy).
 noise_multiplier = 1.0
 # Accountant: "rdp" (fast, looser) or "pld" (tighter).
@@ -123,6 +143,10 @@ accountant = "rdp"
 # (1.0), epsilon 8 pays for 3 rounds; with q 0.01 (a population 50 times larger for the
 # same devices per round) 1000 rounds cost epsilon 2.4. Price a plan with
 #   fedrec-sim privacy epsilon --q Q --sigma NOISE_MULTIPLIER --steps ROUNDS --delta DELTA
+# The budget is fixed in the store at the first `serve` (or by `init --epsilon --delta`):
+# from then on serve refuses a file whose budget differs, and only
+#   fedrec-coordinator budget raise --dir DIR --epsilon E --reason "..."
+# (logged in the audit log) raises it; then write the new epsilon here too.
 # epsilon = 8.0
 # delta = 1e-6
 
@@ -313,6 +337,8 @@ pub struct RoundsSection {
     pub selection: String,
     /// Poisson sampling probability.
     pub q: Option<f64>,
+    /// Expected devices checking in per round (public; required with Poisson and noise).
+    pub population: Option<usize>,
     /// First-come cohort size.
     pub cohort: Option<usize>,
     /// Fewest reports for a commit.
@@ -329,8 +355,17 @@ pub struct RoundsSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrivacySection {
-    /// L2 bound on each update.
+    /// L2 bound on each update (the starting bound under adaptive clipping).
     pub clip_norm: f32,
+    /// Fixed or adaptive clipping.
+    #[serde(default)]
+    pub clip: ClipMode,
+    /// Adaptive clipping: the fraction of updates to leave unclipped, in `(0, 1)`.
+    pub target_quantile: Option<f32>,
+    /// Adaptive clipping: the step of the geometric update of the bound.
+    pub clip_learning_rate: Option<f32>,
+    /// Adaptive clipping: the noise standard deviation on the sum of the clip bits.
+    pub clip_count_noise: Option<f32>,
     /// Noise as a multiple of the clip norm.
     pub noise_multiplier: f32,
     /// `rdp` or `pld`.
@@ -339,6 +374,17 @@ pub struct PrivacySection {
     pub epsilon: Option<f64>,
     /// The budget's δ (no default).
     pub delta: Option<f64>,
+}
+
+/// `[privacy] clip`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClipMode {
+    /// Every round clips at `clip_norm`.
+    #[default]
+    Fixed,
+    /// The bound tracks a quantile of the update norms.
+    Adaptive,
 }
 
 impl FileConfig {
@@ -492,6 +538,28 @@ impl FileConfig {
         Ok(())
     }
 
+    /// The adaptive clipping settings: all three with `clip = "adaptive"`, none otherwise.
+    fn adaptive_clip(&self) -> Result<Option<AdaptiveClip>, ConfigError> {
+        let p = &self.privacy;
+        let set = [p.target_quantile.is_some(), p.clip_learning_rate.is_some(), p.clip_count_noise.is_some()];
+        match p.clip {
+            ClipMode::Fixed if set.iter().any(|&s| s) => Err(invalid(
+                "privacy.clip",
+                "target_quantile, clip_learning_rate and clip_count_noise are for clip = \"adaptive\"",
+            )),
+            ClipMode::Fixed => Ok(None),
+            ClipMode::Adaptive => match (p.target_quantile, p.clip_learning_rate, p.clip_count_noise) {
+                (Some(target_quantile), Some(learning_rate), Some(count_noise_multiplier)) => {
+                    Ok(Some(AdaptiveClip { target_quantile, learning_rate, count_noise_multiplier }))
+                }
+                _ => Err(invalid(
+                    "privacy.clip",
+                    "clip = \"adaptive\" needs target_quantile, clip_learning_rate and clip_count_noise",
+                )),
+            },
+        }
+    }
+
     /// The round machine's configuration. Refuses noise without a budget, and round settings
     /// with which no round could commit (see the bounds on [`MIN_WINDOW_MS`]).
     pub fn coordinator_config(&self) -> Result<CoordinatorConfig, ConfigError> {
@@ -527,6 +595,13 @@ impl FileConfig {
             }
         };
         let r = &self.rounds;
+        if self.privacy.noise_multiplier > 0.0 && r.selection == "poisson" && r.population.is_none() {
+            return Err(invalid(
+                "rounds.population",
+                "poisson selection with noise needs population: the expected number of devices that \
+                 check in per round (a public number; the noised sum is divided by q x population)",
+            ));
+        }
         let selection = match (r.selection.as_str(), r.q, r.cohort) {
             ("poisson", Some(q), None) => Selection::Poisson { q },
             ("first_come", None, Some(cohort)) => Selection::FirstCome { cohort },
@@ -564,10 +639,12 @@ impl FileConfig {
             optimizer,
             selection,
             min_reports: r.min_reports,
+            // First-come rounds divide by their reports: the population plays no part.
+            population: if matches!(selection, Selection::Poisson { .. }) { r.population } else { None },
             checkin_window: Duration::from_millis(r.checkin_window_ms),
             report_window: Duration::from_millis(r.report_window_ms),
             clip_norm: self.privacy.clip_norm,
-            adaptive_clip: None,
+            adaptive_clip: self.adaptive_clip()?,
             noise_multiplier: self.privacy.noise_multiplier,
             centroids: CentroidPolicy::with_min_count(1.0),
             privacy,
@@ -718,6 +795,46 @@ mod tests {
             let setting = line.split(" #").next().unwrap_or(line).trim_end();
             assert_eq!(TEMPLATE.matches(setting).count(), 1, "{setting:?} occurs once");
         }
+    }
+
+    /// Issue 10 (5): operators could not deploy adaptive clipping (the file turned it off).
+    #[test]
+    fn adaptive_clipping_is_configured_from_the_file() {
+        assert_eq!(template_with(&[]).coordinator_config().expect("valid").adaptive_clip, None);
+        let adaptive = [
+            ("clip = \"fixed\"", "clip = \"adaptive\""),
+            ("# target_quantile = 0.5", "target_quantile = 0.5"),
+            ("# clip_learning_rate = 0.2", "clip_learning_rate = 0.2"),
+            ("# clip_count_noise = 10.0", "clip_count_noise = 10.0"),
+        ];
+        let cfg = template_with(&adaptive).coordinator_config().expect("valid");
+        assert_eq!(
+            cfg.adaptive_clip,
+            Some(AdaptiveClip { target_quantile: 0.5, learning_rate: 0.2, count_noise_multiplier: 10.0 })
+        );
+        // Half the settings, or settings without the mode, are refused naming the key.
+        let err = refusal(&template_with(&adaptive[..2]));
+        assert!(err.contains("privacy.clip") && err.contains("clip_count_noise"), "{err}");
+        let err = refusal(&template_with(&adaptive[1..]));
+        assert!(err.contains("privacy.clip"), "{err}");
+    }
+
+    /// Issue 10 (1): the denominator is q x population, so Poisson with noise needs it.
+    #[test]
+    fn poisson_with_noise_needs_the_population() {
+        let cfg = template_with(&[]).coordinator_config().expect("valid");
+        assert_eq!(cfg.population, Some(100));
+        let err = refusal(&template_with(&[("population = 100", "")]));
+        assert!(err.contains("rounds.population"), "{err}");
+        // Without noise it may be left out, and first-come ignores it.
+        let text = TEMPLATE
+            .replace("population = 100", "")
+            .replace("noise_multiplier = 1.0", "noise_multiplier = 0.0");
+        let cfg =
+            FileConfig::parse(&text).expect("parses").coordinator_config().expect("valid without noise");
+        assert_eq!(cfg.population, None);
+        let cfg = template_with(&FIRST_COME).coordinator_config().expect("valid");
+        assert_eq!(cfg.population, None);
     }
 
     #[test]

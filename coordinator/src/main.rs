@@ -1,4 +1,10 @@
-//! `fedrec-coordinator`: the operator's command line — create a state directory, enroll devices, serve rounds over QUIC, and report what the store holds.
+//! `fedrec-coordinator`: the operator's command line — create a state directory, enroll devices, serve rounds over QUIC, govern the privacy budget, and report what the store holds.
+//!
+//! The privacy budget lives in the store: `init --epsilon --delta` or the first `serve` fixes
+//! it, `serve` refuses a `fedrec.toml` whose budget differs (or that turns noise off while a
+//! budget exists), and only `budget raise` / `budget lower` change it, each with a reason
+//! written to the audit log. `serve` also refuses a store whose ledger hash chain is broken,
+//! or that is behind the ledger head file ([`HEAD_FILE`]) this tool keeps next to it.
 #![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
@@ -15,8 +21,10 @@ use fedrec_coordinator::auth::{DeviceId, Enroller, MAX_KEYS, RevocationList, Tok
 use fedrec_coordinator::config::{CONFIG_FILE, FileConfig, TEMPLATE};
 use fedrec_coordinator::rules;
 use fedrec_coordinator::server::{ServeConfig, Server, TlsIdentity};
-use fedrec_coordinator::store::{Store, StoreError};
+use fedrec_coordinator::store::{ChainReport, Store, StoreError};
 use fedrec_shared::GlobalModel;
+use fedrec_shared::ledger::{PrivacyBudget, PrivacyPolicy};
+use fedrec_shared::privacy::AccountantKind;
 use fedrec_shared::round::CoordinatorEvent;
 use rand::SeedableRng as _;
 use rand::rngs::StdRng;
@@ -33,6 +41,11 @@ const TOKEN_KEY_FILE: &str = "token.key";
 const RETIRED_KEYS_FILE: &str = "token.key.retired";
 /// The SQLite store.
 const STORE_FILE: &str = "state.sqlite";
+/// The ledger head file: how many ledger and budget rows the store held, and the head of
+/// their hash chains, when a command of this tool last saw it (after every round while
+/// `serve` runs). A store behind it (restored from an older copy, or deleted and recreated)
+/// is refused.
+const HEAD_FILE: &str = "ledger.head";
 
 /// The fedrec coordinator.
 #[derive(Debug, Parser)]
@@ -50,6 +63,19 @@ enum Command {
         /// The state directory (created; must not hold a config yet).
         #[arg(long)]
         dir: PathBuf,
+        /// Fix the privacy budget's epsilon now (with --delta): it is stored and written into
+        /// fedrec.toml. Without it, the first `serve` fixes the budget fedrec.toml then holds.
+        #[arg(long, requires = "delta")]
+        epsilon: Option<f64>,
+        /// The budget's delta (with --epsilon).
+        #[arg(long, requires = "epsilon")]
+        delta: Option<f64>,
+    },
+    /// Change the stored privacy budget (logged in the audit log with the reason); then set
+    /// the same epsilon in fedrec.toml and restart `serve`.
+    Budget {
+        #[command(subcommand)]
+        command: BudgetCommand,
     },
     /// Enroll new devices: print one hex token per line.
     ///
@@ -121,6 +147,34 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum BudgetCommand {
+    /// Raise epsilon (delta and the accountant stay as first fixed).
+    Raise {
+        /// The state directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The new epsilon, above the current one.
+        #[arg(long)]
+        epsilon: f64,
+        /// Why (kept in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Lower epsilon (rounds stop once the spend reaches it).
+    Lower {
+        /// The state directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The new epsilon, below the current one.
+        #[arg(long)]
+        epsilon: f64,
+        /// Why (kept in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum RulesCommand {
     /// Sign a TOML rules file as the next ruleset version; `serve` loads it at its next start.
     Publish {
@@ -143,7 +197,11 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
-        Command::Init { dir } => init(&dir),
+        Command::Init { dir, epsilon, delta } => init(&dir, epsilon.zip(delta)),
+        Command::Budget { command } => match command {
+            BudgetCommand::Raise { dir, epsilon, reason } => change_budget(&dir, epsilon, &reason, true),
+            BudgetCommand::Lower { dir, epsilon, reason } => change_budget(&dir, epsilon, &reason, false),
+        },
         Command::Enroll { dir, count, out } => enroll(&dir, count, out.as_deref()),
         Command::Revoke { dir, devices, tokens, tokens_file } => {
             revoke(&dir, &devices, &tokens, tokens_file.as_deref())
@@ -239,7 +297,11 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect()
 }
 
-fn init(dir: &Path) -> Result<()> {
+fn init(dir: &Path, budget: Option<(f64, f64)>) -> Result<()> {
+    let budget = budget
+        .map(|(epsilon, delta)| PrivacyBudget::new(epsilon, delta))
+        .transpose()
+        .context("invalid --epsilon/--delta")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let config = dir.join(CONFIG_FILE);
     if config.exists() {
@@ -254,14 +316,213 @@ fn init(dir: &Path) -> Result<()> {
     write_private(&dir.join(TOKEN_KEY_FILE), &key.to_bytes())?;
     rules::SigningKey::create(dir).context("cannot create the rules signing key")?;
     let store_path = dir.join(STORE_FILE);
-    Store::open(&store_path).with_context(|| format!("cannot create the store {}", store_path.display()))?;
+    let mut store = Store::open(&store_path)
+        .with_context(|| format!("cannot create the store {}", store_path.display()))?;
+    let mut text = TEMPLATE.to_owned();
+    if let Some(budget) = budget {
+        // The template's accountant.
+        let policy = PrivacyPolicy { budget, accountant: AccountantKind::Rdp };
+        store.set_budget(policy, "fixed by init", unix_ms()).context("cannot store the budget")?;
+        text = text.replacen("# epsilon = 8.0", &format!("epsilon = {:?}", budget.epsilon()), 1).replacen(
+            "# delta = 1e-6",
+            &format!("delta = {:?}", budget.delta()),
+            1,
+        );
+    }
+    write_head(dir, &store.verify_chain().context("cannot read the ledger")?)?;
     // The config last: its presence marks a complete state directory.
-    std::fs::write(&config, TEMPLATE).with_context(|| format!("cannot write {}", config.display()))?;
+    std::fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
+    let what = if budget.is_some() { "check the settings" } else { "set the privacy budget" };
     eprintln!(
-        "initialised {}: edit {} (set the privacy budget), then `fedrec-coordinator serve --dir {}`",
+        "initialised {}: edit {} ({what}), then `fedrec-coordinator serve --dir {}`",
         dir.display(),
         config.display(),
         dir.display()
+    );
+    Ok(())
+}
+
+/// Lower-case hex of a chain head.
+fn head_hex(head: &[u8; 32]) -> String {
+    encode_hex(head)
+}
+
+/// What [`HEAD_FILE`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HeadRecord {
+    n_ledger: usize,
+    n_budget: usize,
+    head: [u8; 32],
+}
+
+/// Writes [`HEAD_FILE`] for the store's chains as `report` found them.
+fn write_head(dir: &Path, report: &ChainReport) -> Result<()> {
+    let text = format!(
+        "# fedrec ledger head: the store's chains when fedrec-coordinator last saw them. Do not edit.\n\
+         ledger_rows {}\nbudget_rows {}\nhead {}\n",
+        report.ledger_hashes.len(),
+        report.budget_hashes.len(),
+        head_hex(&report.head())
+    );
+    replace_private(&dir.join(HEAD_FILE), text.as_bytes())
+}
+
+/// [`HEAD_FILE`], if there is one.
+fn read_head(dir: &Path) -> Result<Option<HeadRecord>> {
+    let path = dir.join(HEAD_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).map(str::trim))
+            .with_context(|| format!("{}: no {name:?} line", path.display()))
+    };
+    let count = |name: &str| -> Result<usize> {
+        field(name)?.parse().with_context(|| format!("{}: {name:?} is not a count", path.display()))
+    };
+    let head = decode_hex(field("head ")?)
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .with_context(|| format!("{}: the head is not 32 hex bytes", path.display()))?;
+    Ok(Some(HeadRecord { n_ledger: count("ledger_rows ")?, n_budget: count("budget_rows ")?, head }))
+}
+
+/// How the store's chains compare with [`HEAD_FILE`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HeadCheck {
+    /// No head file.
+    Absent,
+    /// The store holds what the head file recorded (and perhaps more).
+    Matches,
+    /// The store is behind the head file, or differs from it: rolled back or replaced.
+    Mismatch(String),
+}
+
+fn check_head(dir: &Path, report: &ChainReport) -> Result<HeadCheck> {
+    let Some(recorded) = read_head(dir)? else { return Ok(HeadCheck::Absent) };
+    Ok(match report.head_at(recorded.n_ledger, recorded.n_budget) {
+        None => HeadCheck::Mismatch(format!(
+            "the store holds {} ledger and {} budget rows, fewer than the {} and {} {} records: it was \
+             restored from an older copy, or deleted and recreated, and would forget privacy spend",
+            report.ledger_hashes.len(),
+            report.budget_hashes.len(),
+            recorded.n_ledger,
+            recorded.n_budget,
+            HEAD_FILE
+        )),
+        Some(head) if head != recorded.head => HeadCheck::Mismatch(format!(
+            "the store's first {} ledger and {} budget rows do not hash to the head {} records: the \
+             store was replaced or its chain rebuilt",
+            recorded.n_ledger, recorded.n_budget, HEAD_FILE
+        )),
+        Some(_) => HeadCheck::Matches,
+    })
+}
+
+/// Refuses a store whose chain is broken or that is behind [`HEAD_FILE`]; the chains.
+fn checked_chain(dir: &Path, store: &Store) -> Result<ChainReport> {
+    let report = store.verify_chain().context("cannot read the privacy ledger")?;
+    if let Some(b) = report.broken {
+        bail!(
+            "the privacy ledger's hash chain is broken at {b}: a row was edited, inserted or deleted \
+             outside fedrec-coordinator. Refusing to continue; restore a good copy of {STORE_FILE} \
+             (`fedrec-coordinator status --dir {}` shows the chain)",
+            dir.display()
+        );
+    }
+    match check_head(dir, &report)? {
+        HeadCheck::Mismatch(why) => bail!(
+            "{why}. Refusing to continue. If this is deliberate (a new deployment), move {} away.",
+            dir.join(HEAD_FILE).display()
+        ),
+        HeadCheck::Absent if !report.ledger_hashes.is_empty() || !report.budget_hashes.is_empty() => {
+            eprintln!(
+                "warning: no {HEAD_FILE}: a rollback of the store cannot be detected this time; writing one"
+            );
+        }
+        _ => {}
+    }
+    Ok(report)
+}
+
+/// Reconciles fedrec.toml's budget with the store's before `serve`: the first budget is
+/// stored; a different one, or none while one is stored, is refused with what to do.
+fn reconcile_budget(dir: &Path, store: &mut Store, file: Option<PrivacyPolicy>) -> Result<()> {
+    let stored = store.budget().context("cannot read the stored budget")?;
+    let config_path = dir.join(CONFIG_FILE);
+    let describe = |p: &PrivacyPolicy| {
+        format!(
+            "epsilon = {:?}, delta = {:?}, accountant {:?}",
+            p.budget.epsilon(),
+            p.budget.delta(),
+            p.accountant
+        )
+    };
+    match (stored, file) {
+        (None, None) => Ok(()),
+        (None, Some(policy)) => {
+            store
+                .set_budget(policy, "fixed at the first serve from fedrec.toml", unix_ms())
+                .context("cannot store the budget")?;
+            eprintln!(
+                "privacy budget fixed in the store: {}; from now on only `fedrec-coordinator budget raise` changes it",
+                describe(&policy)
+            );
+            Ok(())
+        }
+        (Some(stored), None) => bail!(
+            "the store holds a privacy budget ({}), and {} sets none: a round without noise is refused \
+             while a budget exists. Set noise_multiplier > 0 and epsilon = {:?}, delta = {:?} in [privacy]",
+            describe(&stored.policy),
+            config_path.display(),
+            stored.policy.budget.epsilon(),
+            stored.policy.budget.delta()
+        ),
+        (Some(stored), Some(policy)) if stored.policy != policy => bail!(
+            "{}'s privacy budget ({}) differs from the stored budget ({}), which is the one in force. To \
+             raise it: `fedrec-coordinator budget raise --dir {} --epsilon E --reason \"...\"` (logged), then \
+             write the same epsilon in {}; otherwise write the stored values back",
+            config_path.display(),
+            describe(&policy),
+            describe(&stored.policy),
+            dir.display(),
+            config_path.display()
+        ),
+        (Some(_), Some(_)) => Ok(()),
+    }
+}
+
+fn change_budget(dir: &Path, epsilon: f64, reason: &str, raise: bool) -> Result<()> {
+    let mut store = open_store(dir)?;
+    checked_chain(dir, &store)?;
+    let stored = store.budget().context("cannot read the stored budget")?.with_context(|| {
+        format!(
+            "no budget is stored: set epsilon and delta in {} (the first serve fixes them) or use `init --epsilon --delta`",
+            dir.join(CONFIG_FILE).display()
+        )
+    })?;
+    let current = stored.policy.budget.epsilon();
+    if raise && epsilon <= current {
+        bail!(
+            "`budget raise` needs an epsilon above the current {current:?} (use `budget lower` to lower it)"
+        );
+    }
+    if !raise && epsilon >= current {
+        bail!(
+            "`budget lower` needs an epsilon below the current {current:?} (use `budget raise` to raise it)"
+        );
+    }
+    let budget = PrivacyBudget::new(epsilon, stored.policy.budget.delta()).context("invalid --epsilon")?;
+    let policy = PrivacyPolicy { budget, ..stored.policy };
+    store.set_budget(policy, reason, unix_ms()).context("cannot change the budget")?;
+    write_head(dir, &store.verify_chain().context("cannot read the privacy ledger")?)?;
+    eprintln!(
+        "budget {} from epsilon = {current:?} to {epsilon:?} (logged in the audit log with your reason); \
+         set `epsilon = {epsilon:?}` in {} and restart `serve`",
+        if raise { "raised" } else { "lowered" },
+        dir.join(CONFIG_FILE).display()
     );
     Ok(())
 }
@@ -519,7 +780,13 @@ fn serve(dir: &Path) -> Result<()> {
     let file = load_config(dir)?;
     let config_path = dir.join(CONFIG_FILE);
     let coordinator = file.coordinator_config().with_context(|| format!("in {}", config_path.display()))?;
-    let store = open_store(dir)?;
+    let mut store = open_store(dir)?;
+    checked_chain(dir, &store)?;
+    reconcile_budget(dir, &mut store, coordinator.privacy)?;
+    write_head(dir, &store.verify_chain().context("cannot read the privacy ledger")?)?;
+    // A second connection to keep the head file current after every round.
+    let head_store = open_store(dir)?;
+    let head_dir = dir.to_owned();
     let revoked: RevocationList = store
         .list_devices()
         .context("cannot read the devices")?
@@ -568,16 +835,33 @@ fn serve(dir: &Path) -> Result<()> {
             let mut refused_logged = false;
             while status.changed().await.is_ok() {
                 let s = status.borrow_and_update().clone();
+                // A round with noise logs no counts: they would reveal its sample.
                 match &s.last_close {
+                    Some(CoordinatorEvent::RoundCommitted { stats, new_version }) if stats.private => {
+                        eprintln!("round {} committed: model version {new_version}", stats.round)
+                    }
                     Some(CoordinatorEvent::RoundCommitted { stats, new_version }) => eprintln!(
                         "round {} committed: model version {new_version}, {} checked in, {} selected, {} reported, {} dropped",
                         stats.round, stats.n_checked_in, stats.n_selected, stats.n_reported, stats.n_dropped
                     ),
+                    Some(CoordinatorEvent::RoundAbandoned { stats, reason }) if stats.private => {
+                        eprintln!("round {} abandoned ({reason:?})", stats.round)
+                    }
                     Some(CoordinatorEvent::RoundAbandoned { stats, reason }) => eprintln!(
                         "round {} abandoned ({reason:?}): {} checked in, {} selected, {} reported",
                         stats.round, stats.n_checked_in, stats.n_selected, stats.n_reported
                     ),
                     _ => {}
+                }
+                if s.last_close.is_some() {
+                    match head_store.verify_chain() {
+                        Ok(report) => {
+                            if let Err(e) = write_head(&head_dir, &report) {
+                                eprintln!("warning: cannot update {HEAD_FILE}: {e:#}");
+                            }
+                        }
+                        Err(e) => eprintln!("warning: cannot read the ledger to update {HEAD_FILE}: {e}"),
+                    }
                 }
                 if let (Some(e), false) = (&s.start_refused, refused_logged) {
                     eprintln!("no more rounds: {e}");
@@ -623,26 +907,75 @@ fn status(dir: &Path) -> Result<()> {
         None => println!("last model version: none (never served)"),
     }
     println!("ledger entries: {}", s.n_ledger_entries);
-    match file.privacy_policy().with_context(|| format!("in {}", dir.join(CONFIG_FILE).display()))? {
-        Some(policy) => {
-            let ledger = store
-                .load_latest()
-                .context("cannot load the ledger")?
-                .map(|st| st.ledger)
-                .unwrap_or_default();
+    let file_policy =
+        file.privacy_policy().with_context(|| format!("in {}", dir.join(CONFIG_FILE).display()))?;
+    let stored = store.budget().context("cannot read the stored budget")?;
+    let ledger = || -> Result<_> {
+        Ok(store.load_latest().context("cannot load the ledger")?.map(|st| st.ledger).unwrap_or_default())
+    };
+    match (&stored, file_policy) {
+        (Some(stored), _) => {
+            let policy = stored.policy;
             let delta = policy.budget.delta();
-            let spent = ledger.epsilon(delta, policy.accountant).context("cannot account the ledger")?;
+            let spent = ledger()?.epsilon(delta, policy.accountant).context("cannot account the ledger")?;
             println!(
                 "privacy spent: epsilon = {spent:.4} of {:.4} (delta = {delta:e})",
                 policy.budget.epsilon()
             );
+            println!(
+                "privacy budget: stored (change {}: {:?}), accountant {:?}",
+                stored.seq, stored.reason, policy.accountant
+            );
+            if file_policy.is_some_and(|f| f != policy) || file_policy.is_none() {
+                println!(
+                    "warning: {}'s budget differs from the stored one: serve refuses it (see `budget raise`)",
+                    CONFIG_FILE
+                );
+            }
         }
-        None => println!("privacy spent: no budget configured"),
+        (None, Some(policy)) => {
+            let delta = policy.budget.delta();
+            let spent = ledger()?.epsilon(delta, policy.accountant).context("cannot account the ledger")?;
+            println!(
+                "privacy spent: epsilon = {spent:.4} of {:.4} (delta = {delta:e})",
+                policy.budget.epsilon()
+            );
+            println!(
+                "privacy budget: from {CONFIG_FILE}, not yet fixed in the store (the first serve fixes it)"
+            );
+        }
+        (None, None) => println!("privacy spent: no budget configured"),
     }
     println!("devices enrolled: {}", s.n_devices_enrolled);
     println!("devices revoked: {}", s.n_devices_revoked);
     let signing = token_key(dir)?;
     println!("retired token keys still verifying: {}", retired_keys(dir, &signing)?.len());
+    // The chains last: a broken one makes the command fail after everything is printed.
+    let report = store.verify_chain().context("cannot read the privacy ledger")?;
+    let mut ok = true;
+    match report.broken {
+        None => println!(
+            "ledger chain: ok ({} charges, {} budget rows)",
+            report.ledger_hashes.len(),
+            report.budget_hashes.len()
+        ),
+        Some(b) => {
+            println!("ledger chain: BROKEN at {b} (a row was edited, inserted or deleted)");
+            ok = false;
+        }
+    }
+    println!("ledger head: {} (keep a copy elsewhere to detect a rebuilt chain)", head_hex(&report.head()));
+    match check_head(dir, &report)? {
+        HeadCheck::Absent => println!("ledger head file: absent"),
+        HeadCheck::Matches => println!("ledger head file: matches"),
+        HeadCheck::Mismatch(why) => {
+            println!("ledger head file: MISMATCH: {why}");
+            ok = false;
+        }
+    }
+    if !ok {
+        bail!("the privacy ledger failed verification: serve refuses this store");
+    }
     Ok(())
 }
 

@@ -275,7 +275,9 @@ pub struct ServerMetrics {
     pub rounds_committed: Counter,
     /// `fedrec_rounds_total{outcome="abandoned"}`.
     pub rounds_abandoned: Counter,
-    /// `fedrec_clients_total{event="checked_in"}`.
+    /// `fedrec_clients_total{event="checked_in"}`. This and the other `fedrec_clients_total`
+    /// series, and `fedrec_round_duration_seconds`, count only rounds without noise: a round
+    /// with noise exports no exact count (it would reveal the round's sample).
     pub checked_in: Counter,
     /// `fedrec_clients_total{event="selected"}`.
     pub selected: Counter,
@@ -303,7 +305,7 @@ impl ServerMetrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let rounds = ("fedrec_rounds_total", "Rounds closed, by outcome.");
-        let clients = ("fedrec_clients_total", "Devices in closed rounds, by event.");
+        let clients = ("fedrec_clients_total", "Devices in closed rounds without noise, by event.");
         let bytes = ("fedrec_bytes_total", "Bytes of request and response frames, by direction.");
         let rounds_committed = r.counter(rounds.0, rounds.1, &[("outcome", "committed")]);
         let rounds_abandoned = r.counter(rounds.0, rounds.1, &[("outcome", "abandoned")]);
@@ -315,7 +317,7 @@ impl ServerMetrics {
         let bytes_out = r.counter(bytes.0, bytes.1, &[("direction", "out")]);
         let round_duration = r.histogram(
             "fedrec_round_duration_seconds",
-            "Time from a round's opening to its close.",
+            "Time from a round's opening to its close (rounds without noise).",
             &[],
             ROUND_DURATION_BOUNDS,
         );

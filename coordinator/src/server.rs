@@ -1245,11 +1245,24 @@ impl Owner {
             }
             _ => return,
         };
+        m.model_version.set(self.coordinator.model().version as f64);
+        // A round with noise exports and logs none of its exact counts, nor its duration
+        // (which tells whether every selected device reported before the deadline): they
+        // would reveal its sample. Its outcome, version, noise and spend are public.
+        if stats.private {
+            tracing::info!(
+                round = stats.round,
+                outcome,
+                noise_std = stats.noise_std,
+                epsilon,
+                "round closed"
+            );
+            return;
+        }
         m.checked_in.add(stats.n_checked_in as u64);
         m.selected.add(stats.n_selected as u64);
         m.reported.add(stats.n_reported as u64);
         m.round_duration.observe(stats.duration.as_secs_f64());
-        m.model_version.set(self.coordinator.model().version as f64);
         tracing::info!(
             round = stats.round,
             outcome,
