@@ -10,7 +10,10 @@
  *   sdk_smoke no-consent   events recorded without training consent: participate refuses
  *                          before connecting (the driver checks the coordinator saw nothing).
  *   sdk_smoke full         open, wrong key, consent, events, a round, recommendations, segment,
- *                          explanation, rules and a variant, export, forget, close.
+ *                          explanation, rules and a variant, export (with the privacy record),
+ *                          a second device under the production privacy policy that refuses
+ *                          the coordinator's noiseless task (FEDREC_REFUSAL_NOISE_TOO_LOW),
+ *                          forget, close.
  *
  * Environment (set by the driver): FEDREC_STORE_DIR, FEDREC_COORDINATOR (IP:port),
  * FEDREC_CERT (DER file), FEDREC_TOKEN (hex), FEDREC_RULES_KEY (raw public key file),
@@ -18,6 +21,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <dirent.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -133,6 +137,7 @@ static const uint32_t CONSUMED[] = {1, 3, 5, 7, 11, 13, 17, 19};
 struct setup {
     FedrecCoordinator coordinator;
     FedrecOpenOptions options;
+    FedrecPrivacyPolicy policy;
     uint8_t *cert, *token, *rules_key;
 };
 
@@ -160,6 +165,15 @@ static void configure(struct setup *s) {
     s->options.coordinator = &s->coordinator;
     s->options.rules_public_key = s->rules_key;
     s->options.rules_public_key_len = rules_key_len;
+    /* The test coordinator adds no noise: this device's policy is lowered to take part (a
+     * second device in `full` keeps the production policy and refuses). */
+    s->policy = fedrec_privacy_policy_production();
+    s->policy.min_noise_multiplier = 0.0;
+    s->policy.max_epsilon_per_round = INFINITY;
+    s->policy.max_total_epsilon = INFINITY;
+    s->policy.min_cohort = 0;
+    s->policy.require_sampling = false;
+    s->options.policy = &s->policy;
 }
 
 static void release(struct setup *s) {
@@ -203,6 +217,13 @@ static int misuse(void) {
     FedrecCoordinator bad = {.address = "not an address", .server_name = "localhost"};
     FedrecOpenOptions options = fedrec_open_options_default();
     options.coordinator = &bad;
+    FAILS(fedrec_sdk_open(dir, KEY, 32, &options, &sdk, &err), FEDREC_ERR_INVALID_ARGUMENT);
+    REQUIRE(sdk == NULL);
+    /* A privacy policy with a delta outside (0, 1) is refused. */
+    FedrecPrivacyPolicy bad_policy = fedrec_privacy_policy_production();
+    bad_policy.delta = 2.0;
+    options = fedrec_open_options_default();
+    options.policy = &bad_policy;
     FAILS(fedrec_sdk_open(dir, KEY, 32, &options, &sdk, &err), FEDREC_ERR_INVALID_ARGUMENT);
     REQUIRE(sdk == NULL);
 
@@ -485,7 +506,46 @@ static int full(void) {
     /* Export: everything stored, as JSON. */
     OK(fedrec_sdk_export(sdk, &json, &err));
     REQUIRE(strstr(json, "\"events\"") != NULL && strstr(json, "\"consent\"") != NULL);
+    /* The device's own privacy record: the round it contributed to. */
+    REQUIRE(strstr(json, "\"privacy_record\"") != NULL);
+    REQUIRE(strstr(json, "\"rounds_contributed\": 1") != NULL);
     fedrec_string_free(json);
+
+    /* A second device with the production privacy policy (the default): the coordinator's
+     * task has no noise, so the device refuses it before training and sends nothing. */
+    char strict_dir[4096];
+    snprintf(strict_dir, sizeof strict_dir, "%s-strict", dir);
+    FedrecOpenOptions strict_options = s.options;
+    strict_options.policy = NULL;
+    FedrecSdk *strict = NULL;
+    OK(fedrec_sdk_open(strict_dir, KEY, 32, &strict_options, &strict, &err));
+    OK(fedrec_sdk_set_consent(strict, true, true, &err));
+    OK(fedrec_sdk_record(strict, CONSUMED[0], FEDREC_EVENT_CLICK, 1.0f, now, &err));
+    bool refused = false;
+    for (int attempt = 0; attempt < 20 && !refused; attempt++) {
+        int32_t status = fedrec_sdk_participate(strict, &popts, NULL, &report, &err);
+        if (status == FEDREC_ERR_NETWORK) {
+            fedrec_error_free(err);
+            err = NULL;
+            sleep_ms(200);
+            continue;
+        }
+        expect(status, FEDREC_OK, "fedrec_sdk_participate (strict)", __LINE__);
+        printf("  strict attempt %d: outcome %u, refusal %u\n", attempt, (unsigned)report.outcome,
+               (unsigned)report.refusal);
+        refused = report.outcome == FEDREC_ROUND_OUTCOME_POLICY_REFUSED;
+        if (!refused) {
+            REQUIRE(report.refusal == FEDREC_REFUSAL_NONE && !report.completed);
+            sleep_ms(report.retry_after_ms > 0 && report.retry_after_ms < 2000 ? report.retry_after_ms : 200);
+        }
+    }
+    REQUIRE(refused);
+    REQUIRE(report.refusal == FEDREC_REFUSAL_NOISE_TOO_LOW && !report.completed && report.has_round);
+    OK(fedrec_sdk_export(strict, &json, &err));
+    REQUIRE(strstr(json, "\"rounds_contributed\": 0") != NULL);
+    fedrec_string_free(json);
+    OK(fedrec_sdk_forget(strict, &err));
+    fedrec_sdk_close(strict);
 
     /* Forget: no file left, the handle is closed. */
     OK(fedrec_sdk_forget(sdk, &err));
