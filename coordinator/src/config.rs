@@ -20,8 +20,9 @@ use serde::Deserialize;
 
 use crate::auth::ReplayLimits;
 use crate::server::{
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_SOURCE, DEFAULT_MAX_INVALID_REQUESTS,
-    DEFAULT_MAX_UPLOAD_MEMORY, DEFAULT_ROUNDS_PER_DEVICE_PER_DAY, EligibilityPolicy, UPLOAD_RECEIVE_WINDOW,
+    DEFAULT_MAX_CONCURRENT_HANDSHAKES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+    DEFAULT_MAX_INVALID_REQUESTS, DEFAULT_MAX_UPLOAD_MEMORY, DEFAULT_ROUNDS_PER_DEVICE_PER_DAY,
+    EligibilityPolicy, UPLOAD_RECEIVE_WINDOW,
 };
 
 /// The configuration file's name inside a state directory.
@@ -168,6 +169,9 @@ max_connections_per_source = 64
 # upload of the model (n_items x (dim + 1) x 4 bytes and the centroids) plus 1 MiB. Beyond
 # it devices wait (flow control), then are told Busy and retry.
 max_upload_memory_mb = 256
+# Most QUIC handshakes under way at once (0 = no limit). A burst beyond it is refused at
+# once (metric reason "handshake_cap") and devices come back after their backoff with jitter.
+max_concurrent_handshakes = 256
 # Peak memory, even under attack, is bounded by about max_connections x 64 KiB (here 625
 # MiB) + max_upload_memory_mb + the model and its optimizer state.
 
@@ -254,6 +258,8 @@ pub struct LimitsSection {
     /// MiB that uploads being received may hold at once, all connections together (at least
     /// one upload of the model plus the upload receive window).
     pub max_upload_memory_mb: usize,
+    /// Most QUIC handshakes under way at once; 0 is no limit.
+    pub max_concurrent_handshakes: usize,
 }
 
 impl LimitsSection {
@@ -271,6 +277,7 @@ impl Default for LimitsSection {
             max_invalid_requests: DEFAULT_MAX_INVALID_REQUESTS,
             max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
             max_upload_memory_mb: DEFAULT_MAX_UPLOAD_MEMORY >> 20,
+            max_concurrent_handshakes: DEFAULT_MAX_CONCURRENT_HANDSHAKES,
         }
     }
 }
