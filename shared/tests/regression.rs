@@ -112,8 +112,14 @@ fn poisson_rechecking_in_does_not_redraw_the_selection() {
             }
         }
     }
-    // The first answer decides: later check-ins are never selected.
-    let redrawn: Vec<u64> = (0..n_devices).filter(|&id| answers[id as usize][1..].contains(&true)).collect();
+    // The first answer decides: later check-ins get the same answer (a selected device its
+    // task again, see issue 9 below), never a new draw.
+    let redrawn: Vec<u64> = (0..n_devices)
+        .filter(|&id| {
+            let a = &answers[id as usize];
+            a[1..].iter().any(|&later| later != a[0])
+        })
+        .collect();
     // Each device is in the cohort with probability q: 60 ± 5 sd of 6.5 (with a fresh draw
     // per check-in it would be 1 − 0.7⁵ ≈ 83%).
     let n_selected = answers.iter().filter(|a| a.contains(&true)).count();
@@ -129,7 +135,7 @@ fn poisson_rechecking_in_does_not_redraw_the_selection() {
         })
         .expect("the round closed");
     let summary = format!(
-        "{} devices selected on a re-check-in, {n_selected} of {n_devices} selected at q = 0.3, n_checked_in = {}",
+        "{} devices answered differently on a re-check-in, {n_selected} of {n_devices} selected at q = 0.3, n_checked_in = {}",
         redrawn.len(),
         stats.n_checked_in
     );
@@ -217,4 +223,54 @@ fn device_data_naming_an_item_twice_gives_a_consistent_update() {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// Issue 9 (lossy links): a selected device whose task was lost on the way, and which checks
+/// in again, was told `NotSelected` and silently dropped from the round; a device whose
+/// acknowledgement was lost was told `NotSelected` though its upload counted. Now the first
+/// gets its task again and the second an acknowledgement; neither is counted or drawn twice.
+#[test]
+fn a_selected_device_that_checks_in_again_gets_its_task_again_and_a_reported_one_its_ack() {
+    let shape = ModelShape { n_items: 6, dim: 2, n_segments: 1 };
+    let train = params(Objective::Explicit);
+    let cfg = CoordinatorConfig { min_reports: 2, ..config(train, Selection::FirstCome { cohort: 2 }, 0.0) };
+    let mut coord = Coordinator::new(cfg, model(shape), seeded_rng(3)).expect("valid config");
+    coord.start_round(Instant::ZERO).expect("no round open");
+    let answers = |coord: &mut Coordinator<_>| -> Vec<(u64, ServerMessage)> {
+        std::iter::from_fn(|| coord.poll_transmit()).collect()
+    };
+    coord.handle_message(Instant::ZERO, 7, ClientMessage::CheckIn);
+    let first = answers(&mut coord);
+    assert!(matches!(first.as_slice(), [(7, ServerMessage::Selected { .. })]), "{first:?}");
+    // The task was lost: the device checks in again and gets the same task.
+    coord.handle_message(Instant::ZERO, 7, ClientMessage::CheckIn);
+    let again = answers(&mut coord);
+    match (&first[0].1, again.as_slice()) {
+        (ServerMessage::Selected { task: t1, .. }, [(7, ServerMessage::Selected { task: t2, .. })]) => {
+            assert_eq!(t1, t2)
+        }
+        other => panic!("the same task again: {other:?}"),
+    }
+    // The second device fills the cohort; the round moves to its report phase.
+    coord.handle_message(Instant::ZERO, 8, ClientMessage::CheckIn);
+    let _ = answers(&mut coord);
+    // Device 7 trains on its task and reports; then its acknowledgement is lost.
+    let ratings = [Rating { item: 1, value: 4.0 }, Rating { item: 3, value: 2.0 }];
+    let mut client = ClientRound::new(&ratings, Instant::from_micros(u64::MAX));
+    let _check_in = client.poll_transmit();
+    client.handle_message(Instant::ZERO, first[0].1.clone());
+    let upload = client.poll_transmit().expect("an upload");
+    coord.handle_message(Instant::ZERO, 7, upload);
+    let _lost_ack = answers(&mut coord);
+    // Its next participation's check-in learns that the upload was taken.
+    let mut retry = ClientRound::new(&ratings, Instant::from_micros(u64::MAX));
+    let check_in = retry.poll_transmit().expect("check-in");
+    coord.handle_message(Instant::ZERO, 7, check_in);
+    for (to, msg) in answers(&mut coord) {
+        assert_eq!(to, 7);
+        assert!(matches!(msg, ServerMessage::Ack { .. }), "{msg:?}");
+        retry.handle_message(Instant::ZERO, msg);
+    }
+    assert!(matches!(retry.outcome(), Some(ClientOutcome::Completed { .. })), "{:?}", retry.outcome());
+    assert!(retry.poll_transmit().is_none(), "nothing is sent twice");
 }

@@ -103,6 +103,7 @@ fn every_message_round_trips() {
         clip_norm: 0.75,
         report_clip_bit: true,
         report_window: Duration::from_millis(90_000),
+        privacy: TaskPrivacy::undeclared(0.75),
     };
     let mut responses = vec![
         Response::Task(WireTask::new(&task, &m, None)),
@@ -128,6 +129,7 @@ fn server_messages_convert_both_ways() {
         clip_norm: 0.75,
         report_clip_bit: false,
         report_window: Duration::from_secs(90),
+        privacy: TaskPrivacy::undeclared(0.75),
     };
     let selected = ServerMessage::Selected { task: task.clone(), model: Arc::clone(&m) };
     let retry = Duration::from_secs(30);
@@ -517,6 +519,7 @@ fn each_message_kind_has_its_own_limit() {
             clip_norm: 1.0,
             report_clip_bit: false,
             report_window: Duration::ZERO,
+            privacy: TaskPrivacy::undeclared(1.0),
         },
         &RoundModel::new(0, model(ModelShape { n_items: 50, dim: 2, n_segments: 2 }, 1)),
         None,
@@ -814,6 +817,7 @@ fn tasks_need_the_model_they_name() {
         clip_norm: 1.0,
         report_clip_bit: false,
         report_window: Duration::ZERO,
+        privacy: TaskPrivacy::undeclared(1.0),
     };
     // The model on the wire has another version than the task names.
     let mut t = WireTask::new(&task, &m, None);
@@ -841,6 +845,7 @@ fn a_task_declares_its_rounds_privacy_and_the_device_reads_it_back() {
         clip_norm: 2.0,
         report_clip_bit: false,
         report_window: Duration::ZERO,
+        privacy: TaskPrivacy::undeclared(2.0),
     };
     // A task built without privacy parameters promises nothing.
     let plain = WireTask::new(&task, &m, None);

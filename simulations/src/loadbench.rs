@@ -22,7 +22,7 @@ use std::time::{Duration, Instant as WallClock};
 use anyhow::{Context, bail};
 use fedrec_client::net;
 use fedrec_coordinator::server;
-use fedrec_shared::round::{ClientRound, Instant, ServerMessage, Task};
+use fedrec_shared::round::{ClientRound, Instant, ServerMessage, Task, TaskPrivacy};
 use fedrec_shared::wire::{self, LEN_PREFIX, Request, Response};
 use fedrec_shared::{GlobalModel, Rating, RoundModel};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -143,6 +143,8 @@ pub fn run(
         );
     }
     let coordinator_stats = coordinator.stop()?;
+    let handshakes = coordinator_stats["handshakes"].as_u64().unwrap_or(0);
+    let fedrec_seconds: f64 = fedrec.seconds.iter().sum();
     drop(rt);
     let raw = raw_quinn(n, cfg.rounds, frames, p)?;
     let (f, r) = (fedrec.updates_per_second(), raw.updates_per_second());
@@ -163,6 +165,7 @@ pub fn run(
         "simulator_peak_rss_bytes": vm_hwm(std::process::id()),
         "fedrec": fedrec.json(),
         "devices_lost_per_round": lost,
+        "handshakes_per_second": handshakes as f64 / fedrec_seconds,
         "errors": errors,
         "raw_quinn": raw.json(),
         "fedrec_over_raw_throughput": f / r,
@@ -179,6 +182,7 @@ async fn frames(fleet: &Fleet, cfg: &RunConfig, model: &GlobalModel) -> anyhow::
         clip_norm: cfg.clip_norm,
         report_clip_bit: false,
         report_window: Duration::from_secs(600),
+        privacy: TaskPrivacy::undeclared(cfg.clip_norm),
     };
     let selected = ServerMessage::Selected { task, model: Arc::new(RoundModel::new(0, model.clone())) };
     let ratings = fleet.ratings(0);
@@ -213,6 +217,8 @@ struct Coordinator {
     tokens: Vec<Vec<u8>>,
     /// Round closes, as the process reports them on standard error.
     closes: mpsc::Receiver<String>,
+    /// Its Prometheus endpoint.
+    metrics: SocketAddr,
 }
 
 impl Coordinator {
@@ -258,11 +264,17 @@ impl Coordinator {
                 }
             }
         });
-        let addr = loop {
+        let (mut addr, mut metrics) = (None, None);
+        let (addr, metrics) = loop {
+            if let (Some(a), Some(m)) = (addr, metrics) {
+                break (a, m);
+            }
             match rx.recv_timeout(TIMEOUT) {
                 Ok(line) => {
                     if let Some(a) = line.strip_prefix("listening on ") {
-                        break a.trim().parse().context("the coordinator's address")?;
+                        addr = Some(a.trim().parse().context("the coordinator's address")?);
+                    } else if let Some(a) = line.strip_prefix("metrics on ") {
+                        metrics = Some(a.trim().parse().context("the coordinator's metrics address")?);
                     }
                 }
                 Err(_) => {
@@ -271,7 +283,7 @@ impl Coordinator {
                 }
             }
         };
-        Ok(Coordinator { child, addr, cert, tokens, closes: rx })
+        Ok(Coordinator { child, addr, cert, tokens, closes: rx, metrics })
     }
 
     /// Waits for the process to report that round `round` (from 0) closed.
@@ -285,13 +297,23 @@ impl Coordinator {
         }
     }
 
-    /// The process's peak memory and CPU time, then stops it.
+    /// The process's peak memory, CPU time and connection counters, then stops it.
     fn stop(mut self) -> anyhow::Result<Value> {
         let pid = self.child.id();
+        let text = scrape(self.metrics).context("reading the coordinator's metrics")?;
+        let counter = |series: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+                .map_or(0, |v| v as u64)
+        };
         let stats = json!({
             "process": "fedrec-coordinator serve (separate process)",
             "peak_rss_bytes": vm_hwm(pid),
             "cpu_seconds": cpu_seconds(pid),
+            "handshakes": counter("fedrec_handshakes_total"),
+            "handshake_retries": counter("fedrec_handshake_retries_total"),
+            "refused_handshake_cap": counter("fedrec_rejected_total{reason=\"handshake_cap\"}"),
+            "refused_busy": counter("fedrec_rejected_total{reason=\"busy\"}"),
         });
         self.child.kill().context("stopping the coordinator")?;
         self.child.wait().context("waiting for the coordinator")?;
@@ -321,6 +343,7 @@ fn config_file(cfg: &RunConfig, model: &GlobalModel, n: usize) -> String {
     };
     format!(
         r#"listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
 
 [model]
 n_items = {n_items}
@@ -390,6 +413,17 @@ fn hex(line: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 /// A `/proc/<pid>/status` field in bytes (the kernel reports kB).
+/// The text a Prometheus endpoint serves at `GET /metrics`.
+fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut http = std::net::TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    http.set_read_timeout(Some(TIMEOUT))?;
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    http.read_to_string(&mut text)?;
+    Ok(text)
+}
+
 fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with(field))?;

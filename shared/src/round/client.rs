@@ -103,6 +103,12 @@ impl<'a> ClientRound<'a> {
                 }
             }
             (State::ExpectTask, ServerMessage::NotSelected { .. }) => State::Done(ClientOutcome::NotSelected),
+            // A check-in of a device whose upload this round already took (its acknowledgement
+            // was lost and it tried again): it did contribute. Whether that upload was clipped
+            // is not known here.
+            (State::ExpectTask, ServerMessage::Ack { round }) => {
+                State::Done(ClientOutcome::Completed { round, was_clipped: false })
+            }
             (State::ExpectAck { round, was_clipped }, ServerMessage::Ack { round: r }) if *round == r => {
                 State::Done(ClientOutcome::Completed { round: r, was_clipped: *was_clipped })
             }

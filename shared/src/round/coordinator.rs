@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rand::{CryptoRng, Rng};
 
-use super::{ClientId, ClientMessage, Instant, ServerMessage, Task};
+use super::{ClientId, ClientMessage, Instant, ServerMessage, Task, TaskPrivacy};
 use crate::aggregate::Aggregator;
 use crate::error::{ParamError, Rejection};
 use crate::ledger::{Ledger, LedgerEntry, PrivacyPolicy};
@@ -330,6 +330,18 @@ enum Participant {
     Reported,
 }
 
+/// The task every selected device of `round` gets.
+fn round_task(config: &CoordinatorConfig, round: &Round) -> Task {
+    Task {
+        round: round.idx,
+        train: config.train,
+        clip_norm: round.clip_norm,
+        report_clip_bit: config.adaptive_clip.is_some(),
+        report_window: config.report_window,
+        privacy: TaskPrivacy::from_config(config, round.clip_norm),
+    }
+}
+
 #[derive(Debug)]
 struct Round {
     idx: u64,
@@ -558,6 +570,26 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             self.outbox.push_back((client, ServerMessage::NotSelected { round: self.next_round }));
             return;
         };
+        // A selected device that checks in again (its task was lost on the way, or it was told
+        // to come back) gets its task again while it may still report; one that reported
+        // learns that its upload was taken. Neither is counted or drawn again.
+        let may_report = match round.phase {
+            Phase::CheckIn { .. } => true,
+            Phase::Report { deadline } => now < deadline,
+        };
+        match round.participants.get(&client) {
+            Some(Participant::Selected) if may_report => {
+                let task = round_task(&self.config, round);
+                self.outbox
+                    .push_back((client, ServerMessage::Selected { task, model: Arc::clone(&self.model) }));
+                return;
+            }
+            Some(Participant::Reported) => {
+                self.outbox.push_back((client, ServerMessage::Ack { round: round.idx }));
+                return;
+            }
+            _ => {}
+        }
         let open = matches!(round.phase, Phase::CheckIn { deadline } if now < deadline);
         if !open || round.participants.contains_key(&client) {
             self.outbox.push_back((client, ServerMessage::NotSelected { round: round.idx }));
@@ -575,13 +607,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         }
         round.participants.insert(client, Participant::Selected);
         round.n_selected += 1;
-        let task = Task {
-            round: round.idx,
-            train: self.config.train,
-            clip_norm: round.clip_norm,
-            report_clip_bit: self.config.adaptive_clip.is_some(),
-            report_window: self.config.report_window,
-        };
+        let task = round_task(&self.config, round);
         self.outbox.push_back((client, ServerMessage::Selected { task, model: Arc::clone(&self.model) }));
         if let Selection::FirstCome { cohort } = self.config.selection
             && round.n_selected >= cohort

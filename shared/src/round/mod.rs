@@ -73,6 +73,8 @@ pub struct Task {
     pub report_clip_bit: bool,
     /// Time the device has to report, from receipt.
     pub report_window: Duration,
+    /// The round's privacy parameters, as the task declares them to the device.
+    pub privacy: TaskPrivacy,
 }
 
 /// The privacy mechanism a round applies to the sum of the uploads, as a task declares it.

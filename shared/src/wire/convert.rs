@@ -322,7 +322,7 @@ impl WireTask {
             clip_norm: task.clip_norm,
             report_clip_bit: task.report_clip_bit,
             report_window_ms: u64::try_from(task.report_window.as_millis()).unwrap_or(u64::MAX),
-            privacy: WirePrivacy::from(&TaskPrivacy::undeclared(task.clip_norm)),
+            privacy: WirePrivacy::from(&task.privacy),
             model: (cached_model_version != Some(model.version)).then(|| WireModel::from(model)),
         }
     }
@@ -343,6 +343,7 @@ impl WireTask {
     /// ([`WireModel::into_global`]) and of the task's model version, or, when the task omits
     /// it, from `cached`, which must have that version.
     pub fn into_server_message(self, cached: Option<&Arc<RoundModel>>) -> Result<ServerMessage, WireError> {
+        let privacy = self.task_privacy()?;
         let model = match (self.model, cached) {
             (Some(m), _) => {
                 if m.version != self.model_version {
@@ -367,6 +368,7 @@ impl WireTask {
             clip_norm: self.clip_norm,
             report_clip_bit: self.report_clip_bit,
             report_window: Duration::from_millis(self.report_window_ms),
+            privacy,
         };
         Ok(ServerMessage::Selected { task, model })
     }
