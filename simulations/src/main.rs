@@ -668,6 +668,8 @@ fn load_bench(args: &BenchArgs) -> Result<()> {
     let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     let (f, r, c) = (&rep["fedrec"], &rep["raw_quinn"], &rep["coordinator"]);
     let mib = |v: &serde_json::Value| format!("{:.1} MiB", num(v) / (1024.0 * 1024.0));
+    let lost: u64 =
+        rep["devices_lost_per_round"].as_array().map_or(0, |a| a.iter().filter_map(|v| v.as_u64()).sum());
     println!(
         "fedrec over QUIC on loopback: {n} devices, cohort {}, {} rounds, {} items × d = {}",
         cfg.clients_per_round, cfg.rounds, users.n_items, cfg.dim
@@ -678,6 +680,9 @@ fn load_bench(args: &BenchArgs) -> Result<()> {
             ("fedrec median round", format!("{:.3} s", num(&f["median_round_seconds"]))),
             ("fedrec rounds per minute", format!("{:.1}", num(&f["rounds_per_minute"]))),
             ("fedrec device updates/s", format!("{:.0}", num(&f["device_updates_per_second"]))),
+            ("devices lost (all rounds)", format!("{}", lost)),
+            ("coordinator handshakes/s", format!("{:.0}", num(&rep["handshakes_per_second"]))),
+            ("handshakes refused at the cap", format!("{}", c["refused_handshake_cap"])),
             ("raw quinn median round", format!("{:.3} s", num(&r["median_round_seconds"]))),
             ("raw quinn rounds per minute", format!("{:.1}", num(&r["rounds_per_minute"]))),
             ("raw quinn exchanges/s", format!("{:.0}", num(&r["device_updates_per_second"]))),
