@@ -674,7 +674,7 @@ fn adaptive_clipping_is_charged_for_its_bits() {
         };
         assert_eq!(stats.round, round);
         // The update itself is noised at z·C; the bits at σ_b; the charge combines them.
-        assert_eq!(stats.noise_std, z * stats.clip_norm);
+        assert_noise_std(stats.noise_std, z * stats.clip_norm);
         assert!(stats.unclipped_fraction.is_some());
     }
     let ledger = fed.coordinator.ledger();
@@ -704,7 +704,7 @@ fn the_charge_is_the_configured_sampling_rate_and_noise() {
         let report = fed.run_round();
         match &report.event {
             Some(CoordinatorEvent::RoundCommitted { stats, .. }) => {
-                assert_eq!(stats.noise_std, z * stats.clip_norm);
+                assert_noise_std(stats.noise_std, z * stats.clip_norm);
                 assert_eq!(stats.denominator, q * N_DEVICES as f64);
                 assert_eq!(stats.n_checked_in, N_DEVICES);
                 committed.push(stats.round);
@@ -777,8 +777,9 @@ fn issue_10_the_denominator_is_the_same_in_neighbouring_worlds() {
             seen.push((stats.denominator, stats.noise_std));
         }
     }
-    let public = (q * N_DEVICES as f64, z * cfg.clip_norm);
-    assert!(seen.iter().all(|&s| s == public), "{seen:?} vs {public:?}");
+    assert!(seen.iter().all(|&s| s == seen[0]), "{seen:?}");
+    assert_eq!(seen[0].0, q * N_DEVICES as f64, "q x population");
+    assert_noise_std(seen[0].1, z * cfg.clip_norm);
 }
 
 /// Issue 10 (1): with noise the outcome of a round may not depend on how many devices
@@ -805,4 +806,10 @@ fn issue_10_a_noised_round_commits_whatever_the_number_of_reports() {
         matches!(&report.event, Some(CoordinatorEvent::RoundAbandoned { stats, .. }) if !stats.private),
         "{report:?}"
     );
+}
+
+/// The noise a round reports is `z·C`, up to the discrete Gaussian's grid, whose standard
+/// deviation is slightly (about 1%) above the continuous one.
+fn assert_noise_std(got: f32, z_c: f32) {
+    assert!(got >= z_c && got <= 1.02 * z_c, "noise std {got} vs z·C = {z_c}");
 }
