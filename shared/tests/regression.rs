@@ -274,3 +274,56 @@ fn a_selected_device_that_checks_in_again_gets_its_task_again_and_a_reported_one
     assert!(matches!(retry.outcome(), Some(ClientOutcome::Completed { .. })), "{:?}", retry.outcome());
     assert!(retry.poll_transmit().is_none(), "nothing is sent twice");
 }
+
+/// Issue 10: the adaptive-clipping bits were noised with a floating-point Gaussian; their
+/// count now gets exact integer noise like the sum, so the released fraction times the public
+/// denominator is an integer. A noise multiplier the exact sampler cannot serve is refused
+/// when the coordinator is built, not answered with a silent fallback at release.
+#[test]
+fn the_clip_bit_count_gets_integer_noise_and_out_of_range_noise_is_refused_up_front() {
+    use fedrec_shared::round::AdaptiveClip;
+    let shape = ModelShape { n_items: 6, dim: 2, n_segments: 1 };
+    let adaptive = AdaptiveClip { target_quantile: 0.5, learning_rate: 0.2, count_noise_multiplier: 3.0 };
+    let cfg = CoordinatorConfig {
+        adaptive_clip: Some(adaptive),
+        ..config(params(Objective::Explicit), Selection::Poisson { q: 1.0 }, 1.0)
+    };
+    let mut coord = Coordinator::new(cfg.clone(), model(shape), seeded_rng(4)).expect("valid config");
+    coord.start_round(Instant::ZERO).expect("no round open");
+    let ratings = [Rating { item: 1, value: 4.0 }, Rating { item: 3, value: 2.0 }];
+    for id in 0..5u64 {
+        let mut client = ClientRound::new(&ratings, Instant::from_micros(u64::MAX));
+        let check_in = client.poll_transmit().expect("check-in");
+        coord.handle_message(Instant::ZERO, id, check_in);
+        while let Some((_, msg)) = coord.poll_transmit() {
+            client.handle_message(Instant::ZERO, msg);
+        }
+        if let Some(upload) = client.poll_transmit() {
+            coord.handle_message(Instant::ZERO, id, upload);
+        }
+    }
+    let deadline = coord.poll_timeout().expect("a deadline");
+    coord.handle_timeout(deadline);
+    let deadline = coord.poll_timeout().unwrap_or(deadline);
+    coord.handle_timeout(deadline);
+    let stats = std::iter::from_fn(|| coord.poll_event())
+        .find_map(|ev| match ev {
+            CoordinatorEvent::RoundCommitted { stats, .. } => Some(stats),
+            _ => None,
+        })
+        .expect("the noised round commits");
+    let fraction = stats.unclipped_fraction.expect("adaptive clipping releases the noised fraction");
+    let count = fraction * stats.denominator;
+    assert!((count - count.round()).abs() < 1e-9, "the noised count {count} is an integer");
+
+    let too_much = CoordinatorConfig { noise_multiplier: 1e12, ..cfg.clone() };
+    let err =
+        Coordinator::new(too_much, model(shape), seeded_rng(4)).expect_err("out of the sampler's range");
+    assert!(err.to_string().contains("noise_multiplier"), "{err}");
+    let bits_too_noisy = CoordinatorConfig {
+        adaptive_clip: Some(AdaptiveClip { count_noise_multiplier: 1e12, ..adaptive }),
+        ..cfg
+    };
+    let err = Coordinator::new(bits_too_noisy, model(shape), seeded_rng(4)).expect_err("out of range");
+    assert!(err.to_string().contains("count_noise_multiplier"), "{err}");
+}

@@ -393,6 +393,16 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         let shape = model.shape();
         shape.validate()?;
         let layout = shape.layout();
+        // The exact samplers have a range: refuse here what `release` could not noise.
+        let out_of_range =
+            |name, e: crate::privacy::discrete::DiscreteNoiseError| ParamError::new(name, e.to_string());
+        crate::privacy::discrete::Grid::for_sum(config.clip_norm, layout.len())
+            .and_then(|grid| grid.noise(f64::from(config.noise_multiplier)))
+            .map_err(|e| out_of_range("noise_multiplier", e))?;
+        if let Some(a) = &config.adaptive_clip {
+            crate::privacy::discrete::count_noise(f64::from(a.count_noise_multiplier))
+                .map_err(|e| out_of_range("count_noise_multiplier", e))?;
+        }
         let server = ServerState::new(config.optimizer, layout.trainable().len());
         let clip_norm = config.clip_norm;
         Ok(Self {
@@ -727,9 +737,14 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         };
         let n_unclipped = round.n_unclipped;
         let noised = round.aggregator.release(self.config.noise_multiplier, &mut self.rng);
-        if let Some(a) = self.config.adaptive_clip {
-            let z: f64 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut self.rng);
-            let noisy = n_unclipped as f64 + f64::from(a.count_noise_multiplier) * z;
+        // The clipping bits' count gets exact integer noise too (checked in range at `new`;
+        // should it fail anyway, the clip norm stays as it is and nothing is released).
+        let noisy_bits = self.config.adaptive_clip.and_then(|a| {
+            let noisy =
+                crate::aggregate::release_count(n_unclipped as u64, a.count_noise_multiplier, &mut self.rng);
+            noisy.ok().map(|noisy| (a, noisy))
+        });
+        if let Some((a, noisy)) = noisy_bits {
             let fraction = noisy / denominator.max(1.0);
             let step = (-f64::from(a.learning_rate) * (fraction - f64::from(a.target_quantile))).exp();
             self.clip_norm = (f64::from(self.clip_norm) * step).clamp(1e-6, 1e9) as f32;
