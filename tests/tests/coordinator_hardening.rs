@@ -431,22 +431,27 @@ async fn handshakes_past_the_cap_are_refused_at_once() {
     assert!(matches!(refused, Ok(Err(_))), "a handshake past the cap is refused: {refused:?}");
     assert_eq!(server.rejected("handshake_cap"), 1);
 
-    // The stuck handshake times out on the server's side, and the slot is free again.
+    // The stuck client gives up (its retransmissions stop), its handshake times out on the
+    // server's side, and the slot is free again.
+    stuck.abort();
+    drop(stuck_endpoint);
     let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    let conn = loop {
         let attempt = direct.connect(server.addr(), "localhost").expect("valid");
-        if tokio::time::timeout(WAIT, attempt).await.is_ok_and(|c| c.is_ok()) {
-            break;
+        if let Ok(Ok(conn)) = tokio::time::timeout(WAIT, attempt).await {
+            break conn;
         }
         assert!(tokio::time::Instant::now() < deadline, "the handshake slot was not given back");
-        tokio::time::sleep(read_timeout / 5).await;
-    }
+        tokio::time::sleep(read_timeout).await;
+    };
+    // An answer means the server finished its side of the handshake too.
+    let answer = exchange(&conn, &check_in_frame(server.token(1)), WAIT).await;
+    assert!(matches!(answer, Some(Response::Task(_) | Response::NotSelected { .. })), "{answer:?}");
     let text = server.metrics().registry.render();
     let completed =
         fedrec_tests::series(&text, "fedrec_handshakes_total").and_then(|v| v.parse::<u64>().ok());
     assert_eq!(completed, Some(1), "only the direct handshake completed:\n{text}");
     relaying.abort();
-    stuck.abort();
     server.stop().await;
 }
 

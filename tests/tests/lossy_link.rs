@@ -82,7 +82,13 @@ async fn run_device(mut device: Device, ratings: Vec<Rating>, stop: Arc<AtomicBo
         let result = device.participate_with(&ratings, &opts, &cancel).await;
         log.durations.push(started.elapsed());
         match result {
-            Ok(Participation::Outcome(ClientOutcome::Completed { round, .. })) => log.completed.push(round),
+            // A device that checks in again in a round it already reported in is told so (an
+            // acknowledgement): one contribution, counted once.
+            Ok(Participation::Outcome(ClientOutcome::Completed { round, .. })) => {
+                if !log.completed.contains(&round) {
+                    log.completed.push(round);
+                }
+            }
             Ok(Participation::NotSelected { retry_after }) => {
                 log.n_not_selected += 1;
                 pause = retry_after;
