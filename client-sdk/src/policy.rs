@@ -26,6 +26,7 @@
 
 use std::collections::VecDeque;
 
+use fedrec_shared::privacy;
 use fedrec_shared::privacy::rdp::{self, DEFAULT_ORDERS};
 use fedrec_shared::round::{Aggregation, Mechanism, TaskPrivacy, TaskSelection};
 
@@ -190,10 +191,7 @@ impl PrivacyPolicy {
             return Err(RefusalReason::SecureAggregationRequired);
         }
         let q = task.sampling_probability();
-        let round_rdp: Vec<f64> = DEFAULT_ORDERS
-            .iter()
-            .map(|&a| rdp::rdp_sampled_gaussian(q, sigma, a).unwrap_or(f64::INFINITY))
-            .collect();
+        let round_rdp = privacy::round_rdp(q, sigma);
         let epsilon = epsilon_at(&round_rdp, self.delta);
         if epsilon > self.max_epsilon_per_round {
             return Err(RefusalReason::EpsilonTooHigh);

@@ -357,6 +357,8 @@ impl RunConfig {
     pub fn calibrate(&mut self, n_users: usize) -> anyhow::Result<()> {
         let Some(eps) = self.epsilon else { return Ok(()) };
         let q = self.sampling_probability(n_users);
+        // The combined multiplier a round is charged; under adaptive clipping the update's
+        // share of it is the inverse of the combination with the bits' noise.
         let z = privacy::calibrate_noise(eps, self.delta, q, self.rounds as u64, self.accountant.into())?;
         self.noise_multiplier = if self.adaptive_clip {
             if self.clip_count_noise.is_none() && f64::from(self.count_noise()) < 2.0 * z {
@@ -370,7 +372,7 @@ impl RunConfig {
                     "adaptive clipping needs the count noise ({zb}) above the calibrated noise multiplier ({z:.3}); raise --clip-count-noise"
                 );
             }
-            (z.powi(-2) - zb.powi(-2)).powf(-0.5) as f32
+            privacy::update_noise_multiplier(z, zb)? as f32
         } else {
             z as f32
         };
@@ -476,7 +478,7 @@ pub fn run(
     let model = initial_model(data, cfg)?;
     let config = coordinator_config(cfg, data.train.len())?;
     // What one committed round charges (the same for every round of a run).
-    let charge = Coordinator::new(config.clone(), model.clone(), danger::seeded_rng(0))?.round_charge(0);
+    let charge = config.round_charge(0);
     let users = data.eval_sample(cfg.eval_users, cfg.seed);
     let params = cfg.train_params();
     let mut history = Vec::with_capacity(cfg.rounds);

@@ -11,6 +11,10 @@
 //! integer orders for removal, by Canonne, Kamath & Steinke 2020; a numerical check in one
 //! dimension for addition, fractional orders and the PLD).
 //!
+//! What a round is charged (the update's and the clip bits' noise combined) and the inverse,
+//! the update noise a target budget needs, are in [`charge`]: the coordinator, the device and
+//! the simulator all price rounds there.
+//!
 //! Two accountants, both pure functions of the events:
 //! - [`rdp`]: Rényi DP of the sampled Gaussian mechanism (Mironov, Talwar & Zhang 2019),
 //!   added over steps and events, converted to (ε, δ) with the bound of Canonne, Kamath &
@@ -24,6 +28,7 @@
 use thiserror::Error;
 
 pub mod calibrate;
+pub mod charge;
 pub mod discrete;
 mod fft;
 pub mod pld;
@@ -31,6 +36,7 @@ pub mod rdp;
 mod special;
 
 pub use calibrate::calibrate_noise;
+pub use charge::{combined_noise_multiplier, round_rdp, update_noise_multiplier};
 
 /// Why an accountant refused its inputs.
 #[derive(Debug, Clone, PartialEq, Error)]
