@@ -55,18 +55,12 @@ pub struct AdaptiveClip {
 }
 
 /// The combined noise multiplier of the update and (under adaptive clipping) the clip bits.
+/// ([`crate::privacy::combined_noise_multiplier`], the one formula).
 pub fn effective_noise_multiplier(noise_multiplier: f32, adaptive: Option<&AdaptiveClip>) -> f64 {
-    let z = f64::from(noise_multiplier);
-    if z <= 0.0 {
-        return 0.0;
-    }
-    match adaptive {
-        None => z,
-        Some(a) => {
-            let zb = f64::from(a.count_noise_multiplier);
-            if zb <= 0.0 { 0.0 } else { (z.powi(-2) + zb.powi(-2)).powf(-0.5) }
-        }
-    }
+    crate::privacy::combined_noise_multiplier(
+        f64::from(noise_multiplier),
+        adaptive.map(|a| f64::from(a.count_noise_multiplier)),
+    )
 }
 
 /// Everything the coordinator needs to run rounds. Validated by [`Coordinator::new`].
@@ -384,6 +378,10 @@ pub struct Coordinator<R> {
     ledger: Ledger,
     outbox: VecDeque<(ClientId, ServerMessage)>,
     events: VecDeque<CoordinatorEvent>,
+    /// The released noise is the configured noise divided by this; always 1 except after
+    /// [`crate::danger::weaken_release_noise`] (privacy audits of a broken mechanism). The
+    /// ledger charges the configured noise regardless.
+    release_noise_divisor: f32,
 }
 
 impl<R: Rng + CryptoRng> Coordinator<R> {
@@ -417,7 +415,15 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             ledger: Ledger::new(),
             outbox: VecDeque::new(),
             events: VecDeque::new(),
+            release_noise_divisor: 1.0,
         })
+    }
+
+    /// Divides the noise of every later release by `divisor` without changing what the
+    /// ledger charges: a broken mechanism, reachable only through
+    /// [`crate::danger::weaken_release_noise`].
+    pub(crate) fn weaken_release_noise(&mut self, divisor: f32) {
+        self.release_noise_divisor = divisor;
     }
 
     /// A coordinator resuming from `state` (as saved by [`Coordinator::state`]).
@@ -465,16 +471,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
 
     /// The charge one round of this configuration makes, if it makes one.
     pub fn round_charge(&self, round: u64) -> Option<LedgerEntry> {
-        let z = self.effective_noise_multiplier();
-        match self.config.selection {
-            Selection::Poisson { q } if z > 0.0 => Some(LedgerEntry {
-                round,
-                q,
-                noise_multiplier: z,
-                clip_bits_noise: self.config.adaptive_clip.map(|a| f64::from(a.count_noise_multiplier)),
-            }),
-            _ => None,
-        }
+        self.config.round_charge(round)
     }
 
     /// The current model.
@@ -736,7 +733,9 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             (Selection::FirstCome { .. }, _) => n_reported as f64,
         };
         let n_unclipped = round.n_unclipped;
-        let noised = round.aggregator.release(self.config.noise_multiplier, &mut self.rng);
+        let noised = round
+            .aggregator
+            .release(self.config.noise_multiplier / self.release_noise_divisor, &mut self.rng);
         // The clipping bits' count gets exact integer noise too (checked in range at `new`;
         // should it fail anyway, the clip norm stays as it is and nothing is released).
         let noisy_bits = self.config.adaptive_clip.and_then(|a| {

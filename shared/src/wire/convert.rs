@@ -334,7 +334,7 @@ impl WireTask {
         self
     }
 
-    /// The privacy parameters the task declares, checked ([`WirePrivacy::to_task_privacy`]).
+    /// The privacy parameters the task declares, checked (σ finite and ≥ 0, q in (0, 1]).
     pub fn task_privacy(&self) -> Result<TaskPrivacy, WireError> {
         self.privacy.to_task_privacy(self.clip_norm)
     }

@@ -74,7 +74,8 @@ pub use codec::{
 pub use convert::Inbound;
 pub use messages::{
     CheckIn, ErrorCode, MAX_ERROR_MESSAGE_LEN, MAX_SDK_VERSION_LEN, MAX_TOKEN_LEN, NONCE_LEN, Request,
-    Response, Upload, WireModel, WireObjective, WireTask, WireTrainParams,
+    Response, Upload, WireAggregation, WireMechanism, WireModel, WireObjective, WirePrivacy, WireSelection,
+    WireTask, WireTrainParams,
 };
 
 use crate::error::UpdateError;
