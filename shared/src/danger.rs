@@ -1,4 +1,4 @@
-//! Footguns that weaken privacy, kept out of the way: seeded randomness for reproducible simulations.
+//! Footguns that weaken privacy, kept out of the way: seeded randomness for reproducible simulations, and a deliberately weakened noise release for privacy audits.
 //!
 //! Noise drawn from a seeded generator is reproducible, and so is removable by anyone who
 //! knows the seed. Production paths must seed from the operating system instead.
@@ -9,4 +9,25 @@ use rand_chacha::ChaCha12Rng;
 /// A deterministic RNG for simulations and tests. **Never use it for noise in production.**
 pub fn seeded_rng(seed: u64) -> ChaCha12Rng {
     ChaCha12Rng::seed_from_u64(seed)
+}
+
+/// **Breaks the privacy guarantee on purpose.** Divides the noise of every later release of
+/// `coordinator` by `divisor` while its ledger keeps charging the configured noise, so the
+/// accountant's ε no longer holds. It exists to show that a privacy audit
+/// (`fedrec-sim audit --danger-weaken-noise`) catches a mechanism that adds less noise than
+/// it claims; nothing else may call it.
+///
+/// Fails for a divisor that is not finite or is below 1 (that would add noise, not remove it).
+pub fn weaken_release_noise<R: rand::Rng + rand::CryptoRng>(
+    coordinator: &mut crate::round::Coordinator<R>,
+    divisor: f32,
+) -> Result<(), crate::error::ParamError> {
+    if !(divisor.is_finite() && divisor >= 1.0) {
+        return Err(crate::error::ParamError::new(
+            "divisor",
+            format!("must be finite and ≥ 1, got {divisor}"),
+        ));
+    }
+    coordinator.weaken_release_noise(divisor);
+    Ok(())
 }

@@ -9,9 +9,27 @@ use rand::{CryptoRng, Rng};
 use rand_chacha::ChaCha12Rng;
 
 use crate::round::{
-    ClientId, ClientOutcome, ClientRound, Coordinator, CoordinatorEvent, Instant, RoundPhase, ServerMessage,
+    ClientId, ClientMessage, ClientOutcome, ClientRound, Coordinator, CoordinatorEvent, Instant, RoundPhase,
+    ServerMessage, Task,
 };
 use crate::train::Rating;
+use crate::update::ClippedUpdate;
+
+/// What a crafted device uploads when it is given `task`: `(crafted device index, task)` to
+/// an update within the task's clip norm, or `None` to stay silent.
+pub type Craft<'a> = &'a (dyn Fn(usize, &Task) -> Option<ClippedUpdate> + Sync);
+
+/// Devices that send a crafted update instead of training (see [`Federation::with_crafted`]).
+struct Crafted<'a> {
+    n: usize,
+    craft: Craft<'a>,
+}
+
+impl std::fmt::Debug for Crafted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Crafted").field("n", &self.n).finish_non_exhaustive()
+    }
+}
 
 /// Behaviour of the simulated devices and network.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -65,6 +83,7 @@ pub struct Federation<'a, R> {
     config: HarnessConfig,
     rng: ChaCha12Rng,
     now: Instant,
+    crafted: Option<Crafted<'a>>,
 }
 
 impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
@@ -76,7 +95,16 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
         config: HarnessConfig,
         rng: ChaCha12Rng,
     ) -> Self {
-        Self { coordinator, devices, config, rng, now: Instant::ZERO }
+        Self { coordinator, devices, config, rng, now: Instant::ZERO, crafted: None }
+    }
+
+    /// Adds `n` crafted devices with client ids `devices.len()..devices.len() + n`, as a
+    /// privacy audit's canaries are: they check in like every device (in the same random
+    /// order), and when selected they upload `craft(j, task)` through the same message path
+    /// as a trained update (never dropping out), after the trained devices' uploads.
+    pub fn with_crafted(mut self, n: usize, craft: Craft<'a>) -> Self {
+        self.crafted = Some(Crafted { n, craft });
+        self
     }
 
     /// The simulated clock.
@@ -137,11 +165,28 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
         }
         let lat = self.config.latency;
         let give_up = self.now.saturating_add(Duration::from_secs(24 * 3600));
-        let mut order: Vec<usize> = (0..self.devices.len()).collect();
+        let n_devices = self.devices.len();
+        let n_crafted = self.crafted.as_ref().map_or(0, |c| c.n);
+        let mut order: Vec<usize> = (0..n_devices + n_crafted).collect();
         order.shuffle(&mut self.rng);
         // Check-in. A selected device's task is held back so that training runs in parallel.
         let mut selected: Vec<(ClientRound<'a>, ClientId, ServerMessage)> = Vec::new();
+        let mut crafted_uploads: Vec<(ClientId, ClientMessage)> = Vec::new();
         for &idx in &order {
+            if let Some(crafted) = self.crafted.as_ref().filter(|_| idx >= n_devices) {
+                let id = idx as ClientId;
+                self.coordinator.handle_message(self.now, id, ClientMessage::CheckIn);
+                while let Some((_, msg)) = self.coordinator.poll_transmit() {
+                    if let ServerMessage::Selected { task, .. } = msg
+                        && let Some(update) = (crafted.craft)(idx - n_devices, &task)
+                    {
+                        let within_bound = task.report_clip_bit.then_some(true);
+                        crafted_uploads
+                            .push((id, ClientMessage::Upload { round: task.round, update, within_bound }));
+                    }
+                }
+                continue;
+            }
             let mut client = ClientRound::new(&self.devices[idx], give_up);
             let id = idx as ClientId;
             while let Some(msg) = client.poll_transmit() {
@@ -191,6 +236,9 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
                 }
                 next += 1;
             }
+        }
+        for (id, msg) in crafted_uploads {
+            self.coordinator.handle_message(upload_time, id, msg);
         }
         self.now = upload_time;
         report.n_vanished = vanish.iter().filter(|&&v| v).count();
