@@ -50,7 +50,7 @@
 //! refuses the next round, the server stops opening rounds and says why in
 //! [`ServerStatus::start_refused`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -402,6 +402,7 @@ impl Server {
             store,
             metrics: Arc::clone(&metrics),
             quota: DailyQuota::new(cfg.rounds_per_device_per_day),
+            quota_counted: HashSet::new(),
             eligibility: cfg.eligibility,
             rules: cfg.rules,
             log: Arc::new(LogThrottle::default()),
@@ -1100,6 +1101,9 @@ struct Owner {
     metrics: Arc<ServerMetrics>,
     /// Rounds each device was selected for today.
     quota: DailyQuota,
+    /// The (round, device) selections already counted against the quota; forgotten when
+    /// the round closes.
+    quota_counted: HashSet<(u64, DeviceId)>,
     /// The device states accepted at check-in.
     eligibility: EligibilityPolicy,
     /// The signed ruleset devices fetch.
@@ -1210,6 +1214,7 @@ impl Owner {
                 }
             }
             self.replay.forget_rounds_before(round.saturating_add(1));
+            self.quota_counted.retain(|&(r, _)| r > round);
             let epsilon = self.update_epsilon();
             self.record_close(&event, epsilon);
             let model = Arc::clone(self.coordinator.model());
@@ -1304,7 +1309,14 @@ impl Owner {
                         "the device's state does not meet the eligibility policy",
                     ));
                 }
-                if let Err(e) = self.quota.check(device, now_ms) {
+                // A device already selected for the open round is not refused its own task.
+                let selected_now = self
+                    .coordinator
+                    .current_round()
+                    .is_some_and(|r| self.quota_counted.contains(&(r, device)));
+                if let Err(e) = self.quota.check(device, now_ms)
+                    && !selected_now
+                {
                     self.refuse(e.label());
                     let retry_after = DailyQuota::until_reset(now_ms);
                     return Reply::ok(Response::error_with_retry(e.code(), &e.to_string(), retry_after));
@@ -1318,7 +1330,10 @@ impl Owner {
                 let client: ClientId = device.get();
                 self.coordinator.handle_message(now, client, ClientMessage::CheckIn);
                 let reply = self.answer(client, check_in.cached_model_version);
-                if reply.task_round.is_some() {
+                // A selected device that checks in again gets its task again: one selection.
+                if let Some(round) = reply.task_round
+                    && self.quota_counted.insert((round, device))
+                {
                     self.quota.record(device, now_ms);
                 }
                 reply

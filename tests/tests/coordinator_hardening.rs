@@ -68,6 +68,25 @@ fn check_in_frame(token: Vec<u8>) -> Vec<u8> {
     wire::encode(&Request::CheckIn(check_in)).expect("encodes")
 }
 
+/// A UDP relay on loopback that forwards a client's datagrams to `to` and drops every answer;
+/// its address, the count of datagrams forwarded, and its task.
+async fn one_way_relay(
+    to: SocketAddr,
+) -> (SocketAddr, tokio::sync::watch::Receiver<usize>, tokio::task::JoinHandle<()>) {
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("binds");
+    let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("binds");
+    let addr = relay.local_addr().expect("bound");
+    let (forwarded_tx, forwarded) = tokio::sync::watch::channel(0usize);
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, _)) = relay.recv_from(&mut buf).await {
+            let _ = upstream.send_to(&buf[..n], to).await;
+            forwarded_tx.send_modify(|c| *c += 1);
+        }
+    });
+    (addr, forwarded, task)
+}
+
 /// Issue 9 (1): 100 unauthenticated connections from 100 addresses, each announcing a full
 /// upload of a 100,000 × 32 model on 4 streams and pushing 2 MB into each, used to drive the
 /// coordinator to gigabytes (it allocated the announced length and read whatever came). Now a
@@ -406,20 +425,9 @@ async fn handshakes_past_the_cap_are_refused_at_once() {
             cfg.max_concurrent_handshakes = 1;
         },
     );
-    // A one-way relay: the client's packets reach the server, the server's answers are lost,
-    // so that handshake stays under way until the server gives up on it.
-    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("binds");
-    let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("binds");
-    let relay_addr = relay.local_addr().expect("bound");
-    let (forwarded_tx, mut forwarded) = tokio::sync::watch::channel(0usize);
-    let server_addr = server.addr();
-    let relaying = tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, _)) = relay.recv_from(&mut buf).await {
-            let _ = upstream.send_to(&buf[..n], server_addr).await;
-            forwarded_tx.send_modify(|c| *c += 1);
-        }
-    });
+    // The client's packets reach the server, its answers are lost: that handshake stays under
+    // way until the server gives up on it.
+    let (relay_addr, mut forwarded, relaying) = one_way_relay(server.addr()).await;
     let stuck_endpoint = endpoint(IpAddr::V4(Ipv4Addr::LOCALHOST), server.cert());
     let stuck = stuck_endpoint.connect(relay_addr, "localhost").expect("valid");
     let stuck = tokio::spawn(async move { stuck.await.is_ok() });
@@ -464,18 +472,7 @@ async fn under_handshake_load_peers_prove_their_address_first() {
         initial_model(SHAPE, 3.0, 1),
         |cfg| cfg.max_concurrent_handshakes = 2,
     );
-    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("binds");
-    let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("binds");
-    let relay_addr = relay.local_addr().expect("bound");
-    let (forwarded_tx, mut forwarded) = tokio::sync::watch::channel(0usize);
-    let server_addr = server.addr();
-    let relaying = tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, _)) = relay.recv_from(&mut buf).await {
-            let _ = upstream.send_to(&buf[..n], server_addr).await;
-            forwarded_tx.send_modify(|c| *c += 1);
-        }
-    });
+    let (relay_addr, mut forwarded, relaying) = one_way_relay(server.addr()).await;
     // One handshake stays under way (its answers are lost): half the cap is taken.
     let stuck_endpoint = endpoint(IpAddr::V4(Ipv4Addr::LOCALHOST), server.cert());
     let stuck = stuck_endpoint.connect(relay_addr, "localhost").expect("valid");
@@ -491,5 +488,29 @@ async fn under_handshake_load_peers_prove_their_address_first() {
     assert_eq!(server.rejected("handshake_cap"), 0);
     relaying.abort();
     stuck.abort();
+    server.stop().await;
+}
+
+/// A selected device that checks in again gets its task again (a lost task must not lose the
+/// round); that is still one selection against its daily quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_sent_again_uses_one_selection_of_the_daily_quota() {
+    let config = CoordinatorConfig {
+        checkin_window: Duration::from_secs(30),
+        ..coordinator_config(Selection::FirstCome { cohort: 2 }, 2)
+    };
+    let server = LoopbackServer::start(config, initial_model(SHAPE, 3.0, 1), |cfg| {
+        cfg.rounds_per_device_per_day = 1;
+    });
+    let conn = connect(&endpoint(IpAddr::V4(Ipv4Addr::LOCALHOST), server.cert()), server.addr()).await;
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        match exchange(&conn, &check_in_frame(server.token(1)), WAIT).await {
+            Some(Response::Task(task)) => rounds.push(task.round),
+            other => panic!("the selected device gets its task again, not a quota refusal: {other:?}"),
+        }
+    }
+    assert!(rounds.windows(2).all(|w| w[0] == w[1]), "the same round's task: {rounds:?}");
+    assert_eq!(server.rejected("rate_limited"), 0);
     server.stop().await;
 }
