@@ -5,6 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedrec_client::net::{Device, NetConfig};
+use fedrec_client::policy::PrivacyPolicy;
+use fedrec_client::sdk::{Consent, Sdk, SdkConfig};
+use fedrec_client::signals::{Event, EventKind};
 use fedrec_coordinator::auth::{DeviceId, Enroller, RevocationList, TokenKey, Verifier};
 use fedrec_coordinator::metrics::ServerMetrics;
 use fedrec_coordinator::server::{ServeConfig, Server, ServerError, ServerStatus};
@@ -119,6 +122,27 @@ impl LoopbackServer {
                     .expect("the server runs and stops cleanly");
             }),
         })
+    }
+
+    /// An SDK for device `id` in `dir`, pointed at this server, under `policy`, with both
+    /// consents given and six clicks recorded (items below 20).
+    pub fn open_sdk(&self, id: u64, dir: &std::path::Path, policy: PrivacyPolicy) -> Sdk {
+        let mut cfg = SdkConfig::new(dir, [id as u8; 32]);
+        cfg.coordinator = Some(self.net_config(self.token(id)));
+        cfg.policy = policy;
+        let sdk = Sdk::open(cfg).expect("the SDK opens");
+        sdk.set_consent(Consent { personalization: true, training: true }).expect("consent");
+        let now = i64::try_from(unix_ms() / 1000).expect("in range");
+        let events: Vec<Event> = (0..6u32)
+            .map(|k| Event {
+                item: (k * 3 + id as u32) % 20,
+                kind: EventKind::Click,
+                value: 1.0,
+                timestamp_s: now,
+            })
+            .collect();
+        sdk.record_batch(&events).expect("events");
+        sdk
     }
 
     /// The QUIC address.

@@ -4,8 +4,7 @@ use std::time::Duration;
 
 use fedrec_client::net::{CancelToken, Eligibility, ParticipateOptions, RetryPolicy};
 use fedrec_client::policy::{PrivacyPolicy, PrivacyRecord, RefusalReason};
-use fedrec_client::sdk::{Consent, ParticipationReport, RoundOutcome, Sdk, SdkConfig};
-use fedrec_client::signals::{Event, EventKind};
+use fedrec_client::sdk::{ParticipationReport, RoundOutcome, Sdk, SdkConfig};
 use fedrec_shared::ModelShape;
 use fedrec_shared::round::{Selection, TaskPrivacy};
 use fedrec_tests::LoopbackServer;
@@ -19,28 +18,6 @@ fn server() -> LoopbackServer {
         initial_model(SHAPE, 3.0, 7),
         |_| {},
     )
-}
-
-/// An SDK handle for `server` as device `id` in `dir` under `policy`, with both consents and a few events.
-fn sdk(server: &LoopbackServer, id: u64, dir: &std::path::Path, policy: PrivacyPolicy) -> Sdk {
-    let mut cfg = SdkConfig::new(dir, [id as u8; 32]);
-    cfg.coordinator = Some(server.net_config(server.token(id)));
-    cfg.policy = policy;
-    let sdk = Sdk::open(cfg).expect("the SDK opens");
-    sdk.set_consent(Consent { personalization: true, training: true }).expect("consent");
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs()
-            as i64;
-    let events: Vec<Event> = (0..6u32)
-        .map(|k| Event {
-            item: (k * 3 + id as u32) % 20,
-            kind: EventKind::Click,
-            value: 1.0,
-            timestamp_s: now,
-        })
-        .collect();
-    sdk.record_batch(&events).expect("events");
-    sdk
 }
 
 /// Runs `f` on a plain thread (`Sdk::participate` blocks on its own runtime) without
@@ -102,7 +79,7 @@ fn a_noiseless_first_come_tiny_cohort_round_fails_the_production_policy_three_ti
 async fn the_default_policy_refuses_the_coordinators_task_and_sends_nothing() {
     let server = server();
     let dir = tempfile::tempdir().expect("a temp dir");
-    let device = sdk(&server, 1, dir.path(), SdkConfig::new(dir.path(), [0; 32]).policy);
+    let device = server.open_sdk(1, dir.path(), SdkConfig::new(dir.path(), [0; 32]).policy);
     let report = off_runtime(move || {
         let report = until_offered(&device);
         (report, device.export().expect("export"), device.privacy_record().expect("record"))
@@ -135,7 +112,7 @@ async fn a_device_records_what_it_contributed_and_stops_at_its_own_limit() {
     let server = server();
     let dir = tempfile::tempdir().expect("a temp dir");
     let path = dir.path().to_owned();
-    let open = sdk(&server, 2, &path, PrivacyPolicy::unenforced());
+    let open = server.open_sdk(2, &path, PrivacyPolicy::unenforced());
     let token = server.token(2);
     let net = server.net_config(token);
     let (report, export) = off_runtime(move || {

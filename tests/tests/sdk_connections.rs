@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use fedrec_client::error::SdkError;
 use fedrec_client::net::{CancelToken, Eligibility, NetError, ParticipateOptions, RetryPolicy};
+use fedrec_client::policy::PrivacyPolicy;
 use fedrec_client::sdk::{Consent, Sdk, SdkConfig};
-use fedrec_client::signals::{Event, EventKind};
 use fedrec_shared::ModelShape;
 use fedrec_shared::round::Selection;
 use fedrec_tests::LoopbackServer;
@@ -28,28 +28,6 @@ fn server(max_connections: usize) -> LoopbackServer {
         initial_model(SHAPE, 3.0, 7),
         |cfg| cfg.max_connections = max_connections,
     )
-}
-
-/// An SDK handle for `server` as device `id`, in a folder of its own, with both consents
-/// and a few events.
-fn sdk(server: &LoopbackServer, id: u64, dir: &std::path::Path) -> Sdk {
-    let mut cfg = SdkConfig::new(dir, [id as u8; 32]);
-    cfg.coordinator = Some(server.net_config(server.token(id)));
-    let sdk = Sdk::open(cfg).expect("the SDK opens");
-    sdk.set_consent(Consent { personalization: true, training: true }).expect("consent");
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs()
-            as i64;
-    let events: Vec<Event> = (0..6u32)
-        .map(|k| Event {
-            item: (k * 3 + id as u32) % 20,
-            kind: EventKind::Click,
-            value: 1.0,
-            timestamp_s: now,
-        })
-        .collect();
-    sdk.record_batch(&events).expect("events");
-    sdk
 }
 
 /// One attempt, no retry: a connection refused at the cap fails the participation.
@@ -78,7 +56,11 @@ async fn sequential_participations_close_their_connections_under_a_small_cap() {
     let server = server(MAX_CONNECTIONS);
     let dirs: Vec<tempfile::TempDir> =
         (0..HANDLES).map(|_| tempfile::tempdir().expect("a temp dir")).collect();
-    let sdks: Vec<Sdk> = dirs.iter().zip(1..).map(|(dir, id)| sdk(&server, id, dir.path())).collect();
+    let sdks: Vec<Sdk> = dirs
+        .iter()
+        .zip(1..)
+        .map(|(dir, id)| server.open_sdk(id, dir.path(), PrivacyPolicy::unenforced()))
+        .collect();
 
     // `participate` blocks on its own runtime: run the devices on a plain thread. Each
     // participation is one connection; 18 in a row would pass a cap of 4 many times over
