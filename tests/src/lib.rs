@@ -147,6 +147,33 @@ pub fn fedrec_sim_bin() -> PathBuf {
     BIN.get_or_init(|| build_bin("fedrec-sim", "fedrec-sim")).clone()
 }
 
+/// Runs the `fedrec-sim` binary in `dir` with `args`, with no data folder or backtrace
+/// settings from the environment (backtraces would mix source paths into the messages tests
+/// look at).
+pub fn fedrec_sim(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(fedrec_sim_bin())
+        .args(args)
+        .current_dir(dir)
+        .env_remove("FEDREC_DATA")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .expect("fedrec-sim starts")
+}
+
+/// [`fedrec_sim`], panicking with its standard error when it fails.
+pub fn fedrec_sim_ok(dir: &Path, args: &[&str]) -> std::process::Output {
+    let out = fedrec_sim(dir, args);
+    assert!(
+        out.status.success(),
+        "fedrec-sim {} failed with {}:\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// The `fedrec-coordinator` binary, built once per test process.
 pub fn fedrec_coordinator_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();

@@ -1,28 +1,9 @@
 //! `fedrec-sim audit` end to end: on a small synthetic population the one-run lower bound stays below the accountant's ε for the real mechanism, and exceeds it when the released noise is secretly divided by 10 (fixed seeds).
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-use fedrec_tests::fedrec_sim_bin;
+use fedrec_tests::fedrec_sim_ok;
 use serde_json::Value;
-
-fn sim(dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(fedrec_sim_bin())
-        .args(args)
-        .current_dir(dir)
-        .env_remove("FEDREC_DATA")
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .output()
-        .expect("fedrec-sim starts");
-    assert!(
-        out.status.success(),
-        "fedrec-sim {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn num(v: &Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
@@ -76,7 +57,7 @@ fn audit(dir: &Path, name: &str, weaken: Option<&str>) -> Value {
     if let Some(f) = weaken {
         args.extend(["--danger-weaken-noise", f]);
     }
-    sim(dir, &args);
+    fedrec_sim_ok(dir, &args);
     let text = std::fs::read_to_string(&out).expect("report written");
     serde_json::from_str(&text).expect("valid JSON")
 }

@@ -2,9 +2,9 @@
 //! supported format, the JSON, CSV and SVG outputs, and the errors users see.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-use fedrec_tests::{Row, fedrec_sim_bin, low_rank_ratings, write_tsv};
+use fedrec_tests::{Row, fedrec_sim, fedrec_sim_ok, low_rank_ratings, write_tsv};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -25,39 +25,13 @@ fn workdir() -> (TempDir, PathBuf) {
     (dir, path)
 }
 
-/// Runs `fedrec-sim` in `dir` with `args`.
-fn sim(dir: &Path, args: &[&str]) -> Output {
-    Command::new(fedrec_sim_bin())
-        .args(args)
-        .current_dir(dir)
-        .env_remove("FEDREC_DATA")
-        // Backtraces would mix source paths into the messages the tests look at.
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .output()
-        .expect("fedrec-sim starts")
-}
-
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Runs `fedrec-sim` and checks it succeeded.
-fn sim_ok(dir: &Path, args: &[&str]) -> Output {
-    let out = sim(dir, args);
-    assert!(
-        out.status.success(),
-        "fedrec-sim {} failed with {}:\n{}",
-        args.join(" "),
-        out.status,
-        stderr(&out)
-    );
-    out
-}
-
 /// Runs `fedrec-sim`, checks it failed, and returns its stderr.
 fn sim_err(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
-    let out = sim(dir, args);
+    let out = fedrec_sim(dir, args);
     assert!(!out.status.success(), "fedrec-sim {} should fail", args.join(" "));
     let err = stderr(&out);
     assert!(!err.trim().is_empty(), "fedrec-sim {} failed without a message", args.join(" "));
@@ -135,7 +109,7 @@ fn run_writes_json_csv_and_svg_reports() {
         str_path(&out_svg),
         "--quiet",
     ];
-    sim_ok(dir.path(), &args);
+    fedrec_sim_ok(dir.path(), &args);
 
     let report = read_json(&out_json);
     assert_eq!(report["command"], "run");
@@ -266,7 +240,7 @@ fn same_seed_same_report_and_every_run_option_is_recorded() {
     let (dir, ratings) = workdir();
     let run = |name: &str, seed: &str| -> Value {
         let json = dir.path().join(name);
-        sim_ok(
+        fedrec_sim_ok(
             dir.path(),
             &[
                 "run",
@@ -375,7 +349,7 @@ fn baselines_report_their_metrics() {
     let mut rmse = Vec::new();
     for method in ["bias", "popularity", "als"] {
         let json = dir.path().join(format!("{method}.json"));
-        sim_ok(
+        fedrec_sim_ok(
             dir.path(),
             &[
                 "baseline",
@@ -465,7 +439,7 @@ fn every_ratings_format_runs() {
     ];
     for file in &files {
         let json = dir.path().join("out.json");
-        sim_ok(
+        fedrec_sim_ok(
             dir.path(),
             &[
                 "run",
@@ -502,7 +476,7 @@ fn train_and_test_files_are_used_as_given() {
     write_tsv(&train_path, &train).expect("write train");
     write_tsv(&test_path, &test).expect("write test");
     let json = dir.path().join("out.json");
-    sim_ok(
+    fedrec_sim_ok(
         dir.path(),
         &[
             "run",

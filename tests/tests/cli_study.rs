@@ -1,29 +1,11 @@
 //! The study tools of the `fedrec-sim` binary end to end: `privacy epsilon`, `privacy sigma`, `run --epsilon`, `sweep` (checked against the library's accountant) and synthetic populations.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use fedrec_shared::privacy::{self, AccountantKind, PrivacyEvent};
-use fedrec_tests::{fedrec_sim_bin, low_rank_ratings, write_tsv};
+use fedrec_tests::{fedrec_sim_bin, fedrec_sim_ok, low_rank_ratings, write_tsv};
 use serde_json::Value;
-
-fn sim(dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(fedrec_sim_bin())
-        .args(args)
-        .current_dir(dir)
-        .env_remove("FEDREC_DATA")
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .output()
-        .expect("fedrec-sim starts");
-    assert!(
-        out.status.success(),
-        "fedrec-sim {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn json(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).expect("report written");
@@ -39,7 +21,7 @@ fn privacy_epsilon_reports_what_the_accountant_computes() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (acc, kind) in [("rdp", AccountantKind::Rdp), ("pld", AccountantKind::Pld)] {
         let out = dir.path().join(format!("eps-{acc}.json"));
-        sim(
+        fedrec_sim_ok(
             dir.path(),
             &["privacy", "epsilon", "--q", "0.01", "--sigma", "1.1", "--steps", "500", "--delta", "1e-5"]
                 .into_iter()
@@ -57,7 +39,7 @@ fn privacy_epsilon_reports_what_the_accountant_computes() {
 fn privacy_sigma_meets_the_target_and_is_tight() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("sigma.json");
-    sim(
+    fedrec_sim_ok(
         dir.path(),
         &[
             "privacy",
@@ -91,7 +73,7 @@ fn run_with_a_target_epsilon_spends_at_most_it_and_says_so() {
     let data = dir.path().join("gen.tsv");
     write_tsv(&data, &low_rank_ratings(300, 40, 3, 10, 0.2, 5)).expect("write ratings");
     let out = dir.path().join("run.json");
-    sim(
+    fedrec_sim_ok(
         dir.path(),
         &[
             "run",
@@ -136,7 +118,7 @@ fn sweep_writes_one_point_per_epsilon_with_table_json_csv_and_plot() {
     let data = dir.path().join("gen.tsv");
     write_tsv(&data, &low_rank_ratings(200, 30, 3, 8, 0.2, 6)).expect("write ratings");
     let (out, csv, svg) = (dir.path().join("s.json"), dir.path().join("s.csv"), dir.path().join("s.svg"));
-    let stdout = sim(
+    let stdout = fedrec_sim_ok(
         dir.path(),
         &[
             "sweep",
@@ -201,7 +183,7 @@ fn synthetic_population_runs_end_to_end_and_is_reproducible() {
     let dir = tempfile::tempdir().expect("tempdir");
     let run = |name: &str| {
         let out = dir.path().join(name);
-        sim(
+        fedrec_sim_ok(
             dir.path(),
             &[
                 "run",

@@ -1,12 +1,11 @@
 //! The simulator over real QUIC on loopback: the same seed gives the same federation as in process (library and binary), unsupported options are refused, and a tiny load benchmark against a coordinator process reports its numbers.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use fedrec_shared::Rating;
 use fedrec_shared::eval::EvalConfig;
 use fedrec_sim::federation::{self, ObjectiveKind, RunConfig, RunResult, Transport, UserData};
-use fedrec_tests::{fedrec_coordinator_bin, fedrec_sim_bin, low_rank_ratings, write_tsv};
+use fedrec_tests::{fedrec_coordinator_bin, fedrec_sim, fedrec_sim_ok, low_rank_ratings, write_tsv};
 use serde_json::Value;
 
 const N_USERS: usize = 40;
@@ -107,16 +106,6 @@ fn noisy_quic_run_draws_the_same_selection_and_noise_as_in_process() {
     assert_eq!(b.rounds_charged, cfg.rounds);
 }
 
-fn sim(dir: &Path, args: &[&str]) -> Output {
-    Command::new(fedrec_sim_bin()).args(args).current_dir(dir).output().expect("fedrec-sim starts")
-}
-
-fn sim_ok(dir: &Path, args: &[&str]) -> Output {
-    let out = sim(dir, args);
-    assert!(out.status.success(), "fedrec-sim {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
 fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("the report exists")).expect("valid JSON")
 }
@@ -134,7 +123,7 @@ fn the_binary_reports_the_same_run_over_quic_and_in_process() {
     let run = |transport: &str| -> Value {
         let json = dir.path().join(format!("{transport}.json"));
         let json = json.to_str().expect("a UTF-8 temp path");
-        sim_ok(
+        fedrec_sim_ok(
             dir.path(),
             &[
                 "run",
@@ -176,7 +165,7 @@ fn the_binary_reports_the_same_run_over_quic_and_in_process() {
 fn dropouts_over_quic_are_refused_with_a_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ratings = ratings_file(dir.path());
-    let out = sim(
+    let out = fedrec_sim(
         dir.path(),
         &[
             "run",
@@ -202,7 +191,7 @@ fn a_tiny_load_benchmark_against_a_coordinator_process_reports_its_numbers() {
     let ratings = ratings_file(dir.path());
     let json = dir.path().join("bench.json");
     let coordinator = fedrec_coordinator_bin();
-    let out = sim_ok(
+    let out = fedrec_sim_ok(
         dir.path(),
         &[
             "bench",
