@@ -149,29 +149,23 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum BudgetCommand {
     /// Raise epsilon (delta and the accountant stay as first fixed).
-    Raise {
-        /// The state directory.
-        #[arg(long)]
-        dir: PathBuf,
-        /// The new epsilon, above the current one.
-        #[arg(long)]
-        epsilon: f64,
-        /// Why (kept in the audit log).
-        #[arg(long)]
-        reason: String,
-    },
+    Raise(BudgetChange),
     /// Lower epsilon (rounds stop once the spend reaches it).
-    Lower {
-        /// The state directory.
-        #[arg(long)]
-        dir: PathBuf,
-        /// The new epsilon, below the current one.
-        #[arg(long)]
-        epsilon: f64,
-        /// Why (kept in the audit log).
-        #[arg(long)]
-        reason: String,
-    },
+    Lower(BudgetChange),
+}
+
+/// A change of the stored budget's epsilon.
+#[derive(Debug, clap::Args)]
+struct BudgetChange {
+    /// The state directory.
+    #[arg(long)]
+    dir: PathBuf,
+    /// The new epsilon: above the current one to raise, below it to lower.
+    #[arg(long)]
+    epsilon: f64,
+    /// Why (kept in the audit log).
+    #[arg(long)]
+    reason: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -199,8 +193,8 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Init { dir, epsilon, delta } => init(&dir, epsilon.zip(delta)),
         Command::Budget { command } => match command {
-            BudgetCommand::Raise { dir, epsilon, reason } => change_budget(&dir, epsilon, &reason, true),
-            BudgetCommand::Lower { dir, epsilon, reason } => change_budget(&dir, epsilon, &reason, false),
+            BudgetCommand::Raise(c) => change_budget(&c.dir, c.epsilon, &c.reason, true),
+            BudgetCommand::Lower(c) => change_budget(&c.dir, c.epsilon, &c.reason, false),
         },
         Command::Enroll { dir, count, out } => enroll(&dir, count, out.as_deref()),
         Command::Revoke { dir, devices, tokens, tokens_file } => {
