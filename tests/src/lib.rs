@@ -161,7 +161,7 @@ pub fn fedrec_sim(dir: &Path, args: &[&str]) -> std::process::Output {
         .expect("fedrec-sim starts")
 }
 
-/// [`fedrec_sim`], panicking with its standard error when it fails.
+/// [`fedrec_sim()`], panicking with its standard error when it fails.
 pub fn fedrec_sim_ok(dir: &Path, args: &[&str]) -> std::process::Output {
     let out = fedrec_sim(dir, args);
     assert!(
