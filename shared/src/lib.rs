@@ -11,6 +11,7 @@ pub mod linalg;
 pub mod model;
 pub mod privacy;
 pub mod round;
+pub mod secagg;
 pub mod server;
 pub mod train;
 pub mod update;
