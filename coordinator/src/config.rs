@@ -108,9 +108,9 @@ q = 0.5
 # Required with poisson and noise; set it to your typical check-ins per round.
 population = 100
 # Fewest reports with which a round commits: at least 1, and at most cohort with first_come
-# (serve refuses more). With noise it does not apply: every round commits at its deadline
-# (or when every selected device has reported), because a decision on the exact number of
-# reports would itself reveal it. Without noise, keep it well below q x (devices checking
+# (serve refuses more). With noise it does not apply: every round commits at its report
+# deadline, never earlier, because a decision on the exact number of reports (or an early
+# close once all selected devices reported) would itself reveal it. Without noise, keep it well below q x (devices checking
 # in), leaving room for dropouts, or every round is abandoned.
 min_reports = 10
 # How long a round accepts check-ins, and how long selected devices then have to report

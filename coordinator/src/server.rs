@@ -1193,7 +1193,7 @@ impl Owner {
                 CoordinatorEvent::RoundCommitted { stats, .. }
                 | CoordinatorEvent::RoundAbandoned { stats, .. } => stats.round,
                 CoordinatorEvent::Rejected { reason, .. } => {
-                    refusal(&self.metrics, &self.log, reason.label(), "refused a message");
+                    self.refuse_round(reason.label());
                     continue;
                 }
                 _ => continue,
@@ -1292,6 +1292,22 @@ impl Owner {
         refusal(&self.metrics, &self.log, label, "refused a peer");
     }
 
+    /// A refusal of an authenticated device's round traffic (a late, duplicate or malformed
+    /// upload, an exhausted quota, a message the round machine refused). These depend on
+    /// which devices were selected, so with noise they are logged at debug level only and
+    /// not counted on `/metrics`: a scrape between two rounds could attribute them to one,
+    /// and only the noised sum may reveal a round's sample. Without noise they are counted
+    /// like every refusal.
+    fn refuse_round(&self, label: &'static str) {
+        if self.coordinator.is_private() {
+            self.log.warn(label, |suppressed| {
+                tracing::debug!(reason = label, suppressed, "refused a round message")
+            });
+        } else {
+            refusal(&self.metrics, &self.log, label, "refused a round message");
+        }
+    }
+
     fn handle_request(&mut self, now: Instant, conn: usize, request: Request) -> Reply {
         match request {
             Request::CheckIn(check_in) => {
@@ -1317,7 +1333,7 @@ impl Owner {
                 if let Err(e) = self.quota.check(device, now_ms)
                     && !selected_now
                 {
-                    self.refuse(e.label());
+                    self.refuse_round(e.label());
                     let retry_after = DailyQuota::until_reset(now_ms);
                     return Reply::ok(Response::error_with_retry(e.code(), &e.to_string(), retry_after));
                 }
@@ -1349,11 +1365,11 @@ impl Owner {
                     ));
                 };
                 let Some(current) = self.coordinator.current_round() else {
-                    self.refuse(ErrorCode::WrongRound.label());
+                    self.refuse_round(ErrorCode::WrongRound.label());
                     return Reply::refused(Response::error(ErrorCode::WrongRound, "no round is open"));
                 };
                 if upload.round != current {
-                    self.refuse(ErrorCode::WrongRound.label());
+                    self.refuse_round(ErrorCode::WrongRound.label());
                     return Reply::refused(Response::error(
                         ErrorCode::WrongRound,
                         "upload for a round that is not open",
@@ -1366,7 +1382,7 @@ impl Owner {
                 let msg = match upload.into_client_message(&layout, self.coordinator.clip_norm()) {
                     Ok(m) => m,
                     Err(e) => {
-                        self.refuse(e.code().label());
+                        self.refuse_round(e.code().label());
                         return Reply::refused(Response::error(e.code(), &e.to_string()));
                     }
                 };

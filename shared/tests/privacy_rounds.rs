@@ -813,3 +813,24 @@ fn issue_10_a_noised_round_commits_whatever_the_number_of_reports() {
 fn assert_noise_std(got: f32, z_c: f32) {
     assert!(got >= z_c && got <= 1.02 * z_c, "noise std {got} vs z·C = {z_c}");
 }
+
+/// Issue 10: a round with noise commits at its report deadline and never earlier, even when
+/// every selected device reported long before it (an early close would release that they
+/// all did); a round without noise still closes as soon as every selected device reported.
+#[test]
+fn issue_10_a_noised_round_commits_only_at_its_deadline() {
+    let all = devices();
+    let cfg = config(Selection::Poisson { q: 0.5 }, 1.0, 1);
+    let full = cfg.checkin_window + cfg.report_window;
+    let duration = |z: f32| {
+        let mut fed = federation(CoordinatorConfig { noise_multiplier: z, ..cfg.clone() }, &all, 0.0, 330);
+        let report = fed.run_round();
+        let Some(CoordinatorEvent::RoundCommitted { stats, .. }) = &report.event else {
+            panic!("{report:?}")
+        };
+        assert!(stats.n_reported > 0 && stats.n_reported == stats.n_selected, "{stats:?}");
+        stats.duration
+    };
+    assert_eq!(duration(1.0), full, "a noised round closes at its deadline");
+    assert!(duration(0.0) < full, "a round without noise closes once everyone reported");
+}

@@ -131,6 +131,10 @@ pub struct RunConfig {
     /// How long check-in stays open, in milliseconds. Simulated time in process; over QUIC
     /// it is real time, and a Poisson round lasts at least this long.
     pub checkin_window_ms: u64,
+    /// How long selected devices have to report, in milliseconds, from the end of check-in.
+    /// Simulated time in process; over QUIC real time, and a round with noise lasts at least
+    /// check-in plus this long (it commits only at its deadline).
+    pub report_window_ms: u64,
 }
 
 impl RunConfig {
@@ -169,6 +173,7 @@ impl RunConfig {
                 seed: 1,
                 transport: Transport::Inproc,
                 checkin_window_ms: 60_000,
+                report_window_ms: 600_000,
             },
             ObjectiveKind::Implicit => Self {
                 objective,
@@ -405,7 +410,7 @@ pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> anyhow::Result<Coo
         // Every user checks in each round: the expected cohort is q x n_users, public.
         population: Some(n_users),
         checkin_window: Duration::from_millis(cfg.checkin_window_ms),
-        report_window: Duration::from_secs(600),
+        report_window: Duration::from_millis(cfg.report_window_ms),
         clip_norm: cfg.clip_norm,
         adaptive_clip: cfg.adaptive_clip.then(|| AdaptiveClip {
             target_quantile: cfg.target_quantile,

@@ -356,6 +356,11 @@ struct RunArgs {
     /// (Poisson selection) lasts at least this long, and every device must check in within it.
     #[arg(long)]
     checkin_window_ms: Option<u64>,
+    /// How long selected devices have to report (ms), from the end of check-in. Over QUIC this
+    /// is real time: a round with noise commits only at its deadline, so it lasts check-in
+    /// plus this long; set both small for noisy runs over QUIC.
+    #[arg(long)]
+    report_window_ms: Option<u64>,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -402,7 +407,7 @@ impl RunArgs {
              noise_multiplier => noise_multiplier, dropout => dropout, init_std => init_std,
              eval_every => eval_every, eval_users => eval_users, threads => threads,
              delta => delta, target_quantile => target_quantile, clip_lr => clip_learning_rate,
-             checkin_window_ms => checkin_window_ms);
+             checkin_window_ms => checkin_window_ms, report_window_ms => report_window_ms);
         c.transport = self.transport;
         c.epsilon = self.epsilon;
         c.clip_count_noise = self.clip_count_noise;

@@ -98,6 +98,8 @@ fn noisy_quic_run_draws_the_same_selection_and_noise_as_in_process() {
     cfg.clip_norm = 5.0;
     // Poisson check-in stays open for its whole (here real) window.
     cfg.checkin_window_ms = 1500;
+    // A round with noise commits only at its report deadline (real time here).
+    cfg.report_window_ms = 1500;
     let inproc = run(&data, &cfg, Transport::Inproc);
     let quic = run(&data, &cfg, Transport::Quic);
     assert_same_run(&inproc, &quic);

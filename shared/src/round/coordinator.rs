@@ -73,9 +73,9 @@ pub struct CoordinatorConfig {
     /// Selection policy.
     pub selection: Selection,
     /// Fewest reports with which a round may commit; fewer and it is abandoned. Only
-    /// without noise: with noise every round commits (at its deadline, or when every selected
-    /// device has reported), because a decision on the exact number of reports would itself
-    /// release that number.
+    /// without noise: with noise every round commits, at its report deadline and never
+    /// earlier, because a decision on the exact number of reports, or an early close once all
+    /// selected devices reported, would itself release that number.
     pub min_reports: usize,
     /// The expected number of devices that check in per round: a public, configured number
     /// (in a simulation, the number of users). With Poisson selection the sum is divided by
@@ -680,7 +680,10 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                         Phase::Report { deadline: deadline.saturating_add(self.config.report_window) };
                 }
                 Phase::Report { deadline } => {
-                    if n_reported == n_selected || now >= deadline {
+                    // Without noise a round closes as soon as every selected device reported.
+                    // With noise only at its deadline: an early close would tell anyone who sees
+                    // when the next round opens that every selected device reported in time.
+                    if (!private && n_reported == n_selected) || now >= deadline {
                         // With noise the outcome may not depend on the number of reports.
                         let outcome = if private || n_reported >= self.config.min_reports {
                             Ok(())
