@@ -302,6 +302,8 @@ mod tests {
     use super::*;
     use crate::danger::seeded_rng;
     use proptest::prelude::*;
+    // Named explicitly: both globs above bring a `Rng` into scope.
+    use rand::Rng;
 
     fn hex32(s: &str) -> [u8; 32] {
         let mut out = [0u8; 32];
@@ -619,8 +621,8 @@ mod tests {
             let mut rng = seeded_rng(seed);
             let (ki, kj) = (KeyPair::generate(&mut rng), KeyPair::generate(&mut rng));
             let mask = mask_of(bits).expect("valid in this test");
-            let xi: Vec<u64> = (0..n).map(|_| rng.next_u64() & mask).collect();
-            let xj: Vec<u64> = (0..n).map(|_| rng.next_u64() & mask).collect();
+            let xi: Vec<u64> = (0..n).map(|_| rng.random::<u64>() & mask).collect();
+            let xj: Vec<u64> = (0..n).map(|_| rng.random::<u64>() & mask).collect();
             let (mut yi, mut yj) = (xi.clone(), xj.clone());
             add_mask(&mut yi, &mask_seed(&ki, &kj.public(), &ctx(3), 0, 1).expect("valid in this test"), bits, false).expect("valid in this test");
             add_mask(&mut yj, &mask_seed(&kj, &ki.public(), &ctx(3), 1, 0).expect("valid in this test"), bits, true).expect("valid in this test");
