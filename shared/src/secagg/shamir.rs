@@ -72,8 +72,10 @@ pub enum ShamirError {
 
 /// One share of a 32-byte secret: the evaluation point `x` (1-based, never 0) and the five
 /// polynomial values, one per chunk. Zeroized on drop; deliberately neither `Clone` nor
-/// serializable, and its `Debug` shows only `x`.
-#[derive(PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
+/// serializable, and its `Debug` shows only `x`. No `PartialEq` outside tests: comparing
+/// secret values is not something the protocol needs (and `==` is not constant-time).
+#[derive(Zeroize, ZeroizeOnDrop)]
+#[cfg_attr(test, derive(PartialEq, Eq))]
 pub struct Share {
     x: u32,
     y: [u64; CHUNKS],
