@@ -1,16 +1,19 @@
-//! Framing, hard size limits, and the encoder and decoders of protocol v1.
+//! Framing, hard size limits, and the encoder and decoders of protocol v2.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::WireError;
-use super::messages::{Request, Response, check_request, check_response};
+use super::messages::{
+    MAX_NEIGHBOURS, PUBLIC_KEY_LEN, Request, Response, SEALED_PAIR_LEN, SHARE_LEN, check_request,
+    check_response,
+};
 use crate::model::ModelShape;
 
 /// The protocol version this side speaks; the first field of every payload.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// The TLS ALPN identifier of protocol v1.
-pub const ALPN: &[u8] = b"fedrec/1";
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The TLS ALPN identifier of protocol v2 (a v1 peer's `fedrec/1` fails the TLS handshake).
+pub const ALPN: &[u8] = b"fedrec/2";
 /// Length of a frame's length prefix (a little-endian `u32`).
 pub const LEN_PREFIX: usize = 4;
 
@@ -31,6 +34,35 @@ pub const TASK_OVERHEAD: usize = 256;
 /// plus the version and two variant indices (≤ 13 bytes), with headroom.
 pub const RULES_LIMIT: usize = super::rules::MAX_SIGNED_RULESET_LEN + 64;
 
+/// Bytes a secure-aggregation message needs besides its lists or words: version (≤ 3),
+/// variant index (≤ 5), round (≤ 10), one or two list counts or a byte-string length (≤ 10),
+/// the word width (1) and the nonce (16) make at most 45.
+pub const SECURE_OVERHEAD: usize = 64;
+/// Payload limit of a key advertisement: version, variant index, round (≤ 18), two keys (64)
+/// and the nonce (16) make at most 98 bytes.
+pub const ADVERTISE_KEYS_LIMIT: usize = 128;
+/// Most bytes one sealed pair takes in a list: the peer's index (varint ≤ 5), the length (1)
+/// and the ciphertext.
+pub const SEALED_PAIR_WIRE: usize = 5 + 1 + SEALED_PAIR_LEN;
+/// Most bytes one revealed share takes in a list: the owner's index (varint ≤ 5) and the share.
+pub const REVEALED_SHARE_WIRE: usize = 5 + SHARE_LEN;
+/// Most bytes one neighbour takes in a share-keys request: its index (varint ≤ 5) and two keys.
+pub const NEIGHBOUR_WIRE: usize = 5 + 2 * PUBLIC_KEY_LEN;
+/// Payload limit of a device's sealed pairs ([`Request::EncryptedShares`]) and of the pairs
+/// forwarded to it ([`Response::MaskedInputRequest`]): [`MAX_NEIGHBOURS`] pairs.
+pub const SEALED_PAIRS_LIMIT: usize = MAX_NEIGHBOURS * SEALED_PAIR_WIRE + SECURE_OVERHEAD;
+/// Payload limit of an unmask answer: [`MAX_NEIGHBOURS`]` + 1` revealed shares in both lists
+/// together (the dropped and the surviving neighbours are disjoint, plus the device's own).
+pub const UNMASK_SHARES_LIMIT: usize = (MAX_NEIGHBOURS + 1) * REVEALED_SHARE_WIRE + SECURE_OVERHEAD;
+/// Bytes a share-keys request needs besides its neighbours: version, variant index, round
+/// (≤ 18), seed (32), `n`, `k`, `t`, `bits`, index (≤ 25) and the list's count (≤ 3) make 78.
+pub const SHARE_KEYS_OVERHEAD: usize = 128;
+/// Payload limit of a share-keys request: [`MAX_NEIGHBOURS`] neighbours.
+pub const SHARE_KEYS_LIMIT: usize = MAX_NEIGHBOURS * NEIGHBOUR_WIRE + SHARE_KEYS_OVERHEAD;
+/// Payload limit of an unmask request: [`MAX_NEIGHBOURS`] indices (varint ≤ 5) in both lists
+/// together.
+pub const UNMASK_LIMIT: usize = MAX_NEIGHBOURS * 5 + SECURE_OVERHEAD;
+
 /// Payload limit of an upload for `shape`: 4 bytes per value of the layout, plus [`UPLOAD_OVERHEAD`].
 pub fn upload_limit(shape: &ModelShape) -> usize {
     let ModelShape { n_items, dim, n_segments } = *shape;
@@ -42,6 +74,21 @@ pub fn upload_limit(shape: &ModelShape) -> usize {
         .saturating_add(n_segments.saturating_mul(dim))
         .saturating_add(n_segments);
     n_values.saturating_mul(4).saturating_add(UPLOAD_OVERHEAD)
+}
+
+/// Payload limit of a masked input for `shape`: 8 bytes per word of the layout plus the clip
+/// bit (the widest words, for a ring of more than 32 bits), plus [`SECURE_OVERHEAD`].
+pub fn masked_input_limit(shape: &ModelShape) -> usize {
+    let ModelShape { n_items, dim, n_segments } = *shape;
+    // The layout (see upload_limit), plus the clip bit.
+    let n_words = n_items
+        .saturating_mul(dim)
+        .saturating_add(n_items)
+        .saturating_add(1)
+        .saturating_add(n_segments.saturating_mul(dim))
+        .saturating_add(n_segments)
+        .saturating_add(1);
+    n_words.saturating_mul(8).saturating_add(SECURE_OVERHEAD)
 }
 
 /// Payload limit of a task carrying a model of `shape`: 4 bytes per model parameter, plus [`TASK_OVERHEAD`].
@@ -64,12 +111,13 @@ pub fn task_limit(shape: &ModelShape) -> usize {
 pub struct Limits {
     upload: usize,
     task: usize,
+    masked_input: usize,
 }
 
 impl Limits {
     /// The limits for a model of `shape`.
     pub fn for_shape(shape: &ModelShape) -> Self {
-        Self { upload: upload_limit(shape), task: task_limit(shape) }
+        Self { upload: upload_limit(shape), task: task_limit(shape), masked_input: masked_input_limit(shape) }
     }
 
     /// Payload limit of a check-in ([`CHECK_IN_LIMIT`]).
@@ -92,9 +140,46 @@ impl Limits {
         RESPONSE_LIMIT
     }
 
-    /// The largest request payload: what the coordinator passes to [`frame_len`].
+    /// Payload limit of a key advertisement ([`ADVERTISE_KEYS_LIMIT`]).
+    pub fn advertise_keys(&self) -> usize {
+        ADVERTISE_KEYS_LIMIT
+    }
+
+    /// Payload limit of a device's sealed pairs, and of the pairs forwarded to it ([`SEALED_PAIRS_LIMIT`]).
+    pub fn sealed_pairs(&self) -> usize {
+        SEALED_PAIRS_LIMIT
+    }
+
+    /// Payload limit of a masked input ([`masked_input_limit`]).
+    pub fn masked_input(&self) -> usize {
+        self.masked_input
+    }
+
+    /// Payload limit of an unmask answer ([`UNMASK_SHARES_LIMIT`]).
+    pub fn unmask_shares(&self) -> usize {
+        UNMASK_SHARES_LIMIT
+    }
+
+    /// Payload limit of a share-keys request ([`SHARE_KEYS_LIMIT`]).
+    pub fn share_keys(&self) -> usize {
+        SHARE_KEYS_LIMIT
+    }
+
+    /// Payload limit of an unmask request ([`UNMASK_LIMIT`]).
+    pub fn unmask(&self) -> usize {
+        UNMASK_LIMIT
+    }
+
+    /// The largest request payload: what the coordinator passes to [`frame_len`]. With the
+    /// secure-aggregation messages of v2 this is the masked input (8 bytes a word) for every
+    /// shape but the smallest, where the sealed pairs of [`MAX_NEIGHBOURS`] neighbours are larger.
     pub fn max_request(&self) -> usize {
-        self.check_in().max(self.upload)
+        self.check_in()
+            .max(self.upload)
+            .max(self.advertise_keys())
+            .max(self.sealed_pairs())
+            .max(self.masked_input)
+            .max(self.unmask_shares())
     }
 
     /// Payload limit of a rules answer ([`RULES_LIMIT`]).
@@ -104,7 +189,12 @@ impl Limits {
 
     /// The largest response payload: what a device passes to [`frame_len`].
     pub fn max_response(&self) -> usize {
-        self.task.max(self.response()).max(self.rules())
+        self.task
+            .max(self.response())
+            .max(self.rules())
+            .max(self.share_keys())
+            .max(self.sealed_pairs())
+            .max(self.unmask())
     }
 
     /// The limit of the request with this variant index (see [`Request`]).
@@ -113,6 +203,10 @@ impl Limits {
             0 => Some(self.check_in()),
             1 => Some(self.upload),
             2 => Some(self.check_in()),
+            3 => Some(self.advertise_keys()),
+            4 => Some(self.sealed_pairs()),
+            5 => Some(self.masked_input),
+            6 => Some(self.unmask_shares()),
             _ => None,
         }
     }
@@ -124,6 +218,9 @@ impl Limits {
             1..=4 => Some(self.response()),
             5 => Some(self.rules()),
             6 => Some(self.task),
+            7 => Some(self.share_keys()),
+            8 => Some(self.sealed_pairs()),
+            9 => Some(self.unmask()),
             _ => None,
         }
     }

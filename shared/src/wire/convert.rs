@@ -5,12 +5,18 @@ use std::time::Duration;
 
 use super::WireError;
 use super::messages::{
-    CheckIn, ErrorCode, NONCE_LEN, Request, Response, Upload, WireAggregation, WireMechanism, WireModel,
-    WireObjective, WirePrivacy, WireSelection, WireTask, WireTrainParams,
+    AdvertiseKeys, CheckIn, EncryptedShares, ErrorCode, MAX_NEIGHBOURS, MaskedInput, NONCE_LEN, Request,
+    Response, SEALED_PAIR_LEN, UnmaskShares, Upload, WireAggregation, WireMechanism, WireModel,
+    WireNeighbour, WireObjective, WirePrivacy, WireRevealedShare, WireSealedPair, WireSelection,
+    WireShareKeys, WireTask, WireTrainParams,
 };
 use crate::error::{Rejection, UpdateError};
 use crate::model::{GlobalModel, ModelShape, RoundModel, UpdateLayout};
-use crate::round::{Aggregation, ClientMessage, Mechanism, ServerMessage, Task, TaskPrivacy, TaskSelection};
+use crate::round::secure::RevealedShare;
+use crate::round::{
+    Aggregation, ClientMessage, EncryptedShare, MaskedInputRequest, Mechanism, NeighbourKeys, SecAggSetup,
+    ServerMessage, ShareKeysRequest, Task, TaskPrivacy, TaskSelection, UnmaskRequest,
+};
 use crate::train::{Objective, TrainParams};
 use crate::update::{ClippedUpdate, UpdateVector};
 
@@ -176,7 +182,177 @@ impl Request {
             ClientMessage::Upload { round, update, within_bound } => {
                 Request::Upload(Upload::new(*round, update, *within_bound, nonce))
             }
+            ClientMessage::AdvertiseKeys { round, cipher_public, mask_public } => {
+                Request::AdvertiseKeys(AdvertiseKeys {
+                    round: *round,
+                    cipher_public: *cipher_public,
+                    mask_public: *mask_public,
+                    nonce,
+                })
+            }
+            ClientMessage::EncryptedShares { round, shares } => Request::EncryptedShares(EncryptedShares {
+                round: *round,
+                shares: shares.iter().map(WireSealedPair::from).collect(),
+                nonce,
+            }),
+            ClientMessage::MaskedInput { round, words } => {
+                Request::MaskedInput(MaskedInput { round: *round, words: words.clone(), nonce })
+            }
+            ClientMessage::UnmaskShares(answer) => Request::UnmaskShares(UnmaskShares {
+                round: answer.round,
+                mask_key_shares: answer.mask_key_shares.iter().map(WireRevealedShare::from).collect(),
+                self_mask_shares: answer.self_mask_shares.iter().map(WireRevealedShare::from).collect(),
+                nonce,
+            }),
         }
+    }
+}
+
+impl From<&EncryptedShare> for WireSealedPair {
+    fn from(s: &EncryptedShare) -> Self {
+        Self { peer: s.peer, ciphertext: s.ciphertext.clone() }
+    }
+}
+
+impl From<WireSealedPair> for EncryptedShare {
+    fn from(s: WireSealedPair) -> Self {
+        Self { peer: s.peer, ciphertext: s.ciphertext }
+    }
+}
+
+impl From<&RevealedShare> for WireRevealedShare {
+    fn from(s: &RevealedShare) -> Self {
+        Self { owner: s.owner, share: s.share }
+    }
+}
+
+impl From<WireRevealedShare> for RevealedShare {
+    fn from(s: WireRevealedShare) -> Self {
+        Self { owner: s.owner, share: s.share }
+    }
+}
+
+/// The sealed pairs of a peer's message, after checking their count and every ciphertext's
+/// length (the decoder checked both already; a value built in memory is checked here).
+fn sealed_pairs(shares: Vec<WireSealedPair>) -> Result<Vec<EncryptedShare>, WireError> {
+    if shares.len() > MAX_NEIGHBOURS {
+        return Err(WireError::Invalid(format!(
+            "{} sealed pairs, at most {MAX_NEIGHBOURS} are allowed",
+            shares.len()
+        )));
+    }
+    if shares.iter().any(|s| s.ciphertext.len() != SEALED_PAIR_LEN) {
+        return Err(WireError::Invalid(format!("a sealed pair that is not {SEALED_PAIR_LEN} bytes")));
+    }
+    Ok(shares.into_iter().map(EncryptedShare::from).collect())
+}
+
+impl AdvertiseKeys {
+    /// The message the coordinator machine takes. The nonce is the driver's to check, before
+    /// this; whether the keys are usable is the devices' check (an all-zero agreement is refused).
+    pub fn into_client_message(self) -> ClientMessage {
+        ClientMessage::AdvertiseKeys {
+            round: self.round,
+            cipher_public: self.cipher_public,
+            mask_public: self.mask_public,
+        }
+    }
+}
+
+impl EncryptedShares {
+    /// The message the coordinator machine takes, after the structural checks: at most
+    /// [`MAX_NEIGHBOURS`] pairs, each [`SEALED_PAIR_LEN`] bytes. Whether they name exactly
+    /// the sender's neighbours is the machine's check.
+    pub fn into_client_message(self) -> Result<ClientMessage, WireError> {
+        Ok(ClientMessage::EncryptedShares { round: self.round, shares: sealed_pairs(self.shares)? })
+    }
+}
+
+impl MaskedInput {
+    /// The message the coordinator machine takes, after checking that there are at most
+    /// `layout.len() + 1` words (the layout and the clip bit). Whether there are exactly as
+    /// many as the round's encoding and each is below `2^bits` is the machine's check.
+    pub fn into_client_message(self, layout: &UpdateLayout) -> Result<ClientMessage, WireError> {
+        let max = layout.len().saturating_add(1);
+        if self.words.len() > max {
+            return Err(WireError::Invalid(format!(
+                "a masked input of {} words, the layout allows at most {max}",
+                self.words.len()
+            )));
+        }
+        Ok(ClientMessage::MaskedInput { round: self.round, words: self.words })
+    }
+}
+
+impl UnmaskShares {
+    /// The message the coordinator machine takes, after checking that both lists together
+    /// hold at most [`MAX_NEIGHBOURS`]` + 1` shares. Whether they are the shares asked for,
+    /// each parses and each is at the sender's point is the machine's check.
+    pub fn into_client_message(self) -> Result<ClientMessage, WireError> {
+        let n = self.mask_key_shares.len() + self.self_mask_shares.len();
+        if n > MAX_NEIGHBOURS + 1 {
+            return Err(WireError::Invalid(format!(
+                "{n} revealed shares, at most {} are allowed",
+                MAX_NEIGHBOURS + 1
+            )));
+        }
+        Ok(ClientMessage::UnmaskShares(crate::round::UnmaskShares {
+            round: self.round,
+            mask_key_shares: self.mask_key_shares.into_iter().map(RevealedShare::from).collect(),
+            self_mask_shares: self.self_mask_shares.into_iter().map(RevealedShare::from).collect(),
+        }))
+    }
+}
+
+impl From<&ShareKeysRequest> for WireShareKeys {
+    fn from(r: &ShareKeysRequest) -> Self {
+        let SecAggSetup { seed, n, k, t, bits } = r.setup;
+        Self {
+            round: r.round,
+            seed,
+            n,
+            k,
+            t,
+            bits,
+            index: r.index,
+            neighbours: r
+                .neighbours
+                .iter()
+                .map(|nb| WireNeighbour {
+                    index: nb.index,
+                    cipher_public: nb.cipher_public,
+                    mask_public: nb.mask_public,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl WireShareKeys {
+    /// The device machine's share-keys request, after checking the neighbour count
+    /// ([`MAX_NEIGHBOURS`]). Everything else (the cohort, `k`, `t`, `bits`, the neighbours
+    /// against the graph, the keys) is the device machine's check.
+    pub fn into_request(self) -> Result<ShareKeysRequest, WireError> {
+        if self.neighbours.len() > MAX_NEIGHBOURS {
+            return Err(WireError::Invalid(format!(
+                "{} neighbours, at most {MAX_NEIGHBOURS} are allowed",
+                self.neighbours.len()
+            )));
+        }
+        Ok(ShareKeysRequest {
+            round: self.round,
+            setup: SecAggSetup { seed: self.seed, n: self.n, k: self.k, t: self.t, bits: self.bits },
+            index: self.index,
+            neighbours: self
+                .neighbours
+                .into_iter()
+                .map(|nb| NeighbourKeys {
+                    index: nb.index,
+                    cipher_public: nb.cipher_public,
+                    mask_public: nb.mask_public,
+                })
+                .collect(),
+        })
     }
 }
 
@@ -199,6 +375,7 @@ impl From<&Rejection> for ErrorCode {
             Rejection::WrongPhase => ErrorCode::WrongPhase,
             Rejection::MissingClipBit => ErrorCode::MissingClipBit,
             Rejection::InvalidUpdate(e) => ErrorCode::from(e),
+            Rejection::Malformed(_) => ErrorCode::Malformed,
         }
     }
 }
@@ -420,6 +597,16 @@ impl Response {
                 Response::error(reason.into(), &rejection_message(reason))
             }
             ServerMessage::Aborted { round } => Response::Aborted { round: *round },
+            ServerMessage::ShareKeys(req) => Response::ShareKeys(WireShareKeys::from(req)),
+            ServerMessage::MaskedInputRequest(req) => Response::MaskedInputRequest {
+                round: req.round,
+                shares: req.shares.iter().map(WireSealedPair::from).collect(),
+            },
+            ServerMessage::Unmask(req) => Response::Unmask {
+                round: req.round,
+                dropped: req.dropped.clone(),
+                survivors: req.survivors.clone(),
+            },
         }
     }
 
@@ -464,6 +651,19 @@ impl Response {
                     None => None,
                 };
                 return Ok(Inbound::Finished { model_version, model });
+            }
+            Response::ShareKeys(req) => ServerMessage::ShareKeys(req.into_request()?),
+            Response::MaskedInputRequest { round, shares } => {
+                ServerMessage::MaskedInputRequest(MaskedInputRequest { round, shares: sealed_pairs(shares)? })
+            }
+            Response::Unmask { round, dropped, survivors } => {
+                let n = dropped.len() + survivors.len();
+                if n > MAX_NEIGHBOURS {
+                    return Err(WireError::Invalid(format!(
+                        "an unmask request naming {n} devices, at most {MAX_NEIGHBOURS} are allowed"
+                    )));
+                }
+                ServerMessage::Unmask(UnmaskRequest { round, dropped, survivors })
             }
         }))
     }

@@ -1,4 +1,4 @@
-//! The messages of protocol v1 as plain serializable data; see the parent module for their byte layout.
+//! The messages of protocol v2 as plain serializable data; see the parent module for their byte layout.
 
 use std::fmt;
 use std::time::Duration;
@@ -16,6 +16,23 @@ pub const MAX_SDK_VERSION_LEN: usize = 64;
 pub const MAX_ERROR_MESSAGE_LEN: usize = 256;
 /// Length of an upload's nonce, in bytes.
 pub const NONCE_LEN: usize = 16;
+/// Length of an X25519 public key, in bytes.
+pub const PUBLIC_KEY_LEN: usize = 32;
+/// Length of a secure round's public seed, in bytes.
+pub const SEED_LEN: usize = 32;
+/// Length of one sealed share pair on the wire ([`crate::round::secure::SEALED_PAIR_BYTES`]).
+pub const SEALED_PAIR_LEN: usize = crate::round::secure::SEALED_PAIR_BYTES;
+/// Length of one revealed Shamir share on the wire ([`crate::secagg::shamir::SHARE_BYTES`]).
+pub const SHARE_LEN: usize = crate::secagg::shamir::SHARE_BYTES;
+/// Most neighbours a device may have in a secure round, and so the longest list of keys,
+/// sealed pairs or indices any secure message carries (an unmask answer carries one more
+/// share: the device's own).
+///
+/// The parameter finder gives `k ≤ ~100` for cohorts up to 10⁵ at 33% dropout and 5%
+/// colluders (`docs/secagg.md` §6); below a few hundred devices it picks the complete graph,
+/// where `k = n − 1`. 1,024 therefore admits every SecAgg+ graph the finder draws and caps a
+/// complete-graph cohort at 1,025 devices.
+pub const MAX_NEIGHBOURS: usize = 1024;
 
 /// A device offers to take part in the next round.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +85,86 @@ pub struct Upload {
     pub nonce: [u8; NONCE_LEN],
 }
 
+/// Secure aggregation, phase 0: a selected device's two public keys for the round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdvertiseKeys {
+    /// The round.
+    pub round: u64,
+    /// X25519 public key that seals shares sent to this device.
+    pub cipher_public: [u8; PUBLIC_KEY_LEN],
+    /// X25519 public key the pairwise masks are agreed with.
+    pub mask_public: [u8; PUBLIC_KEY_LEN],
+    /// Fresh random bytes per message, for the coordinator's replay check.
+    pub nonce: [u8; NONCE_LEN],
+}
+
+/// One sealed share pair relayed between two devices: from a device it names the receiver,
+/// to a device the sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireSealedPair {
+    /// The other device's index in the cohort.
+    pub peer: u32,
+    /// ChaCha20-Poly1305 of the two shares: exactly [`SEALED_PAIR_LEN`] bytes.
+    #[serde(with = "byte_string")]
+    pub ciphertext: Vec<u8>,
+}
+
+/// Secure aggregation, phase 1: a device's share pairs, each sealed for one neighbour.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptedShares {
+    /// The round.
+    pub round: u64,
+    /// One sealed pair per neighbour (at most [`MAX_NEIGHBOURS`]).
+    #[serde(with = "bounded_list")]
+    pub shares: Vec<WireSealedPair>,
+    /// Fresh random bytes per message, for the coordinator's replay check.
+    pub nonce: [u8; NONCE_LEN],
+}
+
+/// Secure aggregation, phase 2: a device's masked input, as fixed-width little-endian words.
+///
+/// The words are uniform modulo `2^bits` (varints would not shrink them): each takes 4 bytes
+/// when every word fits 32 bits, which is always the case when the round's `bits ≤ 32`, and 8
+/// bytes otherwise. The width depends only on the masked words, which are uniform whatever the
+/// update, so it reveals nothing about the update. Whether every word is below `2^bits` is the
+/// coordinator machine's check (it knows the round's `bits`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaskedInput {
+    /// The round.
+    pub round: u64,
+    /// The masked words: the update's layout, then the clip bit when the task asks.
+    #[serde(with = "word_array")]
+    pub words: Vec<u64>,
+    /// Fresh random bytes per message, for the coordinator's replay check.
+    pub nonce: [u8; NONCE_LEN],
+}
+
+/// One Shamir share of a device's secret, revealed in the unmask phase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireRevealedShare {
+    /// Whose secret it is a share of (that device's index in the cohort).
+    pub owner: u32,
+    /// The share: evaluation point and five field elements ([`SHARE_LEN`] bytes, raw).
+    #[serde(with = "fixed_bytes")]
+    pub share: [u8; SHARE_LEN],
+}
+
+/// Secure aggregation, phase 3: the shares the coordinator asked a device for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnmaskShares {
+    /// The round.
+    pub round: u64,
+    /// Shares of the dropped neighbours' mask keys.
+    #[serde(with = "bounded_list")]
+    pub mask_key_shares: Vec<WireRevealedShare>,
+    /// Shares of the surviving neighbours' self-mask seeds, and of the device's own. Both
+    /// lists together hold at most [`MAX_NEIGHBOURS`]` + 1` shares.
+    #[serde(with = "bounded_list")]
+    pub self_mask_shares: Vec<WireRevealedShare>,
+    /// Fresh random bytes per message, for the coordinator's replay check.
+    pub nonce: [u8; NONCE_LEN],
+}
+
 /// A message from a device to the coordinator. The variant order is the wire's variant index.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
@@ -77,6 +174,42 @@ pub enum Request {
     Upload(Upload),
     /// Index 2: ask for the current context ruleset.
     FetchRules(FetchRules),
+    /// Index 3: secure aggregation, the device's public keys.
+    AdvertiseKeys(AdvertiseKeys),
+    /// Index 4: secure aggregation, the device's sealed share pairs.
+    EncryptedShares(EncryptedShares),
+    /// Index 5: secure aggregation, the device's masked input.
+    MaskedInput(MaskedInput),
+    /// Index 6: secure aggregation, the shares the coordinator asked for.
+    UnmaskShares(UnmaskShares),
+}
+
+impl Request {
+    /// The round a round message names (`None` for a check-in or a rules request).
+    pub fn round(&self) -> Option<u64> {
+        match self {
+            Request::CheckIn(_) | Request::FetchRules(_) => None,
+            Request::Upload(u) => Some(u.round),
+            Request::AdvertiseKeys(m) => Some(m.round),
+            Request::EncryptedShares(m) => Some(m.round),
+            Request::MaskedInput(m) => Some(m.round),
+            Request::UnmaskShares(m) => Some(m.round),
+        }
+    }
+
+    /// The replay nonce of a message that carries no token (an upload or a secure-aggregation
+    /// message): such a message is accepted only on a connection whose check-in was verified,
+    /// and only once.
+    pub fn nonce(&self) -> Option<[u8; NONCE_LEN]> {
+        match self {
+            Request::CheckIn(_) | Request::FetchRules(_) => None,
+            Request::Upload(u) => Some(u.nonce),
+            Request::AdvertiseKeys(m) => Some(m.nonce),
+            Request::EncryptedShares(m) => Some(m.nonce),
+            Request::MaskedInput(m) => Some(m.nonce),
+            Request::UnmaskShares(m) => Some(m.nonce),
+        }
+    }
 }
 
 impl From<CheckIn> for Request {
@@ -310,6 +443,65 @@ pub enum Response {
         /// The final model, or `None` when the device's cached version is `model_version`.
         model: Option<WireModel>,
     },
+    /// Index 7: secure aggregation, phase 1: the round's parameters and the device's
+    /// neighbours' keys; the device answers with [`Request::EncryptedShares`].
+    ShareKeys(WireShareKeys),
+    /// Index 8: secure aggregation, phase 2: the pairs the device's neighbours sealed for it;
+    /// the device answers with [`Request::MaskedInput`].
+    MaskedInputRequest {
+        /// The round.
+        round: u64,
+        /// One sealed pair per neighbour that shared, naming its sender (at most [`MAX_NEIGHBOURS`]).
+        #[serde(with = "bounded_list")]
+        shares: Vec<WireSealedPair>,
+    },
+    /// Index 9: secure aggregation, phase 3: which neighbours dropped after sharing and which
+    /// sent their masked input; the device answers with [`Request::UnmaskShares`].
+    Unmask {
+        /// The round.
+        round: u64,
+        /// Neighbours whose mask key is to be rebuilt.
+        #[serde(with = "bounded_list")]
+        dropped: Vec<u32>,
+        /// Neighbours whose self-mask is to be removed. Both lists together name at most
+        /// [`MAX_NEIGHBOURS`] devices.
+        #[serde(with = "bounded_list")]
+        survivors: Vec<u32>,
+    },
+}
+
+/// A neighbour's index in the cohort and its two public keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireNeighbour {
+    /// The neighbour's index.
+    pub index: u32,
+    /// Its key for sealing shares.
+    pub cipher_public: [u8; PUBLIC_KEY_LEN],
+    /// Its key for agreeing masks.
+    pub mask_public: [u8; PUBLIC_KEY_LEN],
+}
+
+/// Secure aggregation, phase 1, coordinator → device: the round's public parameters, the
+/// device's index and its neighbours' keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireShareKeys {
+    /// The round.
+    pub round: u64,
+    /// The round's public randomness (salts the key derivations, defines the graph).
+    pub seed: [u8; SEED_LEN],
+    /// Devices whose keys arrived.
+    pub n: u32,
+    /// Neighbours per device (`n − 1`: the complete graph).
+    pub k: u32,
+    /// Shares that reconstruct a secret.
+    pub t: u32,
+    /// The ring `Z/2^bits` of the masked inputs.
+    pub bits: u32,
+    /// The receiving device's index in the cohort.
+    pub index: u32,
+    /// Its neighbours, by index (at most [`MAX_NEIGHBOURS`]).
+    #[serde(with = "bounded_list")]
+    pub neighbours: Vec<WireNeighbour>,
 }
 
 impl Response {
@@ -478,8 +670,15 @@ pub(super) fn check_request(r: &Request) -> Result<(), WireError> {
         check_len("token", c.token.len(), MAX_TOKEN_LEN)?;
         check_len("sdk_version", c.sdk_version.len(), MAX_SDK_VERSION_LEN)?;
     }
-    if let Request::FetchRules(f) = r {
-        check_len("token", f.token.len(), MAX_TOKEN_LEN)?;
+    match r {
+        Request::FetchRules(f) => check_len("token", f.token.len(), MAX_TOKEN_LEN)?,
+        Request::EncryptedShares(m) => check_sealed_pairs(&m.shares)?,
+        Request::UnmaskShares(m) => check_count(
+            "revealed shares",
+            m.mask_key_shares.len() + m.self_mask_shares.len(),
+            MAX_NEIGHBOURS + 1,
+        )?,
+        _ => {}
     }
     Ok(())
 }
@@ -489,8 +688,33 @@ pub(super) fn check_response(r: &Response) -> Result<(), WireError> {
     if let Response::Error { message, .. } = r {
         check_len("error message", message.len(), MAX_ERROR_MESSAGE_LEN)?;
     }
-    if let Response::Rules(RulesAnswer::Ruleset(signed)) = r {
-        signed.check()?;
+    match r {
+        Response::Rules(RulesAnswer::Ruleset(signed)) => signed.check()?,
+        Response::ShareKeys(m) => check_count("neighbours", m.neighbours.len(), MAX_NEIGHBOURS)?,
+        Response::MaskedInputRequest { shares, .. } => check_sealed_pairs(shares)?,
+        Response::Unmask { dropped, survivors, .. } => {
+            check_count("dropped and surviving neighbours", dropped.len() + survivors.len(), MAX_NEIGHBOURS)?
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// At most [`MAX_NEIGHBOURS`] sealed pairs, each exactly [`SEALED_PAIR_LEN`] bytes.
+fn check_sealed_pairs(shares: &[WireSealedPair]) -> Result<(), WireError> {
+    check_count("sealed pairs", shares.len(), MAX_NEIGHBOURS)?;
+    if let Some(bad) = shares.iter().find(|s| s.ciphertext.len() != SEALED_PAIR_LEN) {
+        return Err(WireError::Invalid(format!(
+            "a sealed pair is {} bytes, it must be {SEALED_PAIR_LEN}",
+            bad.ciphertext.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_count(what: &str, n: usize, max: usize) -> Result<(), WireError> {
+    if n > max {
+        return Err(WireError::Invalid(format!("{n} {what}, at most {max} are allowed")));
     }
     Ok(())
 }
@@ -525,6 +749,137 @@ pub(super) mod byte_string {
             }
         }
         d.deserialize_bytes(Bytes)
+    }
+}
+
+/// A list as a postcard sequence (varint count, then the elements), decoded without
+/// pre-allocating by the announced count and refused beyond [`MAX_NEIGHBOURS`]` + 1` elements
+/// (the longest list of any message; [`check_request`] and [`check_response`] apply each
+/// message's own bound).
+mod bounded_list {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{Deserialize, Deserializer, Error, SeqAccess, Visitor};
+    use serde::ser::{Serialize, Serializer};
+
+    const MAX_LEN: usize = super::MAX_NEIGHBOURS + 1;
+
+    pub(super) fn serialize<S: Serializer, T: Serialize>(v: &[T], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+    ) -> Result<Vec<T>, D::Error> {
+        struct List<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for List<T> {
+            type Value = Vec<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a list of at most {MAX_LEN} elements")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+                if seq.size_hint().is_some_and(|n| n > MAX_LEN) {
+                    return Err(A::Error::custom(format_args!("a list longer than {MAX_LEN} elements")));
+                }
+                // Grows as elements arrive: never more than twice what the payload held.
+                let mut out = Vec::new();
+                while let Some(x) = seq.next_element()? {
+                    if out.len() == MAX_LEN {
+                        return Err(A::Error::custom(format_args!("a list longer than {MAX_LEN} elements")));
+                    }
+                    out.push(x);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(List(PhantomData))
+    }
+}
+
+/// A byte array of fixed length as its raw bytes (a postcard tuple of `u8`s, no length), for
+/// lengths serde's derive does not cover.
+mod fixed_bytes {
+    use std::fmt;
+
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::ser::{SerializeTuple, Serializer};
+
+    pub(super) fn serialize<S: Serializer, const N: usize>(v: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
+        let mut t = s.serialize_tuple(N)?;
+        for b in v {
+            t.serialize_element(b)?;
+        }
+        t.end()
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>, const N: usize>(d: D) -> Result<[u8; N], D::Error> {
+        struct Array<const N: usize>;
+        impl<'de, const N: usize> Visitor<'de> for Array<N> {
+            type Value = [u8; N];
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{N} bytes")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<[u8; N], A::Error> {
+                let mut out = [0u8; N];
+                for (i, b) in out.iter_mut().enumerate() {
+                    *b = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(i, &self))?;
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_tuple(N, Array::<N>)
+    }
+}
+
+/// Masked words as a postcard byte string: one width byte `w` (4 or 8), then each word as `w`
+/// little-endian bytes. The encoder takes 4 when every word fits 32 bits. The decoder sees the
+/// bytes before it allocates, and refuses another width or a length that is not `1 + w·d`.
+mod word_array {
+    use serde::de::{Deserializer, Error, Visitor};
+    use serde::ser::Serializer;
+    use std::fmt;
+
+    pub(super) fn serialize<S: Serializer>(v: &[u64], s: S) -> Result<S::Ok, S::Error> {
+        let narrow = v.iter().all(|&w| u32::try_from(w).is_ok());
+        let width = if narrow { 4 } else { 8 };
+        let mut bytes = Vec::with_capacity(1 + v.len() * width);
+        bytes.push(width as u8);
+        for &w in v {
+            bytes.extend_from_slice(&w.to_le_bytes()[..width]);
+        }
+        s.serialize_bytes(&bytes)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+        struct Words;
+        impl Visitor<'_> for Words {
+            type Value = Vec<u64>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a width byte (4 or 8), then little-endian words of that width")
+            }
+            fn visit_bytes<E: Error>(self, b: &[u8]) -> Result<Vec<u64>, E> {
+                let Some((&width, words)) = b.split_first() else {
+                    return Err(E::custom("masked words without a width byte"));
+                };
+                let width = usize::from(width);
+                if width != 4 && width != 8 {
+                    return Err(E::custom(format_args!("word width {width}, must be 4 or 8")));
+                }
+                if !words.len().is_multiple_of(width) {
+                    return Err(E::custom("masked words length is not a multiple of the width"));
+                }
+                Ok(words
+                    .chunks_exact(width)
+                    .map(|c| {
+                        let mut w = [0u8; 8];
+                        w[..width].copy_from_slice(c);
+                        u64::from_le_bytes(w)
+                    })
+                    .collect())
+            }
+        }
+        d.deserialize_bytes(Words)
     }
 }
 

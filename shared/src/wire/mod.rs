@@ -67,15 +67,19 @@ mod messages;
 pub mod rules;
 
 pub use codec::{
-    ALPN, CHECK_IN_LIMIT, LEN_PREFIX, Limits, Message, PROTOCOL_VERSION, RESPONSE_LIMIT, RULES_LIMIT,
-    TASK_OVERHEAD, UPLOAD_OVERHEAD, decode_request, decode_response, encode, frame_len, task_limit,
+    ADVERTISE_KEYS_LIMIT, ALPN, CHECK_IN_LIMIT, LEN_PREFIX, Limits, Message, NEIGHBOUR_WIRE,
+    PROTOCOL_VERSION, RESPONSE_LIMIT, REVEALED_SHARE_WIRE, RULES_LIMIT, SEALED_PAIR_WIRE, SEALED_PAIRS_LIMIT,
+    SECURE_OVERHEAD, SHARE_KEYS_LIMIT, SHARE_KEYS_OVERHEAD, TASK_OVERHEAD, UNMASK_LIMIT, UNMASK_SHARES_LIMIT,
+    UPLOAD_OVERHEAD, decode_request, decode_response, encode, frame_len, masked_input_limit, task_limit,
     upload_limit,
 };
 pub use convert::Inbound;
 pub use messages::{
-    CheckIn, ErrorCode, MAX_ERROR_MESSAGE_LEN, MAX_SDK_VERSION_LEN, MAX_TOKEN_LEN, NONCE_LEN, Request,
-    Response, Upload, WireAggregation, WireMechanism, WireModel, WireObjective, WirePrivacy, WireSelection,
-    WireTask, WireTrainParams,
+    AdvertiseKeys, CheckIn, EncryptedShares, ErrorCode, MAX_ERROR_MESSAGE_LEN, MAX_NEIGHBOURS,
+    MAX_SDK_VERSION_LEN, MAX_TOKEN_LEN, MaskedInput, NONCE_LEN, PUBLIC_KEY_LEN, Request, Response,
+    SEALED_PAIR_LEN, SEED_LEN, SHARE_LEN, UnmaskShares, Upload, WireAggregation, WireMechanism, WireModel,
+    WireNeighbour, WireObjective, WirePrivacy, WireRevealedShare, WireSealedPair, WireSelection,
+    WireShareKeys, WireTask, WireTrainParams,
 };
 
 use crate::error::UpdateError;
