@@ -106,7 +106,7 @@ impl Graph {
         if k == 0 {
             return Err(GraphError::ZeroDegree { n });
         }
-        if k % 2 != 0 {
+        if !k.is_multiple_of(2) {
             return Err(GraphError::OddDegree { k, n });
         }
         check_size(n, k)?;

@@ -258,7 +258,7 @@ pub fn bounds(input: &FinderInput, params: SecAggParams) -> Result<Bounds, Param
     let n = input.n;
     let k = params.k.min(n - 1);
     let t = params.t;
-    let harary_ok = k >= n - 1 || (k >= 2 && k % 2 == 0);
+    let harary_ok = k >= n - 1 || (k >= 2 && k.is_multiple_of(2));
     if !harary_ok || t == 0 || t > k + 1 {
         return Err(ParamsError::InvalidParams { n, k: params.k, t });
     }
