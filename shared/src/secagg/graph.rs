@@ -324,7 +324,8 @@ mod tests {
 
     #[test]
     fn graph_matches_the_independent_python_implementation() {
-        // /tmp/sb/kat.py (kept in the report), using the `cryptography` package's ChaCha20:
+        // An independent Python draw with the `cryptography` package's ChaCha20 (whose 16-byte
+        // nonce is the 4-byte little-endian block counter followed by the 12-byte IETF nonce):
         //   ks = ChaCha20(key=seed, nonce=b"\0\0\0\0" + b"fedrec/graph").update(b"\0" * len)
         //   below(b): w = next LE u64; reject while w >= 2**64 - 2**64 % b; return w % b
         //   p = list(range(n)); for i in range(n-1, 0, -1): j = below(i+1); swap p[i], p[j]

@@ -503,7 +503,7 @@ mod tests {
     #[test]
     fn other_semi_honest_rows_of_googles_table() {
         // (n, γ, δ) → (k, t) from the same test file; a sample of the semi-honest rows, which the
-        // independent Python model (/tmp/sb/finder.py in the report) reproduces too.
+        // independent Python model in `table_of_parameters` reproduces too.
         let rows = [
             (100, 0.05, 0.33, 28, 6),
             (1_000, 0.05, 0.33, 72, 24),
@@ -540,8 +540,28 @@ mod tests {
 
     #[test]
     fn table_of_parameters() {
-        // Printed with `--nocapture`; the expected numbers come from /tmp/sb/table.py, an
-        // exact big-integer model (math.comb, fractions) written independently of this file.
+        // Printed with `--nocapture`. The expected numbers come from an exact big-integer model
+        // written independently of this file (Python 3, math.comb; every comparison is between
+        // integers, so there is no rounding at all):
+        //
+        //   from math import comb, floor, perm
+        //   def find(n, g, d, sec=40, cor=20):
+        //       c = floor((g + 1e-12) * n); dr = floor((d + 1e-12) * n); s = n - dr; bad = c + dr
+        //       def check(k, complete):
+        //           if not complete and k <= bad and \
+        //              n * (n - k - 1) * perm(bad, k) * 2**(sec + 1) >= 2 * perm(n, k):
+        //               return None                                  # ring may be cut
+        //           tot = comb(n, k); t = k + 1; acc = 0
+        //           for x in range(k, -1, -1):                       # smallest secure t
+        //               acc += comb(c, x) * comb(n - c, k - x)
+        //               if acc * n * 2**(sec + 1) < tot: t = x
+        //               else: break
+        //           t = max(t, 2)
+        //           low = sum(comb(s, i) * comb(n - s, k - i) for i in range(t))
+        //           return t if t <= k and low * n * 2**cor < tot else None
+        //       for k in range(2, n - 1, 2):
+        //           if (t := check(k, False)): return k, t
+        //       return (n - 1, t) if n >= 2 and (t := check(n - 1, True)) else None
         let expected = [
             (100, 0.0, 0.0, 2, 2),
             (100, 0.0, 0.05, 6, 6),
@@ -709,7 +729,7 @@ mod tests {
 
     #[test]
     fn probabilities_match_exact_known_answers() {
-        // Exact values from /tmp/sb/kat.py with Python's math.comb and big integers:
+        // Exact values from Python's math.comb and big integers:
         //   lg(N, K, n, lo, hi) = log2(sum(comb(K, i) * comb(N-K, n-i) for i in lo..=hi) / comb(N, n))
         let upper = [
             ((10_000, 500, 86, 29), -54.479861725196656),
