@@ -7,17 +7,23 @@ use std::time::Duration;
 
 use fedrec_shared::danger::seeded_rng;
 use fedrec_shared::error::{Rejection, UpdateError};
+use fedrec_shared::round::secure::{RevealedShare, SEALED_PAIR_BYTES};
 use fedrec_shared::round::{
     Aggregation, ClientMessage, ClientOutcome, ClientRound, Coordinator, CoordinatorConfig, CoordinatorEvent,
     Instant, Mechanism, Selection, ServerMessage, Task, TaskPrivacy, TaskSelection,
+};
+use fedrec_shared::round::{
+    EncryptedShare, MaskedInputRequest, NeighbourKeys, SecAggSetup, ShareKeysRequest, UnmaskRequest,
 };
 use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
 use fedrec_shared::train::{local_update, reconstruct};
 use fedrec_shared::update::{ClippedUpdate, UpdateVector};
 use fedrec_shared::wire::{
-    self, CHECK_IN_LIMIT, CheckIn, ErrorCode, Inbound, LEN_PREFIX, Limits, MAX_ERROR_MESSAGE_LEN,
-    MAX_SDK_VERSION_LEN, MAX_TOKEN_LEN, Message, PROTOCOL_VERSION, RESPONSE_LIMIT, Request, Response, Upload,
-    WireError, WireModel, WireObjective, WireTask, WireTrainParams,
+    self, AdvertiseKeys, CHECK_IN_LIMIT, CheckIn, EncryptedShares, ErrorCode, Inbound, LEN_PREFIX, Limits,
+    MAX_ERROR_MESSAGE_LEN, MAX_NEIGHBOURS, MAX_SDK_VERSION_LEN, MAX_TOKEN_LEN, MaskedInput, Message,
+    PROTOCOL_VERSION, RESPONSE_LIMIT, Request, Response, SEALED_PAIR_LEN, SHARE_LEN, UnmaskShares, Upload,
+    WireError, WireModel, WireNeighbour, WireObjective, WireRevealedShare, WireSealedPair, WireShareKeys,
+    WireTask, WireTrainParams,
 };
 use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, Rating, RoundModel, TrainParams};
 use proptest::prelude::*;
@@ -214,7 +220,7 @@ fn client_messages_convert_to_requests() {
             assert_eq!((round, within_bound), (5, Some(true)));
             assert_eq!(got.vector().to_dense(), update.vector().to_dense());
         }
-        ClientMessage::CheckIn => panic!("an upload"),
+        other => panic!("an upload, got {other:?}"),
     }
 }
 
@@ -413,6 +419,68 @@ fn known_answer_messages() -> Vec<(&'static str, Result<Request, Response>)> {
         ),
         ("finished", Err(Response::Finished { model_version: 3, model: task.model.clone() })),
         ("finished_cached", Err(Response::Finished { model_version: 3, model: None })),
+        (
+            "advertise_keys",
+            Ok(Request::AdvertiseKeys(AdvertiseKeys {
+                round: 5,
+                cipher_public: [0x11; 32],
+                mask_public: [0x22; 32],
+                nonce,
+            })),
+        ),
+        (
+            "encrypted_shares",
+            Ok(Request::EncryptedShares(EncryptedShares {
+                round: 1,
+                shares: vec![WireSealedPair { peer: 300, ciphertext: vec![0xcd; SEALED_PAIR_LEN] }],
+                nonce: [0xff; 16],
+            })),
+        ),
+        (
+            "masked_input",
+            Ok(Request::MaskedInput(MaskedInput { round: 7, words: vec![0, 1, u64::from(u32::MAX)], nonce })),
+        ),
+        (
+            "masked_input_wide",
+            Ok(Request::MaskedInput(MaskedInput { round: 7, words: vec![1, 1 << 32], nonce: [0; 16] })),
+        ),
+        (
+            "unmask_shares",
+            Ok(Request::UnmaskShares(UnmaskShares {
+                round: 9,
+                mask_key_shares: vec![WireRevealedShare {
+                    owner: 4,
+                    share: std::array::from_fn(|i| i as u8),
+                }],
+                self_mask_shares: vec![WireRevealedShare { owner: 2, share: [0xee; SHARE_LEN] }],
+                nonce: [0; 16],
+            })),
+        ),
+        (
+            "share_keys",
+            Err(Response::ShareKeys(WireShareKeys {
+                round: 3,
+                seed: [0x5e; 32],
+                n: 2,
+                k: 1,
+                t: 2,
+                bits: 20,
+                index: 1,
+                neighbours: vec![WireNeighbour {
+                    index: 0,
+                    cipher_public: [0x0c; 32],
+                    mask_public: [0x05; 32],
+                }],
+            })),
+        ),
+        (
+            "masked_input_request",
+            Err(Response::MaskedInputRequest {
+                round: 3,
+                shares: vec![WireSealedPair { peer: 0, ciphertext: vec![0x77; SEALED_PAIR_LEN] }],
+            }),
+        ),
+        ("unmask", Err(Response::Unmask { round: 300, dropped: vec![5], survivors: vec![0, 200] })),
     ]
 }
 
@@ -459,15 +527,21 @@ fn hex(b: &[u8]) -> String {
 
 #[test]
 fn protocol_constants() {
-    assert_eq!(PROTOCOL_VERSION, 1);
-    assert_eq!(wire::ALPN, b"fedrec/1");
+    assert_eq!(PROTOCOL_VERSION, 2);
+    assert_eq!(wire::ALPN, b"fedrec/2");
     assert_eq!((CHECK_IN_LIMIT, RESPONSE_LIMIT), (4096, 1024));
     let l = Limits::for_shape(&ModelShape { n_items: 1000, dim: 16, n_segments: 8 });
     let layout_len = 1000 * 16 + 1000 + 1 + 8 * 16 + 8;
     assert_eq!(l.upload(), 4 * layout_len + wire::UPLOAD_OVERHEAD);
     assert_eq!(l.task(), 4 * (1000 * 16 + 1000 + 1 + 8 * 16) + wire::TASK_OVERHEAD);
-    assert_eq!(l.max_request(), l.upload());
-    assert_eq!(l.max_response(), l.task());
+    // v2: the widest masked input (8 bytes a word, the layout plus the clip bit) is the
+    // largest request of a real model; the largest response is the task or, for a model
+    // under ~110 KB, the sealed pairs of MAX_NEIGHBOURS neighbours.
+    assert_eq!(l.masked_input(), 8 * (layout_len + 1) + wire::SECURE_OVERHEAD);
+    assert_eq!(l.max_request(), l.masked_input());
+    assert_eq!(l.max_response(), l.task().max(wire::SEALED_PAIRS_LIMIT));
+    assert_eq!(wire::SEALED_PAIRS_LIMIT, 112_704);
+    assert_eq!(Limits::for_shape(&ML_100K).max_response(), Limits::for_shape(&ML_100K).task());
     // Absurd shapes saturate instead of overflowing.
     let huge = Limits::for_shape(&ModelShape { n_items: usize::MAX, dim: 1024, n_segments: 1 });
     assert_eq!(huge.upload(), usize::MAX);
@@ -489,7 +563,7 @@ fn each_message_kind_has_its_own_limit() {
     // when the frame fits the largest request (a big model's upload).
     let big = Limits::for_shape(&ModelShape { n_items: 10_000, dim: 8, n_segments: 4 });
     let mut p = vec![0u8; CHECK_IN_LIMIT + 1];
-    p[0] = 1; // version
+    p[0] = 2; // version
     p[1] = 0; // CheckIn
     assert_eq!(
         wire::decode_request(&p, &big),
@@ -497,7 +571,7 @@ fn each_message_kind_has_its_own_limit() {
     );
     // The same for responses that are not tasks.
     let mut p = vec![0u8; RESPONSE_LIMIT + 1];
-    p[0] = 1;
+    p[0] = 2;
     p[1] = 2; // Ack
     assert_eq!(
         wire::decode_response(&p, &big),
@@ -609,24 +683,24 @@ fn a_tiny_frame_claiming_a_huge_length_allocates_nothing_and_fails() {
     // or out of memory) instead of returning an error.
     let l = limits();
     for claim in [1u64 << 20, 1 << 40, 1 << 62, u64::MAX >> 1, u64::MAX] {
-        let mut token = vec![1, 0];
+        let mut token = vec![2, 0];
         token.extend(varint(claim));
         assert!(matches!(wire::decode_request(&token, &l), Err(WireError::Malformed(_))), "token {claim}");
 
-        let mut sdk = vec![1, 0, 0];
+        let mut sdk = vec![2, 0, 0];
         sdk.extend(varint(claim));
         assert!(
             matches!(wire::decode_request(&sdk, &l), Err(WireError::Malformed(_))),
             "sdk_version {claim}"
         );
 
-        let mut update = vec![1, 1, 0];
+        let mut update = vec![2, 1, 0];
         update.extend(varint(claim));
         update.extend([0; 8]);
         assert!(matches!(wire::decode_request(&update, &l), Err(WireError::Malformed(_))), "update {claim}");
 
         // A task's model factors.
-        let mut factors = vec![1, 0, 0, 0, 0];
+        let mut factors = vec![2, 0, 0, 0, 0];
         factors.extend([0; 16]);
         factors.extend([0; 4]);
         factors.extend([0, 0, 1, 0, 1, 1, 1]);
@@ -636,7 +710,7 @@ fn a_tiny_frame_claiming_a_huge_length_allocates_nothing_and_fails() {
             "factors {claim}"
         );
 
-        let mut message = vec![1, 3, 1];
+        let mut message = vec![2, 3, 1];
         message.extend(varint(claim));
         assert!(
             matches!(wire::decode_response(&message, &l), Err(WireError::Malformed(_))),
@@ -644,7 +718,7 @@ fn a_tiny_frame_claiming_a_huge_length_allocates_nothing_and_fails() {
         );
     }
     // A length that is there but not a whole number of floats.
-    let mut p = vec![1, 1, 0, 3, 0, 0, 0, 0];
+    let mut p = vec![2, 1, 0, 3, 0, 0, 0, 0];
     p.extend([0; 16]);
     assert!(matches!(wire::decode_request(&p, &l), Err(WireError::Malformed(_))));
 }
@@ -652,20 +726,20 @@ fn a_tiny_frame_claiming_a_huge_length_allocates_nothing_and_fails() {
 #[test]
 fn the_version_is_read_first() {
     let l = limits();
-    let v1 = payload(&Request::CheckIn(check_in(None)));
-    for version in [0u16, 2, 300, u16::MAX] {
-        // A future version's body need not parse as v1.
+    let v2 = payload(&Request::CheckIn(check_in(None)));
+    for version in [0u16, 1, 3, 300, u16::MAX] {
+        // Another version's body need not parse as v2.
         let mut p = varint(u64::from(version));
         p.extend([0xff; 40]);
-        let want = WireError::VersionMismatch { got: version, expected: 1 };
+        let want = WireError::VersionMismatch { got: version, expected: 2 };
         assert_eq!(wire::decode_request(&p, &l), Err(want.clone()));
         assert_eq!(wire::decode_response(&p, &l), Err(want.clone()));
-        // A v1 body under another version number is refused just the same.
+        // A v2 body under another version number is refused just the same.
         let mut p = varint(u64::from(version));
-        p.extend(&v1[1..]);
+        p.extend(&v2[1..]);
         assert_eq!(wire::decode_request(&p, &l), Err(want));
     }
-    assert_eq!(WireError::VersionMismatch { got: 2, expected: 1 }.code(), ErrorCode::VersionMismatch);
+    assert_eq!(WireError::VersionMismatch { got: 1, expected: 2 }.code(), ErrorCode::VersionMismatch);
 }
 
 #[test]
@@ -673,9 +747,10 @@ fn malformed_payloads_are_refused() {
     let l = limits();
     let malformed = |r: Result<Request, WireError>| matches!(r, Err(WireError::Malformed(_)));
     assert!(malformed(wire::decode_request(&[], &l)));
-    assert!(malformed(wire::decode_request(&[1], &l)));
-    assert!(malformed(wire::decode_request(&[1, 3], &l)), "no request has variant index 3");
-    assert!(matches!(wire::decode_response(&[1, 6], &l), Err(WireError::Malformed(_))));
+    assert!(malformed(wire::decode_request(&[2], &l)));
+    assert!(malformed(wire::decode_request(&[2, 7], &l)), "no request has variant index 7");
+    assert!(matches!(wire::decode_response(&[2, 10], &l), Err(WireError::Malformed(_))), "nor response 10");
+    assert!(matches!(wire::decode_response(&[2, 6], &l), Err(WireError::Malformed(_))), "a truncated one");
     let mut p = payload(&Request::CheckIn(check_in(None)));
     p.push(0);
     assert!(malformed(wire::decode_request(&p, &l)), "trailing bytes");
@@ -690,7 +765,7 @@ fn malformed_payloads_are_refused() {
     up[bit] = 2;
     assert!(malformed(wire::decode_request(&up, &l)));
     // Not UTF-8.
-    let mut p = vec![1, 0, 0, 2, 0xc3, 0x28, 0, 0];
+    let mut p = vec![2, 0, 0, 2, 0xc3, 0x28, 0, 0];
     assert!(malformed(wire::decode_request(&p, &l)));
     p[4] = b'o';
     p[5] = b'k';
@@ -705,7 +780,7 @@ fn over_long_fields_are_refused_by_both_sides() {
     let long_sdk = CheckIn { sdk_version: "x".repeat(MAX_SDK_VERSION_LEN + 1), ..check_in(None) };
     assert!(matches!(wire::encode(&Request::CheckIn(long_sdk)), Err(WireError::Invalid(_))));
     // Hand-built, since the encoder refuses it.
-    let mut p = vec![1, 0];
+    let mut p = vec![2, 0];
     p.extend(varint(MAX_TOKEN_LEN as u64 + 1));
     p.extend(vec![0u8; MAX_TOKEN_LEN + 1]);
     p.extend([0, 0, 0]);
@@ -722,7 +797,7 @@ fn over_long_fields_are_refused_by_both_sides() {
         retry_after_ms: None,
     };
     assert!(matches!(wire::encode(&long), Err(WireError::Invalid(_))));
-    let mut p = vec![1, 3, 14];
+    let mut p = vec![2, 3, 14];
     p.extend(varint(MAX_ERROR_MESSAGE_LEN as u64 + 1));
     p.extend(vec![b'x'; MAX_ERROR_MESSAGE_LEN + 1]);
     p.push(0);
@@ -906,6 +981,7 @@ fn wire_config(selection: Selection, min_reports: usize) -> CoordinatorConfig {
         noise_multiplier: 0.0,
         centroids: CentroidPolicy::with_min_count(1.0),
         privacy: None,
+        secure: None,
     }
 }
 
@@ -936,7 +1012,7 @@ fn every_rejection_has_an_error_code() {
     }
     assert_eq!(ErrorCode::from(999), ErrorCode::Unknown);
     // An unknown code from a newer peer still decodes.
-    let mut p = vec![1, 3];
+    let mut p = vec![2, 3];
     p.extend(varint(999));
     p.extend([2, b'h', b'i', 0]);
     assert_eq!(
@@ -974,6 +1050,7 @@ fn a_round_runs_over_the_wire() {
         noise_multiplier: 0.0,
         adaptive_clip: None,
         privacy: None,
+        secure: None,
         centroids: CentroidPolicy::with_min_count(1.0),
     };
     let mut coord = Coordinator::new(cfg, model(shape, 5), seeded_rng(6)).expect("valid config");
@@ -1017,7 +1094,7 @@ fn a_round_runs_over_the_wire() {
                         ClientMessage::CheckIn
                     }
                     Request::Upload(u) => u.into_client_message(&layout, coord.clip_norm()).expect("honest"),
-                    Request::FetchRules(_) => unreachable!("a round machine never asks for rules"),
+                    other => unreachable!("a plain round sends no {other:?}"),
                 };
                 coord.handle_message(Instant::ZERO, id as u64, msg);
             }
@@ -1077,8 +1154,75 @@ fn any_upload() -> impl Strategy<Value = Upload> {
         .prop_map(|(round, update, within_bound, nonce)| Upload { round, update, within_bound, nonce })
 }
 
+fn any_sealed_pairs() -> impl Strategy<Value = Vec<WireSealedPair>> {
+    prop::collection::vec(
+        (any::<u32>(), any::<u8>())
+            .prop_map(|(peer, b)| WireSealedPair { peer, ciphertext: vec![b; SEALED_PAIR_LEN] }),
+        0..4,
+    )
+}
+
+fn any_revealed() -> impl Strategy<Value = Vec<WireRevealedShare>> {
+    prop::collection::vec(
+        (any::<u32>(), any::<u8>()).prop_map(|(owner, b)| WireRevealedShare { owner, share: [b; SHARE_LEN] }),
+        0..4,
+    )
+}
+
+/// Words of one width or the other: all below 2^32, or any.
+fn any_words() -> impl Strategy<Value = Vec<u64>> {
+    prop_oneof![
+        prop::collection::vec(any::<u32>().prop_map(u64::from), 0..24),
+        prop::collection::vec(any::<u64>(), 0..24),
+    ]
+}
+
+fn any_secure_request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        (any::<u64>(), any::<[u8; 32]>(), any::<[u8; 32]>(), any::<[u8; 16]>()).prop_map(
+            |(round, cipher_public, mask_public, nonce)| {
+                Request::AdvertiseKeys(AdvertiseKeys { round, cipher_public, mask_public, nonce })
+            }
+        ),
+        (any::<u64>(), any_sealed_pairs(), any::<[u8; 16]>()).prop_map(|(round, shares, nonce)| {
+            Request::EncryptedShares(EncryptedShares { round, shares, nonce })
+        }),
+        (any::<u64>(), any_words(), any::<[u8; 16]>())
+            .prop_map(|(round, words, nonce)| Request::MaskedInput(MaskedInput { round, words, nonce })),
+        (any::<u64>(), any_revealed(), any_revealed(), any::<[u8; 16]>()).prop_map(
+            |(round, mask_key_shares, self_mask_shares, nonce)| {
+                Request::UnmaskShares(UnmaskShares { round, mask_key_shares, self_mask_shares, nonce })
+            }
+        ),
+    ]
+}
+
 fn any_request() -> impl Strategy<Value = Request> {
-    prop_oneof![any_check_in().prop_map(Request::CheckIn), any_upload().prop_map(Request::Upload)]
+    prop_oneof![
+        any_check_in().prop_map(Request::CheckIn),
+        any_upload().prop_map(Request::Upload),
+        any_secure_request(),
+    ]
+}
+
+fn any_secure_response() -> impl Strategy<Value = Response> {
+    let neighbours = prop::collection::vec(
+        (any::<u32>(), any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(
+            |(index, cipher_public, mask_public)| WireNeighbour { index, cipher_public, mask_public },
+        ),
+        0..4,
+    );
+    prop_oneof![
+        (any::<u64>(), any::<[u8; 32]>(), any::<[u32; 5]>(), neighbours).prop_map(
+            |(round, seed, [n, k, t, bits, index], neighbours)| {
+                Response::ShareKeys(WireShareKeys { round, seed, n, k, t, bits, index, neighbours })
+            }
+        ),
+        (any::<u64>(), any_sealed_pairs())
+            .prop_map(|(round, shares)| Response::MaskedInputRequest { round, shares }),
+        (any::<u64>(), prop::collection::vec(any::<u32>(), 0..8), prop::collection::vec(any::<u32>(), 0..8))
+            .prop_map(|(round, dropped, survivors)| Response::Unmask { round, dropped, survivors }),
+    ]
 }
 
 fn any_floats() -> impl Strategy<Value = Vec<f32>> {
@@ -1181,6 +1325,7 @@ fn any_response() -> impl Strategy<Value = Response> {
         (prop::sample::select(ErrorCode::ALL.to_vec()), "\\PC{0,64}", any::<Option<u64>>())
             .prop_map(|(code, message, retry_after_ms)| Response::Error { code, message, retry_after_ms }),
         any::<u64>().prop_map(|round| Response::Aborted { round }),
+        any_secure_response(),
     ]
 }
 
@@ -1237,8 +1382,13 @@ fn decode_everything(bytes: &[u8]) -> bool {
         }
         if let Ok(r) = wire::decode_request(bytes, &l) {
             decoded = true;
-            if let Request::Upload(u) = r {
-                let _ = u.verify(&layout, 1.0);
+            match r {
+                Request::Upload(u) => drop(u.verify(&layout, 1.0)),
+                Request::AdvertiseKeys(m) => drop(m.into_client_message()),
+                Request::EncryptedShares(m) => drop(m.into_client_message()),
+                Request::MaskedInput(m) => drop(m.into_client_message(&layout)),
+                Request::UnmaskShares(m) => drop(m.into_client_message()),
+                _ => {}
             }
         }
         if let Ok(r) = wire::decode_response(bytes, &l) {
@@ -1257,10 +1407,10 @@ proptest! {
 
     #[test]
     fn random_bodies_after_a_valid_header_never_panic(
-        kind in 0u8..6,
+        kind in 0u8..10,
         body in prop::collection::vec(any::<u8>(), 0..600),
     ) {
-        let mut bytes = vec![1, kind];
+        let mut bytes = vec![2, kind];
         bytes.extend(body);
         decode_everything(&bytes);
     }
@@ -1358,4 +1508,471 @@ fn a_finished_federation_hands_over_its_final_model() {
     };
     let mismatched = Response::Finished { model_version: m.version + 1, model: Some(WireModel::from(&*m)) };
     assert!(mismatched.into_inbound(None).is_err(), "the model must be the version the answer names");
+}
+
+// ---------------------------------------------------------------------------------------
+// Secure aggregation (protocol v2)
+
+/// A model shape the size of ML-100K's (1,682 items, 32 dimensions, 8 segments; 55,771 values).
+const ML_100K: ModelShape = ModelShape { n_items: 1682, dim: 32, n_segments: 8 };
+
+/// Every secure message at its largest: the longest lists, every varint at its longest.
+fn largest_secure_messages(shape: &ModelShape) -> (Vec<Request>, Vec<Response>) {
+    let pairs = |n: usize| -> Vec<WireSealedPair> {
+        (0..n).map(|_| WireSealedPair { peer: u32::MAX, ciphertext: vec![0xff; SEALED_PAIR_LEN] }).collect()
+    };
+    let shares = |n: usize| -> Vec<WireRevealedShare> {
+        (0..n).map(|_| WireRevealedShare { owner: u32::MAX, share: [0xff; SHARE_LEN] }).collect()
+    };
+    let requests = vec![
+        Request::AdvertiseKeys(AdvertiseKeys {
+            round: u64::MAX,
+            cipher_public: [0xff; 32],
+            mask_public: [0xff; 32],
+            nonce: [0xff; 16],
+        }),
+        Request::EncryptedShares(EncryptedShares {
+            round: u64::MAX,
+            shares: pairs(MAX_NEIGHBOURS),
+            nonce: [0xff; 16],
+        }),
+        Request::MaskedInput(MaskedInput {
+            round: u64::MAX,
+            words: vec![u64::MAX; shape.layout().len() + 1],
+            nonce: [0xff; 16],
+        }),
+        // Both splits of the MAX_NEIGHBOURS + 1 shares.
+        Request::UnmaskShares(UnmaskShares {
+            round: u64::MAX,
+            mask_key_shares: shares(MAX_NEIGHBOURS),
+            self_mask_shares: shares(1),
+            nonce: [0xff; 16],
+        }),
+        Request::UnmaskShares(UnmaskShares {
+            round: u64::MAX,
+            mask_key_shares: Vec::new(),
+            self_mask_shares: shares(MAX_NEIGHBOURS + 1),
+            nonce: [0xff; 16],
+        }),
+    ];
+    let responses = vec![
+        Response::ShareKeys(WireShareKeys {
+            round: u64::MAX,
+            seed: [0xff; 32],
+            n: u32::MAX,
+            k: u32::MAX,
+            t: u32::MAX,
+            bits: u32::MAX,
+            index: u32::MAX,
+            neighbours: vec![
+                WireNeighbour {
+                    index: u32::MAX,
+                    cipher_public: [0xff; 32],
+                    mask_public: [0xff; 32]
+                };
+                MAX_NEIGHBOURS
+            ],
+        }),
+        Response::MaskedInputRequest { round: u64::MAX, shares: pairs(MAX_NEIGHBOURS) },
+        Response::Unmask { round: u64::MAX, dropped: vec![u32::MAX; MAX_NEIGHBOURS], survivors: Vec::new() },
+        Response::Unmask { round: u64::MAX, dropped: Vec::new(), survivors: vec![u32::MAX; MAX_NEIGHBOURS] },
+    ];
+    (requests, responses)
+}
+
+/// The limit of a request's own kind.
+fn request_limit(r: &Request, l: &Limits) -> usize {
+    match r {
+        Request::AdvertiseKeys(_) => l.advertise_keys(),
+        Request::EncryptedShares(_) => l.sealed_pairs(),
+        Request::MaskedInput(_) => l.masked_input(),
+        Request::UnmaskShares(_) => l.unmask_shares(),
+        other => panic!("not a secure request: {other:?}"),
+    }
+}
+
+/// The limit of a response's own kind.
+fn response_limit(r: &Response, l: &Limits) -> usize {
+    match r {
+        Response::ShareKeys(_) => l.share_keys(),
+        Response::MaskedInputRequest { .. } => l.sealed_pairs(),
+        Response::Unmask { .. } => l.unmask(),
+        other => panic!("not a secure response: {other:?}"),
+    }
+}
+
+#[test]
+fn secure_messages_round_trip_at_their_limits() {
+    for shape in [SHAPE, ML_100K] {
+        let l = Limits::for_shape(&shape);
+        let (requests, responses) = largest_secure_messages(&shape);
+        for r in &requests {
+            let p = payload(r);
+            assert!(p.len() <= request_limit(r, &l), "{} > {}", p.len(), request_limit(r, &l));
+            assert!(p.len() <= l.max_request());
+            assert_eq!(&wire::decode_request(&p, &l).expect("decodes"), r);
+        }
+        for r in &responses {
+            let p = payload(r);
+            assert!(p.len() <= response_limit(r, &l), "{} > {}", p.len(), response_limit(r, &l));
+            assert!(p.len() <= l.max_response());
+            assert_eq!(&wire::decode_response(&p, &l).expect("decodes"), r);
+        }
+    }
+    // The documented numbers.
+    let l = Limits::for_shape(&ML_100K);
+    assert_eq!(ML_100K.layout().len(), 55_771);
+    assert_eq!(
+        (
+            l.advertise_keys(),
+            l.sealed_pairs(),
+            l.masked_input(),
+            l.unmask_shares(),
+            l.share_keys(),
+            l.unmask()
+        ),
+        (128, 112_704, 446_240, 50_289, 70_784, 5_184)
+    );
+    assert_eq!((l.max_request(), l.max_response()), (446_240, l.task()));
+}
+
+#[test]
+fn secure_message_sizes_match_the_protocol_page() {
+    // docs/secagg.md: EncryptedShares 8 + 108·k, MaskedInput 8 + w·d, before framing; the
+    // wire adds the version, variant index, list count and nonce, and one byte a pair.
+    let k = 86;
+    let shares = EncryptedShares {
+        round: 1 << 20,
+        shares: (0..k)
+            .map(|j| WireSealedPair { peer: j * 100, ciphertext: vec![0; SEALED_PAIR_LEN] })
+            .collect(),
+        nonce: [0; 16],
+    };
+    let p = payload(&Request::EncryptedShares(shares));
+    assert!(p.len() <= 8 + 108 * k as usize + 16 + 4 + k as usize, "{}", p.len());
+    // Masked words in a ring of ≤ 32 bits take 4 bytes each, like the f32 upload.
+    let d = ML_100K.layout().len() + 1;
+    let narrow = payload(&Request::MaskedInput(MaskedInput {
+        round: 1,
+        words: vec![u64::from(u32::MAX); d],
+        nonce: [0; 16],
+    }));
+    let wide =
+        payload(&Request::MaskedInput(MaskedInput { round: 1, words: vec![1 << 32; d], nonce: [0; 16] }));
+    assert_eq!(narrow.len(), 2 + 1 + 3 + 1 + 4 * d + 16);
+    assert_eq!(wide.len(), 2 + 1 + 3 + 1 + 8 * d + 16);
+}
+
+#[test]
+fn oversize_secure_messages_are_refused_per_kind() {
+    // A big model: its largest request and response are far above every secure kind's own
+    // limit, so each kind is refused by its own limit, before its body is parsed.
+    let big = Limits::for_shape(&ModelShape { n_items: 10_000, dim: 16, n_segments: 8 });
+    let kinds: [(bool, u8, usize); 7] = [
+        (true, 3, big.advertise_keys()),
+        (true, 4, big.sealed_pairs()),
+        (true, 5, big.masked_input()),
+        (true, 6, big.unmask_shares()),
+        (false, 7, big.share_keys()),
+        (false, 8, big.sealed_pairs()),
+        (false, 9, big.unmask()),
+    ];
+    for (is_request, kind, limit) in kinds {
+        let mut p = vec![0u8; limit + 1];
+        p[0] = 2;
+        p[1] = kind;
+        let want = Err(WireError::TooLarge { len: limit + 1, limit });
+        if is_request {
+            // The masked input is the largest request: its limit is the frame limit.
+            assert!(limit < big.max_request() || kind == 5, "kind {kind}");
+            assert_eq!(wire::decode_request(&p, &big).map(|_| ()), want, "request kind {kind}");
+        } else {
+            assert!(limit < big.max_response(), "kind {kind}");
+            assert_eq!(wire::decode_response(&p, &big).map(|_| ()), want, "response kind {kind}");
+        }
+    }
+    // A masked input for a bigger model than the round's.
+    let l = limits();
+    let n = SHAPE.layout().len();
+    let long = MaskedInput { round: 1, words: vec![u64::MAX; n + 10], nonce: [0; 16] };
+    assert!(matches!(
+        wire::decode_request(&payload(&Request::MaskedInput(long)), &l),
+        Err(WireError::TooLarge { .. })
+    ));
+    // Within the size limit but longer than the layout and its clip bit: the conversion refuses it.
+    let over = MaskedInput { round: 1, words: vec![u64::MAX; n + 2], nonce: [0; 16] };
+    let Ok(Request::MaskedInput(m)) = wire::decode_request(&payload(&Request::MaskedInput(over)), &l) else {
+        panic!("fits the size limit")
+    };
+    assert!(matches!(m.into_client_message(&SHAPE.layout()), Err(WireError::Invalid(_))));
+    let fits = MaskedInput { round: 1, words: vec![u64::MAX; n + 1], nonce: [0; 16] };
+    assert!(fits.into_client_message(&SHAPE.layout()).is_ok());
+}
+
+#[test]
+fn too_many_neighbours_are_refused_by_both_sides() {
+    let l = Limits::for_shape(&ML_100K);
+    let pair = WireSealedPair { peer: 0, ciphertext: vec![0; SEALED_PAIR_LEN] };
+    let share = WireRevealedShare { owner: 0, share: [0; SHARE_LEN] };
+    let nb = WireNeighbour { index: 0, cipher_public: [0; 32], mask_public: [0; 32] };
+    let requests = [
+        Request::EncryptedShares(EncryptedShares {
+            round: 0,
+            shares: vec![pair.clone(); MAX_NEIGHBOURS + 1],
+            nonce: [0; 16],
+        }),
+        Request::UnmaskShares(UnmaskShares {
+            round: 0,
+            mask_key_shares: vec![share.clone(); 2],
+            self_mask_shares: vec![share.clone(); MAX_NEIGHBOURS],
+            nonce: [0; 16],
+        }),
+    ];
+    for r in &requests {
+        assert!(matches!(wire::encode(r), Err(WireError::Invalid(_))), "{r:?}");
+    }
+    let responses = [
+        Response::ShareKeys(WireShareKeys {
+            round: 0,
+            seed: [0; 32],
+            n: 2000,
+            k: 1999,
+            t: 2,
+            bits: 32,
+            index: 0,
+            neighbours: vec![nb; MAX_NEIGHBOURS + 1],
+        }),
+        Response::MaskedInputRequest { round: 0, shares: vec![pair.clone(); MAX_NEIGHBOURS + 1] },
+        Response::Unmask { round: 0, dropped: vec![1; 600], survivors: vec![2; MAX_NEIGHBOURS + 1 - 600] },
+    ];
+    for r in &responses {
+        assert!(matches!(wire::encode(r), Err(WireError::Invalid(_))), "{r:?}");
+    }
+    // Hand-built, since the encoder refuses them: the decoder refuses them too (a list
+    // beyond MAX_NEIGHBOURS + 1 already while reading it, a longer one by its size).
+    let mut p = vec![2, 9, 0];
+    p.extend(varint(600));
+    p.extend(vec![1; 600]);
+    p.extend(varint(MAX_NEIGHBOURS as u64 + 1 - 600));
+    p.extend(vec![2; MAX_NEIGHBOURS + 1 - 600]);
+    assert!(matches!(wire::decode_response(&p, &l), Err(WireError::Invalid(_))));
+    let mut p = vec![2, 4, 0];
+    p.extend(varint(MAX_NEIGHBOURS as u64 + 1));
+    for _ in 0..=MAX_NEIGHBOURS {
+        p.extend([0, SEALED_PAIR_LEN as u8]);
+        p.extend([0; SEALED_PAIR_LEN]);
+    }
+    p.extend([0; 16]);
+    assert!(matches!(wire::decode_request(&p, &l), Err(WireError::Invalid(_))));
+    let mut p = vec![2, 8, 0];
+    p.extend(varint(MAX_NEIGHBOURS as u64 + 2));
+    p.extend([0; 64]);
+    assert!(matches!(wire::decode_response(&p, &l), Err(WireError::Malformed(_))));
+}
+
+#[test]
+fn malformed_secure_messages_are_refused() {
+    let l = limits();
+    let malformed = |r: Result<Request, WireError>| matches!(r, Err(WireError::Malformed(_)));
+    // Masked words: version, MaskedInput, round 1, then the byte string, then the nonce.
+    let words = |bytes: &[u8]| {
+        let mut p = vec![2, 5, 1];
+        p.extend(varint(bytes.len() as u64));
+        p.extend(bytes);
+        p.extend([0; 16]);
+        p
+    };
+    assert!(wire::decode_request(&words(&[4, 1, 0, 0, 0]), &l).is_ok());
+    assert!(wire::decode_request(&words(&[8, 1, 0, 0, 0, 0, 0, 0, 0]), &l).is_ok());
+    assert!(wire::decode_request(&words(&[4]), &l).is_ok(), "no words");
+    assert!(malformed(wire::decode_request(&words(&[]), &l)), "no width byte");
+    for width in [0u8, 1, 2, 3, 5, 7, 9, 16, 255] {
+        assert!(
+            malformed(wire::decode_request(&words(&[width, 1, 0, 0, 0, 0, 0, 0, 0]), &l)),
+            "width {width}"
+        );
+    }
+    assert!(malformed(wire::decode_request(&words(&[4, 1, 0, 0]), &l)), "3 bytes of width 4");
+    assert!(malformed(wire::decode_request(&words(&[4, 1, 0, 0, 0, 0]), &l)), "5 bytes of width 4");
+    assert!(malformed(wire::decode_request(&words(&[8, 1, 0, 0, 0]), &l)), "4 bytes of width 8");
+    assert!(
+        malformed(wire::decode_request(&words(&[8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), &l)),
+        "12 bytes of width 8"
+    );
+
+    // Ciphertexts of the wrong length: refused by the encoder, by the decoder, and by the
+    // conversions (for values built in memory).
+    for len in [0, 1, SEALED_PAIR_LEN - 1, SEALED_PAIR_LEN + 1, 2 * SEALED_PAIR_LEN] {
+        let bad = vec![WireSealedPair { peer: 1, ciphertext: vec![0; len] }];
+        let req = EncryptedShares { round: 0, shares: bad.clone(), nonce: [0; 16] };
+        assert!(matches!(wire::encode(&Request::EncryptedShares(req.clone())), Err(WireError::Invalid(_))));
+        assert!(matches!(req.into_client_message(), Err(WireError::Invalid(_))), "{len}");
+        let resp = Response::MaskedInputRequest { round: 0, shares: bad };
+        assert!(matches!(wire::encode(&resp), Err(WireError::Invalid(_))));
+        assert!(matches!(resp.into_inbound(None), Err(WireError::Invalid(_))), "{len}");
+        let mut p = vec![2, 4, 0, 1, 1];
+        p.extend(varint(len as u64));
+        p.extend(vec![0; len]);
+        p.extend([0; 16]);
+        assert!(matches!(wire::decode_request(&p, &l), Err(WireError::Invalid(_))), "{len}");
+        let mut p = vec![2, 8, 0, 1, 1];
+        p.extend(varint(len as u64));
+        p.extend(vec![0; len]);
+        assert!(matches!(wire::decode_response(&p, &l), Err(WireError::Invalid(_))), "{len}");
+    }
+    // A revealed share cut short, and keys cut short.
+    let mut p = vec![2, 6, 0, 1, 0];
+    p.extend([0; SHARE_LEN - 1]);
+    assert!(malformed(wire::decode_request(&p, &l)));
+    let mut p = vec![2, 3, 0];
+    p.extend([0; 32 + 31 + 16]);
+    assert!(malformed(wire::decode_request(&p, &l)));
+    // Trailing bytes after a secure message.
+    let mut p = payload(&Request::AdvertiseKeys(AdvertiseKeys {
+        round: 0,
+        cipher_public: [1; 32],
+        mask_public: [2; 32],
+        nonce: [0; 16],
+    }));
+    p.push(0);
+    assert!(malformed(wire::decode_request(&p, &l)));
+}
+
+#[test]
+fn a_huge_secure_list_count_allocates_nothing_and_fails() {
+    // Were a list count or a length used to pre-allocate, this would abort instead of failing.
+    let l = limits();
+    for claim in [1u64 << 20, 1 << 40, u64::MAX >> 1, u64::MAX] {
+        for prefix in [vec![2u8, 4, 0], vec![2, 6, 0], vec![2, 6, 0, 0]] {
+            let mut p = prefix.clone();
+            p.extend(varint(claim));
+            p.extend([0; 8]);
+            assert!(wire::decode_request(&p, &l).is_err(), "{prefix:?} {claim}");
+        }
+        for prefix in [vec![2u8, 7, 0], vec![2, 8, 0], vec![2, 9, 0], vec![2, 9, 0, 0]] {
+            let mut p = prefix.clone();
+            if prefix[1] == 7 {
+                p.extend([0; 32 + 5]);
+            }
+            p.extend(varint(claim));
+            p.extend([0; 8]);
+            assert!(wire::decode_response(&p, &l).is_err(), "{prefix:?} {claim}");
+        }
+        let mut p = vec![2, 5, 0];
+        p.extend(varint(claim));
+        p.extend([4, 0, 0, 0, 0]);
+        assert!(malformed(&wire::decode_request(&p, &l)), "words {claim}");
+    }
+    fn malformed(r: &Result<Request, WireError>) -> bool {
+        matches!(r, Err(WireError::Malformed(_)))
+    }
+}
+
+#[test]
+fn a_v1_peer_is_told_version_mismatch() {
+    // A v1 check-in, byte for byte as a v1 device sends it (the first known answer of v1).
+    let v1_check_in = [0x01, 0x00, 0x03, b't', b'o', b'k', 0x03, b'1', b'.', b'0', 0x00, 0x01, 0xac, 0x02];
+    let l = limits();
+    let want = Err(WireError::VersionMismatch { got: 1, expected: 2 });
+    assert_eq!(wire::decode_request(&v1_check_in, &l), want);
+    // A v1 ack, as a v2 device would receive it from a v1 coordinator.
+    assert_eq!(wire::decode_response(&[0x01, 0x02, 0x05], &l), want.map(|_: Request| unreachable!()));
+    // The same v1 check-in as a v2 payload decodes: only the version changed.
+    let mut v2 = v1_check_in;
+    v2[0] = 2;
+    assert!(matches!(wire::decode_request(&v2, &l), Ok(Request::CheckIn(_))));
+    // The coordinator answers with this code; the ALPN says the version too (TLS refuses a
+    // v1 peer before any payload: `tests/tests/coordinator_hardening.rs`).
+    assert_eq!(WireError::VersionMismatch { got: 1, expected: 2 }.code(), ErrorCode::VersionMismatch);
+    assert_eq!(wire::ALPN, format!("fedrec/{PROTOCOL_VERSION}").as_bytes());
+    assert_ne!(wire::ALPN, b"fedrec/1");
+}
+
+#[test]
+fn secure_server_messages_convert_both_ways() {
+    let neighbours: Vec<NeighbourKeys> = [0u32, 2, 3]
+        .iter()
+        .map(|&j| NeighbourKeys { index: j, cipher_public: [j as u8; 32], mask_public: [j as u8 + 100; 32] })
+        .collect();
+    let share_keys = ShareKeysRequest {
+        round: 11,
+        setup: SecAggSetup { seed: [9; 32], n: 4, k: 3, t: 2, bits: 24 },
+        index: 1,
+        neighbours,
+    };
+    let sealed = |j: u32| EncryptedShare { peer: j, ciphertext: vec![j as u8; SEALED_PAIR_BYTES] };
+    let masked = MaskedInputRequest { round: 11, shares: vec![sealed(0), sealed(3)] };
+    let unmask = UnmaskRequest { round: 11, dropped: vec![3], survivors: vec![0] };
+    let retry = Duration::from_secs(1);
+    let through_the_wire = |msg: ServerMessage| -> ServerMessage {
+        let r = Response::from_server_message(&msg, None, retry);
+        let back = wire::decode_response(&payload(&r), &limits()).expect("decodes");
+        assert_eq!(back, r);
+        match back.into_inbound(None).expect("converts") {
+            Inbound::Message(m) => m,
+            other => panic!("a round message, got {other:?}"),
+        }
+    };
+    match through_the_wire(ServerMessage::ShareKeys(share_keys.clone())) {
+        ServerMessage::ShareKeys(got) => assert_eq!(got, share_keys),
+        other => panic!("share keys, got {other:?}"),
+    }
+    match through_the_wire(ServerMessage::MaskedInputRequest(masked.clone())) {
+        ServerMessage::MaskedInputRequest(got) => assert_eq!(got, masked),
+        other => panic!("masked-input request, got {other:?}"),
+    }
+    match through_the_wire(ServerMessage::Unmask(unmask.clone())) {
+        ServerMessage::Unmask(got) => assert_eq!(got, unmask),
+        other => panic!("unmask, got {other:?}"),
+    }
+}
+
+#[test]
+fn secure_client_messages_convert_both_ways() {
+    let ci = check_in(None);
+    let layout = SHAPE.layout();
+    let through_the_wire = |msg: &ClientMessage, nonce: [u8; 16]| -> ClientMessage {
+        let r = Request::from_client_message(msg, &ci, nonce);
+        assert_eq!(r.nonce(), Some(nonce), "the driver's nonce is sent");
+        assert_eq!(r.round(), Some(11));
+        let back = wire::decode_request(&payload(&r), &limits()).expect("decodes");
+        assert_eq!(back, r);
+        match back {
+            Request::AdvertiseKeys(m) => m.into_client_message(),
+            Request::EncryptedShares(m) => m.into_client_message().expect("converts"),
+            Request::MaskedInput(m) => m.into_client_message(&layout).expect("converts"),
+            Request::UnmaskShares(m) => m.into_client_message().expect("converts"),
+            other => panic!("a secure request, got {other:?}"),
+        }
+    };
+    let keys = ClientMessage::AdvertiseKeys { round: 11, cipher_public: [1; 32], mask_public: [2; 32] };
+    match through_the_wire(&keys, [3; 16]) {
+        ClientMessage::AdvertiseKeys { round, cipher_public, mask_public } => {
+            assert_eq!((round, cipher_public, mask_public), (11, [1; 32], [2; 32]));
+        }
+        other => panic!("keys, got {other:?}"),
+    }
+    let shares: Vec<EncryptedShare> = (0..3)
+        .map(|j| EncryptedShare { peer: j * 7, ciphertext: vec![j as u8; SEALED_PAIR_BYTES] })
+        .collect();
+    match through_the_wire(&ClientMessage::EncryptedShares { round: 11, shares: shares.clone() }, [4; 16]) {
+        ClientMessage::EncryptedShares { round, shares: got } => assert_eq!((round, got), (11, shares)),
+        other => panic!("shares, got {other:?}"),
+    }
+    for words in [vec![0, 5, (1 << 20) - 1], vec![1 << 40, 0, u64::MAX], vec![0; layout.len() + 1]] {
+        match through_the_wire(&ClientMessage::MaskedInput { round: 11, words: words.clone() }, [5; 16]) {
+            ClientMessage::MaskedInput { round, words: got } => assert_eq!((round, got), (11, words)),
+            other => panic!("masked input, got {other:?}"),
+        }
+    }
+    let reveal = |owner: u32| RevealedShare { owner, share: [owner as u8; SHARE_LEN] };
+    let answer = fedrec_shared::round::UnmaskShares {
+        round: 11,
+        mask_key_shares: vec![reveal(3)],
+        self_mask_shares: vec![reveal(0), reveal(1)],
+    };
+    match through_the_wire(&ClientMessage::UnmaskShares(answer.clone()), [6; 16]) {
+        ClientMessage::UnmaskShares(got) => assert_eq!(got, answer),
+        other => panic!("unmask shares, got {other:?}"),
+    }
 }
