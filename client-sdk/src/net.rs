@@ -621,10 +621,7 @@ fn crypto(code: u64) -> bool {
 
 /// The round an upload request is for.
 fn pending_round(request: &Request) -> Option<u64> {
-    match request {
-        Request::Upload(u) => Some(u.round),
-        Request::CheckIn(_) | Request::FetchRules(_) => None,
-    }
+    request.round()
 }
 
 /// One connection to the coordinator.

@@ -274,6 +274,7 @@ impl Coordinator {
             noise_multiplier: 0.0,
             centroids: CentroidPolicy::with_min_count(1.0),
             privacy: None,
+            secure: None,
         };
         let listen = SocketAddr::from(([127, 0, 0, 1], 0));
         let mut cfg = ServeConfig::new(listen, coordinator, model(1, NET_SHAPE).model, verifier);

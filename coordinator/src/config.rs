@@ -655,6 +655,9 @@ impl FileConfig {
             noise_multiplier: self.privacy.noise_multiplier,
             centroids: CentroidPolicy::with_min_count(1.0),
             privacy,
+            // Secure aggregation runs in the round machines and the simulator; `serve` does not
+            // offer it yet (its QUIC driver has no per-device mailbox for the later phases).
+            secure: None,
         };
         Ok(config)
     }

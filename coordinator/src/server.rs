@@ -1354,9 +1354,14 @@ impl Owner {
                 }
                 reply
             }
-            Request::Upload(upload) => {
-                // An upload carries no token: it comes from the device whose check-in on the
-                // same connection was verified. An honest device always checks in first.
+            request @ (Request::Upload(_)
+            | Request::AdvertiseKeys(_)
+            | Request::EncryptedShares(_)
+            | Request::MaskedInput(_)
+            | Request::UnmaskShares(_)) => {
+                // An upload (or a secure-aggregation message) carries no token: it comes from
+                // the device whose check-in on the same connection was verified. An honest
+                // device always checks in first.
                 let Some(&device) = self.sessions.get(&conn) else {
                     self.refuse(ErrorCode::BadToken.label());
                     return Reply::strike(Response::error(
@@ -1368,18 +1373,32 @@ impl Owner {
                     self.refuse_round(ErrorCode::WrongRound.label());
                     return Reply::refused(Response::error(ErrorCode::WrongRound, "no round is open"));
                 };
-                if upload.round != current {
+                let round = request.round().unwrap_or(u64::MAX);
+                if round != current {
                     self.refuse_round(ErrorCode::WrongRound.label());
                     return Reply::refused(Response::error(
                         ErrorCode::WrongRound,
                         "upload for a round that is not open",
                     ));
                 }
-                if let Err(e) = self.replay.check_and_record(device, upload.round, upload.nonce) {
+                let nonce = request.nonce().unwrap_or_default();
+                if let Err(e) = self.replay.check_and_record(device, round, nonce) {
                     return self.auth_refusal(e);
                 }
                 let layout = self.coordinator.model().model.shape().layout();
-                let msg = match upload.into_client_message(&layout, self.coordinator.clip_norm()) {
+                let converted = match request {
+                    Request::Upload(upload) => {
+                        upload.into_client_message(&layout, self.coordinator.clip_norm())
+                    }
+                    Request::AdvertiseKeys(m) => Ok(m.into_client_message()),
+                    Request::EncryptedShares(m) => m.into_client_message(),
+                    Request::MaskedInput(m) => m.into_client_message(&layout),
+                    Request::UnmaskShares(m) => m.into_client_message(),
+                    Request::CheckIn(_) | Request::FetchRules(_) => {
+                        return Reply::ok(Response::error(ErrorCode::Internal, "not a round message"));
+                    }
+                };
+                let msg = match converted {
                     Ok(m) => m,
                     Err(e) => {
                         self.refuse_round(e.code().label());

@@ -63,6 +63,7 @@ fn config(adam: bool, min_reports: usize) -> CoordinatorConfig {
         noise_multiplier: 1.0,
         centroids: CentroidPolicy::with_min_count(1.0),
         privacy: None,
+        secure: None,
     }
 }
 

@@ -94,6 +94,21 @@ impl Aggregator {
         }
     }
 
+    /// A sum already on the grid: the integer `grid_sum` of `n_updates` updates of `layout`,
+    /// each rounded to the grid of `clip_norm` (as the secure-aggregation phases deliver it).
+    /// Released like a sum built by [`Aggregator::add`], except that without noise the
+    /// released value is the grid sum times the step (the exact `f32` sum was never seen).
+    /// A `grid_sum` of the wrong length is treated as zeros.
+    pub fn from_grid_sum(layout: UpdateLayout, clip_norm: f32, grid_sum: Vec<i64>, n_updates: usize) -> Self {
+        let grid = Grid::for_sum(clip_norm, layout.len());
+        let grid_sum = if grid_sum.len() == layout.len() { grid_sum } else { vec![0; layout.len()] };
+        let sum = match &grid {
+            Ok(g) => grid_sum.iter().map(|&k| (k as f64 * g.step()) as f32).collect(),
+            Err(_) => vec![0.0; layout.len()],
+        };
+        Self { layout, clip_norm, sum, grid, grid_sum, n_updates }
+    }
+
     /// Number of updates summed so far.
     pub fn n_updates(&self) -> usize {
         self.n_updates

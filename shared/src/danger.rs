@@ -4,11 +4,18 @@
 //! knows the seed. Production paths must seed from the operating system instead.
 
 use rand::SeedableRng;
-use rand_chacha::ChaCha12Rng;
+use rand_chacha::{ChaCha12Rng, ChaCha20Rng};
 
 /// A deterministic RNG for simulations and tests. **Never use it for noise in production.**
 pub fn seeded_rng(seed: u64) -> ChaCha12Rng {
     ChaCha12Rng::seed_from_u64(seed)
+}
+
+/// A deterministic generator for a simulated device's secure-aggregation secrets (keys,
+/// self-mask seed, shares, rounding). **Never on a real device:** whoever knows the seed can
+/// unmask its input.
+pub fn seeded_device_rng(seed: [u8; 32]) -> ChaCha20Rng {
+    ChaCha20Rng::from_seed(seed)
 }
 
 /// **Breaks the privacy guarantee on purpose.** Divides the noise of every later release of

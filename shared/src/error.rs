@@ -82,6 +82,10 @@ pub enum Rejection {
     /// The update itself is malformed.
     #[error("invalid update: {0}")]
     InvalidUpdate(#[from] UpdateError),
+    /// A secure-aggregation message does not follow the protocol (wrong length, unknown
+    /// peer, a value outside the ring, shares other than those asked for).
+    #[error("malformed secure-aggregation message: {0}")]
+    Malformed(&'static str),
 }
 
 impl Rejection {
@@ -96,6 +100,7 @@ impl Rejection {
             Rejection::InvalidUpdate(UpdateError::WrongLength { .. } | UpdateError::BadRows) => "wrong_shape",
             Rejection::InvalidUpdate(UpdateError::NonFinite) => "non_finite",
             Rejection::InvalidUpdate(UpdateError::NormTooLarge { .. }) => "norm_too_large",
+            Rejection::Malformed(_) => "malformed",
         }
     }
 }

@@ -8,6 +8,7 @@ use rand::seq::SliceRandom;
 use rand::{CryptoRng, Rng};
 use rand_chacha::ChaCha12Rng;
 
+use crate::round::secure::SecurePolicy;
 use crate::round::{
     ClientId, ClientMessage, ClientOutcome, ClientRound, Coordinator, CoordinatorEvent, Instant, RoundPhase,
     ServerMessage, Task,
@@ -61,6 +62,8 @@ pub struct RoundReport {
     pub n_vanished: usize,
     /// Devices that failed to compute an update.
     pub n_failed: usize,
+    /// Devices that stopped a secure round under their own policy.
+    pub n_refused: usize,
 }
 
 /// A device's training job: its slot, its machine, its id, the task, the time.
@@ -84,6 +87,7 @@ pub struct Federation<'a, R> {
     rng: ChaCha12Rng,
     now: Instant,
     crafted: Option<Crafted<'a>>,
+    secure_policy: SecurePolicy,
 }
 
 impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
@@ -95,7 +99,21 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
         config: HarnessConfig,
         rng: ChaCha12Rng,
     ) -> Self {
-        Self { coordinator, devices, config, rng, now: Instant::ZERO, crafted: None }
+        Self {
+            coordinator,
+            devices,
+            config,
+            rng,
+            now: Instant::ZERO,
+            crafted: None,
+            secure_policy: SecurePolicy::default(),
+        }
+    }
+
+    /// What every device requires of a secure round (default: [`SecurePolicy::default`]).
+    pub fn with_secure_policy(mut self, policy: SecurePolicy) -> Self {
+        self.secure_policy = policy;
+        self
     }
 
     /// Adds `n` crafted devices with client ids `devices.len()..devices.len() + n`, as a
@@ -166,7 +184,9 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
         let lat = self.config.latency;
         let give_up = self.now.saturating_add(Duration::from_secs(24 * 3600));
         let n_devices = self.devices.len();
-        let n_crafted = self.crafted.as_ref().map_or(0, |c| c.n);
+        let secure = self.coordinator.is_secure();
+        // Canaries craft plain uploads; a secure round has no place for them.
+        let n_crafted = if secure { 0 } else { self.crafted.as_ref().map_or(0, |c| c.n) };
         let mut order: Vec<usize> = (0..n_devices + n_crafted).collect();
         order.shuffle(&mut self.rng);
         // Check-in. A selected device's task is held back so that training runs in parallel.
@@ -187,7 +207,18 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
                 }
                 continue;
             }
-            let mut client = ClientRound::new(&self.devices[idx], give_up);
+            let mut client = if secure {
+                // Seeded from the harness: a simulated round is reproducible.
+                ClientRound::with_rng(
+                    &self.devices[idx],
+                    give_up,
+                    crate::danger::seeded_device_rng(self.rng.random()),
+                )
+                .with_secure_policy(self.secure_policy)
+            } else {
+                // Plain rounds draw nothing on the device (and keep the harness's stream as it was).
+                ClientRound::new(&self.devices[idx], give_up)
+            };
             let id = idx as ClientId;
             while let Some(msg) = client.poll_transmit() {
                 self.coordinator.handle_message(self.now, id, msg);
@@ -209,6 +240,9 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
         {
             self.now = self.now.max(t);
             self.coordinator.handle_timeout(self.now);
+        }
+        if secure {
+            return self.secure_round(pool, selected, report);
         }
         // Vanishing is decided up front so that the run does not depend on thread timing.
         let vanish: Vec<bool> = selected.iter().map(|_| self.rng.random_bool(self.config.dropout)).collect();
@@ -278,5 +312,122 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
             }
         }
         report
+    }
+
+    /// The rest of a secure round (docs/secagg.md): selected devices train on the pool and
+    /// advertise keys; then waves of coordinator requests are delivered (each device's step
+    /// runs on the pool: sharing, masking and unmasking are the devices' work) and answered in
+    /// selection order, the clock jumping to the next deadline whenever the machines wait.
+    /// A device that vanishes does so before one of its four messages, drawn up front.
+    fn secure_round(
+        &mut self,
+        pool: &Pool<'a>,
+        selected: Vec<(ClientRound<'a>, ClientId, ServerMessage)>,
+        mut report: RoundReport,
+    ) -> RoundReport {
+        let lat = self.config.latency;
+        let vanish_at: Vec<Option<u8>> = selected
+            .iter()
+            .map(|_| self.rng.random_bool(self.config.dropout).then(|| self.rng.random_range(0..4u8)))
+            .collect();
+        let n_sel = selected.len();
+        let mut slots: Vec<Option<(ClientRound<'a>, ClientId)>> = (0..n_sel).map(|_| None).collect();
+        let index: HashMap<ClientId, usize> =
+            selected.iter().enumerate().map(|(k, (_, id, _))| (*id, k)).collect();
+        let mut wave: Vec<(usize, ServerMessage)> = selected
+            .into_iter()
+            .enumerate()
+            .map(|(k, (client, id, msg))| {
+                slots[k] = Some((client, id));
+                (k, msg)
+            })
+            .collect();
+        let mut pending: std::collections::VecDeque<(usize, ServerMessage)> =
+            std::collections::VecDeque::new();
+        loop {
+            if !wave.is_empty() {
+                self.now = self.now.saturating_add(lat);
+                let n_jobs = wave.len();
+                for (k, msg) in wave.drain(..) {
+                    let Some((client, id)) = slots[k].take() else { continue };
+                    if pool.jobs.send((k, client, id, msg, self.now)).is_err() {
+                        return report;
+                    }
+                }
+                for _ in 0..n_jobs {
+                    let Ok((k, client, id)) = pool.done.recv() else { return report };
+                    slots[k] = Some((client, id));
+                }
+                self.now = self.now.saturating_add(lat);
+                for (k, slot) in slots.iter_mut().enumerate() {
+                    let Some((client, id)) = slot.as_mut() else { continue };
+                    while let Some(msg) = client.poll_transmit() {
+                        if vanish_at[k].is_none_or(|p| secure_phase(&msg) < p) {
+                            self.coordinator.handle_message(self.now, *id, msg);
+                        }
+                    }
+                }
+            }
+            // The coordinator's answers form the next wave, one message per device per wave.
+            while let Some((to, msg)) = self.coordinator.poll_transmit() {
+                if let Some(&k) = index.get(&to) {
+                    pending.push_back((k, msg));
+                }
+            }
+            let mut taken = vec![false; n_sel];
+            let mut later = std::collections::VecDeque::new();
+            while let Some((k, msg)) = pending.pop_front() {
+                if taken[k] {
+                    later.push_back((k, msg));
+                } else {
+                    taken[k] = true;
+                    wave.push((k, msg));
+                }
+            }
+            pending = later;
+            if !wave.is_empty() {
+                continue;
+            }
+            if self.coordinator.current_round().is_none() {
+                break;
+            }
+            match self.coordinator.poll_timeout() {
+                Some(t) => {
+                    self.now = self.now.max(t);
+                    self.coordinator.handle_timeout(self.now);
+                }
+                None => break,
+            }
+        }
+        report.n_vanished = vanish_at.iter().filter(|v| v.is_some()).count();
+        for (client, _) in slots.iter().flatten() {
+            match client.outcome() {
+                Some(ClientOutcome::Completed { was_clipped, .. }) => {
+                    report.n_completed += 1;
+                    report.n_clipped += usize::from(*was_clipped);
+                }
+                Some(ClientOutcome::Failed(_)) => report.n_failed += 1,
+                Some(ClientOutcome::SecureRefused(_)) => report.n_refused += 1,
+                _ => {}
+            }
+        }
+        while let Some(ev) = self.coordinator.poll_event() {
+            if matches!(ev, CoordinatorEvent::RoundCommitted { .. } | CoordinatorEvent::RoundAbandoned { .. })
+            {
+                report.event = Some(ev);
+            }
+        }
+        report
+    }
+}
+
+/// The phase a device's secure message belongs to (0: keys, 1: shares, 2: masked input,
+/// 3: unmask; anything else counts as 0).
+fn secure_phase(msg: &ClientMessage) -> u8 {
+    match msg {
+        ClientMessage::EncryptedShares { .. } => 1,
+        ClientMessage::MaskedInput { .. } => 2,
+        ClientMessage::UnmaskShares(_) => 3,
+        _ => 0,
     }
 }

@@ -47,6 +47,7 @@ fn config(selection: Selection, noise_multiplier: f32, min_reports: usize) -> Co
         noise_multiplier,
         centroids: CentroidPolicy::with_min_count(1.0),
         privacy: None,
+        secure: None,
     }
 }
 

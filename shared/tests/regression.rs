@@ -32,6 +32,7 @@ fn config(train: TrainParams, selection: Selection, noise_multiplier: f32) -> Co
         noise_multiplier,
         adaptive_clip: None,
         privacy: None,
+        secure: None,
         centroids: CentroidPolicy::with_min_count(1.0),
     }
 }
@@ -60,7 +61,7 @@ fn participate<'a>(
     }
     let upload = client.poll_transmit().map(|m| match m {
         ClientMessage::Upload { update, .. } => update,
-        ClientMessage::CheckIn => panic!("a second check-in"),
+        other => panic!("a plain round's device sent {other:?}"),
     });
     (client, task_model, upload)
 }

@@ -44,6 +44,7 @@ fn config(selection: Selection, min_reports: usize) -> CoordinatorConfig {
         noise_multiplier: 0.0,
         adaptive_clip: None,
         privacy: None,
+        secure: None,
         centroids: CentroidPolicy::with_min_count(1.0),
     }
 }
@@ -418,7 +419,8 @@ fn only_the_clipped_update_leaves_the_device() {
         client.handle_message(Instant::ZERO, task_msg.clone());
         sent.extend(std::iter::from_fn(|| client.poll_transmit()));
 
-        // Exactly a check-in, then one upload; the message type has no other variant.
+        // Exactly a check-in, then one upload (the secure-aggregation messages belong to secure
+        // rounds only, see secure_rounds.rs).
         assert_eq!(sent.len(), 2);
         let mut uploads = Vec::new();
         for (k, msg) in sent.iter().enumerate() {
@@ -429,6 +431,7 @@ fn only_the_clipped_update_leaves_the_device() {
                     assert_eq!(*within_bound, None, "the clipping bit is sent only when the task asks");
                     uploads.push(update.clone());
                 }
+                other => panic!("a plain round's device sent {other:?}"),
             }
         }
         let [update] = uploads.as_slice() else { panic!("one upload") };

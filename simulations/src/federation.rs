@@ -7,7 +7,9 @@ use fedrec_shared::eval::{EvalConfig, Metrics, ReconstructionScorer, evaluate};
 use fedrec_shared::harness::{Federation, HarnessConfig, RoundReport};
 use fedrec_shared::ledger::{Ledger, PrivacyBudget, PrivacyPolicy};
 use fedrec_shared::privacy::{self, AccountantKind};
-use fedrec_shared::round::{AdaptiveClip, Coordinator, CoordinatorConfig, CoordinatorEvent, Selection};
+use fedrec_shared::round::{
+    AdaptiveClip, Coordinator, CoordinatorConfig, CoordinatorEvent, SecureAggregation, Selection,
+};
 use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
 use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, Rating, RoundModel, TrainParams};
 use rand::seq::SliceRandom;
@@ -52,6 +54,16 @@ pub enum OptimizerKind {
     Adam,
     /// SGD with momentum.
     Sgd,
+}
+
+/// How the coordinator combines a round's updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AggregationKind {
+    /// The coordinator sees each clipped update (for research only).
+    Plain,
+    /// Secure aggregation (SecAgg+): the coordinator learns only the sum (docs/secagg.md).
+    Secure,
 }
 
 /// How devices reach the coordinator.
@@ -135,6 +147,12 @@ pub struct RunConfig {
     /// Simulated time in process; over QUIC real time, and a round with noise lasts at least
     /// check-in plus this long (it commits only at its deadline).
     pub report_window_ms: u64,
+    /// How the coordinator combines the updates.
+    pub aggregation: AggregationKind,
+    /// Secure aggregation: the dropout fraction the parameter finder plans for.
+    pub secagg_dropout: f64,
+    /// Secure aggregation: the fraction of devices assumed to collude with the coordinator.
+    pub secagg_corrupt: f64,
 }
 
 impl RunConfig {
@@ -174,6 +192,9 @@ impl RunConfig {
                 transport: Transport::Inproc,
                 checkin_window_ms: 60_000,
                 report_window_ms: 600_000,
+                aggregation: AggregationKind::Plain,
+                secagg_dropout: 0.33,
+                secagg_corrupt: 0.05,
             },
             ObjectiveKind::Implicit => Self {
                 objective,
@@ -416,6 +437,11 @@ pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> anyhow::Result<Coo
             target_quantile: cfg.target_quantile,
             learning_rate: cfg.clip_learning_rate,
             count_noise_multiplier: cfg.count_noise(),
+        }),
+        secure: (cfg.aggregation == AggregationKind::Secure).then(|| SecureAggregation {
+            dropout: cfg.secagg_dropout,
+            corrupt: cfg.secagg_corrupt,
+            phase_window: Duration::from_secs(60),
         }),
         privacy: match cfg.epsilon {
             Some(eps) => Some(PrivacyPolicy {

@@ -17,7 +17,7 @@ use fedrec_shared::eval;
 use fedrec_shared::privacy::{self, AccountantKind, PrivacyEvent};
 use fedrec_sim::data::{self, DataSource, SplitKind};
 use fedrec_sim::federation::{
-    self, AccountantArg, ObjectiveKind, OptimizerKind, RunConfig, Transport, UserData,
+    self, AccountantArg, AggregationKind, ObjectiveKind, OptimizerKind, RunConfig, Transport, UserData,
 };
 use fedrec_sim::report::{self, BaselineReport, DatasetInfo, RunReport};
 use fedrec_sim::{baseline, loadbench, plot, segments};
@@ -361,6 +361,16 @@ struct RunArgs {
     /// plus this long; set both small for noisy runs over QUIC.
     #[arg(long)]
     report_window_ms: Option<u64>,
+    /// How the coordinator combines a round's updates: `secure` (SecAgg+, it learns only the
+    /// sum) or `plain` (it sees every clipped update; research only).
+    #[arg(long, value_enum, default_value_t = AggregationKind::Plain)]
+    aggregation: AggregationKind,
+    /// Secure aggregation: the dropout fraction its parameters plan for (finder input δ).
+    #[arg(long)]
+    secagg_dropout: Option<f64>,
+    /// Secure aggregation: the fraction of devices assumed to collude with the coordinator.
+    #[arg(long)]
+    secagg_corrupt: Option<f64>,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -407,7 +417,9 @@ impl RunArgs {
              noise_multiplier => noise_multiplier, dropout => dropout, init_std => init_std,
              eval_every => eval_every, eval_users => eval_users, threads => threads,
              delta => delta, target_quantile => target_quantile, clip_lr => clip_learning_rate,
-             checkin_window_ms => checkin_window_ms, report_window_ms => report_window_ms);
+             checkin_window_ms => checkin_window_ms, report_window_ms => report_window_ms,
+             secagg_dropout => secagg_dropout, secagg_corrupt => secagg_corrupt);
+        c.aggregation = self.aggregation;
         c.transport = self.transport;
         c.epsilon = self.epsilon;
         c.clip_count_noise = self.clip_count_noise;

@@ -51,6 +51,7 @@ pub fn coordinator_config(selection: Selection, min_reports: usize) -> Coordinat
         noise_multiplier: 0.0,
         centroids: CentroidPolicy::with_min_count(1.0),
         privacy: None,
+        secure: None,
     }
 }
 

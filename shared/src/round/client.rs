@@ -2,9 +2,14 @@
 
 use std::collections::VecDeque;
 
-use super::{ClientMessage, Instant, ServerMessage};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+use super::secure::{DeviceSecAgg, SecurePolicy, SecureRefusal};
+use super::{Aggregation, ClientMessage, Instant, ServerMessage};
 use crate::error::{ParamError, SolveError, UpdateError};
 use crate::model::RoundModel;
+use crate::privacy::discrete::Grid;
 use crate::train::{LocalDataError, Rating, UserState, local_update, reconstruct, validate_ratings};
 use crate::update::ClippedUpdate;
 
@@ -24,6 +29,9 @@ pub enum ClientError {
     /// The update could not be clipped.
     #[error("update: {0}")]
     Update(#[from] UpdateError),
+    /// The update could not be encoded for secure aggregation.
+    #[error("secure aggregation encoding: {0}")]
+    Encoding(String),
 }
 
 /// How a device's round ended.
@@ -47,12 +55,26 @@ pub enum ClientOutcome {
     TimedOut,
     /// The device could not compute its update; nothing was sent.
     Failed(ClientError),
+    /// The device stopped a secure round itself: the cohort, the parameters or a message did
+    /// not meet its policy or the protocol. It sent nothing after its public keys, or after the
+    /// message the refusal answers.
+    SecureRefused(SecureRefusal),
 }
 
 #[derive(Debug)]
 enum State {
     ExpectTask,
-    ExpectAck { round: u64, was_clipped: bool },
+    ExpectAck {
+        round: u64,
+        was_clipped: bool,
+    },
+    /// In the secure phases of `round` (docs/secagg.md); the acknowledgement comes after the
+    /// unmask shares.
+    Secure {
+        round: u64,
+        was_clipped: bool,
+        secagg: Box<DeviceSecAgg>,
+    },
     Done(ClientOutcome),
 }
 
@@ -69,23 +91,50 @@ pub struct ClientRound<'a> {
     deadline: Instant,
     outbox: VecDeque<ClientMessage>,
     user: Option<UserState>,
+    /// Secure aggregation's keys, self-mask seed, shares and stochastic rounding.
+    rng: ChaCha20Rng,
+    secure_policy: SecurePolicy,
 }
 
 impl<'a> ClientRound<'a> {
-    /// Starts a participation: queues a check-in; gives up at `deadline`.
+    /// Starts a participation: queues a check-in; gives up at `deadline`. Secure aggregation
+    /// draws its secrets from a ChaCha20 generator seeded by the operating system.
     pub fn new(ratings: &'a [Rating], deadline: Instant) -> Self {
+        Self::with_rng(ratings, deadline, ChaCha20Rng::from_rng(&mut rand::rng()))
+    }
+
+    /// [`ClientRound::new`] with the generator of the device's secrets given: a simulation
+    /// passes a seeded one (from [`crate::danger`]) to be reproducible.
+    pub fn with_rng(ratings: &'a [Rating], deadline: Instant, rng: ChaCha20Rng) -> Self {
         Self {
             ratings,
             state: State::ExpectTask,
             deadline,
             outbox: VecDeque::from([ClientMessage::CheckIn]),
             user: None,
+            rng,
+            secure_policy: SecurePolicy::default(),
         }
+    }
+
+    /// What the device requires of a secure round (default: [`SecurePolicy::default`]).
+    pub fn with_secure_policy(mut self, policy: SecurePolicy) -> Self {
+        self.secure_policy = policy;
+        self
     }
 
     /// A message from the coordinator arrived.
     pub fn handle_message(&mut self, now: Instant, msg: ServerMessage) {
         let next = match (&self.state, msg) {
+            (State::ExpectTask, ServerMessage::Selected { task, model })
+                if task.privacy.aggregation == Aggregation::Secure =>
+            {
+                self.deadline = self.deadline.min(now.saturating_add(task.report_window));
+                match self.train(&model, &task).and_then(|update| self.start_secure(&task, update)) {
+                    Ok(state) => state,
+                    Err(e) => State::Done(ClientOutcome::Failed(e)),
+                }
+            }
             (State::ExpectTask, ServerMessage::Selected { task, model }) => {
                 self.deadline = self.deadline.min(now.saturating_add(task.report_window));
                 match self.train(&model, &task) {
@@ -115,9 +164,28 @@ impl<'a> ClientRound<'a> {
             (State::ExpectAck { round, .. }, ServerMessage::Rejected { round: r, reason }) if *round == r => {
                 State::Done(ClientOutcome::Rejected(reason))
             }
-            (State::ExpectTask | State::ExpectAck { .. }, ServerMessage::Aborted { .. }) => {
-                State::Done(ClientOutcome::Aborted)
+            (
+                State::ExpectTask | State::ExpectAck { .. } | State::Secure { .. },
+                ServerMessage::Aborted { .. },
+            ) => State::Done(ClientOutcome::Aborted),
+            (State::Secure { round, was_clipped, .. }, ServerMessage::Ack { round: r }) if *round == r => {
+                State::Done(ClientOutcome::Completed { round: r, was_clipped: *was_clipped })
             }
+            (State::Secure { round, .. }, ServerMessage::Rejected { round: r, reason }) if *round == r => {
+                State::Done(ClientOutcome::Rejected(reason))
+            }
+            (
+                State::Secure { .. },
+                msg @ (ServerMessage::ShareKeys(_)
+                | ServerMessage::MaskedInputRequest(_)
+                | ServerMessage::Unmask(_)),
+            ) => match self.step_secure(msg) {
+                Ok(()) => return,
+                Err(refusal) => {
+                    self.outbox.clear();
+                    State::Done(ClientOutcome::SecureRefused(refusal))
+                }
+            },
             // Anything else is stale or out of order: ignore it.
             _ => return,
         };
@@ -134,6 +202,62 @@ impl<'a> ClientRound<'a> {
         let update = local_update(model, self.ratings, &user, &task.train);
         self.user = Some(user);
         Ok(ClippedUpdate::clip(update, task.clip_norm)?)
+    }
+
+    /// Secure phase 0: encodes the clipped update on the round's grid and advertises fresh
+    /// keys instead of uploading.
+    fn start_secure(&mut self, task: &super::Task, update: ClippedUpdate) -> Result<State, ClientError> {
+        let was_clipped = update.was_clipped();
+        let layout = *update.vector().layout();
+        let grid =
+            Grid::for_sum(task.clip_norm, layout.len()).map_err(|e| ClientError::Encoding(e.to_string()))?;
+        let clip_bit = task.report_clip_bit.then_some(!was_clipped);
+        let encoded = crate::secagg::encode::encode(&update, &grid, clip_bit, &mut self.rng)
+            .map_err(|e| ClientError::Encoding(e.to_string()))?;
+        // The clipped update itself goes no further than its encoding.
+        drop(update);
+        let (secagg, cipher_public, mask_public) = DeviceSecAgg::new(
+            task.round,
+            encoded,
+            grid,
+            clip_bit.is_some(),
+            self.secure_policy,
+            &mut self.rng,
+        );
+        self.outbox.push_back(ClientMessage::AdvertiseKeys { round: task.round, cipher_public, mask_public });
+        Ok(State::Secure { round: task.round, was_clipped, secagg: Box::new(secagg) })
+    }
+
+    /// Secure phases 1–3: answers the coordinator's request of the current phase.
+    fn step_secure(&mut self, msg: ServerMessage) -> Result<(), SecureRefusal> {
+        let State::Secure { round, secagg, .. } = &mut self.state else { return Ok(()) };
+        let round = *round;
+        let wrong_round = SecureRefusal::Protocol("a request for another round");
+        let reply = match msg {
+            ServerMessage::ShareKeys(req) => {
+                if req.round != round {
+                    return Err(wrong_round);
+                }
+                let shares = secagg.share_keys(req, &mut self.rng)?;
+                ClientMessage::EncryptedShares { round, shares }
+            }
+            ServerMessage::MaskedInputRequest(req) => {
+                if req.round != round {
+                    return Err(wrong_round);
+                }
+                let words = secagg.masked_input(req)?;
+                ClientMessage::MaskedInput { round, words }
+            }
+            ServerMessage::Unmask(req) => {
+                if req.round != round {
+                    return Err(wrong_round);
+                }
+                ClientMessage::UnmaskShares(secagg.unmask(&req)?)
+            }
+            _ => return Ok(()),
+        };
+        self.outbox.push_back(reply);
+        Ok(())
     }
 
     /// The deadline passed without an answer.

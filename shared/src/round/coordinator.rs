@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use rand::{CryptoRng, Rng};
 
+use super::secure::{SecureAbort, SecureReject, ServerSecAgg};
 use super::{ClientId, ClientMessage, Instant, ServerMessage, Task, TaskPrivacy};
 use crate::aggregate::Aggregator;
 use crate::error::{ParamError, Rejection};
@@ -54,6 +55,20 @@ pub struct AdaptiveClip {
     pub count_noise_multiplier: f32,
 }
 
+/// Secure aggregation (SecAgg+, `docs/secagg.md`): selected devices advertise keys instead of
+/// uploading, and three more phases (share keys, masked input, unmask) follow, so that the
+/// coordinator learns only the sum of the survivors' encoded updates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SecureAggregation {
+    /// Expected fraction `δ` of the cohort that drops out during the protocol (the parameter
+    /// finder's input), in `[0, 1)`.
+    pub dropout: f64,
+    /// Fraction `γ` of devices that may collude with the coordinator, in `[0, 1)`.
+    pub corrupt: f64,
+    /// How long each of the three phases after key advertisement stays open.
+    pub phase_window: Duration,
+}
+
 /// The combined noise multiplier of the update and (under adaptive clipping) the clip bits.
 /// ([`crate::privacy::combined_noise_multiplier`], the one formula).
 pub fn effective_noise_multiplier(noise_multiplier: f32, adaptive: Option<&AdaptiveClip>) -> f64 {
@@ -100,6 +115,8 @@ pub struct CoordinatorConfig {
     /// coordinator adds noise in production; a simulation may leave it out and still read
     /// the spend from the ledger.
     pub privacy: Option<PrivacyPolicy>,
+    /// Secure aggregation; `None` is plain aggregation (the coordinator sees each update).
+    pub secure: Option<SecureAggregation>,
 }
 
 impl CoordinatorConfig {
@@ -163,6 +180,17 @@ impl CoordinatorConfig {
         if self.privacy.is_some() && self.noise_multiplier <= 0.0 {
             return Err(ParamError::new("noise_multiplier", "a privacy budget needs noise (> 0)"));
         }
+        if let Some(sa) = &self.secure {
+            if !(0.0..1.0).contains(&sa.dropout) {
+                return Err(ParamError::new("secagg_dropout", "must be in [0, 1)"));
+            }
+            if !(0.0..1.0).contains(&sa.corrupt) {
+                return Err(ParamError::new("secagg_corrupt", "must be in [0, 1)"));
+            }
+            if sa.phase_window.is_zero() {
+                return Err(ParamError::new("secagg_phase_window", "must be positive"));
+            }
+        }
         if !(self.centroids.noise_multiple.is_finite() && self.centroids.noise_multiple >= 0.0) {
             return Err(ParamError::new("centroid_noise_multiple", "must be finite and ≥ 0"));
         }
@@ -203,6 +231,10 @@ pub enum StartError {
     /// The accountant refused its inputs.
     #[error("privacy accounting failed: {0}")]
     Accounting(#[from] PrivacyError),
+    /// The round's fixed-point grid cannot be built (a clip norm that is not positive and
+    /// finite), which secure aggregation needs.
+    #[error("secure aggregation: {0}")]
+    Encoding(crate::privacy::discrete::DiscreteNoiseError),
 }
 
 /// What the coordinator carries from round to round: everything a restart needs.
@@ -223,7 +255,7 @@ pub struct CoordinatorState {
 }
 
 /// Why a round was abandoned (no model change, nothing charged to the privacy budget).
-/// Only rounds without noise are ever abandoned.
+/// Rounds with noise are abandoned only when secure aggregation cannot unmask their sum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AbandonReason {
@@ -231,6 +263,10 @@ pub enum AbandonReason {
     TooFewSelected,
     /// Fewer devices reported before the deadline than `min_reports`.
     TooFewReports,
+    /// Secure aggregation could not complete (too few devices left for the threshold, or a
+    /// secret could not be rebuilt): the sum cannot be unmasked, nothing is released. The only
+    /// way a round with noise is abandoned.
+    SecureAggregation,
 }
 
 /// Counters of one round. Dropouts are data: they are reported here, not raised.
@@ -305,14 +341,39 @@ pub enum CoordinatorEvent {
 pub enum RoundPhase {
     /// Devices check in and are selected.
     CheckIn,
-    /// Selected devices train and upload.
+    /// Selected devices train and upload (secure aggregation: advertise their keys).
     Report,
+    /// Secure aggregation: devices seal shares of their secrets for their neighbours.
+    ShareKeys,
+    /// Secure aggregation: devices send their masked inputs.
+    MaskedInput,
+    /// Secure aggregation: devices reveal the shares that unmask the sum.
+    Unmask,
+    /// The sum is ready; a round with noise waits for its planned end to commit.
+    Closing,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     CheckIn { deadline: Instant },
     Report { deadline: Instant },
+    ShareKeys { deadline: Instant },
+    MaskedInput { deadline: Instant },
+    Unmask { deadline: Instant },
+    Closing { deadline: Instant },
+}
+
+impl Phase {
+    fn deadline(self) -> Instant {
+        match self {
+            Phase::CheckIn { deadline }
+            | Phase::Report { deadline }
+            | Phase::ShareKeys { deadline }
+            | Phase::MaskedInput { deadline }
+            | Phase::Unmask { deadline }
+            | Phase::Closing { deadline } => deadline,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -324,16 +385,29 @@ enum Participant {
     Reported,
 }
 
-/// The task every selected device of `round` gets.
+/// The task every selected device of `round` gets. Under secure aggregation its report
+/// window also covers the three phases after the key advertisement.
 fn round_task(config: &CoordinatorConfig, round: &Round) -> Task {
+    let secure_phases = config.secure.map_or(Duration::ZERO, |sa| sa.phase_window * 3);
     Task {
         round: round.idx,
         train: config.train,
         clip_norm: round.clip_norm,
         report_clip_bit: config.adaptive_clip.is_some(),
-        report_window: config.report_window,
+        report_window: config.report_window + secure_phases,
         privacy: TaskPrivacy::from_config(config, round.clip_norm),
     }
+}
+
+/// How a round combines its devices' updates.
+#[derive(Debug)]
+enum Combine {
+    /// The coordinator sums the clipped updates it receives.
+    Plain(Aggregator),
+    /// Secure aggregation: the coordinator sums masked inputs and unmasks only the total.
+    Secure(Box<ServerSecAgg>),
+    /// Secure aggregation after unmasking: the sum is in `Round::secure_sum`.
+    Unmasked,
 }
 
 #[derive(Debug)]
@@ -345,7 +419,12 @@ struct Round {
     /// Every device that checked in this round, and what became of it.
     participants: HashMap<ClientId, Participant>,
     n_selected: usize,
-    aggregator: Aggregator,
+    combine: Combine,
+    /// Devices whose contribution is in the sum (plain: uploads accepted; secure: masked
+    /// inputs unmasked).
+    n_reported: usize,
+    /// A finished secure sum awaiting the commit: the integer grid sum and the clip-bit count.
+    secure_sum: Option<(Vec<i64>, usize)>,
     clip_norm: f32,
     /// Sum of the devices' "within the bound" bits (adaptive clipping only).
     n_unclipped: usize,
@@ -507,7 +586,16 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         self.round.as_ref().map(|r| match r.phase {
             Phase::CheckIn { .. } => RoundPhase::CheckIn,
             Phase::Report { .. } => RoundPhase::Report,
+            Phase::ShareKeys { .. } => RoundPhase::ShareKeys,
+            Phase::MaskedInput { .. } => RoundPhase::MaskedInput,
+            Phase::Unmask { .. } => RoundPhase::Unmask,
+            Phase::Closing { .. } => RoundPhase::Closing,
         })
+    }
+
+    /// Whether rounds use secure aggregation.
+    pub fn is_secure(&self) -> bool {
+        self.config.secure.is_some()
     }
 
     /// Index of the open round, if any.
@@ -534,6 +622,22 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                 });
             }
         }
+        let aggregator = Aggregator::new(self.layout, self.clip_norm);
+        let combine = match self.config.secure {
+            None => Combine::Plain(aggregator),
+            Some(sa) => {
+                let grid = aggregator.grid().map_err(StartError::Encoding)?;
+                let clip_bit = self.config.adaptive_clip.is_some();
+                Combine::Secure(Box::new(ServerSecAgg::new(
+                    idx,
+                    self.layout.len(),
+                    grid,
+                    clip_bit,
+                    sa.dropout,
+                    sa.corrupt,
+                )))
+            }
+        };
         self.next_round += 1;
         self.round = Some(Round {
             idx,
@@ -542,7 +646,9 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             n_checked_in: 0,
             participants: HashMap::new(),
             n_selected: 0,
-            aggregator: Aggregator::new(self.layout, self.clip_norm),
+            combine,
+            n_reported: 0,
+            secure_sum: None,
             clip_norm: self.clip_norm,
             n_unclipped: 0,
             rejected: Vec::new(),
@@ -552,23 +658,83 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
 
     /// A message arrived from `client`.
     pub fn handle_message(&mut self, now: Instant, client: ClientId, msg: ClientMessage) {
-        match msg {
-            ClientMessage::CheckIn => self.handle_check_in(now, client),
-            ClientMessage::Upload { round, update, within_bound } => {
-                if let Err(reason) = self.accept_upload(now, client, round, update, within_bound) {
-                    let current = self.current_round().unwrap_or(round);
-                    if let Some(r) = self.round.as_mut() {
-                        r.count_rejection(&reason);
-                    }
-                    self.outbox.push_back((
-                        client,
-                        ServerMessage::Rejected { round: current, reason: reason.clone() },
-                    ));
-                    self.events.push_back(CoordinatorEvent::Rejected { client, reason });
-                }
+        let (round, result) = match msg {
+            ClientMessage::CheckIn => {
+                self.handle_check_in(now, client);
+                self.handle_timeout(now);
+                return;
             }
+            ClientMessage::Upload { round, update, within_bound } => {
+                (round, self.accept_upload(now, client, round, update, within_bound))
+            }
+            ClientMessage::AdvertiseKeys { round, .. }
+            | ClientMessage::EncryptedShares { round, .. }
+            | ClientMessage::MaskedInput { round, .. } => (round, self.accept_secure(now, client, msg)),
+            ClientMessage::UnmaskShares(ref u) => (u.round, self.accept_secure(now, client, msg)),
+        };
+        if let Err(reason) = result {
+            let current = self.current_round().unwrap_or(round);
+            if let Some(r) = self.round.as_mut() {
+                r.count_rejection(&reason);
+            }
+            self.outbox
+                .push_back((client, ServerMessage::Rejected { round: current, reason: reason.clone() }));
+            self.events.push_back(CoordinatorEvent::Rejected { client, reason });
         }
         self.handle_timeout(now);
+    }
+
+    /// A secure-aggregation message: accepted only from a selected device, in its phase.
+    fn accept_secure(&mut self, now: Instant, client: ClientId, msg: ClientMessage) -> Result<(), Rejection> {
+        let round = self.round.as_mut().ok_or(Rejection::WrongPhase)?;
+        let msg_round = match &msg {
+            ClientMessage::AdvertiseKeys { round, .. }
+            | ClientMessage::EncryptedShares { round, .. }
+            | ClientMessage::MaskedInput { round, .. }
+            | ClientMessage::Upload { round, .. } => *round,
+            ClientMessage::UnmaskShares(u) => u.round,
+            ClientMessage::CheckIn => round.idx,
+        };
+        if msg_round != round.idx {
+            return Err(Rejection::WrongRound { got: msg_round, current: round.idx });
+        }
+        match round.participants.get(&client) {
+            None | Some(Participant::NotSelected) => return Err(Rejection::NotSelected),
+            Some(Participant::Reported) => return Err(Rejection::Duplicate),
+            Some(Participant::Selected) => {}
+        }
+        let sa = match &mut round.combine {
+            Combine::Secure(sa) => sa,
+            Combine::Unmasked => return Err(Rejection::WrongPhase),
+            Combine::Plain(_) => {
+                return Err(Rejection::Malformed("a secure-aggregation message in a plain round"));
+            }
+        };
+        let open = now < round.phase.deadline();
+        let reject = |e: SecureReject| match e {
+            SecureReject::NotExpected => Rejection::WrongPhase,
+            SecureReject::Duplicate => Rejection::Duplicate,
+            SecureReject::Malformed(what) => Rejection::Malformed(what),
+        };
+        match (msg, round.phase) {
+            (
+                ClientMessage::AdvertiseKeys { cipher_public, mask_public, .. },
+                Phase::CheckIn { .. } | Phase::Report { .. },
+            ) if open => sa.add_keys(client, cipher_public, mask_public).map_err(reject),
+            (ClientMessage::EncryptedShares { shares, .. }, Phase::ShareKeys { .. }) if open => {
+                sa.add_shares(client, shares).map_err(reject)
+            }
+            (ClientMessage::MaskedInput { words, .. }, Phase::MaskedInput { .. }) if open => {
+                sa.add_masked(client, &words).map_err(reject)
+            }
+            (ClientMessage::UnmaskShares(answer), Phase::Unmask { .. }) if open => {
+                sa.add_unmask(client, answer).map_err(reject)?;
+                round.participants.insert(client, Participant::Reported);
+                self.outbox.push_back((client, ServerMessage::Ack { round: round.idx }));
+                Ok(())
+            }
+            _ => Err(Rejection::WrongPhase),
+        }
     }
 
     fn handle_check_in(&mut self, now: Instant, client: ClientId) {
@@ -583,6 +749,9 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         let may_report = match round.phase {
             Phase::CheckIn { .. } => true,
             Phase::Report { deadline } => now < deadline,
+            // Secure aggregation past its key advertisement: a device that lost its state
+            // cannot rejoin the protocol.
+            _ => false,
         };
         match round.participants.get(&client) {
             Some(Participant::Selected) if may_report => {
@@ -635,6 +804,9 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         if round_idx != round.idx {
             return Err(Rejection::WrongRound { got: round_idx, current: round.idx });
         }
+        let Combine::Plain(aggregator) = &mut round.combine else {
+            return Err(Rejection::Malformed("a plain upload in a secure round"));
+        };
         match round.participants.get(&client) {
             None | Some(Participant::NotSelected) => return Err(Rejection::NotSelected),
             Some(Participant::Reported) => return Err(Rejection::Duplicate),
@@ -642,7 +814,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         }
         let deadline = match round.phase {
             Phase::CheckIn { .. } => None,
-            Phase::Report { deadline } => Some(deadline),
+            phase => Some(phase.deadline()),
         };
         if deadline.is_some_and(|d| now >= d) {
             return Err(Rejection::WrongPhase);
@@ -653,7 +825,8 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             // Not asked for: not looked at, not kept.
             (false, _) => 0,
         };
-        round.aggregator.add(&update)?;
+        aggregator.add(&update)?;
+        round.n_reported += 1;
         round.n_unclipped += bit;
         round.participants.insert(client, Participant::Reported);
         self.outbox.push_back((client, ServerMessage::Ack { round: round.idx }));
@@ -663,12 +836,13 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
     /// Advances phases whose deadline has passed or whose work is done; commits or abandons.
     pub fn handle_timeout(&mut self, now: Instant) {
         let private = self.is_private();
+        let phase_window = self.config.secure.map_or(Duration::ZERO, |sa| sa.phase_window);
         loop {
             let Some(round) = self.round.as_mut() else { return };
             let n_selected = round.n_selected;
-            let n_reported = round.aggregator.n_updates();
-            match round.phase {
-                Phase::CheckIn { deadline } => {
+            let n_reported = round.n_reported;
+            match (round.phase, &mut round.combine) {
+                (Phase::CheckIn { deadline }, _) => {
                     if now < deadline {
                         return;
                     }
@@ -679,36 +853,140 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                     round.phase =
                         Phase::Report { deadline: deadline.saturating_add(self.config.report_window) };
                 }
-                Phase::Report { deadline } => {
+                (Phase::Report { deadline }, Combine::Plain(_)) => {
                     // Without noise a round closes as soon as every selected device reported.
                     // With noise only at its deadline: an early close would tell anyone who sees
                     // when the next round opens that every selected device reported in time.
                     if (!private && n_reported == n_selected) || now >= deadline {
-                        // With noise the outcome may not depend on the number of reports.
-                        let outcome = if private || n_reported >= self.config.min_reports {
-                            Ok(())
-                        } else {
-                            Err(AbandonReason::TooFewReports)
-                        };
-                        self.close(now, outcome);
+                        self.close(now, Ok(()));
                     }
+                    return;
+                }
+                // Secure aggregation (docs/secagg.md). Each phase closes once every device it
+                // waits for has answered, or at its deadline; a round with noise still
+                // commits only at its planned end (`Phase::Closing`).
+                (Phase::Report { deadline }, Combine::Secure(sa)) => {
+                    if sa.n_keys() < n_selected && now < deadline {
+                        return;
+                    }
+                    match sa.close_keys(&mut self.rng) {
+                        Ok(requests) => {
+                            for (client, req) in requests {
+                                self.outbox.push_back((client, ServerMessage::ShareKeys(req)));
+                            }
+                            round.phase = Phase::ShareKeys { deadline: now.saturating_add(phase_window) };
+                        }
+                        Err(e) => return self.abort_secure(now, &e),
+                    }
+                }
+                (Phase::ShareKeys { deadline }, Combine::Secure(sa)) => {
+                    if sa.n_shared() < sa.cohort_len() && now < deadline {
+                        return;
+                    }
+                    match sa.close_shares() {
+                        Ok(requests) => {
+                            for (client, req) in requests {
+                                self.outbox.push_back((client, ServerMessage::MaskedInputRequest(req)));
+                            }
+                            round.phase = Phase::MaskedInput { deadline: now.saturating_add(phase_window) };
+                        }
+                        Err(e) => return self.abort_secure(now, &e),
+                    }
+                }
+                (Phase::MaskedInput { deadline }, Combine::Secure(sa)) => {
+                    if sa.n_masked() < sa.n_shared() && now < deadline {
+                        return;
+                    }
+                    match sa.close_masked() {
+                        Ok(requests) => {
+                            for (client, req) in requests {
+                                self.outbox.push_back((client, ServerMessage::Unmask(req)));
+                            }
+                            round.phase = Phase::Unmask { deadline: now.saturating_add(phase_window) };
+                        }
+                        Err(e) => return self.abort_secure(now, &e),
+                    }
+                }
+                (Phase::Unmask { deadline }, Combine::Secure(sa)) => {
+                    if !sa.unmask_complete() && now < deadline {
+                        return;
+                    }
+                    let Combine::Secure(sa) = std::mem::replace(&mut round.combine, Combine::Unmasked) else {
+                        return;
+                    };
+                    match sa.finish() {
+                        Ok((sum, n)) => {
+                            round.n_reported = n;
+                            round.secure_sum = Some((sum, n));
+                            let planned_end = round.started.saturating_add(
+                                self.config.checkin_window + self.config.report_window + phase_window * 3,
+                            );
+                            if private && now < planned_end {
+                                round.phase = Phase::Closing { deadline: planned_end };
+                                return;
+                            }
+                            self.finish_secure(now);
+                            return;
+                        }
+                        Err(e) => return self.abort_secure(now, &e),
+                    }
+                }
+                (Phase::Closing { deadline }, _) => {
+                    if now >= deadline {
+                        self.finish_secure(now);
+                    }
+                    return;
+                }
+                // Unreachable: a plain round never enters the secure phases, and a secure one
+                // leaves them only for `Closing`. Close what there is.
+                (
+                    Phase::ShareKeys { .. } | Phase::MaskedInput { .. } | Phase::Unmask { .. },
+                    Combine::Plain(_) | Combine::Unmasked,
+                )
+                | (Phase::Report { .. }, Combine::Unmasked) => {
+                    self.finish_secure(now);
                     return;
                 }
             }
         }
     }
 
+    /// Commits a round whose secure sum is ready (or abandons it for too few reports, without
+    /// noise).
+    fn finish_secure(&mut self, now: Instant) {
+        let Some(round) = self.round.as_ref() else { return };
+        let outcome = if !self.is_private() && round.n_reported < self.config.min_reports {
+            Err(AbandonReason::TooFewReports)
+        } else {
+            Ok(())
+        };
+        self.close(now, outcome);
+    }
+
+    /// Abandons a round whose secure aggregation failed.
+    fn abort_secure(&mut self, now: Instant, _why: &SecureAbort) {
+        self.close(now, Err(AbandonReason::SecureAggregation));
+    }
+
     fn close(&mut self, now: Instant, outcome: Result<(), AbandonReason>) {
         let Some(round) = self.round.take() else { return };
         let n_selected = round.n_selected;
-        let n_reported = round.aggregator.n_updates();
+        let private = self.is_private();
+        // Without noise, too few reports abandon a plain round too.
+        let outcome = match (outcome, &round.combine) {
+            (Ok(()), Combine::Plain(_)) if !private && round.n_reported < self.config.min_reports => {
+                Err(AbandonReason::TooFewReports)
+            }
+            (o, _) => o,
+        };
+        let n_reported = round.n_reported;
         let mut stats = RoundStats {
             round: round.idx,
-            private: self.is_private(),
+            private,
             n_checked_in: round.n_checked_in,
             n_selected,
             n_reported,
-            n_dropped: n_selected - n_reported,
+            n_dropped: n_selected.saturating_sub(n_reported),
             rejected: round.rejected,
             denominator: 0.0,
             noise_std: 0.0,
@@ -728,6 +1006,26 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             self.events.push_back(CoordinatorEvent::RoundAbandoned { stats, reason });
             return;
         }
+        // The sum to release: the plain aggregator's, or the unmasked grid sum of the secure
+        // phases (the same integers the plain aggregator would have summed, up to rounding).
+        let (aggregator, n_unclipped) = match (round.combine, round.secure_sum) {
+            (Combine::Plain(aggregator), _) => (aggregator, round.n_unclipped),
+            (Combine::Secure(_) | Combine::Unmasked, Some((mut sum, n))) => {
+                let bits = if self.config.adaptive_clip.is_some() { sum.pop().unwrap_or(0) } else { 0 };
+                // Each device adds 0 or 1; a device that did not is out of the protocol.
+                let bits = usize::try_from(bits.max(0)).unwrap_or(0).min(n);
+                (Aggregator::from_grid_sum(self.layout, round.clip_norm, sum, n), bits)
+            }
+            (Combine::Secure(_) | Combine::Unmasked, None) => {
+                // Unreachable by construction (a secure round commits only with its sum).
+                let stats = RoundStats { n_reported: 0, ..stats };
+                self.events.push_back(CoordinatorEvent::RoundAbandoned {
+                    stats,
+                    reason: AbandonReason::SecureAggregation,
+                });
+                return;
+            }
+        };
         let denominator = match (self.config.selection, self.config.population) {
             // Public: the same in neighbouring worlds.
             (Selection::Poisson { q }, Some(population)) => q * population as f64,
@@ -735,10 +1033,8 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             (Selection::Poisson { q }, None) => q * round.n_checked_in as f64,
             (Selection::FirstCome { .. }, _) => n_reported as f64,
         };
-        let n_unclipped = round.n_unclipped;
-        let noised = round
-            .aggregator
-            .release(self.config.noise_multiplier / self.release_noise_divisor, &mut self.rng);
+        let noised =
+            aggregator.release(self.config.noise_multiplier / self.release_noise_divisor, &mut self.rng);
         // The clipping bits' count gets exact integer noise too (checked in range at `new`;
         // should it fail anyway, the clip norm stays as it is and nothing is released).
         let noisy_bits = self.config.adaptive_clip.and_then(|a| {
@@ -776,8 +1072,6 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
 
     /// When [`Coordinator::handle_timeout`] must next be called, if a round is open.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.round.as_ref().map(|r| match r.phase {
-            Phase::CheckIn { deadline } | Phase::Report { deadline } => deadline,
-        })
+        self.round.as_ref().map(|r| r.phase.deadline())
     }
 }

@@ -5,12 +5,15 @@
 //! `poll_timeout` so that the driver (QUIC server, SDK, or simulator) owns the clock and the
 //! sockets. The messages here are internal types; the wire module converts them.
 //!
-//! A round moves through phases (`CheckIn → Report → closed`). Secure aggregation will add
-//! its key-exchange and unmasking phases between `Report` and the close, and swap the
-//! plain [`crate::aggregate::Aggregator`] for a masked one, without touching the others.
+//! A round moves through phases. With plain aggregation: `CheckIn → Report → closed`. With
+//! secure aggregation ([`secure`], the protocol of `docs/secagg.md`), `Report` is where the
+//! selected devices advertise their round keys instead of uploading, and three phases follow
+//! before the close: `ShareKeys → MaskedInput → Unmask`. Both end in the same commit: the
+//! secure phases hand it the integer sum the plain aggregator would have computed.
 
 mod client;
 mod coordinator;
+pub mod secure;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +21,11 @@ use std::time::Duration;
 pub use client::{ClientError, ClientOutcome, ClientRound};
 pub use coordinator::{
     AbandonReason, AdaptiveClip, Coordinator, CoordinatorConfig, CoordinatorEvent, CoordinatorState,
-    RoundPhase, RoundStats, Selection, StartError, effective_noise_multiplier,
+    RoundPhase, RoundStats, SecureAggregation, Selection, StartError, effective_noise_multiplier,
+};
+pub use secure::{
+    EncryptedShare, MaskedInputRequest, NeighbourKeys, SecAggSetup, ShareKeysRequest, UnmaskRequest,
+    UnmaskShares,
 };
 
 use crate::model::RoundModel;
@@ -99,7 +106,8 @@ pub enum Mechanism {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Aggregation {
-    /// The coordinator sees every clipped upload (the only mode today).
+    /// The coordinator sees every clipped upload (for research; no protection from the
+    /// coordinator).
     Plain,
     /// Secure aggregation: the coordinator sees only the sum of the survivors' masked uploads.
     Secure,
@@ -162,7 +170,7 @@ impl TaskPrivacy {
         }
     }
 
-    /// The parameters a round of `config` with clip norm `clip_norm` runs with (plain
+    /// The parameters a round of `config` with clip norm `clip_norm` runs with (its
     /// aggregation, central noise when `noise_multiplier > 0`, the combined multiplier under
     /// adaptive clipping).
     pub fn from_config(config: &CoordinatorConfig, clip_norm: f32) -> Self {
@@ -179,7 +187,7 @@ impl TaskPrivacy {
             },
             min_reports: u64::try_from(config.min_reports).unwrap_or(u64::MAX),
             population: config.population.map(|n| u64::try_from(n).unwrap_or(u64::MAX)),
-            aggregation: Aggregation::Plain,
+            aggregation: if config.secure.is_some() { Aggregation::Secure } else { Aggregation::Plain },
         }
     }
 
@@ -225,12 +233,22 @@ pub enum ServerMessage {
         /// The round.
         round: u64,
     },
+    /// Secure aggregation, phase 1: the cohort's keys and the round's parameters; the device
+    /// answers with [`ClientMessage::EncryptedShares`].
+    ShareKeys(ShareKeysRequest),
+    /// Secure aggregation, phase 2: the shares the device's neighbours sealed for it; the
+    /// device answers with [`ClientMessage::MaskedInput`].
+    MaskedInputRequest(MaskedInputRequest),
+    /// Secure aggregation, phase 3: which neighbours dropped out and which survived; the
+    /// device answers with [`ClientMessage::UnmaskShares`].
+    Unmask(UnmaskRequest),
 }
 
 /// Messages from a device to the coordinator.
 ///
-/// An upload can only carry a [`ClippedUpdate`]: the device's interactions have no way onto
-/// the network, and its user vector only as the (clipped) k-means statistic inside it.
+/// An upload can only carry a [`ClippedUpdate`] (plain aggregation) or its masked encoding
+/// (secure aggregation): the device's interactions have no way onto the network, and its user
+/// vector only as the (clipped) k-means statistic inside it.
 #[derive(Debug, Clone)]
 pub enum ClientMessage {
     /// The device is available for a round.
@@ -245,4 +263,30 @@ pub enum ClientMessage {
         /// asks (adaptive clipping), where it is summed and noised like the update.
         within_bound: Option<bool>,
     },
+    /// Secure aggregation, phase 0: the device trained and advertises its two public keys for
+    /// the round (instead of uploading).
+    AdvertiseKeys {
+        /// The round.
+        round: u64,
+        /// X25519 public key that seals shares sent to this device.
+        cipher_public: [u8; 32],
+        /// X25519 public key the pairwise masks are agreed with.
+        mask_public: [u8; 32],
+    },
+    /// Secure aggregation, phase 1: the device's shares, each sealed for one neighbour.
+    EncryptedShares {
+        /// The round.
+        round: u64,
+        /// One sealed share pair per neighbour.
+        shares: Vec<EncryptedShare>,
+    },
+    /// Secure aggregation, phase 2: the device's encoded update plus its masks, mod `2^bits`.
+    MaskedInput {
+        /// The round.
+        round: u64,
+        /// The masked words (the update's layout, then the clip bit when the task asks).
+        words: Vec<u64>,
+    },
+    /// Secure aggregation, phase 3: the shares the coordinator asked for.
+    UnmaskShares(UnmaskShares),
 }
