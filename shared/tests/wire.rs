@@ -1976,3 +1976,95 @@ fn secure_client_messages_convert_both_ways() {
         other => panic!("unmask shares, got {other:?}"),
     }
 }
+
+/// The secure phases of a round (the real device and coordinator machines of
+/// `round::secure`), every message carried as bytes: encoded, decoded within the limits and
+/// converted on the other side. One device drops after sharing, so the unmask phase has both
+/// lists. The coordinator must recover exactly the survivors' sum.
+#[test]
+fn a_secure_round_runs_over_the_wire() {
+    use fedrec_shared::privacy::discrete::Grid;
+    use fedrec_shared::round::secure::{DeviceSecAgg, SecurePolicy, ServerSecAgg};
+
+    let (round, n, dropped) = (4u64, 12usize, 3usize);
+    let layout = SHAPE.layout();
+    let d = layout.len();
+    let l = limits();
+    let grid = Grid::for_secure_sum(1.0, d).expect("a grid");
+    let mut rng = seeded_rng(21);
+    let ci = check_in(None);
+    let encoded: Vec<Vec<i64>> =
+        (0..n).map(|i| (0..d).map(|j| (i as i64 - 5) * (j as i64 + 1) - 3).collect()).collect();
+    let mut server = ServerSecAgg::new(round, d, grid, false, 0.1, 0.05);
+    let mut devices = Vec::new();
+
+    // Device → coordinator, as bytes.
+    let up = |msg: ClientMessage| -> ClientMessage {
+        let r = Request::from_client_message(&msg, &ci, [7; 16]);
+        let p = payload(&r);
+        assert!(p.len() <= l.max_request());
+        match wire::decode_request(&p, &l).expect("decodes") {
+            Request::AdvertiseKeys(m) => m.into_client_message(),
+            Request::EncryptedShares(m) => m.into_client_message().expect("converts"),
+            Request::MaskedInput(m) => m.into_client_message(&layout).expect("converts"),
+            Request::UnmaskShares(m) => m.into_client_message().expect("converts"),
+            other => panic!("a secure request, got {other:?}"),
+        }
+    };
+    // Coordinator → device, as bytes.
+    let down = |msg: ServerMessage| -> ServerMessage {
+        let p = payload(&Response::from_server_message(&msg, None, Duration::ZERO));
+        assert!(p.len() <= l.max_response());
+        match wire::decode_response(&p, &l).expect("decodes").into_inbound(None).expect("converts") {
+            Inbound::Message(m) => m,
+            other => panic!("a round message, got {other:?}"),
+        }
+    };
+
+    for (i, x) in encoded.iter().enumerate() {
+        let (device, c, s) =
+            DeviceSecAgg::new(round, x.clone(), grid, false, SecurePolicy::default(), &mut rng);
+        devices.push(device);
+        let ClientMessage::AdvertiseKeys { cipher_public, mask_public, .. } =
+            up(ClientMessage::AdvertiseKeys { round, cipher_public: c, mask_public: s })
+        else {
+            panic!("keys")
+        };
+        server.add_keys(i as u64, cipher_public, mask_public).expect("keys accepted");
+    }
+    for (client, req) in server.close_keys(&mut rng).expect("parameters") {
+        let ServerMessage::ShareKeys(req) = down(ServerMessage::ShareKeys(req)) else { panic!("share keys") };
+        let shares = devices[client as usize].share_keys(req, &mut rng).expect("the device shares");
+        let ClientMessage::EncryptedShares { shares, .. } =
+            up(ClientMessage::EncryptedShares { round, shares })
+        else {
+            panic!("shares")
+        };
+        server.add_shares(client, shares).expect("shares accepted");
+    }
+    for (client, req) in server.close_shares().expect("enough shared") {
+        let ServerMessage::MaskedInputRequest(req) = down(ServerMessage::MaskedInputRequest(req)) else {
+            panic!("masked-input request")
+        };
+        let words = devices[client as usize].masked_input(req).expect("the device masks");
+        if client as usize == dropped {
+            continue;
+        }
+        let ClientMessage::MaskedInput { words, .. } = up(ClientMessage::MaskedInput { round, words }) else {
+            panic!("masked input")
+        };
+        server.add_masked(client, &words).expect("masked input accepted");
+    }
+    for (client, req) in server.close_masked().expect("enough masked") {
+        let ServerMessage::Unmask(req) = down(ServerMessage::Unmask(req)) else { panic!("unmask") };
+        let answer = devices[client as usize].unmask(&req).expect("the device unmasks");
+        let ClientMessage::UnmaskShares(answer) = up(ClientMessage::UnmaskShares(answer)) else {
+            panic!("unmask shares")
+        };
+        server.add_unmask(client, answer).expect("shares accepted");
+    }
+    let (sum, count) = server.finish().expect("unmasked");
+    let want: Vec<i64> =
+        (0..d).map(|j| (0..n).filter(|&i| i != dropped).map(|i| encoded[i][j]).sum()).collect();
+    assert_eq!((sum, count), (want, n - 1));
+}
