@@ -428,8 +428,10 @@ impl FileConfig {
         if l.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));
         }
-        let needed =
-            fedrec_shared::wire::upload_limit(&self.shape()).saturating_add(UPLOAD_RECEIVE_WINDOW as usize);
+        // The largest request: a plain upload, or a masked input of 8-byte words.
+        let needed = fedrec_shared::wire::Limits::for_shape(&self.shape())
+            .max_request()
+            .saturating_add(UPLOAD_RECEIVE_WINDOW as usize);
         if l.max_upload_memory() < needed {
             return Err(invalid(
                 "limits.max_upload_memory_mb",

@@ -198,7 +198,8 @@ pub struct ServeConfig {
     /// share an address, so keep it well above the devices one address may hold.
     pub max_connections_per_source: usize,
     /// Bytes that uploads being received may hold at once, all connections together. An
-    /// upload (the only request larger than [`Limits::check_in`]) is read only on a
+    /// upload (or a secure-aggregation message: the requests larger than
+    /// [`Limits::check_in`]) is read only on a
     /// connection whose device was given a task in the open round, and only once this budget
     /// has room for its announced length plus [`UPLOAD_RECEIVE_WINDOW`]; until then the peer
     /// is held by flow control (backpressure), and after [`ServeConfig::read_timeout`] it is

@@ -94,13 +94,15 @@ impl Aggregator {
         }
     }
 
-    /// A sum already on the grid: the integer `grid_sum` of `n_updates` updates of `layout`,
-    /// each rounded to the grid of `clip_norm` (as the secure-aggregation phases deliver it).
+    /// A sum already on a grid: the integer `grid_sum` of `n_updates` updates of `layout`,
+    /// each rounded to `grid` (as the secure-aggregation phases deliver it, on
+    /// [`Grid::for_secure_sum`]).
     /// Released like a sum built by [`Aggregator::add`], except that without noise the
     /// released value is the grid sum times the step (the exact `f32` sum was never seen).
     /// A `grid_sum` of the wrong length is treated as zeros.
-    pub fn from_grid_sum(layout: UpdateLayout, clip_norm: f32, grid_sum: Vec<i64>, n_updates: usize) -> Self {
-        let grid = Grid::for_sum(clip_norm, layout.len());
+    pub fn from_grid_sum(layout: UpdateLayout, grid: Grid, grid_sum: Vec<i64>, n_updates: usize) -> Self {
+        let clip_norm = (grid.step() * grid.steps_per_clip()) as f32;
+        let grid: Result<Grid, DiscreteNoiseError> = Ok(grid);
         let grid_sum = if grid_sum.len() == layout.len() { grid_sum } else { vec![0; layout.len()] };
         let sum = match &grid {
             Ok(g) => grid_sum.iter().map(|&k| (k as f64 * g.step()) as f32).collect(),

@@ -88,6 +88,10 @@ pub struct Federation<'a, R> {
     now: Instant,
     crafted: Option<Crafted<'a>>,
     secure_policy: SecurePolicy,
+    /// Seeds of the simulated devices' secure-aggregation secrets: another stream of the
+    /// harness's generator, so that a secure run checks devices in and drops them exactly as
+    /// a plain run of the same seed does.
+    device_rng: ChaCha12Rng,
 }
 
 impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
@@ -99,6 +103,8 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
         config: HarnessConfig,
         rng: ChaCha12Rng,
     ) -> Self {
+        let mut device_rng = rng.clone();
+        device_rng.set_stream(rng.get_stream().wrapping_add(1));
         Self {
             coordinator,
             devices,
@@ -107,6 +113,7 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
             now: Instant::ZERO,
             crafted: None,
             secure_policy: SecurePolicy::default(),
+            device_rng,
         }
     }
 
@@ -212,7 +219,7 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
                 ClientRound::with_rng(
                     &self.devices[idx],
                     give_up,
-                    crate::danger::seeded_device_rng(self.rng.random()),
+                    crate::danger::seeded_device_rng(self.device_rng.random()),
                 )
                 .with_secure_policy(self.secure_policy)
             } else {
@@ -328,7 +335,7 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
         let lat = self.config.latency;
         let vanish_at: Vec<Option<u8>> = selected
             .iter()
-            .map(|_| self.rng.random_bool(self.config.dropout).then(|| self.rng.random_range(0..4u8)))
+            .map(|_| self.rng.random_bool(self.config.dropout).then(|| self.device_rng.random_range(0..4u8)))
             .collect();
         let n_sel = selected.len();
         let mut slots: Vec<Option<(ClientRound<'a>, ClientId)>> = (0..n_sel).map(|_| None).collect();

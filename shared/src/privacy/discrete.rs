@@ -99,6 +99,13 @@ pub const GRID_ROUNDING_SHARE: f64 = 0.01;
 /// Relative margin on the grid sensitivity for the `f64` arithmetic of the rounding.
 pub const SENSITIVITY_MARGIN: f64 = 1e-6;
 
+/// How much finer the grid of a secure-aggregation round is than a plain round's
+/// ([`Grid::for_secure_sum`]): each device rounds its own update there (stochastically), so
+/// without noise the rounding error of the sum grows with the cohort. Eight times finer cuts
+/// its variance 64-fold while a cohort of about 22,000 ML-100K-sized updates still sums in
+/// 32-bit words (`n · G < 2³¹`, `G = 8 · 50√d`).
+pub const SECURE_GRID_REFINEMENT: f64 = 8.0;
+
 /// Bound on `t² · den` that keeps every intermediate of the sampler inside `u128`.
 const T2_DEN_LIMIT: u128 = 1 << 62;
 
@@ -260,6 +267,7 @@ impl DiscreteGaussian {
 /// and the L2 sensitivity of the rounded integer sum (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Grid {
+    dim: usize,
     steps_per_clip: f64,
     step: f64,
     clip_norm: f64,
@@ -276,11 +284,34 @@ impl Grid {
         let half_sqrt_d = (dim as f64).sqrt() / 2.0;
         let g = (half_sqrt_d / GRID_ROUNDING_SHARE).ceil();
         Ok(Self {
+            dim,
             steps_per_clip: g,
             step: c / g,
             clip_norm: c,
             sensitivity: (g + half_sqrt_d) * (1.0 + SENSITIVITY_MARGIN),
         })
+    }
+
+    /// The grid of a secure-aggregation round: [`Grid::for_sum`] with
+    /// [`SECURE_GRID_REFINEMENT`] times as many steps per clip norm. It depends only on public
+    /// values (`C`, `d`), so devices and the coordinator agree on it before the cohort is known;
+    /// the sensitivity bound `(G + √d/2)(1 + 10⁻⁶)` holds on it as on every grid.
+    pub fn for_secure_sum(clip_norm: f32, dim: usize) -> Result<Self, DiscreteNoiseError> {
+        let plain = Self::for_sum(clip_norm, dim)?;
+        let half_sqrt_d = (dim as f64).sqrt() / 2.0;
+        let g = plain.steps_per_clip * SECURE_GRID_REFINEMENT;
+        Ok(Self {
+            dim,
+            steps_per_clip: g,
+            step: plain.clip_norm / g,
+            clip_norm: plain.clip_norm,
+            sensitivity: (g + half_sqrt_d) * (1.0 + SENSITIVITY_MARGIN),
+        })
+    }
+
+    /// The length `d` of the updates the grid was built for.
+    pub fn dim(&self) -> usize {
+        self.dim
     }
 
     /// The grid step `γ` in real units.

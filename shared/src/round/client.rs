@@ -209,8 +209,8 @@ impl<'a> ClientRound<'a> {
     fn start_secure(&mut self, task: &super::Task, update: ClippedUpdate) -> Result<State, ClientError> {
         let was_clipped = update.was_clipped();
         let layout = *update.vector().layout();
-        let grid =
-            Grid::for_sum(task.clip_norm, layout.len()).map_err(|e| ClientError::Encoding(e.to_string()))?;
+        let grid = Grid::for_secure_sum(task.clip_norm, layout.len())
+            .map_err(|e| ClientError::Encoding(e.to_string()))?;
         let clip_bit = task.report_clip_bit.then_some(!was_clipped);
         let encoded = crate::secagg::encode::encode(&update, &grid, clip_bit, &mut self.rng)
             .map_err(|e| ClientError::Encoding(e.to_string()))?;

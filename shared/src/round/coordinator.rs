@@ -13,6 +13,7 @@ use crate::error::{ParamError, Rejection};
 use crate::ledger::{Ledger, LedgerEntry, PrivacyPolicy};
 use crate::model::{GlobalModel, RoundModel, UpdateLayout};
 use crate::privacy::PrivacyError;
+use crate::privacy::discrete::Grid;
 use crate::server::{CentroidPolicy, ServerOptimizer, ServerState};
 use crate::train::TrainParams;
 
@@ -385,16 +386,20 @@ enum Participant {
     Reported,
 }
 
-/// The task every selected device of `round` gets. Under secure aggregation its report
-/// window also covers the three phases after the key advertisement.
+/// The task every selected device of `round` gets. Under secure aggregation the device
+/// takes part until the last phase closes, at most check-in, report and three phase windows
+/// after its selection (it may be selected as check-in opens).
 fn round_task(config: &CoordinatorConfig, round: &Round) -> Task {
-    let secure_phases = config.secure.map_or(Duration::ZERO, |sa| sa.phase_window * 3);
+    let window = match config.secure {
+        None => config.report_window,
+        Some(sa) => config.checkin_window + config.report_window + sa.phase_window * 3,
+    };
     Task {
         round: round.idx,
         train: config.train,
         clip_norm: round.clip_norm,
         report_clip_bit: config.adaptive_clip.is_some(),
-        report_window: config.report_window + secure_phases,
+        report_window: window,
         privacy: TaskPrivacy::from_config(config, round.clip_norm),
     }
 }
@@ -473,8 +478,11 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         // The exact samplers have a range: refuse here what `release` could not noise.
         let out_of_range =
             |name, e: crate::privacy::discrete::DiscreteNoiseError| ParamError::new(name, e.to_string());
-        crate::privacy::discrete::Grid::for_sum(config.clip_norm, layout.len())
-            .and_then(|grid| grid.noise(f64::from(config.noise_multiplier)))
+        let grid = match config.secure {
+            None => Grid::for_sum(config.clip_norm, layout.len()),
+            Some(_) => Grid::for_secure_sum(config.clip_norm, layout.len()),
+        };
+        grid.and_then(|grid| grid.noise(f64::from(config.noise_multiplier)))
             .map_err(|e| out_of_range("noise_multiplier", e))?;
         if let Some(a) = &config.adaptive_clip {
             crate::privacy::discrete::count_noise(f64::from(a.count_noise_multiplier))
@@ -622,11 +630,11 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                 });
             }
         }
-        let aggregator = Aggregator::new(self.layout, self.clip_norm);
         let combine = match self.config.secure {
-            None => Combine::Plain(aggregator),
+            None => Combine::Plain(Aggregator::new(self.layout, self.clip_norm)),
             Some(sa) => {
-                let grid = aggregator.grid().map_err(StartError::Encoding)?;
+                let grid =
+                    Grid::for_secure_sum(self.clip_norm, self.layout.len()).map_err(StartError::Encoding)?;
                 let clip_bit = self.config.adaptive_clip.is_some();
                 Combine::Secure(Box::new(ServerSecAgg::new(
                     idx,
@@ -1014,7 +1022,18 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                 let bits = if self.config.adaptive_clip.is_some() { sum.pop().unwrap_or(0) } else { 0 };
                 // Each device adds 0 or 1; a device that did not is out of the protocol.
                 let bits = usize::try_from(bits.max(0)).unwrap_or(0).min(n);
-                (Aggregator::from_grid_sum(self.layout, round.clip_norm, sum, n), bits)
+                let grid = match Grid::for_secure_sum(round.clip_norm, self.layout.len()) {
+                    Ok(grid) => grid,
+                    Err(_) => {
+                        // Unreachable: the round started with this grid.
+                        self.events.push_back(CoordinatorEvent::RoundAbandoned {
+                            stats,
+                            reason: AbandonReason::SecureAggregation,
+                        });
+                        return;
+                    }
+                };
+                (Aggregator::from_grid_sum(self.layout, grid, sum, n), bits)
             }
             (Combine::Secure(_) | Combine::Unmasked, None) => {
                 // Unreachable by construction (a secure round commits only with its sum).

@@ -219,6 +219,8 @@ pub struct DeviceSecAgg {
     /// The grid's `G`, to check the ring is wide enough for the cohort.
     grid: Grid,
     clip_bit: bool,
+    /// The round's threshold, once known.
+    t: usize,
     state: DeviceState,
 }
 
@@ -254,6 +256,7 @@ impl DeviceSecAgg {
             encoded: Zeroizing::new(encoded),
             grid,
             clip_bit,
+            t: 0,
             state: DeviceState::Advertised,
         };
         (state, c, s)
@@ -398,6 +401,7 @@ impl DeviceSecAgg {
         else {
             return Err(SecureRefusal::Protocol("state changed under the device"));
         };
+        self.t = setup.t as usize;
         self.state = DeviceState::Masked { index, received, own };
         Ok(words)
     }
@@ -419,6 +423,11 @@ impl DeviceSecAgg {
         }
         if !dropped.is_disjoint(&survivors) {
             return Err(SecureRefusal::Protocol("a device listed as dropped and as surviving"));
+        }
+        // Fewer survivors than the threshold: no self-mask can be rebuilt and the round will
+        // abort; revealing shares would serve nothing.
+        if survivors.len() + 1 < self.t {
+            return Err(SecureRefusal::Protocol("fewer survivors than the threshold"));
         }
         let held: BTreeSet<u32> = received.keys().copied().collect();
         let listed: BTreeSet<u32> = dropped.union(&survivors).copied().collect();

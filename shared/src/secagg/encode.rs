@@ -174,8 +174,7 @@ fn encode_with_attempts<R: Rng + ?Sized>(
     let v = update.vector();
     let layout = *v.layout();
     let dim = layout.len();
-    let matches = Grid::for_sum(1.0, dim).is_ok_and(|g| g.sensitivity() == grid.sensitivity());
-    if !matches {
+    if grid.dim() != dim {
         return Err(EncodeError::GridMismatch { dim });
     }
     let g = grid.steps_per_clip();
