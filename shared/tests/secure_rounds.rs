@@ -11,9 +11,9 @@ use fedrec_shared::harness::{Federation, HarnessConfig, RoundReport};
 use fedrec_shared::privacy::discrete::Grid;
 use fedrec_shared::round::secure::{DeviceSecAgg, RevealedShare, SecurePolicy, SecureRefusal, ServerSecAgg};
 use fedrec_shared::round::{
-    AbandonReason, ClientId, ClientMessage, ClientOutcome, ClientRound, Coordinator, CoordinatorConfig,
-    CoordinatorEvent, EncryptedShare, Instant, NeighbourKeys, RoundStats, SecAggSetup, SecureAggregation,
-    Selection, ShareKeysRequest, UnmaskRequest,
+    AbandonReason, AdaptiveClip, ClientId, ClientMessage, ClientOutcome, ClientRound, Coordinator,
+    CoordinatorConfig, CoordinatorEvent, EncryptedShare, Instant, NeighbourKeys, RoundStats, SecAggSetup,
+    SecureAggregation, Selection, ServerMessage, ShareKeysRequest, UnmaskRequest,
 };
 use fedrec_shared::secagg::crypto::KeyPair;
 use fedrec_shared::secagg::encode::{bits_for, to_ring};
@@ -270,7 +270,7 @@ fn random_drops(n: usize, rate: f64, rng: &mut ChaCha12Rng) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// Whatever drops out when, a secure round either returns exactly the sum of the encodings
     /// of the devices whose masked input it took, or aborts (and it aborts exactly when the
@@ -281,13 +281,16 @@ proptest! {
         len in 1usize..=12,
         clip_bit in any::<bool>(),
         extreme in any::<bool>(),
+        refined in any::<bool>(),
         dropout in prop::sample::select(vec![0.0, 0.1, 0.25, 0.4]),
         corrupt in prop::sample::select(vec![0.0, 0.1]),
         rate in prop::sample::select(vec![0.0, 0.1, 0.25, 0.5, 0.8]),
         seed in any::<u64>(),
     ) {
         let mut rng = seeded_rng(seed);
-        let grid = Grid::for_sum(1.0, len).expect("a valid grid");
+        // The secure rounds' grid, or the plain one (coarser: a narrower ring).
+        let grid = if refined { Grid::for_secure_sum(1.0, len) } else { Grid::for_sum(1.0, len) };
+        let grid = grid.expect("a valid grid");
         let encoded = random_encodings(n, len, &grid, clip_bit, extreme, &mut rng);
         let drop_at = random_drops(n, rate, &mut rng);
         let run = run_module_round(seed, &encoded, grid, clip_bit, len, (dropout, corrupt), &drop_at, &mut rng);
@@ -350,11 +353,11 @@ fn honest_round(
     encoded: &[Vec<i64>],
     grid: Grid,
     clip_bit: bool,
-    layout_len: usize,
     corrupt: f64,
     silent: &[usize],
     rng: &mut ChaCha12Rng,
 ) -> Honest {
+    let layout_len = encoded[0].len() - usize::from(clip_bit);
     let mut server = ServerSecAgg::new(round, layout_len, grid, clip_bit, 0.0, corrupt);
     let mut devices = Vec::new();
     let mut keys = Vec::new();
@@ -404,7 +407,7 @@ fn a_device_never_reveals_both_shares_of_one_device() {
     let encoded = random_encodings(n, len, &grid, false, false, &mut rng);
     // The last device shares but sends no masked input: its neighbours are asked for its
     // s-share, the others only for b-shares.
-    let mut h = honest_round(3, &encoded, grid, false, len, 0.0, &[silent], &mut rng);
+    let mut h = honest_round(3, &encoded, grid, false, 0.0, &[silent], &mut rng);
     let req = |h: &Honest, d: usize| h.unmask_requests[&d].clone();
     let near: Vec<usize> = h.share_requests[silent].neighbours.iter().map(|nb| nb.index as usize).collect();
     let far: Vec<usize> = (0..silent).filter(|d| !near.contains(d)).collect();
@@ -470,7 +473,7 @@ fn a_device_never_reveals_both_shares_of_one_device() {
 
     // A fresh honest round to the end: across all answers, no owner's s-share and b-share
     // both reach the coordinator, and the sum is exactly that of the devices that masked.
-    let mut h = honest_round(4, &encoded, grid, false, len, 0.0, &[silent], &mut rng);
+    let mut h = honest_round(4, &encoded, grid, false, 0.0, &[silent], &mut rng);
     let mut s_owners = BTreeSet::new();
     let mut b_owners = BTreeSet::new();
     for d in 0..silent {
@@ -495,14 +498,13 @@ fn owners(v: &[RevealedShare]) -> Vec<u32> {
 /// list leaves fewer than `t − 1` of its neighbours (`|survivors| + 1 < t`): it would help
 /// unmask a sum of too few inputs.
 #[test]
-#[ignore = "bug: DeviceSecAgg::unmask does not check |survivors| + 1 ≥ t (shared/src/round/secure.rs, fn unmask)"]
 fn a_device_refuses_to_unmask_below_the_threshold() {
     let mut rng = seeded_rng(510);
     let (len, n) = (4, 6);
     let grid = Grid::for_sum(1.0, len).expect("a valid grid");
     let encoded = random_encodings(n, len, &grid, false, false, &mut rng);
     // A corrupt fraction of 1/3 makes the finder pick t ≥ 3 for six devices.
-    let mut h = honest_round(5, &encoded, grid, false, len, 0.34, &[], &mut rng);
+    let mut h = honest_round(5, &encoded, grid, false, 0.34, &[], &mut rng);
     let t = h.setup.t as usize;
     assert!(t >= 3, "the premise needs t ≥ 3, got {t}");
     // The lists still cover exactly the neighbours that shared, and are disjoint, but name one
@@ -763,7 +765,7 @@ fn masked_inputs_do_not_reveal_the_update() {
         for (which, target) in [&zeros, &at_clip].into_iter().enumerate() {
             let mut encoded = vec![target.clone()];
             encoded.extend(others.iter().cloned());
-            let mut h = honest_round(round, &encoded, grid, true, len, 0.0, &[], &mut rng);
+            let mut h = honest_round(round, &encoded, grid, true, 0.0, &[], &mut rng);
             assert_eq!(h.setup.bits, bits);
             let words = h.masked[0].clone().expect("device 0 masked");
             let clear = to_ring(target, bits).expect("in the ring");
@@ -879,10 +881,9 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-/// The grid step of the test rounds (clip norm 10 over the update layout).
+/// The grid step of the secure test rounds (clip norm 10 over the update layout).
 fn grid_step() -> f64 {
-    let len = SHAPE.layout().len();
-    Grid::for_sum(10.0, len).expect("a valid grid").step()
+    Grid::for_secure_sum(10.0, SHAPE.layout().len()).expect("a valid grid").step()
 }
 
 /// Compares two models after one SGD round (learning rate 1) over the same devices: each
@@ -968,14 +969,16 @@ impl Driven<'_> {
 }
 
 /// Runs one round of `coord` in which every device of `devices` (client id = position) checks
-/// in, single-threaded on a simulated clock, device `d` vanishing before its secure message of
-/// phase `vanish[d]` (0 keys, 1 shares, 2 masked input, 3 unmask shares).
+/// in at time zero, single-threaded on a simulated clock, device `d` vanishing before its
+/// secure message of phase `vanish[d]` (0 keys, 1 shares, 2 masked input, 3 unmask shares).
+/// With `device_timers` the devices give up at their own deadline, as the SDK does.
 fn drive<'a>(
     coord: &mut Coordinator<ChaCha12Rng>,
     devices: &'a [Vec<Rating>],
     policy: SecurePolicy,
     vanish: &[Option<u8>],
     seed: u64,
+    device_timers: bool,
 ) -> Driven<'a> {
     let lat = Duration::from_millis(20);
     let mut now = Instant::ZERO;
@@ -1022,10 +1025,24 @@ fn drive<'a>(
         if moved {
             continue;
         }
-        match coord.poll_timeout() {
+        if coord.current_round().is_none() {
+            break;
+        }
+        // The next timer: the coordinator's, or (when devices keep their own deadlines, as the
+        // SDK does) the earliest of a device still in the round.
+        let device_deadline = clients
+            .iter()
+            .zip(&gone)
+            .filter(|(_, gone)| device_timers && !**gone)
+            .filter_map(|(c, _)| c.poll_timeout())
+            .min();
+        match [coord.poll_timeout(), device_deadline].into_iter().flatten().min() {
             Some(t) => {
                 now = now.max(t);
                 coord.handle_timeout(now);
+                if device_timers {
+                    clients.iter_mut().for_each(|c| c.handle_timeout(now));
+                }
             }
             None => break,
         }
@@ -1053,7 +1070,7 @@ fn a_secure_round_with_dropouts_sums_exactly_its_survivors() {
         seeded_rng(41),
     )
     .expect("valid config");
-    let run = drive(&mut coord, &devices, SecurePolicy::default(), &vanish, 42);
+    let run = drive(&mut coord, &devices, SecurePolicy::default(), &vanish, 42, false);
     let CoordinatorEvent::RoundCommitted { stats, .. } = run.end() else { panic!("{:?}", run.events) };
     let u3: BTreeSet<usize> = (0..20).filter(|d| vanish[*d].is_none_or(|p| p > 2)).collect();
     assert_eq!(run.masked, u3);
@@ -1072,7 +1089,7 @@ fn a_secure_round_with_dropouts_sums_exactly_its_survivors() {
         seeded_rng(41),
     )
     .expect("valid config");
-    let plain_run = drive(&mut plain, &survivors, SecurePolicy::default(), &vec![None; u3.len()], 42);
+    let plain_run = drive(&mut plain, &survivors, SecurePolicy::default(), &vec![None; u3.len()], 42, false);
     let CoordinatorEvent::RoundCommitted { stats: plain_stats, .. } = plain_run.end() else { panic!() };
     assert_eq!(plain_stats.n_reported, 16);
     let (diff, _) = compare_one_round(&plain.model().model, &coord.model().model, &init_model(40));
@@ -1168,7 +1185,7 @@ fn masked_inputs_without_unmask_shares_abort() {
         seeded_rng(91),
     )
     .expect("valid config");
-    let run = drive(&mut coord, &devices, SecurePolicy::default(), &vec![Some(3); 20], 92);
+    let run = drive(&mut coord, &devices, SecurePolicy::default(), &[Some(3); 20], 92, false);
     assert!(run.masked.len() >= 10, "{:?}", run.masked);
     assert!(run.unmasked.is_empty());
     assert!(
@@ -1192,7 +1209,7 @@ fn devices_refuse_a_cohort_below_their_minimum() {
     let policy = SecurePolicy::default();
     assert!(policy.min_cohort > 6);
     let mut coord = Coordinator::new(cfg.clone(), init_model(100), seeded_rng(101)).expect("valid config");
-    let run = drive(&mut coord, &devices, policy, &[None; 6], 102);
+    let run = drive(&mut coord, &devices, policy, &[None; 6], 102, false);
     for (d, client) in run.clients.iter().enumerate() {
         assert_eq!(
             client.outcome(),
@@ -1214,7 +1231,7 @@ fn devices_refuse_a_cohort_below_their_minimum() {
     assert_eq!(coord.model().version, 0);
 
     let mut coord = Coordinator::new(cfg, init_model(100), seeded_rng(101)).expect("valid config");
-    let run = drive(&mut coord, &devices, SecurePolicy { min_cohort: 6, ..policy }, &[None; 6], 102);
+    let run = drive(&mut coord, &devices, SecurePolicy { min_cohort: 6, ..policy }, &[None; 6], 102, false);
     assert!(matches!(run.end(), CoordinatorEvent::RoundCommitted { .. }), "{:?}", run.events);
 }
 
@@ -1233,8 +1250,18 @@ fn noised_secure_rounds_commit_at_the_planned_end_and_are_charged_once() {
         let (ps, ss) = (committed(&p), committed(&s));
         assert_eq!(ss.n_reported, ss.n_selected, "round {round}: every device answered");
         assert_eq!(ss.duration, planned, "round {round}");
-        assert_eq!(ss.noise_std, ps.noise_std, "round {round}");
-        assert!(ss.noise_std > 0.0);
+        // σ = z Δ₂ on each round's grid (the secure grid is finer, so its Δ₂ is closer to C):
+        // at least z C in both, and the plain one exactly as before.
+        let len = SHAPE.layout().len();
+        let want = |grid: Result<Grid, _>| grid.expect("a grid").noise_std(1.0).expect("noise") as f32;
+        assert_eq!(ss.noise_std, want(Grid::for_secure_sum(ss.clip_norm, len)), "round {round}");
+        assert_eq!(ps.noise_std, want(Grid::for_sum(ps.clip_norm, len)), "round {round}");
+        assert!(
+            ss.noise_std >= ss.clip_norm && ss.noise_std <= ps.noise_std,
+            "{} vs {}",
+            ss.noise_std,
+            ps.noise_std
+        );
         assert_eq!(ss.denominator, ps.denominator);
     }
     let ledger = secure_fed.coordinator.ledger();
@@ -1247,4 +1274,201 @@ fn noised_secure_rounds_commit_at_the_planned_end_and_are_charged_once() {
     let mut fast = federation(config(Selection::Poisson { q: 0.5 }, secure(0.1)), &devices, 0.0, 110);
     let report = fast.run_round();
     assert!(committed(&report).duration < planned, "{report:?}");
+}
+
+/// A device that keeps its own deadline (as the SDK does) stays for the whole protocol: with
+/// Poisson selection the devices check in at the start of the check-in window, and one device
+/// vanishing at each secure message makes every phase run to its deadline; the others must
+/// still be waiting when the unmask request comes, and the round commits.
+#[test]
+fn devices_wait_for_every_phase_when_phases_run_to_their_deadlines() {
+    let devices = common::low_rank_ratings(20, SHAPE.n_items, 3, 10, 0.3, 121);
+    let mut vanish = vec![None; 20];
+    for (d, p) in [(2, 0), (5, 1), (9, 2), (14, 3)] {
+        vanish[d] = Some(p);
+    }
+    let cfg =
+        CoordinatorConfig { population: Some(20), ..config(Selection::Poisson { q: 1.0 }, secure(0.3)) };
+    // Without device deadlines the round commits: the protocol itself copes with the dropouts.
+    let mut coord = Coordinator::new(cfg.clone(), init_model(120), seeded_rng(121)).expect("valid config");
+    let run = drive(&mut coord, &devices, SecurePolicy::default(), &vanish, 122, false);
+    assert!(matches!(run.end(), CoordinatorEvent::RoundCommitted { .. }), "{:?}", run.events);
+    // With them, the devices must not give up before their last request.
+    let mut coord = Coordinator::new(cfg, init_model(120), seeded_rng(121)).expect("valid config");
+    let run = drive(&mut coord, &devices, SecurePolicy::default(), &vanish, 122, true);
+    let timed_out: Vec<usize> = (0..20)
+        .filter(|&d| vanish[d].is_none() && run.clients[d].outcome() == Some(&ClientOutcome::TimedOut))
+        .collect();
+    assert!(timed_out.is_empty(), "devices {timed_out:?} gave up while the round ran: {:?}", run.end());
+    assert!(matches!(run.end(), CoordinatorEvent::RoundCommitted { .. }), "{:?}", run.events);
+}
+
+/// Under adaptive clipping the clip bit rides in the secure sum as its last coordinate: without
+/// noise, a secure round estimates the same unclipped fraction, and so moves the clip norm
+/// exactly as a plain round over the same devices.
+#[test]
+fn the_clip_bit_is_summed_securely() {
+    let devices = common::low_rank_ratings(60, SHAPE.n_items, 3, 10, 0.3, 131);
+    let mut cfg = config(Selection::FirstCome { cohort: 20 }, None);
+    cfg.clip_norm = 0.5;
+    cfg.adaptive_clip =
+        Some(AdaptiveClip { target_quantile: 0.5, learning_rate: 0.2, count_noise_multiplier: 0.0 });
+    let mut plain = federation(cfg.clone(), &devices, 0.0, 130);
+    cfg.secure = secure(0.1);
+    let mut secure_fed = federation(cfg, &devices, 0.0, 130);
+    for round in 0..3 {
+        let (p, s) = (plain.run_round(), secure_fed.run_round());
+        let (ps, ss) = (committed(&p), committed(&s));
+        let fraction = ss.unclipped_fraction.expect("adaptive clipping reports its fraction");
+        assert_eq!(Some(fraction), ps.unclipped_fraction, "round {round}");
+        assert_eq!(fraction, (s.n_completed - s.n_clipped) as f64 / 20.0, "round {round}");
+        assert_eq!(secure_fed.coordinator.clip_norm(), plain.coordinator.clip_norm(), "round {round}");
+    }
+    // The clip norm did move, from both sides of the target.
+    assert_ne!(secure_fed.coordinator.clip_norm(), 0.5);
+}
+
+/// Sends `msg` from `client` and returns the coordinator's answers (not delivered anywhere).
+fn send(
+    coord: &mut Coordinator<ChaCha12Rng>,
+    now: Instant,
+    client: ClientId,
+    msg: ClientMessage,
+) -> Vec<(ClientId, ServerMessage)> {
+    coord.handle_message(now, client, msg);
+    std::iter::from_fn(|| coord.poll_transmit()).collect()
+}
+
+/// Sends `msg` from `client` and checks that the coordinator refuses it with `want`, telling
+/// the client, and changes nothing else.
+fn expect_refused(
+    coord: &mut Coordinator<ChaCha12Rng>,
+    now: Instant,
+    client: ClientId,
+    msg: ClientMessage,
+    want: &str,
+) {
+    let phase = coord.phase();
+    let out = send(coord, now, client, msg);
+    match out.as_slice() {
+        [(to, ServerMessage::Rejected { reason, .. })] if *to == client => {
+            assert_eq!(reason.label(), want, "{reason:?}");
+        }
+        other => panic!("expected a {want} refusal to {client}, got {other:?}"),
+    }
+    assert_eq!(coord.phase(), phase, "a refused message moved the round");
+}
+
+/// The coordinator takes each secure message once, from a selected device, in its own phase,
+/// for its own round, well-formed; a masked input that arrives after its phase closed is
+/// refused and not in the sum; the refusals are counted in the round's stats.
+#[test]
+fn the_coordinator_refuses_secure_messages_out_of_turn() {
+    let n = 12;
+    let devices = common::low_rank_ratings(n, SHAPE.n_items, 3, 10, 0.3, 141);
+    let mut coord = Coordinator::new(
+        config(Selection::FirstCome { cohort: n }, secure(0.2)),
+        init_model(140),
+        seeded_rng(141),
+    )
+    .expect("valid config");
+    let mut now = Instant::ZERO;
+    let round = coord.start_round(now).expect("a round starts");
+    let far = now.saturating_add(Duration::from_secs(24 * 3600));
+    let mut clients: Vec<ClientRound<'_>> = devices
+        .iter()
+        .enumerate()
+        .map(|(d, r)| ClientRound::with_rng(r, far, ChaCha20Rng::seed_from_u64(140 + d as u64)))
+        .collect();
+    let deliver = |clients: &mut [ClientRound<'_>], out: Vec<(ClientId, ServerMessage)>, now: Instant| {
+        for (to, msg) in out {
+            clients[to as usize].handle_message(now, msg);
+        }
+    };
+    let mut out = Vec::new();
+    for (d, c) in clients.iter_mut().enumerate() {
+        let msg = c.poll_transmit().expect("a check-in");
+        out.extend(send(&mut coord, now, d as ClientId, msg));
+    }
+    deliver(&mut clients, out, now);
+    let next = |clients: &mut [ClientRound<'_>]| -> Vec<ClientMessage> {
+        clients.iter_mut().map(|c| c.poll_transmit().expect("an answer")).collect()
+    };
+
+    // Keys.
+    let keys = next(&mut clients);
+    for (d, msg) in keys.iter().enumerate().take(n - 1) {
+        assert!(send(&mut coord, now, d as ClientId, msg.clone()).is_empty());
+    }
+    expect_refused(&mut coord, now, 0, keys[0].clone(), "duplicate");
+    expect_refused(&mut coord, now, 99, keys[0].clone(), "not_selected");
+    let ClientMessage::AdvertiseKeys { cipher_public, mask_public, .. } = keys[n - 1].clone() else {
+        panic!()
+    };
+    let next_round = ClientMessage::AdvertiseKeys { round: round + 1, cipher_public, mask_public };
+    expect_refused(&mut coord, now, (n - 1) as ClientId, next_round, "wrong_round");
+    let early = ClientMessage::MaskedInput { round, words: vec![0; SHAPE.layout().len()] };
+    expect_refused(&mut coord, now, 1, early, "wrong_phase");
+    let out = send(&mut coord, now, (n - 1) as ClientId, keys[n - 1].clone());
+    let bits = match &out[0].1 {
+        ServerMessage::ShareKeys(req) => req.setup.bits,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(out.len(), n);
+    now = now.saturating_add(Duration::from_millis(40));
+    deliver(&mut clients, out, now);
+
+    // Shares.
+    let shares = next(&mut clients);
+    for (d, msg) in shares.iter().enumerate().take(n - 1) {
+        assert!(send(&mut coord, now, d as ClientId, msg.clone()).is_empty());
+    }
+    expect_refused(&mut coord, now, 0, shares[0].clone(), "duplicate");
+    let out = send(&mut coord, now, (n - 1) as ClientId, shares[n - 1].clone());
+    assert_eq!(out.len(), n);
+    now = now.saturating_add(Duration::from_millis(40));
+    deliver(&mut clients, out, now);
+
+    // Masked inputs; the last device's arrives after the phase closed.
+    let masked = next(&mut clients);
+    let ClientMessage::MaskedInput { words, .. } = masked[0].clone() else { panic!() };
+    let short = ClientMessage::MaskedInput { round, words: words[1..].to_vec() };
+    expect_refused(&mut coord, now, 0, short, "malformed");
+    let mut outside = words.clone();
+    outside[0] = 1u64 << bits;
+    expect_refused(&mut coord, now, 0, ClientMessage::MaskedInput { round, words: outside }, "malformed");
+    for (d, msg) in masked.iter().enumerate().take(n - 1) {
+        assert!(send(&mut coord, now, d as ClientId, msg.clone()).is_empty());
+    }
+    expect_refused(&mut coord, now, 0, masked[0].clone(), "duplicate");
+    now = coord.poll_timeout().expect("the masked-input deadline");
+    coord.handle_timeout(now);
+    let out: Vec<(ClientId, ServerMessage)> = std::iter::from_fn(|| coord.poll_transmit()).collect();
+    assert_eq!(out.len(), n - 1, "the late device is not asked to unmask");
+    expect_refused(&mut coord, now, (n - 1) as ClientId, masked[n - 1].clone(), "wrong_phase");
+    deliver(&mut clients, out, now);
+
+    // Unmasking.
+    let answers: Vec<ClientMessage> =
+        clients[..n - 1].iter_mut().map(|c| c.poll_transmit().expect("shares")).collect();
+    for (d, a) in answers.iter().enumerate() {
+        let out = send(&mut coord, now, d as ClientId, a.clone());
+        assert!(matches!(out.as_slice(), [(_, ServerMessage::Ack { .. })]), "{out:?}");
+        if d == 0 {
+            expect_refused(&mut coord, now, 0, a.clone(), "duplicate");
+        }
+    }
+    let events: Vec<CoordinatorEvent> = std::iter::from_fn(|| coord.poll_event()).collect();
+    let Some(CoordinatorEvent::RoundCommitted { stats, .. }) =
+        events.iter().find(|e| matches!(e, CoordinatorEvent::RoundCommitted { .. }))
+    else {
+        panic!("{events:?}")
+    };
+    assert_eq!((stats.n_reported, stats.n_dropped), (n - 1, 1));
+    let mut rejected = stats.rejected.clone();
+    rejected.sort();
+    assert_eq!(
+        rejected,
+        vec![("duplicate", 4), ("malformed", 2), ("not_selected", 1), ("wrong_phase", 2), ("wrong_round", 1)]
+    );
 }
