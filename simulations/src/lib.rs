@@ -8,4 +8,5 @@ pub mod loadbench;
 pub mod plot;
 pub mod quic;
 pub mod report;
+pub mod secbench;
 pub mod segments;

@@ -146,6 +146,12 @@ struct BenchArgs {
     /// With --transport quic: most devices under way at once (default: all of them).
     #[arg(long)]
     in_flight: Option<usize>,
+    /// With --aggregation secure: cohort sizes to measure, comma-separated (default: --clients-per-round).
+    #[arg(long, value_delimiter = ',')]
+    cohorts: Vec<usize>,
+    /// With --aggregation secure: dropout probabilities to measure, comma-separated (default: --dropout).
+    #[arg(long, value_delimiter = ',')]
+    dropouts: Vec<f64>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -687,6 +693,19 @@ fn bench(args: &BenchArgs) -> Result<()> {
     }
     if args.devices.is_some() || args.coordinator_bin.is_some() || args.in_flight.is_some() {
         bail!("--devices, --coordinator-bin and --in-flight go with --transport quic");
+    }
+    if args.run.aggregation == AggregationKind::Secure {
+        let cfg = args.run.config();
+        let (users, info) = load(&args.run, &cfg)?;
+        let bench = fedrec_sim::secbench::SecBenchConfig {
+            cohorts: if args.cohorts.is_empty() { vec![cfg.clients_per_round] } else { args.cohorts.clone() },
+            dropouts: if args.dropouts.is_empty() { vec![cfg.dropout] } else { args.dropouts.clone() },
+            repeat: args.repeat.unwrap_or(1),
+        };
+        return fedrec_sim::secbench::cli(&users, &info, &cfg, &bench, args.run.out.json.as_deref());
+    }
+    if !args.cohorts.is_empty() || !args.dropouts.is_empty() {
+        bail!("--cohorts and --dropouts go with --aggregation secure");
     }
     let mut cfg = args.run.config();
     cfg.eval_every = 0;
