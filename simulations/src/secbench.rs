@@ -225,7 +225,7 @@ struct Device<'a> {
     plain_up: usize,
 }
 
-/// What every device of a round shares: the model, the tasks' frames, the encoding.
+/// What every device of a round shares: the model, the run, the secure grid, the check-in.
 struct Shared<'m> {
     model: &'m Arc<RoundModel>,
     cfg: &'m RunConfig,
@@ -742,12 +742,14 @@ pub fn cli(
     );
     let report = run(data, cfg, bench, |r| {
         eprintln!(
-            "N = {} dropout {}: n = {}, k = {}, t = {}, {} survivors, {}; device {:.2} ms (p95 {:.2}), coordinator {:.1} ms (unmask {:.1}); {:.1} s",
+            "N = {} dropout {}: n = {}, k = {}, t = {}, {} vanished, {} refused, {} survivors, {}; device {:.2} ms (p95 {:.2}), coordinator {:.1} ms (unmask {:.1}); {:.1} s",
             r.cohort,
             r.dropout,
             r.n,
             r.k,
             r.t,
+            r.vanished,
+            r.refused,
             r.survivors,
             if r.completed {
                 "completed".to_owned()
