@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedrec_shared::round::{ClientOutcome, ClientRound, Instant, ServerMessage};
+use fedrec_shared::round::{ClientMessage, ClientOutcome, ClientRound, Instant, ServerMessage};
 use fedrec_shared::wire::{
     self, ALPN, CheckIn, ErrorCode, Inbound, LEN_PREFIX, Limits, NONCE_LEN, Request, Response, WireError,
 };
@@ -517,16 +517,55 @@ impl Device {
     ) -> Result<Participation, NetError> {
         // The machine's clock: time since this participation began.
         let start = tokio::time::Instant::now();
-        let now = || Instant::from_micros(u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX));
+        let now =
+            move || Instant::from_micros(u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX));
         let deadline = now().saturating_add(self.cfg.timeout.saturating_mul(4));
-        let mut round = ClientRound::new(ratings, deadline);
+        let mut round = ClientRound::new(ratings, deadline).with_secure_policy(gate.secure_policy());
         let check_in = self.check_in_as(eligibility);
+        if let Some(ended) = self.drive(session, &mut round, &check_in, gate, &now).await? {
+            return Ok(ended);
+        }
+        match round.outcome() {
+            Some(outcome) => Ok(Participation::Outcome(outcome.clone())),
+            None => Err(NetError::PeerMisbehaved(WireError::Invalid(
+                "the coordinator's answer did not end the round".into(),
+            ))),
+        }
+    }
+
+    /// Drives `round` over `session` until the machine has nothing more to send: every
+    /// message it emits (a check-in, an upload, the secure-aggregation messages) goes out as
+    /// a request and the answer comes back into it. The one device driver: the SDK's
+    /// participation is this loop from the check-in on, and a simulator's fleet calls it for
+    /// whatever the machine has to say after the steps it orders itself (see
+    /// `fedrec-sim --transport quic`). A secure-aggregation message is answered when the
+    /// coordinator's phase closes: it waits until the round's own deadline.
+    ///
+    /// Returns the participation when it ended before the machine did (not selected, refused
+    /// by `gate`, the federation finished), `None` when the machine is done (see
+    /// [`ClientRound::outcome`]). `now` is the machine's clock.
+    pub async fn drive(
+        &mut self,
+        session: &Session,
+        round: &mut ClientRound<'_>,
+        check_in: &CheckIn,
+        gate: &mut (dyn TaskGate + Send),
+        now: &(dyn Fn() -> Instant + Sync),
+    ) -> Result<Option<Participation>, NetError> {
         while let Some(msg) = round.poll_transmit() {
-            let request = Request::from_client_message(&msg, &check_in, self.nonce()?);
-            let response = session.request(&request).await?;
+            let request = Request::from_client_message(&msg, check_in, self.nonce()?);
+            let response = match &msg {
+                ClientMessage::AdvertiseKeys { .. }
+                | ClientMessage::EncryptedShares { .. }
+                | ClientMessage::MaskedInput { .. } => {
+                    let until = round.poll_timeout().unwrap_or(now()).saturating_duration_since(now());
+                    session.request_within(&request, until.max(self.cfg.timeout)).await?
+                }
+                _ => session.request(&request).await?,
+            };
             if let Response::NotSelected { .. } = &response {
                 let retry_after = response.retry_after().unwrap_or_default();
-                return Ok(Participation::NotSelected { retry_after });
+                return Ok(Some(Participation::NotSelected { retry_after }));
             }
             if let Response::Task(task) = &response {
                 // The policy decides before the model is decoded or anything is trained.
@@ -536,7 +575,7 @@ impl Device {
                     privacy: task.task_privacy()?,
                 };
                 if let Err(reason) = gate.admit(&offer) {
-                    return Ok(Participation::PolicyRefused { round: task.round, reason });
+                    return Ok(Some(Participation::PolicyRefused { round: task.round, reason }));
                 }
             }
             let retry_after = response.error_retry_after();
@@ -561,7 +600,7 @@ impl Device {
                         }
                         None => {}
                     }
-                    return Ok(Participation::Finished { model_version });
+                    return Ok(Some(Participation::Finished { model_version }));
                 }
                 Inbound::Error { code, message } => match code.rejection() {
                     Some(reason) => {
@@ -574,12 +613,7 @@ impl Device {
             }
             round.handle_timeout(now());
         }
-        match round.outcome() {
-            Some(outcome) => Ok(Participation::Outcome(outcome.clone())),
-            None => Err(NetError::PeerMisbehaved(WireError::Invalid(
-                "the coordinator's answer did not end the round".into(),
-            ))),
-        }
+        Ok(None)
     }
 }
 
@@ -599,8 +633,18 @@ pub fn quic_client_config(server_cert: &[u8]) -> Result<quinn::ClientConfig, Net
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| NetError::Setup(e.to_string()))?;
-    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    // A secure-aggregation request waits for its phase to close, possibly longer than the
+    // connection's idle timeout: PINGs keep the connection alive meanwhile.
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
 }
+
+/// How often an otherwise silent connection sends a PING (well under the coordinator's idle
+/// timeout, twice its read timeout: 20 s by default).
+const KEEP_ALIVE: Duration = Duration::from_secs(4);
 
 /// A failed connection attempt: a TLS failure on either side (a QUIC `CRYPTO_ERROR`, codes
 /// 0x100–0x1ff, which carry a TLS alert) is permanent, anything else may pass.
@@ -635,6 +679,12 @@ pub struct Session {
 impl Session {
     /// Sends `request` on a fresh stream and reads the response, within the timeout and the limits.
     pub async fn request(&self, request: &Request) -> Result<Response, NetError> {
+        self.request_within(request, self.timeout).await
+    }
+
+    /// [`Session::request`] with its own timeout (a secure-aggregation request waits for its
+    /// phase to close).
+    pub async fn request_within(&self, request: &Request, timeout: Duration) -> Result<Response, NetError> {
         let frame = wire::encode(request)?;
         let exchange = async {
             let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.lost(e))?;
@@ -647,7 +697,7 @@ impl Session {
             recv.read_exact(&mut payload).await.map_err(|e| self.lost(e))?;
             Ok::<_, NetError>(wire::decode_response(&payload, &self.limits)?)
         };
-        tokio::time::timeout(self.timeout, exchange).await.map_err(|_| NetError::Timeout)?
+        tokio::time::timeout(timeout, exchange).await.map_err(|_| NetError::Timeout)?
     }
 
     /// The error for a failed stream operation: the coordinator's refusal if it closed the

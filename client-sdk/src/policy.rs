@@ -28,6 +28,7 @@ use std::collections::VecDeque;
 
 use fedrec_shared::privacy;
 use fedrec_shared::privacy::rdp::{self, DEFAULT_ORDERS};
+use fedrec_shared::round::secure::SecurePolicy;
 use fedrec_shared::round::{Aggregation, Mechanism, TaskPrivacy, TaskSelection};
 
 /// Most rounds the record lists individually (the composition covers every round).
@@ -349,6 +350,12 @@ pub struct TaskOffer {
 pub trait TaskGate {
     /// Admits the task (after recording its charge) or refuses it.
     fn admit(&mut self, offer: &TaskOffer) -> Result<(), RefusalReason>;
+
+    /// What the device requires of a secure-aggregation round before it sends anything that
+    /// depends on its update (the cohort that reached share-keys, `k`, `t`, the graph).
+    fn secure_policy(&self) -> SecurePolicy {
+        SecurePolicy::default()
+    }
 }
 
 /// Admits everything and records nothing: a device driven without a policy (the default of
@@ -373,6 +380,14 @@ pub struct PolicyGate {
 }
 
 impl TaskGate for PolicyGate {
+    /// The policy's minimum cohort also bounds the cohort that reached share-keys.
+    fn secure_policy(&self) -> SecurePolicy {
+        SecurePolicy {
+            min_cohort: u32::try_from(self.policy.min_cohort).unwrap_or(u32::MAX).max(2),
+            ..SecurePolicy::default()
+        }
+    }
+
     fn admit(&mut self, offer: &TaskOffer) -> Result<(), RefusalReason> {
         let charge = self.policy.admit(&offer.privacy, &self.record)?;
         self.record.charge(&charge, offer.round, offer.model_version, now_s());

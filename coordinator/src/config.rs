@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use fedrec_shared::ledger::{PrivacyBudget, PrivacyPolicy};
 use fedrec_shared::privacy::AccountantKind;
-use fedrec_shared::round::{AdaptiveClip, CoordinatorConfig, Selection};
+use fedrec_shared::round::{AdaptiveClip, CoordinatorConfig, SecureAggregation, Selection};
 use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
 use fedrec_shared::{ModelInit, ModelShape, Objective, TrainParams};
 use serde::Deserialize;
@@ -133,6 +133,20 @@ clip = "fixed"
 # target_quantile = 0.5
 # clip_learning_rate = 0.2
 # clip_count_noise = 10.0
+# How the coordinator combines a round's updates. "secure" (SecAgg+, docs/secagg.md): each
+# device masks its update and the coordinator learns only the sum of the devices that finish
+# the protocol, never one device's update. "plain": the coordinator sees every clipped
+# update (for research only). A secure round needs at least 3 devices that advertise keys,
+# and devices refuse cohorts below their own minimum (the SDK's production policy: 100).
+aggregation = "secure"
+# Secure aggregation: the fraction of the cohort expected to drop out during the protocol
+# and the fraction that may collude with the coordinator (they set the neighbours k and the
+# threshold t: more of either, larger k), and how long each of its three later phases
+# (share keys, masked input, unmask) stays open. A round with noise lasts
+# checkin_window_ms + report_window_ms + 3 x secagg_phase_window_ms.
+secagg_dropout = 0.33
+secagg_colluding = 0.05
+secagg_phase_window_ms = 30000
 # Gaussian noise standard deviation as a multiple of clip_norm (0 = no noise, no privacy).
 noise_multiplier = 1.0
 # Accountant: "rdp" (fast, looser) or "pld" (tighter).
@@ -381,6 +395,26 @@ pub struct PrivacySection {
     pub epsilon: Option<f64>,
     /// The budget's δ (no default).
     pub delta: Option<f64>,
+    /// `secure` or `plain` (files written before secure aggregation existed have none: plain).
+    #[serde(default)]
+    pub aggregation: AggregationMode,
+    /// Secure aggregation: the expected dropout fraction (default 0.33).
+    pub secagg_dropout: Option<f64>,
+    /// Secure aggregation: the fraction of devices that may collude (default 0.05).
+    pub secagg_colluding: Option<f64>,
+    /// Secure aggregation: each later phase's window (default 30,000 ms).
+    pub secagg_phase_window_ms: Option<u64>,
+}
+
+/// `[privacy] aggregation`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AggregationMode {
+    /// The coordinator sees every clipped update (research only).
+    #[default]
+    Plain,
+    /// SecAgg+: the coordinator learns only the sum.
+    Secure,
 }
 
 /// `[privacy] clip`.
@@ -547,6 +581,45 @@ impl FileConfig {
         Ok(())
     }
 
+    /// Secure aggregation's settings with `aggregation = "secure"`; none may be set otherwise.
+    fn secure_aggregation(&self) -> Result<Option<SecureAggregation>, ConfigError> {
+        let p = &self.privacy;
+        let set =
+            [p.secagg_dropout.is_some(), p.secagg_colluding.is_some(), p.secagg_phase_window_ms.is_some()];
+        match p.aggregation {
+            AggregationMode::Plain if set.iter().any(|&s| s) => Err(invalid(
+                "privacy.aggregation",
+                "secagg_dropout, secagg_colluding and secagg_phase_window_ms are for aggregation = \"secure\"",
+            )),
+            AggregationMode::Plain => Ok(None),
+            AggregationMode::Secure => {
+                let fraction = |name: &'static str, v: f64| {
+                    if (0.0..0.9).contains(&v) {
+                        Ok(v)
+                    } else {
+                        Err(invalid(name, format!("must be in [0, 0.9), got {v}")))
+                    }
+                };
+                let dropout = fraction("privacy.secagg_dropout", p.secagg_dropout.unwrap_or(0.33))?;
+                let corrupt = fraction("privacy.secagg_colluding", p.secagg_colluding.unwrap_or(0.05))?;
+                if dropout + corrupt >= 0.9 {
+                    return Err(invalid(
+                        "privacy.secagg_dropout",
+                        "secagg_dropout + secagg_colluding must stay below 0.9",
+                    ));
+                }
+                let window = p.secagg_phase_window_ms.unwrap_or(30_000);
+                if !(MIN_WINDOW_MS..=MAX_DURATION_MS).contains(&window) {
+                    return Err(invalid(
+                        "privacy.secagg_phase_window_ms",
+                        format!("must be from {MIN_WINDOW_MS} to {MAX_DURATION_MS}, got {window}"),
+                    ));
+                }
+                Ok(Some(SecureAggregation { dropout, corrupt, phase_window: Duration::from_millis(window) }))
+            }
+        }
+    }
+
     /// The adaptive clipping settings: all three with `clip = "adaptive"`, none otherwise.
     fn adaptive_clip(&self) -> Result<Option<AdaptiveClip>, ConfigError> {
         let p = &self.privacy;
@@ -657,9 +730,7 @@ impl FileConfig {
             noise_multiplier: self.privacy.noise_multiplier,
             centroids: CentroidPolicy::with_min_count(1.0),
             privacy,
-            // Secure aggregation runs in the round machines and the simulator; `serve` does not
-            // offer it yet (its QUIC driver has no per-device mailbox for the later phases).
-            secure: None,
+            secure: self.secure_aggregation()?,
         };
         Ok(config)
     }
@@ -713,15 +784,16 @@ mod tests {
 
     #[test]
     fn upload_memory_must_hold_one_upload_of_the_model() {
-        // 100,000 items x 32: one upload is about 13 MB.
+        // 100,000 items x 32: one upload is about 13 MB, a masked input of 8-byte words (the
+        // largest request) about 26 MB.
         let big = [("n_items = 1000", "n_items = 100000"), ("dim = 16", "dim = 32")];
         let mut edits = big.to_vec();
-        edits.push(("max_upload_memory_mb = 256", "max_upload_memory_mb = 13"));
+        edits.push(("max_upload_memory_mb = 256", "max_upload_memory_mb = 26"));
         let err = template_with(&edits).limits().expect_err("too small").to_string();
-        assert!(err.contains("limits.max_upload_memory_mb") && err.contains("14 MiB"), "{err}");
+        assert!(err.contains("limits.max_upload_memory_mb") && err.contains("27 MiB"), "{err}");
         edits.pop();
-        edits.push(("max_upload_memory_mb = 256", "max_upload_memory_mb = 14"));
-        assert_eq!(template_with(&edits).limits().expect("valid").max_upload_memory(), 14 << 20);
+        edits.push(("max_upload_memory_mb = 256", "max_upload_memory_mb = 27"));
+        assert_eq!(template_with(&edits).limits().expect("valid").max_upload_memory(), 27 << 20);
         let cfg = template_with(&[("max_connections_per_source = 64", "max_connections_per_source = 0")]);
         assert_eq!(cfg.limits().expect("0 is no limit").max_connections_per_source, 0);
     }

@@ -50,7 +50,7 @@
 //! refuses the next round, the server stops opening rounds and says why in
 //! [`ServerStatus::start_refused`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -408,6 +408,8 @@ impl Server {
             rules: cfg.rules,
             log: Arc::new(LogThrottle::default()),
             task_frames: TaskFrames::default(),
+            parked: HashMap::new(),
+            mail: HashMap::new(),
         };
         owner.update_epsilon();
         Ok(Server {
@@ -642,8 +644,10 @@ fn identity(tls: TlsIdentity) -> Result<(Vec<CertificateDer<'static>>, PrivateKe
 /// What connection and stream tasks tell the owner.
 #[derive(Debug)]
 enum Command {
-    /// A request on connection `conn`, with the channel for its answer.
-    Request { conn: usize, request: Request, reply: oneshot::Sender<Reply> },
+    /// A request on connection `conn`, with the channel for its answer, and one that says
+    /// the owner has taken the request in (its memory may go; the answer may come much later,
+    /// for a secure-aggregation request waiting for its phase to close).
+    Request { conn: usize, request: Request, reply: oneshot::Sender<Reply>, taken: oneshot::Sender<()> },
     /// Connection `conn` is gone: forget which device it was.
     Closed { conn: usize },
 }
@@ -688,6 +692,9 @@ impl Reply {
 /// What goes back on the stream.
 #[derive(Debug)]
 enum Answer {
+    /// No answer yet: the device's next secure-aggregation message comes when its phase
+    /// closes, and the stream waits for it (the owner resolves this, streams never see it).
+    Park(ClientId),
     /// A response to encode.
     Response(Response),
     /// A response already encoded and shared with every other device it goes to (a task: one
@@ -914,13 +921,17 @@ async fn serve_stream(
     }
     let reply = match read_request(&mut recv, &peer, &ctx).await {
         // The upload's memory stays charged until the owner has taken the update in.
-        Ok((request, _admission)) => {
+        Ok((request, admission)) => {
             let (tx, rx) = oneshot::channel();
+            let (taken, taken_rx) = oneshot::channel();
             let shutting_down =
                 || Reply::ok(Response::error(ErrorCode::Internal, "the coordinator is shutting down"));
-            if ctx.requests.send(Command::Request { conn: peer.id, request, reply: tx }).await.is_err() {
+            let command = Command::Request { conn: peer.id, request, reply: tx, taken };
+            if ctx.requests.send(command).await.is_err() {
                 shutting_down()
             } else {
+                let _ = taken_rx.await;
+                drop(admission);
                 rx.await.unwrap_or_else(|_| shutting_down())
             }
         }
@@ -962,6 +973,12 @@ async fn serve_stream(
     let cut_off = reply.misbehaved && peer.strike(ctx.max_invalid_requests);
     let frame = match reply.answer {
         Answer::Frame(frame) => frame,
+        Answer::Park(_) => {
+            match wire::encode(&Response::error(ErrorCode::Internal, "no answer from the round")) {
+                Ok(frame) => Bytes::from(frame),
+                Err(_) => return,
+            }
+        }
         Answer::Response(response) => match wire::encode(&response) {
             Ok(frame) => Bytes::from(frame),
             Err(_) => return,
@@ -1113,6 +1130,11 @@ struct Owner {
     log: Arc<LogThrottle>,
     /// The current task, encoded once.
     task_frames: TaskFrames,
+    /// Secure aggregation: the streams of devices waiting for their next phase's message
+    /// (a long poll), by device.
+    parked: HashMap<ClientId, oneshot::Sender<Reply>>,
+    /// Secure aggregation: messages for devices that are not waiting yet; cleared at a close.
+    mail: HashMap<ClientId, VecDeque<ServerMessage>>,
 }
 
 impl Owner {
@@ -1140,17 +1162,26 @@ impl Owner {
                 job = requests.recv() => {
                     match job {
                         None => return Ok(()),
-                        Some(Command::Request { conn, request, reply }) => {
+                        Some(Command::Request { conn, request, reply, taken }) => {
                             let response = self.handle_request(now(), conn, request);
-                            let _ = reply.send(response);
+                            let _ = taken.send(());
+                            match response.answer {
+                                Answer::Park(client) => self.park(client, reply),
+                                _ => {
+                                    let _ = reply.send(response);
+                                }
+                            }
                         }
                         Some(Command::Closed { conn }) => {
-                            self.sessions.remove(&conn);
+                            if let Some(device) = self.sessions.remove(&conn) {
+                                self.parked.remove(&device.get());
+                            }
                         }
                     }
                 }
                 () = sleep => {
                     self.coordinator.handle_timeout(now());
+                    self.route_outbox();
                 }
             }
             if self.drain_events()? && self.next_start.is_some() {
@@ -1232,9 +1263,60 @@ impl Owner {
                 s.last_close = Some(event);
             });
         }
-        // Messages for devices that are not waiting (aborts at a close) have nowhere to go.
-        while self.coordinator.poll_transmit().is_some() {}
+        // Messages at a close (acknowledgements, aborts) go to the devices that wait for
+        // them; for the others they have nowhere to go.
+        self.route_outbox();
+        if closed {
+            self.mail.clear();
+            // A device still waiting has no message coming: its round is over.
+            for (_, reply) in self.parked.drain() {
+                let _ = reply.send(Reply::ok(Response::error(ErrorCode::WrongRound, "the round closed")));
+            }
+        }
         Ok(closed)
+    }
+
+    /// Hands every queued machine message to its device's waiting stream, or keeps it for
+    /// the device's next request (secure aggregation only: a plain round's devices wait for
+    /// nothing but the answer to their own request).
+    fn route_outbox(&mut self) {
+        while let Some((to, msg)) = self.coordinator.poll_transmit() {
+            self.deliver(to, msg);
+        }
+    }
+
+    fn deliver(&mut self, to: ClientId, msg: ServerMessage) {
+        if let Some(reply) = self.parked.remove(&to) {
+            let _ = reply.send(self.reply_for(msg));
+        } else if self.coordinator.is_secure() {
+            self.mail.entry(to).or_default().push_back(msg);
+        }
+    }
+
+    /// A waiting device's stream: answered at once with a kept message, or parked.
+    fn park(&mut self, client: ClientId, reply: oneshot::Sender<Reply>) {
+        match self.mail.get_mut(&client).and_then(VecDeque::pop_front) {
+            Some(msg) => {
+                let _ = reply.send(self.reply_for(msg));
+            }
+            None => {
+                // A second request while one waits (a device that retried): the newer wins.
+                if let Some(old) = self.parked.insert(client, reply) {
+                    let _ = old.send(Reply::ok(Response::error(ErrorCode::Duplicate, "superseded")));
+                }
+            }
+        }
+    }
+
+    /// The wire answer for a machine message to one device.
+    fn reply_for(&mut self, msg: ServerMessage) -> Reply {
+        match msg {
+            ServerMessage::Selected { task, model } => match self.task_frames.frame(&task, &model, None) {
+                Ok(frame) => Reply::task(task.round, frame),
+                Err(e) => Reply::ok(Response::error(ErrorCode::Internal, &e.to_string())),
+            },
+            msg => Reply::ok(Response::from_server_message(&msg, None, self.retry_after)),
+        }
     }
 
     /// Updates the metrics and logs a round close.
@@ -1409,6 +1491,9 @@ impl Owner {
                 let client: ClientId = device.get();
                 self.coordinator.handle_message(now, client, msg);
                 match self.answer(client, None).answer {
+                    Answer::Park(client) => {
+                        Reply { answer: Answer::Park(client), misbehaved: false, task_round: None }
+                    }
                     Answer::Response(response) => Reply::refused(response),
                     Answer::Frame(_) => {
                         Reply::ok(Response::error(ErrorCode::Internal, "a task in answer to an upload"))
@@ -1437,9 +1522,14 @@ impl Owner {
     fn answer(&mut self, client: ClientId, cached_model_version: Option<u64>) -> Reply {
         let mut answer = None;
         while let Some((to, msg)) = self.coordinator.poll_transmit() {
-            if to == client {
+            if to == client && answer.is_none() {
                 answer = Some(msg);
+            } else {
+                self.deliver(to, msg);
             }
+        }
+        if answer.is_none() && self.coordinator.is_secure() {
+            answer = self.mail.get_mut(&client).and_then(VecDeque::pop_front);
         }
         match answer {
             Some(ServerMessage::Selected { task, model }) => {
@@ -1450,6 +1540,10 @@ impl Owner {
             }
             Some(msg) => {
                 Reply::ok(Response::from_server_message(&msg, cached_model_version, self.retry_after))
+            }
+            // Secure aggregation: the next message comes when the phase closes.
+            None if self.coordinator.is_secure() => {
+                Reply { answer: Answer::Park(client), misbehaved: false, task_round: None }
             }
             None => Reply::ok(Response::error(ErrorCode::Internal, "no answer from the round")),
         }

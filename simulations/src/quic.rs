@@ -20,13 +20,15 @@ use anyhow::{Context, bail};
 use fedrec_client::net::{
     CancelToken, Device, NetConfig, ParticipateOptions, Participation, RetryPolicy, Session,
 };
+use fedrec_client::policy::AdmitAll;
 use fedrec_coordinator::auth::{DeviceId, Enroller, RevocationList, TokenKey, Verifier};
 use fedrec_coordinator::danger::seed_coordinator_rng;
 use fedrec_coordinator::server::{ServeConfig, Server, ServerStatus};
 use fedrec_shared::danger;
 use fedrec_shared::harness::RoundReport;
 use fedrec_shared::round::{
-    ClientOutcome, ClientRound, CoordinatorConfig, CoordinatorEvent, Instant, Selection, ServerMessage,
+    Aggregation, ClientOutcome, ClientRound, CoordinatorConfig, CoordinatorEvent, Instant, Selection,
+    ServerMessage,
 };
 use fedrec_shared::wire::{Inbound, Request};
 use fedrec_shared::{GlobalModel, ModelShape, Rating};
@@ -241,7 +243,10 @@ impl Fleet {
         // Selection ranks follow check-in order, which is only known while the turn is held.
         let rank = matches!(checked_in, Ok(Some(_))).then(|| ctx.n_selected.fetch_add(1, Ordering::Relaxed));
         ctx.check_ins.pass();
-        let Some((device, session, task)) = checked_in? else { return Ok(Outcome::NotSelected) };
+        let Some((mut device, session, task)) = checked_in? else { return Ok(Outcome::NotSelected) };
+        // A secure round's sum does not depend on the order of the masked inputs, and its
+        // phases wait for every device: its devices do not take turns to upload.
+        let secure = matches!(&task, ServerMessage::Selected { task, .. } if task.privacy.aggregation == Aggregation::Secure);
         let mut round = ClientRound::new(&self.ratings[idx], self.deadline());
         let _check_in = round.poll_transmit();
         // Training is CPU work: keep the runtime's other tasks moving while it runs.
@@ -249,17 +254,23 @@ impl Fleet {
         tokio::task::block_in_place(|| round.handle_message(self.now(), task));
         let micros = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
         ctx.train_micros.fetch_add(micros, Ordering::Relaxed);
-        let upload = round.poll_transmit();
         if in_turn {
             // Uploads start once every device has its answer, as in the harness (an early
-            // commit would put late check-ins into the next round), in selection order.
+            // commit would put late check-ins into the next round), in selection order
+            // (a secure round's sum does not depend on it).
             ctx.check_ins.wait(ctx.n_devices).await;
+        }
+        let in_turn = in_turn && !secure;
+        if in_turn {
             ctx.uploads.wait(rank.unwrap_or(0)).await;
         }
-        let sent = match upload {
-            Some(msg) => self.upload(&device, &session, &mut round, &msg).await,
-            None => Ok(()),
-        };
+        // The rest is the SDK's own driver: the upload (or the secure phases) and the answers.
+        let check_in = device.check_in();
+        let now = || self.now();
+        let sent = device
+            .drive(&session, &mut round, &check_in, &mut AdmitAll, &now)
+            .await
+            .with_context(|| format!("device {idx}"));
         if in_turn {
             ctx.uploads.pass();
         }
@@ -309,24 +320,6 @@ impl Fleet {
                 bail!("device {idx}: check-in refused ({code}): {message}")
             }
         }
-    }
-
-    /// Sends an upload and hands the answer to the machine.
-    async fn upload(
-        &self,
-        device: &Device,
-        session: &Session,
-        round: &mut ClientRound<'_>,
-        msg: &fedrec_shared::round::ClientMessage,
-    ) -> anyhow::Result<()> {
-        let request = Request::from_client_message(msg, &device.check_in(), device.nonce()?);
-        let response = session.request(&request).await.context("upload")?;
-        match response.into_inbound(None).context("upload answer")? {
-            Inbound::Message(answer) => round.handle_message(self.now(), answer),
-            Inbound::Error { code, message } => bail!("upload refused ({code}): {message}"),
-            Inbound::Finished { .. } => bail!("upload answered: the federation is finished"),
-        }
-        Ok(())
     }
 
     fn now(&self) -> Instant {
@@ -388,7 +381,8 @@ pub(crate) fn run_rounds(
 ) -> anyhow::Result<Finished> {
     check_supported(cfg)?;
     let poisson = matches!(config.selection, Selection::Poisson { .. });
-    let close_wait = config.checkin_window + config.report_window + Duration::from_secs(60);
+    let secure_phases = config.secure.map_or(Duration::ZERO, |sa| sa.phase_window * 3);
+    let close_wait = config.checkin_window + config.report_window + secure_phases + Duration::from_secs(60);
     let shape = model.shape();
     let (tokens, verifier) = enroll(data.train.len())?;
     let mut serve = ServeConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), config, model, verifier);

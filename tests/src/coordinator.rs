@@ -38,6 +38,20 @@ impl CoordinatorDir {
         state
     }
 
+    /// [`CoordinatorDir::init`] with plain aggregation instead of the template's secure
+    /// aggregation: for tests of everything else, whose cohorts are too small for SecAgg+ or
+    /// which should not wait for its phase windows.
+    pub fn init_plain<S: AsRef<str>>(dir: impl Into<PathBuf>, edits: &[(&str, S)]) -> CoordinatorDir {
+        let state = CoordinatorDir::init(dir, edits);
+        state.edit_config(&[
+            ("aggregation = \"secure\"", "aggregation = \"plain\""),
+            ("secagg_dropout = 0.33", "# secagg_dropout = 0.33"),
+            ("secagg_colluding = 0.05", "# secagg_colluding = 0.05"),
+            ("secagg_phase_window_ms = 30000", "# secagg_phase_window_ms = 30000"),
+        ]);
+        state
+    }
+
     /// Applies `(from, to)` replacements to `fedrec.toml`; each `from` must be there.
     pub fn edit_config<S: AsRef<str>>(&self, edits: &[(&str, S)]) {
         let path = self.dir.join("fedrec.toml");

@@ -58,7 +58,7 @@ fn compile_smoke(dir: &Path) -> PathBuf {
 /// `init`s a state directory where one charging device makes a round, publishes the rules
 /// and enrolls one device; returns its token (hex).
 fn prepare(dir: &Path) -> (CoordinatorDir, String) {
-    let state = CoordinatorDir::init(
+    let state = CoordinatorDir::init_plain(
         dir,
         &[
             ("n_items = 1000", format!("n_items = {N_ITEMS}")),

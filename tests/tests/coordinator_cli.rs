@@ -20,7 +20,7 @@ const SHAPE: ModelShape = ModelShape { n_items: 40, dim: 4, n_segments: 2 };
 /// `init` with a small model, no noise (no budget needed) and one strike per connection, so
 /// that a refusal that counted as a strike would close the connection at once.
 fn prepare(dir: &Path) -> CoordinatorDir {
-    CoordinatorDir::init(
+    CoordinatorDir::init_plain(
         dir,
         &[
             ("n_items = 1000", "n_items = 40"),

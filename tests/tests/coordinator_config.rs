@@ -53,7 +53,7 @@ fn stderr(out: &Output) -> String {
 #[test]
 fn serve_refuses_min_reports_above_the_first_come_cohort_naming_both_keys() {
     let tmp = tempfile::tempdir().expect("a temp dir");
-    let state = CoordinatorDir::init(
+    let state = CoordinatorDir::init_plain(
         tmp.path().join("state"),
         &[
             ("selection = \"poisson\"", "selection = \"first_come\""),
@@ -72,7 +72,7 @@ fn serve_refuses_min_reports_above_the_first_come_cohort_naming_both_keys() {
 fn serve_refuses_round_windows_under_a_second_naming_the_key() {
     let tmp = tempfile::tempdir().expect("a temp dir");
     // The settings that wrote 3,317 abandoned rounds in 4 s.
-    let state = CoordinatorDir::init(
+    let state = CoordinatorDir::init_plain(
         tmp.path().join("state"),
         &[
             ("checkin_window_ms = 30000", "checkin_window_ms = 0"),
@@ -92,23 +92,24 @@ fn serve_refuses_round_windows_under_a_second_naming_the_key() {
 #[test]
 fn serve_refuses_an_upload_memory_that_cannot_hold_one_upload() {
     let tmp = tempfile::tempdir().expect("a temp dir");
-    let state = CoordinatorDir::init(
+    let state = CoordinatorDir::init_plain(
         tmp.path().join("state"),
         &[
             ("n_items = 1000", "n_items = 100000"),
             ("dim = 16", "dim = 32"),
-            ("max_upload_memory_mb = 256", "max_upload_memory_mb = 13"),
+            ("max_upload_memory_mb = 256", "max_upload_memory_mb = 26"),
             ("noise_multiplier = 1.0", "noise_multiplier = 0.0"),
         ],
     );
+    // The largest request is a masked input of 8-byte words (about 26 MB here).
     let said = stderr(&serve_must_refuse(&state));
-    assert!(said.contains("limits.max_upload_memory_mb") && said.contains("14 MiB"), "{said}");
+    assert!(said.contains("limits.max_upload_memory_mb") && said.contains("27 MiB"), "{said}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_caps_the_connections_of_one_source_address_as_configured() {
     let tmp = tempfile::tempdir().expect("a temp dir");
-    let state = CoordinatorDir::init(
+    let state = CoordinatorDir::init_plain(
         tmp.path().join("state"),
         &[
             ("max_connections_per_source = 64", "max_connections_per_source = 1"),
@@ -146,10 +147,18 @@ fn signals(d: usize) -> Vec<Rating> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_template_with_a_budget_serves_a_round_to_sdk_devices() {
     let tmp = tempfile::tempdir().expect("a temp dir");
-    // Nothing but the budget (and the free loopback ports `init` picks for tests).
+    // Nothing but the budget and shorter windows (and the free loopback ports `init` picks
+    // for tests): secure aggregation, noise, Poisson selection as the template has them. A
+    // round with noise commits only at its planned end, check-in + report + 3 phase windows.
     let state = CoordinatorDir::init(
         tmp.path().join("state"),
-        &[("# epsilon = 8.0", "epsilon = 8.0"), ("# delta = 1e-6", "delta = 1e-6")],
+        &[
+            ("# epsilon = 8.0", "epsilon = 8.0"),
+            ("# delta = 1e-6", "delta = 1e-6"),
+            ("checkin_window_ms = 30000", "checkin_window_ms = 3000"),
+            ("report_window_ms = 120000", "report_window_ms = 5000"),
+            ("secagg_phase_window_ms = 30000", "secagg_phase_window_ms = 3000"),
+        ],
     );
     // q = 0.5 and min_reports = 10: with 60 devices checking in, fewer than 10 are selected
     // with probability about 2e-8.

@@ -46,7 +46,7 @@ fn prepare(dir: &Path, settings: &Settings, n_devices: usize) -> (CoordinatorDir
         edits.push(("# epsilon = 8.0", "epsilon = 1000.0".to_owned()));
         edits.push(("# delta = 1e-6", "delta = 1e-5".to_owned()));
     }
-    let state = CoordinatorDir::init(dir, &edits);
+    let state = CoordinatorDir::init_plain(dir, &edits);
     let tokens = state.enroll(n_devices);
     (state, tokens)
 }

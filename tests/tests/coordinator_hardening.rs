@@ -98,7 +98,7 @@ async fn announced_uploads_from_unauthenticated_peers_cost_the_real_binary_almos
     const PUSHED: usize = 2 << 20;
     let shape = ModelShape { n_items: 100_000, dim: 32, n_segments: 8 };
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let state = CoordinatorDir::init(
+    let state = CoordinatorDir::init_plain(
         dir.path(),
         &[
             ("n_items = 1000", "n_items = 100000"),

@@ -110,7 +110,7 @@ async fn raising_the_budget_without_the_command_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_serve_fixes_the_budget_of_the_file() {
     let tmp = tempfile::tempdir().expect("a temp dir");
-    let state = CoordinatorDir::init(
+    let state = CoordinatorDir::init_plain(
         tmp.path().join("state"),
         &edits(&[("# epsilon = 8.0", "epsilon = 8.0"), ("# delta = 1e-6", "delta = 1e-6")]),
     );
@@ -181,7 +181,7 @@ async fn serve_rounds(state: &CoordinatorDir, tokens: &[Vec<u8>], n: usize) {
 async fn noised_rounds_release_no_counts_and_the_ledger_is_tamper_evident() {
     let tmp = tempfile::tempdir().expect("a temp dir");
     let dir = tmp.path().join("state");
-    let state = CoordinatorDir::init(
+    let state = CoordinatorDir::init_plain(
         &dir,
         &edits(&[("# epsilon = 8.0", "epsilon = 1000.0"), ("# delta = 1e-6", "delta = 1e-5")]),
     );

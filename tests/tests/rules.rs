@@ -39,7 +39,7 @@ activity = [{ kind = "any", hours = 24, at_least = 0 }]
 /// `init`, a config that listens on free ports without noise (no budget needed), one
 /// enrolled device; its token.
 fn prepare(dir: &Path) -> (CoordinatorDir, Vec<u8>) {
-    let state = CoordinatorDir::init(dir, &[("noise_multiplier = 1.0", "noise_multiplier = 0.0")]);
+    let state = CoordinatorDir::init_plain(dir, &[("noise_multiplier = 1.0", "noise_multiplier = 0.0")]);
     let token = state.enroll(1).remove(0);
     (state, token)
 }
