@@ -185,6 +185,10 @@ pub struct ServeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// The signed context ruleset devices fetch; `None` answers that there is none.
     pub rules: Option<Arc<crate::rules::PublishedRuleset>>,
+    /// Called with every round message (an upload, a secure-aggregation message) a verified
+    /// device sends, as decoded: everything a device tells the coordinator about its update.
+    /// For tests and audits of what a curious coordinator could learn; `None` in production.
+    pub observer: Option<RequestObserver>,
     /// Most rounds a device may be selected for per UTC day (0 refuses every device).
     pub rounds_per_device_per_day: u32,
     /// Most concurrent connections; more are refused.
@@ -244,6 +248,7 @@ impl ServeConfig {
             store: None,
             metrics_listen: None,
             rules: None,
+            observer: None,
             rounds_per_device_per_day: DEFAULT_ROUNDS_PER_DEVICE_PER_DAY,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_invalid_requests: DEFAULT_MAX_INVALID_REQUESTS,
@@ -406,6 +411,7 @@ impl Server {
             quota_counted: HashSet::new(),
             eligibility: cfg.eligibility,
             rules: cfg.rules,
+            observer: cfg.observer,
             log: Arc::new(LogThrottle::default()),
             task_frames: TaskFrames::default(),
             parked: HashMap::new(),
@@ -638,6 +644,17 @@ fn identity(tls: TlsIdentity) -> Result<(Vec<CertificateDer<'static>>, PrivateKe
         TlsIdentity::Der { chain, key } => {
             Ok((chain.into_iter().map(CertificateDer::from).collect(), PrivatePkcs8KeyDer::from(key).into()))
         }
+    }
+}
+
+/// A function that sees every round message a verified device sends (see
+/// [`ServeConfig::observer`]): the device's id and the decoded request.
+#[derive(Clone)]
+pub struct RequestObserver(pub Arc<dyn Fn(u64, &Request) + Send + Sync>);
+
+impl std::fmt::Debug for RequestObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestObserver")
     }
 }
 
@@ -1130,6 +1147,8 @@ struct Owner {
     log: Arc<LogThrottle>,
     /// The current task, encoded once.
     task_frames: TaskFrames,
+    /// Sees every round message (tests and audits).
+    observer: Option<RequestObserver>,
     /// Secure aggregation: the streams of devices waiting for their next phase's message
     /// (a long poll), by device.
     parked: HashMap<ClientId, oneshot::Sender<Reply>>,
@@ -1467,6 +1486,9 @@ impl Owner {
                 let nonce = request.nonce().unwrap_or_default();
                 if let Err(e) = self.replay.check_and_record(device, round, nonce) {
                     return self.auth_refusal(e);
+                }
+                if let Some(observer) = &self.observer {
+                    (observer.0)(device.get(), &request);
                 }
                 let layout = self.coordinator.model().model.shape().layout();
                 let converted = match request {
