@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod coordinator;
+pub mod curious;
 pub mod relay;
 pub mod server;
 
