@@ -654,8 +654,7 @@ void fedrec_string_free(char *s);
 
 /**
  * The production privacy policy: noise multiplier at least 0.5, ε at most 1 per round and 10
- * in all at δ = 1e-6, a cohort of at least 100, Poisson sampling; secure aggregation not yet
- * required (no coordinator offers it).
+ * in all at δ = 1e-6, a cohort of at least 100, Poisson sampling, secure aggregation.
  */
 struct FedrecPrivacyPolicy fedrec_privacy_policy_production(void);
 

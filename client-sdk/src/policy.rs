@@ -118,14 +118,14 @@ pub struct PrivacyPolicy {
     pub min_cohort: u64,
     /// Refuse first-come selection (the accountant models Poisson sampling only).
     pub require_sampling: bool,
-    /// Refuse rounds without secure aggregation. No coordinator offers it yet, so production
-    /// leaves it off (or every device would refuse every task); it turns on when SecAgg lands.
+    /// Refuse rounds without secure aggregation (a coordinator that would see this device's
+    /// update on its own). On in production: a fresh coordinator runs secure aggregation.
     pub require_secure_aggregation: bool,
 }
 
 impl PrivacyPolicy {
     /// Production values: `σ ≥ 0.5`, ε ≤ 1 per round and ε ≤ 10 in all at δ = 10⁻⁶, a cohort
-    /// of at least 100, Poisson sampling, secure aggregation not (yet) required.
+    /// of at least 100, Poisson sampling, secure aggregation.
     pub fn production() -> Self {
         Self {
             min_noise_multiplier: 0.5,
@@ -134,7 +134,7 @@ impl PrivacyPolicy {
             delta: 1e-6,
             min_cohort: 100,
             require_sampling: true,
-            require_secure_aggregation: false,
+            require_secure_aggregation: true,
         }
     }
 
@@ -415,7 +415,7 @@ mod tests {
             selection: TaskSelection::Poisson { q },
             min_reports: 1,
             population: Some(population),
-            aggregation: Aggregation::Plain,
+            aggregation: Aggregation::Secure,
         }
     }
 
@@ -442,9 +442,11 @@ mod tests {
         for (task, want) in cases {
             assert_eq!(p.admit(&task, &r).err(), Some(want), "{task:?}");
         }
-        let secure = PrivacyPolicy { require_secure_aggregation: true, ..p };
-        assert_eq!(secure.admit(&good, &r).err(), Some(RefusalReason::SecureAggregationRequired));
-        assert!(secure.admit(&TaskPrivacy { aggregation: Aggregation::Secure, ..good }, &r).is_ok());
+        // Production requires secure aggregation; a policy that waives it admits a plain round.
+        let plain = TaskPrivacy { aggregation: Aggregation::Plain, ..good };
+        assert_eq!(p.admit(&plain, &r).err(), Some(RefusalReason::SecureAggregationRequired));
+        let waived = PrivacyPolicy { require_secure_aggregation: false, ..p };
+        assert!(waived.admit(&plain, &r).is_ok());
     }
 
     #[test]

@@ -1006,7 +1006,7 @@ mod tests {
             selection: fedrec_shared::round::TaskSelection::Poisson { q: 0.01 },
             min_reports: 1,
             population: Some(100_000),
-            aggregation: fedrec_shared::round::Aggregation::Plain,
+            aggregation: fedrec_shared::round::Aggregation::Secure,
         };
         let mut c = Contents::default();
         for round in [3, 4] {

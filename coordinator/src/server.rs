@@ -60,7 +60,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use fedrec_shared::round::{
     ClientId, ClientMessage, Coordinator, CoordinatorConfig, CoordinatorEvent, Instant, ServerMessage,
-    StartError, Task,
+    StartError, Task, UnmaskResult,
 };
 use fedrec_shared::wire::{
     self, ALPN, CheckIn, ErrorCode, LEN_PREFIX, Limits, Request, Response, WireError, WireTask,
@@ -345,7 +345,7 @@ impl Server {
         }
         let rng = cfg.insecure_seed.map_or_else(StdRng::from_os_rng, crate::danger::seeded_std_rng);
         let mut store = cfg.store;
-        let coordinator = match store.as_mut() {
+        let mut coordinator = match store.as_mut() {
             None => Coordinator::new(cfg.coordinator, cfg.model, rng)?,
             Some(store) => match store.load_latest()? {
                 Some(state) => {
@@ -363,6 +363,9 @@ impl Server {
                 }
             },
         };
+        // Unmasking a secure round (rebuilding secrets, recomputing masks) runs on the blocking
+        // pool, not on the owner task that answers every device.
+        coordinator.set_deferred_unmask(true);
         let (chain, key) = identity(cfg.tls)?;
         let cert_der =
             chain.first().map(|c| c.to_vec()).ok_or_else(|| ServerError::Tls("empty chain".into()))?;
@@ -1166,6 +1169,7 @@ impl Owner {
         let now =
             move || Instant::from_micros(u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX));
         let to_tokio = move |t: Instant| start + Duration::from_micros(t.as_micros());
+        let (unmasked_tx, mut unmasked) = mpsc::channel::<UnmaskResult>(1);
         loop {
             // Rounds open at a check-in (see `open_round_if_due`): an idle server sleeps
             // until a device comes, and records nothing meanwhile.
@@ -1202,6 +1206,16 @@ impl Owner {
                     self.coordinator.handle_timeout(now());
                     self.route_outbox();
                 }
+                Some(result) = unmasked.recv() => {
+                    self.coordinator.complete_unmask(now(), result);
+                    self.route_outbox();
+                }
+            }
+            if let Some(job) = self.coordinator.take_unmask_job() {
+                let tx = unmasked_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = tx.blocking_send(job.run());
+                });
             }
             if self.drain_events()? && self.next_start.is_some() {
                 self.next_start = Some(now().saturating_add(self.round_gap));

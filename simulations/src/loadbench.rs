@@ -29,7 +29,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
-use crate::federation::{ObjectiveKind, OptimizerKind, RunConfig};
+use crate::federation::{AggregationKind, ObjectiveKind, OptimizerKind, RunConfig};
 use crate::quic::{Fleet, FleetRound, Pace, Target, runtime};
 
 /// Longest wait for a device's answer, a coordinator round, or the coordinator's start.
@@ -374,6 +374,7 @@ round_gap_ms = 0
 clip_norm = {clip_norm:?}
 noise_multiplier = 0.0
 accountant = "rdp"
+{aggregation}
 
 [limits]
 rounds_per_device_per_day = {quota}
@@ -395,6 +396,15 @@ max_connections_per_source = 0
         checkin = cfg.checkin_window_ms,
         report = TIMEOUT.as_millis(),
         clip_norm = cfg.clip_norm,
+        aggregation = match cfg.aggregation {
+            AggregationKind::Plain => "aggregation = \"plain\"".to_owned(),
+            AggregationKind::Secure => format!(
+                "aggregation = \"secure\"\nsecagg_dropout = {:?}\nsecagg_colluding = {:?}\nsecagg_phase_window_ms = {}",
+                cfg.secagg_dropout,
+                cfg.secagg_corrupt,
+                TIMEOUT.as_millis()
+            ),
+        },
         // Every device is in every round: the daily quota must not cut the benchmark short.
         quota = u32::try_from(cfg.rounds).unwrap_or(u32::MAX).saturating_add(1),
         max_connections = (n + 16).max(10_000),

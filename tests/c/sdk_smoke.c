@@ -173,6 +173,8 @@ static void configure(struct setup *s) {
     s->policy.max_total_epsilon = INFINITY;
     s->policy.min_cohort = 0;
     s->policy.require_sampling = false;
+    /* ... and it aggregates in the clear (a first-come cohort of one is too small for SecAgg+). */
+    s->policy.require_secure_aggregation = false;
     s->options.policy = &s->policy;
 }
 

@@ -6,7 +6,7 @@ use fedrec_client::net::{CancelToken, Eligibility, ParticipateOptions, RetryPoli
 use fedrec_client::policy::{PrivacyPolicy, PrivacyRecord, RefusalReason};
 use fedrec_client::sdk::{ParticipationReport, RoundOutcome, Sdk, SdkConfig};
 use fedrec_shared::ModelShape;
-use fedrec_shared::round::{Selection, TaskPrivacy};
+use fedrec_shared::round::{SecureAggregation, Selection, TaskPrivacy};
 use fedrec_tests::LoopbackServer;
 use fedrec_tests::server::{coordinator_config, initial_model};
 
@@ -52,11 +52,11 @@ fn until_offered(sdk: &Sdk) -> ParticipationReport {
     panic!("the device never got a task");
 }
 
-/// The test coordinator's round (σ = 0, first-come, min_reports = 1), as its task declares it,
-/// is refused for each of its three weaknesses: the first the production policy checks is the
-/// noise, and lowering each check in turn reveals the next.
+/// The test coordinator's round (σ = 0, first-come, min_reports = 1, plain aggregation), as its
+/// task declares it, is refused for each of its four weaknesses: the first the production
+/// policy checks is the noise, and lowering each check in turn reveals the next.
 #[test]
-fn a_noiseless_first_come_tiny_cohort_round_fails_the_production_policy_three_times_over() {
+fn a_noiseless_first_come_tiny_plain_round_fails_the_production_policy_four_times_over() {
     let task = TaskPrivacy::from_config(&coordinator_config(Selection::FirstCome { cohort: 1 }, 1), 10.0);
     let record = PrivacyRecord::default();
     let production = PrivacyPolicy::production();
@@ -66,11 +66,18 @@ fn a_noiseless_first_come_tiny_cohort_round_fails_the_production_policy_three_ti
     let sampling_waived = PrivacyPolicy { require_sampling: false, ..noise_waived };
     assert_eq!(sampling_waived.admit(&task, &record).err(), Some(RefusalReason::CohortTooSmall));
     let cohort_waived = PrivacyPolicy { min_cohort: 1, ..sampling_waived };
-    assert_eq!(cohort_waived.admit(&task, &record).err(), Some(RefusalReason::EpsilonTooHigh));
-    // A noised Poisson round of a large population passes the same production policy.
+    assert_eq!(cohort_waived.admit(&task, &record).err(), Some(RefusalReason::SecureAggregationRequired));
+    let secure_waived = PrivacyPolicy { require_secure_aggregation: false, ..cohort_waived };
+    assert_eq!(secure_waived.admit(&task, &record).err(), Some(RefusalReason::EpsilonTooHigh));
+    // A noised Poisson round of a large population passes the same production policy, with
+    // secure aggregation only.
     let mut noised = coordinator_config(Selection::Poisson { q: 0.01 }, 1);
     noised.noise_multiplier = 2.0;
     noised.population = Some(100_000);
+    let plain = production.admit(&TaskPrivacy::from_config(&noised, 10.0), &record);
+    assert_eq!(plain.err(), Some(RefusalReason::SecureAggregationRequired));
+    noised.secure =
+        Some(SecureAggregation { dropout: 0.33, corrupt: 0.05, phase_window: Duration::from_secs(30) });
     let charge = production.admit(&TaskPrivacy::from_config(&noised, 10.0), &record).expect("admitted");
     assert!(charge.epsilon > 0.0 && charge.epsilon <= production.max_epsilon_per_round, "{charge:?}");
 }

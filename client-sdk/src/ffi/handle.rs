@@ -147,8 +147,7 @@ impl From<FedrecPrivacyPolicy> for PrivacyPolicy {
 }
 
 /// The production privacy policy: noise multiplier at least 0.5, ε at most 1 per round and 10
-/// in all at δ = 1e-6, a cohort of at least 100, Poisson sampling; secure aggregation not yet
-/// required (no coordinator offers it).
+/// in all at δ = 1e-6, a cohort of at least 100, Poisson sampling, secure aggregation.
 #[unsafe(no_mangle)]
 pub extern "C" fn fedrec_privacy_policy_production() -> FedrecPrivacyPolicy {
     let production = FedrecPrivacyPolicy::from(PrivacyPolicy::production());

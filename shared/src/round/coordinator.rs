@@ -348,7 +348,8 @@ pub enum RoundPhase {
     ShareKeys,
     /// Secure aggregation: devices send their masked inputs.
     MaskedInput,
-    /// Secure aggregation: devices reveal the shares that unmask the sum.
+    /// Secure aggregation: devices reveal the shares that unmask the sum (and then the
+    /// coordinator unmasks it).
     Unmask,
     /// The sum is ready; a round with noise waits for its planned end to commit.
     Closing,
@@ -361,6 +362,7 @@ enum Phase {
     ShareKeys { deadline: Instant },
     MaskedInput { deadline: Instant },
     Unmask { deadline: Instant },
+    Unmasking { deadline: Instant },
     Closing { deadline: Instant },
 }
 
@@ -372,6 +374,7 @@ impl Phase {
             | Phase::ShareKeys { deadline }
             | Phase::MaskedInput { deadline }
             | Phase::Unmask { deadline }
+            | Phase::Unmasking { deadline }
             | Phase::Closing { deadline } => deadline,
         }
     }
@@ -402,6 +405,31 @@ fn round_task(config: &CoordinatorConfig, round: &Round) -> Task {
         report_window: window,
         privacy: TaskPrivacy::from_config(config, round.clip_norm),
     }
+}
+
+/// How long a deferred unmasking may take before the round is abandoned.
+const UNMASK_GIVE_UP: Duration = Duration::from_secs(24 * 3600);
+
+/// A secure round's unmasking, taken out of the machine so that a driver can run it off its
+/// own task (see [`Coordinator::set_deferred_unmask`]).
+#[derive(Debug)]
+pub struct UnmaskJob {
+    round: u64,
+    secagg: Box<ServerSecAgg>,
+}
+
+impl UnmaskJob {
+    /// Rebuilds the secrets and removes the masks: the survivors' integer sum, or why not.
+    pub fn run(self) -> UnmaskResult {
+        UnmaskResult { round: self.round, sum: self.secagg.finish() }
+    }
+}
+
+/// What an [`UnmaskJob`] found, for [`Coordinator::complete_unmask`].
+#[derive(Debug)]
+pub struct UnmaskResult {
+    round: u64,
+    sum: Result<(Vec<i64>, usize), SecureAbort>,
 }
 
 /// How a round combines its devices' updates.
@@ -466,6 +494,8 @@ pub struct Coordinator<R> {
     /// [`crate::danger::weaken_release_noise`] (privacy audits of a broken mechanism). The
     /// ledger charges the configured noise regardless.
     release_noise_divisor: f32,
+    defer_unmask: bool,
+    unmask_job: Option<UnmaskJob>,
 }
 
 impl<R: Rng + CryptoRng> Coordinator<R> {
@@ -503,6 +533,8 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             release_noise_divisor: 1.0,
+            defer_unmask: false,
+            unmask_job: None,
         })
     }
 
@@ -596,7 +628,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             Phase::Report { .. } => RoundPhase::Report,
             Phase::ShareKeys { .. } => RoundPhase::ShareKeys,
             Phase::MaskedInput { .. } => RoundPhase::MaskedInput,
-            Phase::Unmask { .. } => RoundPhase::Unmask,
+            Phase::Unmask { .. } | Phase::Unmasking { .. } => RoundPhase::Unmask,
             Phase::Closing { .. } => RoundPhase::Closing,
         })
     }
@@ -922,22 +954,24 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                     let Combine::Secure(sa) = std::mem::replace(&mut round.combine, Combine::Unmasked) else {
                         return;
                     };
-                    match sa.finish() {
-                        Ok((sum, n)) => {
-                            round.n_reported = n;
-                            round.secure_sum = Some((sum, n));
-                            let planned_end = round.started.saturating_add(
-                                self.config.checkin_window + self.config.report_window + phase_window * 3,
-                            );
-                            if private && now < planned_end {
-                                round.phase = Phase::Closing { deadline: planned_end };
-                                return;
-                            }
-                            self.finish_secure(now);
-                            return;
-                        }
-                        Err(e) => return self.abort_secure(now, &e),
+                    let job = UnmaskJob { round: round.idx, secagg: sa };
+                    if self.defer_unmask {
+                        // The driver runs the job off its own task and hands the result back
+                        // (`complete_unmask`); a day is far beyond any unmasking.
+                        round.phase = Phase::Unmasking { deadline: now.saturating_add(UNMASK_GIVE_UP) };
+                        self.unmask_job = Some(job);
+                        return;
                     }
+                    let result = job.run();
+                    return self.complete_unmask(now, result);
+                }
+                (Phase::Unmasking { deadline }, _) => {
+                    if now >= deadline {
+                        self.unmask_job = None;
+                        return self
+                            .abort_secure(now, &SecureAbort::Encoding("the unmasking did not finish"));
+                    }
+                    return;
                 }
                 (Phase::Closing { deadline }, _) => {
                     if now >= deadline {
@@ -969,6 +1003,50 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             Ok(())
         };
         self.close(now, outcome);
+    }
+
+    /// Whether the unmasking (the heaviest step of a secure round: rebuilding secrets and
+    /// recomputing masks) is handed to the driver as an [`UnmaskJob`] instead of running inside
+    /// [`Coordinator::handle_timeout`]; a server sets it to keep its owner task responsive.
+    pub fn set_deferred_unmask(&mut self, defer: bool) {
+        self.defer_unmask = defer;
+    }
+
+    /// The unmasking job of a secure round whose last phase closed, when unmasking is deferred
+    /// (see [`Coordinator::set_deferred_unmask`]). Run it anywhere ([`UnmaskJob::run`]) and
+    /// give the result to [`Coordinator::complete_unmask`].
+    pub fn take_unmask_job(&mut self) -> Option<UnmaskJob> {
+        self.unmask_job.take()
+    }
+
+    /// The result of the open round's unmasking: commits (at the planned end with noise) or
+    /// abandons. A result for another round, or one that comes when no unmasking is awaited,
+    /// is ignored.
+    pub fn complete_unmask(&mut self, now: Instant, result: UnmaskResult) {
+        let private = self.is_private();
+        let phase_window = self.config.secure.map_or(Duration::ZERO, |sa| sa.phase_window);
+        let Some(round) = self.round.as_mut() else { return };
+        if round.idx != result.round
+            || !matches!(round.combine, Combine::Unmasked)
+            || round.secure_sum.is_some()
+        {
+            return;
+        }
+        match result.sum {
+            Ok((sum, n)) => {
+                round.n_reported = n;
+                round.secure_sum = Some((sum, n));
+                let planned_end = round.started.saturating_add(
+                    self.config.checkin_window + self.config.report_window + phase_window * 3,
+                );
+                if private && now < planned_end {
+                    round.phase = Phase::Closing { deadline: planned_end };
+                    return;
+                }
+                self.finish_secure(now);
+            }
+            Err(e) => self.abort_secure(now, &e),
+        }
     }
 
     /// Abandons a round whose secure aggregation failed.

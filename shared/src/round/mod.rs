@@ -21,7 +21,8 @@ use std::time::Duration;
 pub use client::{ClientError, ClientOutcome, ClientRound};
 pub use coordinator::{
     AbandonReason, AdaptiveClip, Coordinator, CoordinatorConfig, CoordinatorEvent, CoordinatorState,
-    RoundPhase, RoundStats, SecureAggregation, Selection, StartError, effective_noise_multiplier,
+    RoundPhase, RoundStats, SecureAggregation, Selection, StartError, UnmaskJob, UnmaskResult,
+    effective_noise_multiplier,
 };
 pub use secure::{
     EncryptedShare, MaskedInputRequest, NeighbourKeys, SecAggSetup, ShareKeysRequest, UnmaskRequest,
