@@ -653,7 +653,10 @@ fn identity(tls: TlsIdentity) -> Result<(Vec<CertificateDer<'static>>, PrivateKe
 /// A function that sees every round message a verified device sends (see
 /// [`ServeConfig::observer`]): the device's id and the decoded request.
 #[derive(Clone)]
-pub struct RequestObserver(pub Arc<dyn Fn(u64, &Request) + Send + Sync>);
+pub struct RequestObserver(pub Arc<ObserverFn>);
+
+/// The function a [`RequestObserver`] calls: the device's id and the decoded request.
+pub type ObserverFn = dyn Fn(u64, &Request) + Send + Sync;
 
 impl std::fmt::Debug for RequestObserver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
