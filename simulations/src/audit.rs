@@ -273,6 +273,12 @@ pub fn run(data: &UserData, cfg: &RunConfig, audit: &AuditConfig) -> anyhow::Res
     if cfg.epsilon.is_none() && cfg.noise_multiplier <= 0.0 {
         bail!("an audit needs a private run: give --epsilon or --noise-multiplier");
     }
+    if cfg.aggregation == crate::federation::AggregationKind::Secure {
+        bail!(
+            "the audit's canaries upload crafted plain updates: run it with --aggregation plain (secure \
+             aggregation does not change what the released models reveal, which is what the audit measures)"
+        );
+    }
     // Every canary is part of the public population, whether it takes part or not.
     let population = data.train.len() + m;
     let mut cfg = cfg.clone();

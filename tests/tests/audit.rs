@@ -83,3 +83,33 @@ fn audit_bound_stays_below_epsilon_on_the_real_mechanism_and_catches_weakened_no
     let est = |r: &Value| r["epsilon_canary_cosine"].as_f64().unwrap_or(0.0);
     assert!(est(&real) < 3.0 && est(&weak) > 10.0, "estimates {} {}", est(&real), est(&weak));
 }
+
+/// The canaries upload crafted plain updates: an audit asked to run with secure aggregation
+/// refuses, naming the option, instead of silently running without canaries.
+#[test]
+fn an_audit_with_secure_aggregation_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = [
+        "audit",
+        "--dataset",
+        "synthetic",
+        "--users",
+        "50",
+        "--items",
+        "200",
+        "--rounds",
+        "1",
+        "--canaries",
+        "10",
+        "--epsilon",
+        "2",
+        "--delta",
+        "1e-5",
+        "--aggregation",
+        "secure",
+    ];
+    let out = fedrec_tests::fedrec_sim(dir.path(), &args);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("--aggregation plain"), "{said}");
+}
