@@ -553,15 +553,30 @@ impl Device {
         now: &(dyn Fn() -> Instant + Sync),
     ) -> Result<Option<Participation>, NetError> {
         while let Some(msg) = round.poll_transmit() {
-            let request = Request::from_client_message(&msg, check_in, self.nonce()?);
-            let response = match &msg {
-                ClientMessage::AdvertiseKeys { .. }
-                | ClientMessage::EncryptedShares { .. }
-                | ClientMessage::MaskedInput { .. } => {
-                    let until = round.poll_timeout().unwrap_or(now()).saturating_duration_since(now());
-                    session.request_within(&request, until.max(self.cfg.timeout)).await?
+            let mut request = Request::from_client_message(&msg, check_in, self.nonce()?);
+            let response = loop {
+                let response = match &msg {
+                    ClientMessage::AdvertiseKeys { .. }
+                    | ClientMessage::EncryptedShares { .. }
+                    | ClientMessage::MaskedInput { .. } => {
+                        let until = round.poll_timeout().unwrap_or(now()).saturating_duration_since(now());
+                        session.request_within(&request, until.max(self.cfg.timeout)).await?
+                    }
+                    _ => session.request(&request).await?,
+                };
+                // The coordinator had no memory for this upload yet (pace steering): send the
+                // same message again after its hint, within the round, on the same connection.
+                // Starting over would lose a secure round's keys and shares.
+                let busy = matches!(&response, Response::Error { code: ErrorCode::Busy, .. });
+                let left = round.poll_timeout().unwrap_or(now()).saturating_duration_since(now());
+                match response.error_retry_after() {
+                    Some(hint) if busy && hint < left => {
+                        tokio::time::sleep(RetryPolicy::after_hint(hint, Duration::ZERO, self.jitter()?))
+                            .await;
+                        request = Request::from_client_message(&msg, check_in, self.nonce()?);
+                    }
+                    _ => break response,
                 }
-                _ => session.request(&request).await?,
             };
             if let Response::NotSelected { .. } = &response {
                 let retry_after = response.retry_after().unwrap_or_default();

@@ -186,6 +186,10 @@ max_upload_memory_mb = 256
 # Most QUIC handshakes under way at once (0 = no limit). A burst beyond it is refused at
 # once (metric reason "handshake_cap") and devices come back after their backoff with jitter.
 max_concurrent_handshakes = 256
+# How long a request may take to arrive once its stream is open, and how long a connection
+# may stay open without one (1000 to 600000; a timeout is a strike, an idle connection is
+# closed). Twice this is the QUIC idle timeout. Raise it for slow links or slow devices.
+read_timeout_ms = 10000
 # Peak memory, even under attack, is bounded by about max_connections x 64 KiB (here 625
 # MiB) + max_upload_memory_mb + the model and its optimizer state.
 
@@ -274,6 +278,8 @@ pub struct LimitsSection {
     pub max_upload_memory_mb: usize,
     /// Most QUIC handshakes under way at once; 0 is no limit.
     pub max_concurrent_handshakes: usize,
+    /// How long a request may take to arrive, and a connection may stay without one (ms).
+    pub read_timeout_ms: u64,
 }
 
 impl LimitsSection {
@@ -292,6 +298,7 @@ impl Default for LimitsSection {
             max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
             max_upload_memory_mb: DEFAULT_MAX_UPLOAD_MEMORY >> 20,
             max_concurrent_handshakes: DEFAULT_MAX_CONCURRENT_HANDSHAKES,
+            read_timeout_ms: u64::try_from(crate::server::DEFAULT_READ_TIMEOUT.as_millis()).unwrap_or(10_000),
         }
     }
 }
@@ -461,6 +468,12 @@ impl FileConfig {
         let l = &self.limits;
         if l.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if !(1_000..=600_000).contains(&l.read_timeout_ms) {
+            return Err(invalid(
+                "limits.read_timeout_ms",
+                format!("must be from 1000 to 600000, got {}", l.read_timeout_ms),
+            ));
         }
         // The largest request: a plain upload, or a masked input of 8-byte words.
         let needed = fedrec_shared::wire::Limits::for_shape(&self.shape())
@@ -780,6 +793,13 @@ mod tests {
         assert_eq!(limits.max_connections_per_source, DEFAULT_MAX_CONNECTIONS_PER_SOURCE);
         assert_eq!(limits.max_upload_memory(), DEFAULT_MAX_UPLOAD_MEMORY);
         assert_eq!(old.limits().expect("valid").max_upload_memory(), DEFAULT_MAX_UPLOAD_MEMORY);
+        assert_eq!(limits.read_timeout_ms, 10_000);
+        assert_eq!(old.limits().expect("valid").read_timeout_ms, 10_000);
+        for bad in ["read_timeout_ms = 999", "read_timeout_ms = 600001"] {
+            let cfg = FileConfig::parse(&TEMPLATE.replace("read_timeout_ms = 10000", bad)).expect("parses");
+            let err = cfg.limits().expect_err("out of range").to_string();
+            assert!(err.contains("limits.read_timeout_ms"), "{err}");
+        }
     }
 
     #[test]

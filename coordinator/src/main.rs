@@ -811,6 +811,7 @@ fn serve(dir: &Path) -> Result<()> {
     cfg.max_invalid_requests = limits.max_invalid_requests;
     cfg.max_connections_per_source = limits.max_connections_per_source;
     cfg.max_concurrent_handshakes = limits.max_concurrent_handshakes;
+    cfg.read_timeout = std::time::Duration::from_millis(limits.read_timeout_ms);
     cfg.max_upload_memory = limits.max_upload_memory();
     cfg.eligibility = file.eligibility();
 

@@ -381,6 +381,9 @@ rounds_per_device_per_day = {quota}
 max_connections = {max_connections}
 # Every device of the benchmark is on 127.0.0.1.
 max_connections_per_source = 0
+# A thousand simulated devices share this machine's cores: one whose process is busy with
+# the others' cryptography is slow to send, not misbehaving.
+read_timeout_ms = 60000
 "#,
         n_items = shape.n_items,
         dim = shape.dim,
