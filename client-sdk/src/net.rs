@@ -520,7 +520,8 @@ impl Device {
         let now =
             move || Instant::from_micros(u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX));
         let deadline = now().saturating_add(self.cfg.timeout.saturating_mul(4));
-        let mut round = ClientRound::new(ratings, deadline).with_secure_policy(gate.secure_policy());
+        let mut round =
+            ClientRound::with_rng(ratings, deadline, secure_rng()).with_secure_policy(gate.secure_policy());
         let check_in = self.check_in_as(eligibility);
         if let Some(ended) = self.drive(session, &mut round, &check_in, gate, &now).await? {
             return Ok(ended);
@@ -630,6 +631,14 @@ impl Device {
         }
         Ok(None)
     }
+}
+
+/// A fresh generator for one round's secure-aggregation secrets (keys, self-mask seed,
+/// shares, stochastic rounding), seeded by the operating system: what
+/// [`ClientRound::with_rng`] needs from a real device.
+pub fn secure_rng() -> rand_chacha::ChaCha20Rng {
+    use rand::SeedableRng;
+    rand_chacha::ChaCha20Rng::from_os_rng()
 }
 
 /// The device's QUIC configuration: TLS 1.3 only (ring), ALPN `fedrec/1`, and `server_cert`

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use fedrec_client::net::{
-    CancelToken, Device, NetConfig, ParticipateOptions, Participation, RetryPolicy, Session,
+    CancelToken, Device, NetConfig, ParticipateOptions, Participation, RetryPolicy, Session, secure_rng,
 };
 use fedrec_client::policy::AdmitAll;
 use fedrec_coordinator::auth::{DeviceId, Enroller, RevocationList, TokenKey, Verifier};
@@ -247,7 +247,7 @@ impl Fleet {
         // A secure round's sum does not depend on the order of the masked inputs, and its
         // phases wait for every device: its devices do not take turns to upload.
         let secure = matches!(&task, ServerMessage::Selected { task, .. } if task.privacy.aggregation == Aggregation::Secure);
-        let mut round = ClientRound::new(&self.ratings[idx], self.deadline());
+        let mut round = ClientRound::with_rng(&self.ratings[idx], self.deadline(), secure_rng());
         let _check_in = round.poll_transmit();
         // Training is CPU work: keep the runtime's other tasks moving while it runs.
         let t0 = Clock::now();

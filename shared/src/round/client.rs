@@ -2,7 +2,6 @@
 
 use std::collections::VecDeque;
 
-use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use super::secure::{DeviceSecAgg, SecurePolicy, SecureRefusal};
@@ -92,29 +91,32 @@ pub struct ClientRound<'a> {
     outbox: VecDeque<ClientMessage>,
     user: Option<UserState>,
     /// Secure aggregation's keys, self-mask seed, shares and stochastic rounding.
-    rng: ChaCha20Rng,
+    rng: Option<ChaCha20Rng>,
     secure_policy: SecurePolicy,
 }
 
 impl<'a> ClientRound<'a> {
-    /// Starts a participation: queues a check-in; gives up at `deadline`. Secure aggregation
-    /// draws its secrets from a ChaCha20 generator seeded by the operating system.
+    /// Starts a participation: queues a check-in; gives up at `deadline`. Without a generator
+    /// it can take part in plain rounds only: a secure task ends it with
+    /// [`ClientError::Encoding`]. Drivers build it with [`ClientRound::with_rng`].
     pub fn new(ratings: &'a [Rating], deadline: Instant) -> Self {
-        Self::with_rng(ratings, deadline, ChaCha20Rng::from_rng(&mut rand::rng()))
-    }
-
-    /// [`ClientRound::new`] with the generator of the device's secrets given: a simulation
-    /// passes a seeded one (from [`crate::danger`]) to be reproducible.
-    pub fn with_rng(ratings: &'a [Rating], deadline: Instant, rng: ChaCha20Rng) -> Self {
         Self {
             ratings,
             state: State::ExpectTask,
             deadline,
             outbox: VecDeque::from([ClientMessage::CheckIn]),
             user: None,
-            rng,
+            rng: None,
             secure_policy: SecurePolicy::default(),
         }
+    }
+
+    /// [`ClientRound::new`] with the generator of the device's secure-aggregation secrets (keys,
+    /// self-mask seed, shares, stochastic rounding): the driver seeds it from the operating
+    /// system (the SDK), or a simulation from [`crate::danger`] to be reproducible. This crate
+    /// draws no ambient randomness.
+    pub fn with_rng(ratings: &'a [Rating], deadline: Instant, rng: ChaCha20Rng) -> Self {
+        Self { rng: Some(rng), ..Self::new(ratings, deadline) }
     }
 
     /// What the device requires of a secure round (default: [`SecurePolicy::default`]).
@@ -207,23 +209,22 @@ impl<'a> ClientRound<'a> {
     /// Secure phase 0: encodes the clipped update on the round's grid and advertises fresh
     /// keys instead of uploading.
     fn start_secure(&mut self, task: &super::Task, update: ClippedUpdate) -> Result<State, ClientError> {
+        let Some(rng) = self.rng.as_mut() else {
+            return Err(ClientError::Encoding(
+                "a secure round needs a generator for the device's secrets (ClientRound::with_rng)".into(),
+            ));
+        };
         let was_clipped = update.was_clipped();
         let layout = *update.vector().layout();
         let grid = Grid::for_secure_sum(task.clip_norm, layout.len())
             .map_err(|e| ClientError::Encoding(e.to_string()))?;
         let clip_bit = task.report_clip_bit.then_some(!was_clipped);
-        let encoded = crate::secagg::encode::encode(&update, &grid, clip_bit, &mut self.rng)
+        let encoded = crate::secagg::encode::encode(&update, &grid, clip_bit, rng)
             .map_err(|e| ClientError::Encoding(e.to_string()))?;
         // The clipped update itself goes no further than its encoding.
         drop(update);
-        let (secagg, cipher_public, mask_public) = DeviceSecAgg::new(
-            task.round,
-            encoded,
-            grid,
-            clip_bit.is_some(),
-            self.secure_policy,
-            &mut self.rng,
-        );
+        let (secagg, cipher_public, mask_public) =
+            DeviceSecAgg::new(task.round, encoded, grid, clip_bit.is_some(), self.secure_policy, rng);
         self.outbox.push_back(ClientMessage::AdvertiseKeys { round: task.round, cipher_public, mask_public });
         Ok(State::Secure { round: task.round, was_clipped, secagg: Box::new(secagg) })
     }
@@ -238,7 +239,8 @@ impl<'a> ClientRound<'a> {
                 if req.round != round {
                     return Err(wrong_round);
                 }
-                let shares = secagg.share_keys(req, &mut self.rng)?;
+                let rng = self.rng.as_mut().ok_or(SecureRefusal::Protocol("no generator"))?;
+                let shares = secagg.share_keys(req, rng)?;
                 ClientMessage::EncryptedShares { round, shares }
             }
             ServerMessage::MaskedInputRequest(req) => {
