@@ -568,7 +568,9 @@ impl Device {
                 // The coordinator had no memory for this upload yet (pace steering): send the
                 // same message again after its hint, within the round, on the same connection.
                 // Starting over would lose a secure round's keys and shares.
-                let busy = matches!(&response, Response::Error { code: ErrorCode::Busy, .. });
+                // (A check-in told Busy is the participation's to retry, with its attempts.)
+                let busy = matches!(&response, Response::Error { code: ErrorCode::Busy, .. })
+                    && !matches!(msg, ClientMessage::CheckIn);
                 let left = round.poll_timeout().unwrap_or(now()).saturating_duration_since(now());
                 match response.error_retry_after() {
                     Some(hint) if busy && hint < left => {
