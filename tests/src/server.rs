@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedrec_client::net::{Device, NetConfig};
+use fedrec_client::net::{Device, NetConfig, Participation};
 use fedrec_client::policy::PrivacyPolicy;
 use fedrec_client::sdk::{Consent, Sdk, SdkConfig};
 use fedrec_client::signals::{Event, EventKind};
@@ -12,9 +12,9 @@ use fedrec_coordinator::auth::{DeviceId, Enroller, RevocationList, TokenKey, Ver
 use fedrec_coordinator::metrics::ServerMetrics;
 use fedrec_coordinator::server::{ServeConfig, Server, ServerError, ServerStatus};
 use fedrec_shared::danger::seeded_rng;
-use fedrec_shared::round::{CoordinatorConfig, Selection};
+use fedrec_shared::round::{ClientOutcome, CoordinatorConfig, Selection};
 use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
-use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, TrainParams};
+use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, Rating, TrainParams};
 use ring::rand::SystemRandom;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -191,6 +191,34 @@ impl LoopbackServer {
     /// Enrolled device `id`.
     pub fn device(&self, id: u64) -> Device {
         Device::new(self.net_config(self.token(id))).expect("the client endpoint binds")
+    }
+
+    /// Devices `1..=ratings.len()` take part at once through the SDK's own loop, each with its
+    /// ratings (device `id` has `ratings[id - 1]`), checking in again after every "not
+    /// selected" until it has an outcome; the outcomes, in device order.
+    pub async fn participate_all(&self, ratings: Arc<Vec<Vec<Rating>>>) -> Vec<ClientOutcome> {
+        let mut tasks = Vec::new();
+        for id in 1..=ratings.len() as u64 {
+            let mut device = self.device(id);
+            let ratings = Arc::clone(&ratings);
+            tasks.push(tokio::spawn(async move {
+                let mine = &ratings[id as usize - 1];
+                let outcome = loop {
+                    match device.participate(mine).await.expect("the device is served") {
+                        Participation::NotSelected { retry_after } => tokio::time::sleep(retry_after).await,
+                        Participation::Outcome(o) => break o,
+                        other => panic!("unexpected participation {other:?}"),
+                    }
+                };
+                device.shutdown().await;
+                outcome
+            }));
+        }
+        let mut outcomes = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            outcomes.push(task.await.expect("the device task"));
+        }
+        outcomes
     }
 
     /// Stops the server and waits for its task; the last status it published.

@@ -9,7 +9,6 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedrec_client::net::Participation;
 use fedrec_shared::round::{ClientOutcome, CoordinatorEvent, SecureAggregation, Selection};
 use fedrec_shared::secagg::encode::{encode, ring_add, to_ring};
 use fedrec_shared::train::{local_update, reconstruct};
@@ -104,25 +103,7 @@ async fn round(secure: bool, users: &Arc<Vec<Vec<Rating>>>) -> Vec<(u64, Request
     let recorder = Recorder::new();
     let observer = recorder.observer();
     let server = LoopbackServer::start(config, model(), move |serve| serve.observer = Some(observer));
-    let mut tasks = Vec::new();
-    for id in 1..=N_DEVICES as u64 {
-        let mut device = server.device(id);
-        let users = Arc::clone(users);
-        tasks.push(tokio::spawn(async move {
-            let ratings = &users[id as usize - 1];
-            let outcome = loop {
-                match device.participate(ratings).await.expect("the device is served") {
-                    Participation::NotSelected { retry_after } => tokio::time::sleep(retry_after).await,
-                    Participation::Outcome(o) => break o,
-                    other => panic!("unexpected participation {other:?}"),
-                }
-            };
-            device.shutdown().await;
-            outcome
-        }));
-    }
-    for task in tasks {
-        let outcome = task.await.expect("the device task");
+    for outcome in server.participate_all(Arc::clone(users)).await {
         assert!(matches!(outcome, ClientOutcome::Completed { .. }), "{outcome:?}");
     }
     let mut status = server.status().clone();

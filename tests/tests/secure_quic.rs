@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedrec_client::net::Participation;
 use fedrec_shared::round::{ClientOutcome, CoordinatorEvent, SecureAggregation, Selection};
 use fedrec_shared::{ModelShape, Rating};
 use fedrec_tests::server::{coordinator_config, initial_model};
@@ -30,24 +29,7 @@ async fn a_secure_round_commits_over_quic() {
     let users = Arc::new(ratings());
     let server = secure_server(N_DEVICES, Duration::from_secs(30));
     let started = std::time::Instant::now();
-    let mut tasks = Vec::new();
-    for id in 0..N_DEVICES {
-        let mut device = server.device(id as u64 + 1);
-        let users = Arc::clone(&users);
-        tasks.push(tokio::spawn(async move {
-            let outcome = loop {
-                match device.participate(&users[id]).await.expect("the device is served") {
-                    Participation::NotSelected { retry_after } => tokio::time::sleep(retry_after).await,
-                    Participation::Outcome(o) => break o,
-                    other => panic!("unexpected participation {other:?}"),
-                }
-            };
-            device.shutdown().await;
-            outcome
-        }));
-    }
-    for task in tasks {
-        let outcome = task.await.expect("the device task");
+    for outcome in server.participate_all(users).await {
         assert!(matches!(outcome, ClientOutcome::Completed { .. }), "{outcome:?}");
     }
     let mut status = server.status().clone();
