@@ -1,11 +1,8 @@
-//! The SDK's folder: one handle at a time (in one process and across processes), rollback detection, private file modes, no blocking on FIFOs, no store in the working directory.
+//! The SDK's folder: one handle at a time in one process, rollback detection, private file modes, no store in the working directory (the tests that start other processes are in folder_processes.rs).
 
 mod support;
 
 use std::path::Path;
-use std::process::Command;
-use std::sync::mpsc;
-use std::time::Duration;
 
 use fedrec_client::error::SdkError;
 use fedrec_client::sdk::{Consent, Sdk, SdkConfig};
@@ -13,9 +10,6 @@ use fedrec_client::signals::EventKind;
 use fedrec_client::store::{GENERATION_FILE, LOCK_FILE, STORE_FILE};
 use serde_json::Value;
 use support::*;
-
-/// Safety net for a call that must not block; reaching it fails the test.
-const NEVER: Duration = Duration::from_secs(30);
 
 fn event_items(sdk: &Sdk) -> Vec<u64> {
     let doc: Value = serde_json::from_str(&sdk.export().expect("export")).expect("export is JSON");
@@ -46,49 +40,6 @@ fn a_second_handle_on_a_folder_in_use_is_locked_until_the_first_is_dropped() {
     second.forget().expect("forget");
     let third = Sdk::open(config(dir.path())).expect("free after forget");
     assert!(event_items(&third).is_empty());
-}
-
-/// Set in the child process of the test below: the folder it opens.
-const CHILD_DIR: &str = "FEDREC_TEST_LOCK_CHILD_DIR";
-
-/// Runs this test binary again, as the child of the test below, on `dir`; returns its exit code.
-fn child_process(dir: &Path) -> i32 {
-    let out = Command::new(std::env::current_exe().expect("the test binary's path"))
-        .args(["a_second_process_cannot_open_a_folder_in_use", "--exact", "--nocapture"])
-        .env(CHILD_DIR, dir)
-        .output()
-        .expect("the test binary starts");
-    println!("child: {}", String::from_utf8_lossy(&out.stdout).trim());
-    out.status.code().expect("the child exits normally")
-}
-
-#[test]
-fn a_second_process_cannot_open_a_folder_in_use() {
-    if let Some(dir) = std::env::var_os(CHILD_DIR) {
-        // The child: open, record item 99, exit 0; or exit with the error's code.
-        let code = match Sdk::open(config(Path::new(&dir))) {
-            Ok(sdk) => match sdk.record(event(99, EventKind::Purchase, now_s())) {
-                Ok(()) => 0,
-                Err(e) => e.code(),
-            },
-            Err(e) => {
-                println!("open refused: {e}");
-                e.code()
-            }
-        };
-        std::process::exit(code);
-    }
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let sdk = populated(dir.path());
-    assert_eq!(child_process(dir.path()), SdkError::Locked.code(), "the child must be refused");
-    sdk.record(event(12, EventKind::View, now_s())).expect("the parent keeps writing");
-    drop(sdk);
-
-    assert_eq!(child_process(dir.path()), 0, "the folder is free once the parent closed it");
-    let sdk = Sdk::open(config(dir.path())).expect("reopens");
-    let items = event_items(&sdk);
-    assert_eq!(items.len(), 7, "{items:?}");
-    assert!(items.contains(&12) && items.contains(&99), "both processes' events are kept: {items:?}");
 }
 
 #[test]
@@ -203,45 +154,6 @@ fn every_file_the_sdk_writes_is_private() {
     sdk.set_consent(Consent { personalization: true, training: false }).expect("a write");
     for name in [STORE_FILE, GENERATION_FILE] {
         assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
-    }
-}
-
-/// Opens `cfg` on another thread; the result, or a panic if it blocks.
-fn open_without_blocking(cfg: SdkConfig) -> Result<Sdk, SdkError> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(Sdk::open(cfg));
-    });
-    rx.recv_timeout(NEVER).expect("open blocked")
-}
-
-/// Makes a FIFO at `path` with the `mkfifo` command; `false` if the command is missing.
-fn mkfifo(path: &Path) -> bool {
-    match Command::new("mkfifo").arg(path).status() {
-        Ok(status) => {
-            assert!(status.success(), "mkfifo failed");
-            true
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => panic!("mkfifo: {e}"),
-    }
-}
-
-#[test]
-fn a_fifo_at_any_of_the_store_files_is_refused_without_blocking() {
-    for name in [STORE_FILE, GENERATION_FILE, LOCK_FILE] {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        if name != STORE_FILE {
-            drop(populated(dir.path()));
-            std::fs::remove_file(dir.path().join(name)).expect("remove");
-        }
-        if !mkfifo(&dir.path().join(name)) {
-            eprintln!("skipped: no mkfifo command on this system");
-            return;
-        }
-        let err = open_without_blocking(config(dir.path())).expect_err("a FIFO is not a store file");
-        assert!(matches!(err, SdkError::StoreCorrupt(_)), "{name}: {err:?}");
-        assert!(err.to_string().contains("not a regular file"), "{name}: {err}");
     }
 }
 

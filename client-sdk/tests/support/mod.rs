@@ -2,7 +2,10 @@
 #![allow(dead_code)] // Each test crate uses a different subset.
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
 
+use fedrec_client::error::SdkError;
 use fedrec_client::sdk::{Consent, Sdk, SdkConfig};
 use fedrec_client::signals::{Event, EventKind};
 use fedrec_client::store::STORE_FILE;
@@ -65,4 +68,16 @@ pub fn files(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// Safety net for a call that must not block; reaching it fails the test.
+pub const NEVER: Duration = Duration::from_secs(30);
+
+/// Opens `cfg` on another thread; the result, or a panic if it blocks.
+pub fn open_without_blocking(cfg: SdkConfig) -> Result<Sdk, SdkError> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(Sdk::open(cfg));
+    });
+    rx.recv_timeout(NEVER).expect("open blocked")
 }
