@@ -439,8 +439,10 @@ enum Combine {
     Plain(Aggregator),
     /// Secure aggregation: the coordinator sums masked inputs and unmasks only the total.
     Secure(Box<ServerSecAgg>),
-    /// Secure aggregation after unmasking: the sum is in `Round::secure_sum`.
-    Unmasked,
+    /// Secure aggregation while the survivors' sum is being unmasked.
+    Unmasking,
+    /// Secure aggregation after unmasking: the survivors' sum, on the round's grid.
+    Unmasked(Aggregator),
 }
 
 #[derive(Debug)]
@@ -456,8 +458,6 @@ struct Round {
     /// Devices whose contribution is in the sum (plain: uploads accepted; secure: masked
     /// inputs unmasked).
     n_reported: usize,
-    /// A finished secure sum awaiting the commit: the integer grid sum and the clip-bit count.
-    secure_sum: Option<(Vec<i64>, usize)>,
     clip_norm: f32,
     /// Sum of the devices' "within the bound" bits (adaptive clipping only).
     n_unclipped: usize,
@@ -688,7 +688,6 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             n_selected: 0,
             combine,
             n_reported: 0,
-            secure_sum: None,
             clip_norm: self.clip_norm,
             n_unclipped: 0,
             rejected: Vec::new(),
@@ -709,8 +708,13 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             }
             ClientMessage::AdvertiseKeys { round, .. }
             | ClientMessage::EncryptedShares { round, .. }
-            | ClientMessage::MaskedInput { round, .. } => (round, self.accept_secure(now, client, msg)),
-            ClientMessage::UnmaskShares(ref u) => (u.round, self.accept_secure(now, client, msg)),
+            | ClientMessage::MaskedInput { round, .. } => {
+                (round, self.accept_secure(now, client, round, msg))
+            }
+            ClientMessage::UnmaskShares(ref u) => {
+                let round = u.round;
+                (round, self.accept_secure(now, client, round, msg))
+            }
         };
         if let Err(reason) = result {
             let current = self.current_round().unwrap_or(round);
@@ -725,16 +729,14 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
     }
 
     /// A secure-aggregation message: accepted only from a selected device, in its phase.
-    fn accept_secure(&mut self, now: Instant, client: ClientId, msg: ClientMessage) -> Result<(), Rejection> {
+    fn accept_secure(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        msg_round: u64,
+        msg: ClientMessage,
+    ) -> Result<(), Rejection> {
         let round = self.round.as_mut().ok_or(Rejection::WrongPhase)?;
-        let msg_round = match &msg {
-            ClientMessage::AdvertiseKeys { round, .. }
-            | ClientMessage::EncryptedShares { round, .. }
-            | ClientMessage::MaskedInput { round, .. }
-            | ClientMessage::Upload { round, .. } => *round,
-            ClientMessage::UnmaskShares(u) => u.round,
-            ClientMessage::CheckIn => round.idx,
-        };
         if msg_round != round.idx {
             return Err(Rejection::WrongRound { got: msg_round, current: round.idx });
         }
@@ -745,7 +747,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         }
         let sa = match &mut round.combine {
             Combine::Secure(sa) => sa,
-            Combine::Unmasked => return Err(Rejection::WrongPhase),
+            Combine::Unmasking | Combine::Unmasked(_) => return Err(Rejection::WrongPhase),
             Combine::Plain(_) => {
                 return Err(Rejection::Malformed("a secure-aggregation message in a plain round"));
             }
@@ -916,7 +918,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                             }
                             round.phase = Phase::ShareKeys { deadline: now.saturating_add(phase_window) };
                         }
-                        Err(e) => return self.abort_secure(now, &e),
+                        Err(_) => return self.close(now, Err(AbandonReason::SecureAggregation)),
                     }
                 }
                 (Phase::ShareKeys { deadline }, Combine::Secure(sa)) => {
@@ -930,7 +932,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                             }
                             round.phase = Phase::MaskedInput { deadline: now.saturating_add(phase_window) };
                         }
-                        Err(e) => return self.abort_secure(now, &e),
+                        Err(_) => return self.close(now, Err(AbandonReason::SecureAggregation)),
                     }
                 }
                 (Phase::MaskedInput { deadline }, Combine::Secure(sa)) => {
@@ -944,14 +946,15 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                             }
                             round.phase = Phase::Unmask { deadline: now.saturating_add(phase_window) };
                         }
-                        Err(e) => return self.abort_secure(now, &e),
+                        Err(_) => return self.close(now, Err(AbandonReason::SecureAggregation)),
                     }
                 }
                 (Phase::Unmask { deadline }, Combine::Secure(sa)) => {
                     if !sa.unmask_complete() && now < deadline {
                         return;
                     }
-                    let Combine::Secure(sa) = std::mem::replace(&mut round.combine, Combine::Unmasked) else {
+                    let Combine::Secure(sa) = std::mem::replace(&mut round.combine, Combine::Unmasking)
+                    else {
                         return;
                     };
                     let job = UnmaskJob { round: round.idx, secagg: sa };
@@ -968,41 +971,28 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                 (Phase::Unmasking { deadline }, _) => {
                     if now >= deadline {
                         self.unmask_job = None;
-                        return self
-                            .abort_secure(now, &SecureAbort::Encoding("the unmasking did not finish"));
+                        return self.close(now, Err(AbandonReason::SecureAggregation));
                     }
                     return;
                 }
                 (Phase::Closing { deadline }, _) => {
                     if now >= deadline {
-                        self.finish_secure(now);
+                        self.close(now, Ok(()));
                     }
                     return;
                 }
                 // Unreachable: a plain round never enters the secure phases, and a secure one
-                // leaves them only for `Closing`. Close what there is.
+                // leaves them only for `Unmasking` and `Closing`. Close what there is.
                 (
                     Phase::ShareKeys { .. } | Phase::MaskedInput { .. } | Phase::Unmask { .. },
-                    Combine::Plain(_) | Combine::Unmasked,
+                    Combine::Plain(_) | Combine::Unmasking | Combine::Unmasked(_),
                 )
-                | (Phase::Report { .. }, Combine::Unmasked) => {
-                    self.finish_secure(now);
+                | (Phase::Report { .. }, Combine::Unmasking | Combine::Unmasked(_)) => {
+                    self.close(now, Ok(()));
                     return;
                 }
             }
         }
-    }
-
-    /// Commits a round whose secure sum is ready (or abandons it for too few reports, without
-    /// noise).
-    fn finish_secure(&mut self, now: Instant) {
-        let Some(round) = self.round.as_ref() else { return };
-        let outcome = if !self.is_private() && round.n_reported < self.config.min_reports {
-            Err(AbandonReason::TooFewReports)
-        } else {
-            Ok(())
-        };
-        self.close(now, outcome);
     }
 
     /// Whether the unmasking (the heaviest step of a secure round: rebuilding secrets and
@@ -1025,45 +1015,43 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
     pub fn complete_unmask(&mut self, now: Instant, result: UnmaskResult) {
         let private = self.is_private();
         let phase_window = self.config.secure.map_or(Duration::ZERO, |sa| sa.phase_window);
+        let (layout, adaptive) = (self.layout, self.config.adaptive_clip.is_some());
         let Some(round) = self.round.as_mut() else { return };
-        if round.idx != result.round
-            || !matches!(round.combine, Combine::Unmasked)
-            || round.secure_sum.is_some()
-        {
+        if round.idx != result.round || !matches!(round.combine, Combine::Unmasking) {
             return;
         }
-        match result.sum {
-            Ok((sum, n)) => {
-                round.n_reported = n;
-                round.secure_sum = Some((sum, n));
-                let planned_end = round.started.saturating_add(
-                    self.config.checkin_window + self.config.report_window + phase_window * 3,
-                );
-                if private && now < planned_end {
-                    round.phase = Phase::Closing { deadline: planned_end };
-                    return;
-                }
-                self.finish_secure(now);
-            }
-            Err(e) => self.abort_secure(now, &e),
+        let grid = Grid::for_secure_sum(round.clip_norm, layout.len());
+        let (Ok((mut sum, n)), Ok(grid)) = (result.sum, grid) else {
+            return self.close(now, Err(AbandonReason::SecureAggregation));
+        };
+        // The clip-bit count is the last coordinate. Each device adds 0 or 1; a device that
+        // did not is out of the protocol.
+        let bits = if adaptive { sum.pop().unwrap_or(0) } else { 0 };
+        round.n_unclipped = usize::try_from(bits.max(0)).unwrap_or(0).min(n);
+        round.n_reported = n;
+        // The same integers the plain aggregator would have summed, up to rounding.
+        round.combine = Combine::Unmasked(Aggregator::from_grid_sum(layout, grid, sum, n));
+        let planned_end = round
+            .started
+            .saturating_add(self.config.checkin_window + self.config.report_window + phase_window * 3);
+        if private && now < planned_end {
+            round.phase = Phase::Closing { deadline: planned_end };
+            return;
         }
-    }
-
-    /// Abandons a round whose secure aggregation failed.
-    fn abort_secure(&mut self, now: Instant, _why: &SecureAbort) {
-        self.close(now, Err(AbandonReason::SecureAggregation));
+        self.close(now, Ok(()));
     }
 
     fn close(&mut self, now: Instant, outcome: Result<(), AbandonReason>) {
         let Some(round) = self.round.take() else { return };
         let n_selected = round.n_selected;
         let private = self.is_private();
-        // Without noise, too few reports abandon a plain round too.
-        let outcome = match (outcome, &round.combine) {
-            (Ok(()), Combine::Plain(_)) if !private && round.n_reported < self.config.min_reports => {
+        // Without noise, too few reports abandon the round (with noise the outcome may not
+        // depend on the number of reports).
+        let outcome = match outcome {
+            Ok(()) if !private && round.n_reported < self.config.min_reports => {
                 Err(AbandonReason::TooFewReports)
             }
-            (o, _) => o,
+            o => o,
         };
         let n_reported = round.n_reported;
         let mut stats = RoundStats {
@@ -1092,30 +1080,11 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             self.events.push_back(CoordinatorEvent::RoundAbandoned { stats, reason });
             return;
         }
-        // The sum to release: the plain aggregator's, or the unmasked grid sum of the secure
-        // phases (the same integers the plain aggregator would have summed, up to rounding).
-        let (aggregator, n_unclipped) = match (round.combine, round.secure_sum) {
-            (Combine::Plain(aggregator), _) => (aggregator, round.n_unclipped),
-            (Combine::Secure(_) | Combine::Unmasked, Some((mut sum, n))) => {
-                let bits = if self.config.adaptive_clip.is_some() { sum.pop().unwrap_or(0) } else { 0 };
-                // Each device adds 0 or 1; a device that did not is out of the protocol.
-                let bits = usize::try_from(bits.max(0)).unwrap_or(0).min(n);
-                let grid = match Grid::for_secure_sum(round.clip_norm, self.layout.len()) {
-                    Ok(grid) => grid,
-                    Err(_) => {
-                        // Unreachable: the round started with this grid.
-                        self.events.push_back(CoordinatorEvent::RoundAbandoned {
-                            stats,
-                            reason: AbandonReason::SecureAggregation,
-                        });
-                        return;
-                    }
-                };
-                (Aggregator::from_grid_sum(self.layout, grid, sum, n), bits)
-            }
-            (Combine::Secure(_) | Combine::Unmasked, None) => {
-                // Unreachable by construction (a secure round commits only with its sum).
-                let stats = RoundStats { n_reported: 0, ..stats };
+        // The sum to release: the plain aggregator's, or the secure phases' unmasked one.
+        let aggregator = match round.combine {
+            Combine::Plain(aggregator) | Combine::Unmasked(aggregator) => aggregator,
+            Combine::Secure(_) | Combine::Unmasking => {
+                // Unreachable: a secure round commits only once its sum is unmasked.
                 self.events.push_back(CoordinatorEvent::RoundAbandoned {
                     stats,
                     reason: AbandonReason::SecureAggregation,
@@ -1123,6 +1092,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                 return;
             }
         };
+        let n_unclipped = round.n_unclipped;
         let denominator = match (self.config.selection, self.config.population) {
             // Public: the same in neighbouring worlds.
             (Selection::Poisson { q }, Some(population)) => q * population as f64,

@@ -520,6 +520,23 @@ struct Cohort {
     self_mask_shares: BTreeMap<u32, Vec<Share>>,
 }
 
+impl Cohort {
+    /// Device `i`'s neighbours that shared but sent no masked input (their mask keys are to be
+    /// rebuilt), and those whose masked input is in the sum (their self-masks are to be
+    /// removed), in index order: its unmask request.
+    fn unmask_lists(&self, i: u32) -> (Vec<u32>, Vec<u32>) {
+        let (mut dropped, mut survivors) = (Vec::new(), Vec::new());
+        for &j in self.graph.neighbours(i as usize) {
+            if self.masked.contains(&j) {
+                survivors.push(j);
+            } else if self.shared.contains(&j) {
+                dropped.push(j);
+            }
+        }
+        (dropped, survivors)
+    }
+}
+
 /// What the coordinator sends when a phase closes: one message per device.
 pub type Outgoing<T> = Vec<(ClientId, T)>;
 
@@ -740,14 +757,7 @@ impl ServerSecAgg {
             .masked
             .iter()
             .map(|&i| {
-                let (mut dropped, mut survivors) = (Vec::new(), Vec::new());
-                for &j in cohort.graph.neighbours(i as usize) {
-                    if cohort.masked.contains(&j) {
-                        survivors.push(j);
-                    } else if cohort.shared.contains(&j) {
-                        dropped.push(j);
-                    }
-                }
+                let (dropped, survivors) = cohort.unmask_lists(i);
                 (cohort.clients[i as usize], UnmaskRequest { round, dropped, survivors })
             })
             .collect())
@@ -764,15 +774,8 @@ impl ServerSecAgg {
         if cohort.responders.contains(&i) {
             return Err(SecureReject::Duplicate);
         }
-        let mut want_dropped = Vec::new();
-        let mut want_survivors = Vec::new();
-        for &j in cohort.graph.neighbours(i as usize) {
-            if cohort.masked.contains(&j) {
-                want_survivors.push(j);
-            } else if cohort.shared.contains(&j) {
-                want_dropped.push(j);
-            }
-        }
+        // Exactly what its unmask request asked for, and its own self-mask share.
+        let (want_dropped, mut want_survivors) = cohort.unmask_lists(i);
         want_survivors.push(i);
         let owners = |v: &[RevealedShare]| v.iter().map(|s| s.owner).collect::<Vec<u32>>();
         if owners(&answer.mask_key_shares) != want_dropped {
