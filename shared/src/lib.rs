@@ -3,6 +3,7 @@
 
 pub mod aggregate;
 pub mod danger;
+pub mod ddp;
 pub mod error;
 pub mod eval;
 pub mod harness;
