@@ -310,7 +310,7 @@ fn invalid_parameters_are_refused() {
     );
     assert_eq!(DdpParams { beta: 1.0, ..ok }.validate().map(|_| ()), Err(DdpError::Beta(1.0)));
     assert_eq!(DdpParams { noise_std: 0.0, ..ok }.validate().map(|_| ()), Err(DdpError::NoiseStd(0.0)));
-    assert_eq!(DdpParams { clip_norm: f64::NAN, ..ok }.validate().map(|_| ()).is_err(), true);
+    assert!(matches!(DdpParams { clip_norm: f64::NAN, ..ok }.validate(), Err(DdpError::ClipNorm(_))));
     assert!(matches!(
         DdpParams { bits: 6, ..ok }.validate().map(|_| ()),
         Err(DdpError::DeviceNoiseTooSmall { .. })

@@ -48,7 +48,8 @@ pub fn conditional_round<R: Rng + ?Sized>(
     rng: &mut R,
     max_attempts: u32,
 ) -> Result<Vec<i64>, DdpError> {
-    if let Some((index, &value)) = z.iter().enumerate().find(|(_, x)| !(x.abs() <= MAX_COORDINATE)) {
+    if let Some((index, &value)) = z.iter().enumerate().find(|(_, x)| x.is_nan() || x.abs() > MAX_COORDINATE)
+    {
         return Err(DdpError::CoordinateTooLarge { index, value });
     }
     let mut out = vec![0i64; z.len()];
