@@ -282,10 +282,10 @@ impl DeviceSecAgg {
         }
         // The neighbours must be the graph's: a coordinator that picks them could isolate the
         // device among colluders.
-        let graph = Graph::harary(n, setup.k as usize, &setup.seed)
+        let own_row = Graph::harary_neighbours(n, setup.k as usize, &setup.seed, index as usize)
             .map_err(|_| SecureRefusal::Protocol("the parameters define no graph"))?;
         let listed: Vec<u32> = req.neighbours.iter().map(|nb| nb.index).collect();
-        if listed != graph.neighbours(index as usize) {
+        if listed != own_row {
             return Err(SecureRefusal::Protocol("neighbours differ from the round's graph"));
         }
         if (setup.t as usize) > listed.len() {
