@@ -234,7 +234,8 @@ fn load(py: Python<'_>, source: DataSource) -> PyResult<PyDataset> {
 #[pyfunction]
 fn data_load_train_test(py: Python<'_>, train: PathBuf, test: PathBuf) -> PyResult<PySplit> {
     let source = DataSource::TrainTest { train, test };
-    let inner = py.detach(|| data::load_split(&source, 0.0, SplitKind::Random, 0)).map_err(|e| data_err(&e))?;
+    let inner =
+        py.detach(|| data::load_split(&source, 0.0, SplitKind::Random, 0)).map_err(|e| data_err(&e))?;
     Ok(PySplit { inner, how: "given".to_owned(), test_fraction: 0.0 })
 }
 
@@ -267,7 +268,8 @@ impl Ids {
         if let Some(&i) = self.index.get(id) {
             return Ok(i);
         }
-        let i = u32::try_from(self.ids.len()).map_err(|_| DataError::new_err("more than 2^32 distinct ids"))?;
+        let i =
+            u32::try_from(self.ids.len()).map_err(|_| DataError::new_err("more than 2^32 distinct ids"))?;
         self.index.insert(id.to_owned(), i);
         self.ids.push(id.to_owned());
         Ok(i)

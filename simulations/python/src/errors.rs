@@ -16,10 +16,25 @@ create_exception!(
     FedrecError,
     "An accountant or calibration refused its inputs (a q outside [0, 1], δ outside (0, 1), an unreachable ε, ...)."
 );
-create_exception!(_fedrec, ConfigError, FedrecError, "A keyword argument has an unknown name or an unusable value.");
+create_exception!(
+    _fedrec,
+    ConfigError,
+    FedrecError,
+    "A keyword argument has an unknown name or an unusable value."
+);
 create_exception!(_fedrec, DataError, FedrecError, "A dataset could not be loaded, split or fetched.");
-create_exception!(_fedrec, MalformedDataError, DataError, "A line of a data file does not have the expected shape.");
-create_exception!(_fedrec, FetchError, DataError, "Downloading or unpacking a dataset failed (offline, no pip, ...).");
+create_exception!(
+    _fedrec,
+    MalformedDataError,
+    DataError,
+    "A line of a data file does not have the expected shape."
+);
+create_exception!(
+    _fedrec,
+    FetchError,
+    DataError,
+    "Downloading or unpacking a dataset failed (offline, no pip, ...)."
+);
 create_exception!(
     _fedrec,
     ChecksumError,

@@ -27,7 +27,14 @@ fn events(triples: &[(f64, f64, u64)]) -> PyResult<Vec<PrivacyEvent>> {
 /// ε of `steps` rounds at sampling probability `q` and noise multiplier `sigma`.
 #[pyfunction]
 #[pyo3(signature = (q, sigma, steps, delta, accountant))]
-fn privacy_epsilon(py: Python<'_>, q: f64, sigma: f64, steps: u64, delta: f64, accountant: &str) -> PyResult<f64> {
+fn privacy_epsilon(
+    py: Python<'_>,
+    q: f64,
+    sigma: f64,
+    steps: u64,
+    delta: f64,
+    accountant: &str,
+) -> PyResult<f64> {
     privacy_epsilon_of_events(py, vec![(q, sigma, steps)], delta, accountant)
 }
 
@@ -48,7 +55,14 @@ fn privacy_epsilon_of_events(
 /// δ of `steps` rounds at `q` and `sigma`, for a given ε.
 #[pyfunction]
 #[pyo3(signature = (q, sigma, steps, epsilon, accountant))]
-fn privacy_delta(py: Python<'_>, q: f64, sigma: f64, steps: u64, epsilon: f64, accountant: &str) -> PyResult<f64> {
+fn privacy_delta(
+    py: Python<'_>,
+    q: f64,
+    sigma: f64,
+    steps: u64,
+    epsilon: f64,
+    accountant: &str,
+) -> PyResult<f64> {
     let kind = self::accountant(accountant)?;
     let ev = events(&[(q, sigma, steps)])?;
     py.detach(|| privacy::delta(&ev, epsilon, kind)).map_err(|e| privacy_err(&e))
@@ -57,7 +71,14 @@ fn privacy_delta(py: Python<'_>, q: f64, sigma: f64, steps: u64, epsilon: f64, a
 /// The smallest noise multiplier for which `steps` rounds at `q` spend at most `epsilon`.
 #[pyfunction]
 #[pyo3(signature = (epsilon, delta, q, steps, accountant))]
-fn privacy_sigma(py: Python<'_>, epsilon: f64, delta: f64, q: f64, steps: u64, accountant: &str) -> PyResult<f64> {
+fn privacy_sigma(
+    py: Python<'_>,
+    epsilon: f64,
+    delta: f64,
+    q: f64,
+    steps: u64,
+    accountant: &str,
+) -> PyResult<f64> {
     let kind = self::accountant(accountant)?;
     py.detach(|| privacy::calibrate_noise(epsilon, delta, q, steps, kind)).map_err(|e| privacy_err(&e))
 }

@@ -162,13 +162,19 @@ fn options(opts: &Bound<'_, PyDict>) -> PyResult<Options> {
 }
 
 /// The CLI's `load` after the split: the checks, the relevance rule, the per-user data.
-fn user_data(split: &PySplit, objective: ObjectiveKind, relevance_threshold: Option<f32>) -> PyResult<UserData> {
+fn user_data(
+    split: &PySplit,
+    objective: ObjectiveKind,
+    relevance_threshold: Option<f32>,
+) -> PyResult<UserData> {
     let s = &split.inner;
     if s.train.is_empty() {
         return Err(SimulationError::new_err("the training set is empty"));
     }
     if s.test.is_empty() {
-        return Err(SimulationError::new_err("the test set is empty: raise --test-fraction or give a --test file"));
+        return Err(SimulationError::new_err(
+            "the test set is empty: raise --test-fraction or give a --test file",
+        ));
     }
     let threshold = relevance_threshold.or_else(|| {
         let (lo, hi) = s.rating_range();
@@ -216,7 +222,10 @@ pub struct PyModel {
     threads: usize,
 }
 
-fn ratings_of(items: &PyReadonlyArray1<'_, i64>, values: &PyReadonlyArray1<'_, f32>) -> PyResult<Vec<Rating>> {
+fn ratings_of(
+    items: &PyReadonlyArray1<'_, i64>,
+    values: &PyReadonlyArray1<'_, f32>,
+) -> PyResult<Vec<Rating>> {
     let (items, values) = (items.as_array(), values.as_array());
     if items.len() != values.len() {
         return Err(config_err(format!("{} items but {} values", items.len(), values.len())));
@@ -225,14 +234,19 @@ fn ratings_of(items: &PyReadonlyArray1<'_, i64>, values: &PyReadonlyArray1<'_, f
         .iter()
         .zip(values.iter())
         .map(|(&i, &v)| {
-            let item = u32::try_from(i).map_err(|_| DataError::new_err(format!("item {i} is not a dense item index")))?;
+            let item = u32::try_from(i)
+                .map_err(|_| DataError::new_err(format!("item {i} is not a dense item index")))?;
             Ok(Rating { item, value: v })
         })
         .collect()
 }
 
 impl PyModel {
-    fn user(&self, items: &PyReadonlyArray1<'_, i64>, values: &PyReadonlyArray1<'_, f32>) -> PyResult<fedrec_shared::UserState> {
+    fn user(
+        &self,
+        items: &PyReadonlyArray1<'_, i64>,
+        values: &PyReadonlyArray1<'_, f32>,
+    ) -> PyResult<fedrec_shared::UserState> {
         let ratings = ratings_of(items, values)?;
         validate_ratings(&ratings, self.model.model.item_factors.nrows(), &self.params.objective)
             .map_err(|e| DataError::new_err(e.to_string()))?;
@@ -313,7 +327,10 @@ impl PyModel {
         let u = user_vector.as_array();
         let d = self.model.model.centroids.ncols();
         if u.len() != d {
-            return Err(config_err(format!("the user vector has {} entries, the model's dimension is {d}", u.len())));
+            return Err(config_err(format!(
+                "the user vector has {} entries, the model's dimension is {d}",
+                u.len()
+            )));
         }
         Ok(self.model.model.nearest_segment(&u.to_vec()))
     }
@@ -405,7 +422,12 @@ fn simulate<'py>(
         segments,
         privacy: res.privacy,
     };
-    let model = PyModel { model: res.model, params: cfg.train_params(), objective: cfg.objective, threads: cfg.threads };
+    let model = PyModel {
+        model: res.model,
+        params: cfg.train_params(),
+        objective: cfg.objective,
+        threads: cfg.threads,
+    };
     Ok((to_py(py, &rep)?, model, cb.stop_requested))
 }
 
@@ -455,8 +477,12 @@ fn sweep<'py>(
         }
         points.push(point);
     }
-    let rep =
-        SweepReport { command: "sweep", fedrec_version: env!("CARGO_PKG_VERSION"), dataset: split.dataset_info(), points };
+    let rep = SweepReport {
+        command: "sweep",
+        fedrec_version: env!("CARGO_PKG_VERSION"),
+        dataset: split.dataset_info(),
+        points,
+    };
     to_py(py, &rep)
 }
 
@@ -498,7 +524,11 @@ fn audit_run<'py>(
 /// The configuration `simulate` would run with these options on this split (noise
 /// calibrated), as the `config` of the CLI's report.
 #[pyfunction]
-fn run_config<'py>(py: Python<'py>, split: &PySplit, options: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyAny>> {
+fn run_config<'py>(
+    py: Python<'py>,
+    split: &PySplit,
+    options: &Bound<'py, PyDict>,
+) -> PyResult<Bound<'py, PyAny>> {
     let Options { mut cfg, .. } = self::options(options)?;
     cfg.calibrate(split.inner.n_users()).context_err("calibrating the noise to --epsilon")?;
     to_py(py, &cfg)
