@@ -211,6 +211,20 @@ pub struct NoisedSum {
 }
 
 impl NoisedSum {
+    /// A sum the devices already noised (distributed noise, `docs/ddp.md`): the coordinator's
+    /// decoding of the unmasked sum of `n_updates` encodings, each carrying its share of
+    /// discrete Gaussian noise; `noise_std` is the noise the round guarantees on the sum (that
+    /// of `min_reports` shares). Only the round machine builds one, from
+    /// [`crate::ddp::decode_centred`]'s output: the coordinator adds no noise of its own.
+    pub(crate) fn from_distributed(
+        layout: UpdateLayout,
+        sum: Vec<f32>,
+        n_updates: usize,
+        noise_std: f32,
+    ) -> Self {
+        Self { layout, sum, n_updates, noise_std, grid: None }
+    }
+
     /// The noised sum.
     pub fn as_slice(&self) -> &[f32] {
         &self.sum

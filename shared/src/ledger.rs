@@ -8,7 +8,20 @@
 //! ever abandoned, and an abandoned round releases nothing and is not charged. Before a round starts, the coordinator adds that round's
 //! charge to the ledger and refuses to start if the result would exceed the budget — so the
 //! budget holds whatever the round's outcome.
+//!
+//! A round with distributed noise (`docs/ddp.md`) is charged a [`DdpCharge`] instead: the
+//! distributed discrete Gaussian accountant's event ([`crate::ddp::accountant`], DDGauss
+//! Proposition 14 with Zhu & Wang's Poisson subsampling) for `min_reports` noise shares. A
+//! committed round carries at least that many (the others' shares are independent noise added
+//! on top: post-processing), so the charge holds whatever the survivors were, and it does not
+//! depend on their count, which stays private. A round with fewer survivors aborts, releases
+//! nothing and is not charged. Once a ledger holds such a charge, its ε is the Rényi
+//! composition of every entry over the distributed accountant's integer orders (whichever
+//! accountant the policy names: the distributed bound is a Rényi bound).
 
+use crate::ddp::DdpEvent;
+use crate::ddp::accountant as ddp_accountant;
+use crate::privacy::rdp::{epsilon_from_rdp, rdp_sampled_gaussian};
 use crate::privacy::{self, AccountantKind, PrivacyError, PrivacyEvent};
 
 /// An (ε, δ) budget. There is no default: the operator must choose it.
@@ -86,10 +99,40 @@ impl LedgerEntry {
     }
 }
 
-/// Every charge so far, in order.
+/// One committed distributed-noise round's charge: the distributed accountant's event for
+/// one round ([`DdpEvent`], `steps = 1`) with the noise of `min_reports` shares.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DdpCharge {
+    /// The round.
+    pub round: u64,
+    /// Its event (sampling probability, rounded sensitivities, `σ_dev²`, shares charged, `D`).
+    pub event: DdpEvent,
+}
+
+impl DdpCharge {
+    /// The charge's canonical bytes, for a tamper-evident store: a tag, the round (u64), then
+    /// `q`, `Δ₂`, `Δ₁`, `σ_dev²` (f64 bits), the shares and `D` (u64), little-endian.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let e = &self.event;
+        let mut out = Vec::with_capacity(80);
+        out.extend_from_slice(b"fedrec-ddp-ledger-entry-v1\0");
+        out.extend_from_slice(&self.round.to_le_bytes());
+        for x in [e.q(), e.l2(), e.l1(), e.device_var()] {
+            out.extend_from_slice(&x.to_bits().to_le_bytes());
+        }
+        for n in [e.n_survivors(), e.dim()] {
+            out.extend_from_slice(&(n as u64).to_le_bytes());
+        }
+        out
+    }
+}
+
+/// Every charge so far, in order: central rounds' [`LedgerEntry`]s and distributed rounds'
+/// [`DdpCharge`]s.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Ledger {
     entries: Vec<LedgerEntry>,
+    ddp: Vec<DdpCharge>,
 }
 
 impl Ledger {
@@ -109,7 +152,31 @@ impl Ledger {
                 }
             }
         }
-        Ok(Self { entries })
+        Ok(Self { entries, ddp: Vec::new() })
+    }
+
+    /// A ledger restored from storage with distributed-noise charges too; the central entries
+    /// are checked as by [`Ledger::from_entries`], and each distributed event is rebuilt by its
+    /// checking constructor.
+    pub fn from_parts(entries: Vec<LedgerEntry>, ddp: Vec<DdpCharge>) -> Result<Self, PrivacyError> {
+        let mut ledger = Self::from_entries(entries)?;
+        for c in &ddp {
+            let e = c.event;
+            DdpEvent::from_parts(e.q(), e.steps(), e.l2(), e.l1(), e.device_var(), e.n_survivors(), e.dim())
+                .map_err(|_| PrivacyError::NoiseMultiplier(e.device_var()))?;
+        }
+        ledger.ddp = ddp;
+        Ok(ledger)
+    }
+
+    /// The distributed-noise charges, oldest first.
+    pub fn ddp_entries(&self) -> &[DdpCharge] {
+        &self.ddp
+    }
+
+    /// Appends a distributed-noise charge.
+    pub fn record_ddp(&mut self, charge: DdpCharge) {
+        self.ddp.push(charge);
     }
 
     /// The entries, oldest first.
@@ -140,7 +207,45 @@ impl Ledger {
 
     /// ε spent so far at `delta`.
     pub fn epsilon(&self, delta: f64, accountant: AccountantKind) -> Result<f64, PrivacyError> {
-        privacy::epsilon(&self.events()?, delta, accountant)
+        if self.ddp.is_empty() {
+            return privacy::epsilon(&self.events()?, delta, accountant);
+        }
+        Self::mixed_epsilon(self.entries.iter(), self.ddp.iter(), delta)
+    }
+
+    /// ε the ledger would show after also charging the distributed-noise round `next`.
+    pub fn epsilon_with_ddp(&self, next: &DdpCharge, delta: f64) -> Result<f64, PrivacyError> {
+        Self::mixed_epsilon(self.entries.iter(), self.ddp.iter().chain(std::iter::once(next)), delta)
+    }
+
+    /// The Rényi composition of central entries (sampled Gaussian) and distributed charges over
+    /// the distributed accountant's orders, equal consecutive charges grouped.
+    fn mixed_epsilon<'e>(
+        central: impl Iterator<Item = &'e LedgerEntry>,
+        ddp: impl Iterator<Item = &'e DdpCharge>,
+        delta: f64,
+    ) -> Result<f64, PrivacyError> {
+        let orders = &ddp_accountant::ORDERS;
+        let mut total = vec![0.0; orders.len()];
+        for event in Self::group(central)? {
+            for (acc, &order) in total.iter_mut().zip(orders) {
+                *acc +=
+                    event.steps() as f64 * rdp_sampled_gaussian(event.q(), event.noise_multiplier(), order)?;
+            }
+        }
+        let mut grouped: Vec<DdpEvent> = Vec::new();
+        for c in ddp {
+            match grouped.last_mut() {
+                Some(last) if last.with_steps(1) == c.event.with_steps(1) => {
+                    *last = last.with_steps(last.steps() + c.event.steps());
+                }
+                _ => grouped.push(c.event),
+            }
+        }
+        for (acc, x) in total.iter_mut().zip(ddp_accountant::compose(&grouped)) {
+            *acc += x;
+        }
+        Ok(epsilon_from_rdp(orders, &total, delta)?.0)
     }
 
     /// ε the ledger would show after also charging `next`.
@@ -150,6 +255,13 @@ impl Ledger {
         delta: f64,
         accountant: AccountantKind,
     ) -> Result<f64, PrivacyError> {
+        if !self.ddp.is_empty() {
+            return Self::mixed_epsilon(
+                self.entries.iter().chain(std::iter::once(next)),
+                self.ddp.iter(),
+                delta,
+            );
+        }
         let events = Self::group(self.entries.iter().chain(std::iter::once(next)))?;
         privacy::epsilon(&events, delta, accountant)
     }

@@ -831,7 +831,7 @@ fn init_model(seed: u64) -> GlobalModel {
 }
 
 fn secure(dropout: f64) -> Option<SecureAggregation> {
-    Some(SecureAggregation { dropout, corrupt: 0.05, phase_window: PHASE_WINDOW })
+    Some(SecureAggregation { dropout, corrupt: 0.05, phase_window: PHASE_WINDOW, distributed: None })
 }
 
 fn config(selection: Selection, secure: Option<SecureAggregation>) -> CoordinatorConfig {

@@ -132,6 +132,36 @@ impl DdpEvent {
     pub fn tau(&self) -> f64 {
         tau(self.device_var, self.n_survivors)
     }
+
+    /// The rounded L2 sensitivity `Δ₂` (grid units).
+    pub fn l2(&self) -> f64 {
+        self.l2
+    }
+
+    /// The rounded L1 sensitivity `Δ₁` (grid units).
+    pub fn l1(&self) -> f64 {
+        self.l1
+    }
+
+    /// Each share's `σ_dev²` (grid units).
+    pub fn device_var(&self) -> f64 {
+        self.device_var
+    }
+
+    /// The number of noise shares charged.
+    pub fn n_survivors(&self) -> usize {
+        self.n_survivors
+    }
+
+    /// The number of coordinates `D`.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The same round repeated `steps` times (for grouping equal charges).
+    pub fn with_steps(self, steps: u64) -> Self {
+        Self { steps, ..self }
+    }
 }
 
 /// `τ = 10 Σ_{k=1}^{n−1} exp(−2π² σ² k/(k+1))` for `n` shares of `N_Z(0, σ²)` (DDGauss

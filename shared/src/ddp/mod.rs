@@ -211,6 +211,20 @@ pub fn decode(sum: &[u64], params: &DdpValidParams, n_survivors: usize) -> Resul
         return Err(DdpError::Survivors { n_survivors, min_reports: p.min_reports, n_cohort: p.n_cohort });
     }
     let lifted = unwrap_centred(sum, params.bits())?;
+    decode_centred(&lifted, params, n_survivors)
+}
+
+/// [`decode`] of a sum already lifted to signed integers (the centred lift of the ring sum,
+/// as secure aggregation's unmasking returns it). Same checks as [`decode`].
+pub fn decode_centred(
+    lifted: &[i64],
+    params: &DdpValidParams,
+    n_survivors: usize,
+) -> Result<Vec<f32>, DdpError> {
+    let p = params.params();
+    if n_survivors < p.min_reports || n_survivors > p.n_cohort {
+        return Err(DdpError::Survivors { n_survivors, min_reports: p.min_reports, n_cohort: p.n_cohort });
+    }
     if lifted.len() != params.padded_dim() {
         return Err(DdpError::UpdateLength { expected: params.padded_dim(), got: lifted.len() });
     }

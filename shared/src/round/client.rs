@@ -4,8 +4,8 @@ use std::collections::VecDeque;
 
 use rand_chacha::ChaCha20Rng;
 
-use super::secure::{DeviceSecAgg, SecurePolicy, SecureRefusal};
-use super::{Aggregation, ClientMessage, Instant, ServerMessage};
+use super::secure::{DeviceSecAgg, DistributedPolicy, SecurePolicy, SecureRefusal};
+use super::{Aggregation, ClientMessage, Instant, Mechanism, ServerMessage};
 use crate::error::{ParamError, SolveError, UpdateError};
 use crate::model::RoundModel;
 use crate::privacy::discrete::Grid;
@@ -93,6 +93,7 @@ pub struct ClientRound<'a> {
     /// Secure aggregation's keys, self-mask seed, shares and stochastic rounding.
     rng: Option<ChaCha20Rng>,
     secure_policy: SecurePolicy,
+    noise_policy: DistributedPolicy,
 }
 
 impl<'a> ClientRound<'a> {
@@ -108,6 +109,7 @@ impl<'a> ClientRound<'a> {
             user: None,
             rng: None,
             secure_policy: SecurePolicy::default(),
+            noise_policy: DistributedPolicy::default(),
         }
     }
 
@@ -125,9 +127,25 @@ impl<'a> ClientRound<'a> {
         self
     }
 
+    /// What the device requires of the round's noise (default: nothing, see
+    /// [`DistributedPolicy`]). A task that does not declare distributed noise on a secure
+    /// round is refused before training when the policy requires it.
+    pub fn with_distributed_policy(mut self, policy: DistributedPolicy) -> Self {
+        self.noise_policy = policy;
+        self
+    }
+
     /// A message from the coordinator arrived.
     pub fn handle_message(&mut self, now: Instant, msg: ServerMessage) {
         let next = match (&self.state, msg) {
+            (State::ExpectTask, ServerMessage::Selected { task, .. })
+                if self.noise_policy.require_distributed
+                    && !(task.privacy.aggregation == Aggregation::Secure
+                        && task.privacy.mechanism == Mechanism::DistributedDiscreteGaussian) =>
+            {
+                // Refused before anything is trained or sent.
+                State::Done(ClientOutcome::SecureRefused(SecureRefusal::NotDistributed))
+            }
             (State::ExpectTask, ServerMessage::Selected { task, model })
                 if task.privacy.aggregation == Aggregation::Secure =>
             {
@@ -215,6 +233,31 @@ impl<'a> ClientRound<'a> {
             ));
         };
         let was_clipped = update.was_clipped();
+        if task.privacy.mechanism == Mechanism::DistributedDiscreteGaussian {
+            if task.report_clip_bit {
+                return Err(ClientError::Encoding(
+                    "a clip bit cannot be sent with distributed noise (it would carry no noise)".into(),
+                ));
+            }
+            let dense = update.vector().to_dense();
+            // The clipped update itself goes no further than its encoding.
+            drop(update);
+            let (secagg, cipher_public, mask_public) = DeviceSecAgg::new_distributed(
+                task.round,
+                dense,
+                task.privacy,
+                task.clip_norm,
+                self.secure_policy,
+                self.noise_policy,
+                rng,
+            );
+            self.outbox.push_back(ClientMessage::AdvertiseKeys {
+                round: task.round,
+                cipher_public,
+                mask_public,
+            });
+            return Ok(State::Secure { round: task.round, was_clipped, secagg: Box::new(secagg) });
+        }
         let layout = *update.vector().layout();
         let grid = Grid::for_secure_sum(task.clip_norm, layout.len())
             .map_err(|e| ClientError::Encoding(e.to_string()))?;

@@ -8,9 +8,10 @@ use rand::{CryptoRng, Rng};
 
 use super::secure::{SecureAbort, SecureReject, ServerSecAgg};
 use super::{ClientId, ClientMessage, Instant, ServerMessage, Task, TaskPrivacy};
-use crate::aggregate::Aggregator;
+use crate::aggregate::{Aggregator, NoisedSum};
+use crate::ddp::{DdpEvent, DdpValidParams};
 use crate::error::{ParamError, Rejection};
-use crate::ledger::{Ledger, LedgerEntry, PrivacyPolicy};
+use crate::ledger::{DdpCharge, Ledger, LedgerEntry, PrivacyPolicy};
 use crate::model::{GlobalModel, RoundModel, UpdateLayout};
 use crate::privacy::PrivacyError;
 use crate::privacy::discrete::Grid;
@@ -68,6 +69,30 @@ pub struct SecureAggregation {
     pub corrupt: f64,
     /// How long each of the three phases after key advertisement stays open.
     pub phase_window: Duration,
+    /// Distributed noise (`docs/ddp.md`): each device adds its share of discrete Gaussian
+    /// noise before masking, and the coordinator adds none; `None` is central noise (the
+    /// coordinator noises the unmasked sum).
+    pub distributed: Option<DistributedNoise>,
+}
+
+/// Distributed differential privacy on a secure round (`docs/ddp.md`, issue 12): devices
+/// rotate, scale, round and noise their clipped update and wrap it to `bits` bits; SecAgg masks
+/// those words; the coordinator decodes the unmasked sum and commits it without adding noise.
+/// The noise multiplier `z` is the target: `min_reports` surviving shares carry `z · C` on the
+/// sum, and a round with fewer survivors aborts. The cohort it is calibrated for is
+/// [`super::ddp_cohort_bound`]. Adaptive clipping is refused with it (its clip bit would need
+/// its own noise share).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DistributedNoise {
+    /// Bits `b` per coordinate of the ring `Z/2^b`, in [`DistributedNoise::MIN_BITS`]`..=`[`DistributedNoise::MAX_BITS`].
+    pub bits: u32,
+}
+
+impl DistributedNoise {
+    /// Fewest bits (the secure-aggregation ring's minimum).
+    pub const MIN_BITS: u32 = crate::secagg::encode::MIN_BITS;
+    /// Most bits (one `u64` word).
+    pub const MAX_BITS: u32 = crate::secagg::encode::MAX_BITS;
 }
 
 /// The combined noise multiplier of the update and (under adaptive clipping) the clip bits.
@@ -191,6 +216,32 @@ impl CoordinatorConfig {
             if sa.phase_window.is_zero() {
                 return Err(ParamError::new("secagg_phase_window", "must be positive"));
             }
+            if let Some(dn) = &sa.distributed {
+                if !(DistributedNoise::MIN_BITS..=DistributedNoise::MAX_BITS).contains(&dn.bits) {
+                    return Err(ParamError::new(
+                        "bits",
+                        format!(
+                            "must be in {}..={}, got {}",
+                            DistributedNoise::MIN_BITS,
+                            DistributedNoise::MAX_BITS,
+                            dn.bits
+                        ),
+                    ));
+                }
+                if self.noise_multiplier <= 0.0 {
+                    return Err(ParamError::new(
+                        "noise_multiplier",
+                        "distributed noise needs a noise multiplier > 0 (the devices' shares carry it)",
+                    ));
+                }
+                if self.adaptive_clip.is_some() {
+                    return Err(ParamError::new(
+                        "clip",
+                        "adaptive clipping is refused with distributed noise: its clip bit would be \
+                         released without the devices' noise",
+                    ));
+                }
+            }
         }
         if !(self.centroids.noise_multiple.is_finite() && self.centroids.noise_multiple >= 0.0) {
             return Err(ParamError::new("centroid_noise_multiple", "must be finite and ≥ 0"));
@@ -265,9 +316,12 @@ pub enum AbandonReason {
     /// Fewer devices reported before the deadline than `min_reports`.
     TooFewReports,
     /// Secure aggregation could not complete (too few devices left for the threshold, or a
-    /// secret could not be rebuilt): the sum cannot be unmasked, nothing is released. The only
-    /// way a round with noise is abandoned.
+    /// secret could not be rebuilt): the sum cannot be unmasked, nothing is released.
     SecureAggregation,
+    /// Distributed noise: fewer masked inputs survived than `min_reports`, so the sum carries
+    /// less than the target noise and is not released (or more devices advertised keys than
+    /// the cohort the noise is calibrated for).
+    TooFewNoiseShares,
 }
 
 /// Counters of one round. Dropouts are data: they are reported here, not raised.
@@ -407,6 +461,14 @@ fn round_task(config: &CoordinatorConfig, round: &Round) -> Task {
     }
 }
 
+/// Why a round whose secure phases failed is abandoned.
+fn abandon_reason(e: &SecureAbort) -> AbandonReason {
+    match e {
+        SecureAbort::CohortOutsideCalibration { .. } => AbandonReason::TooFewNoiseShares,
+        _ => AbandonReason::SecureAggregation,
+    }
+}
+
 /// How long a deferred unmasking may take before the round is abandoned.
 const UNMASK_GIVE_UP: Duration = Duration::from_secs(24 * 3600);
 
@@ -420,8 +482,16 @@ pub struct UnmaskJob {
 
 impl UnmaskJob {
     /// Rebuilds the secrets and removes the masks: the survivors' integer sum, or why not.
+    /// With distributed noise the sum is also decoded here (unrotated, `D log D`), off the
+    /// owner's task like the unmasking.
     pub fn run(self) -> UnmaskResult {
-        UnmaskResult { round: self.round, sum: self.secagg.finish() }
+        let ddp = self.secagg.ddp_params().cloned();
+        let sum = self.secagg.finish();
+        let decoded = match (&ddp, &sum) {
+            (Some(params), Ok((lifted, n))) => Some(crate::ddp::decode_centred(lifted, params, *n)),
+            _ => None,
+        };
+        UnmaskResult { round: self.round, sum, ddp: ddp.zip(decoded) }
     }
 }
 
@@ -430,6 +500,8 @@ impl UnmaskJob {
 pub struct UnmaskResult {
     round: u64,
     sum: Result<(Vec<i64>, usize), SecureAbort>,
+    /// Distributed noise: the round's parameters and the decoded sum (or why not).
+    ddp: Option<(DdpValidParams, Result<Vec<f32>, crate::ddp::DdpError>)>,
 }
 
 /// How a round combines its devices' updates.
@@ -443,6 +515,9 @@ enum Combine {
     Unmasking,
     /// Secure aggregation after unmasking: the survivors' sum, on the round's grid.
     Unmasked(Aggregator),
+    /// Distributed noise after unmasking and decoding: the survivors' sum, already noised by
+    /// their shares.
+    Decoded(NoisedSum),
 }
 
 #[derive(Debug)]
@@ -496,6 +571,9 @@ pub struct Coordinator<R> {
     release_noise_divisor: f32,
     defer_unmask: bool,
     unmask_job: Option<UnmaskJob>,
+    /// Distributed noise: the round's parameters with a zero seed (for the charge and the
+    /// secure phases, which draw the real seed).
+    ddp_template: Option<DdpValidParams>,
 }
 
 impl<R: Rng + CryptoRng> Coordinator<R> {
@@ -520,6 +598,16 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         }
         let server = ServerState::new(config.optimizer, layout.trainable().len());
         let clip_norm = config.clip_norm;
+        let ddp_template = match config.secure.and_then(|sa| sa.distributed) {
+            None => None,
+            Some(dn) => {
+                let privacy = TaskPrivacy::from_config(&config, clip_norm);
+                let params = super::distributed_params(&privacy, clip_norm, layout.len(), dn.bits, [0; 32])
+                    .and_then(crate::ddp::DdpParams::validate)
+                    .map_err(|e| ParamError::new("bits", format!("distributed noise: {e}")))?;
+                Some(params)
+            }
+        };
         Ok(Self {
             config,
             layout,
@@ -535,6 +623,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             release_noise_divisor: 1.0,
             defer_unmask: false,
             unmask_job: None,
+            ddp_template,
         })
     }
 
@@ -588,9 +677,29 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         &self.ledger
     }
 
-    /// The charge one round of this configuration makes, if it makes one.
+    /// The charge one round of this configuration makes, if it makes one, with central noise
+    /// (`None` with distributed noise: see [`Coordinator::round_ddp_charge`]).
     pub fn round_charge(&self, round: u64) -> Option<LedgerEntry> {
+        if self.ddp_template.is_some() {
+            return None;
+        }
         self.config.round_charge(round)
+    }
+
+    /// The charge one committed round makes with distributed noise: the distributed
+    /// accountant's event for `min_reports` noise shares, Poisson-sampled with the round's `q`
+    /// (`docs/ddp.md`). `None` with central noise.
+    pub fn round_ddp_charge(&self, round: u64) -> Option<DdpCharge> {
+        let params = self.ddp_template.as_ref()?;
+        let Selection::Poisson { q } = self.config.selection else { return None };
+        let event = DdpEvent::new(params, params.params().min_reports, q, 1).ok()?;
+        Some(DdpCharge { round, event })
+    }
+
+    /// The distributed-noise parameters of every round (with a zero rotation seed; each round
+    /// draws its own), if rounds use distributed noise.
+    pub fn ddp_params(&self) -> Option<&DdpValidParams> {
+        self.ddp_template.as_ref()
     }
 
     /// The current model.
@@ -662,9 +771,28 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                 });
             }
         }
-        let combine = match self.config.secure {
-            None => Combine::Plain(Aggregator::new(self.layout, self.clip_norm)),
-            Some(sa) => {
+        if let (Some(policy), Some(charge)) = (&self.config.privacy, self.round_ddp_charge(idx)) {
+            let delta = policy.budget.delta();
+            let would_spend = self.ledger.epsilon_with_ddp(&charge, delta)?;
+            if would_spend > policy.budget.epsilon() {
+                let spent = self.ledger.epsilon(delta, policy.accountant)?;
+                return Err(StartError::BudgetExhausted {
+                    spent,
+                    would_spend,
+                    budget: policy.budget.epsilon(),
+                    delta,
+                });
+            }
+        }
+        let combine = match (self.config.secure, &self.ddp_template) {
+            (None, _) => Combine::Plain(Aggregator::new(self.layout, self.clip_norm)),
+            (Some(sa), Some(template)) => Combine::Secure(Box::new(ServerSecAgg::new_distributed(
+                idx,
+                *template.params(),
+                sa.dropout,
+                sa.corrupt,
+            ))),
+            (Some(sa), None) => {
                 let grid =
                     Grid::for_secure_sum(self.clip_norm, self.layout.len()).map_err(StartError::Encoding)?;
                 let clip_bit = self.config.adaptive_clip.is_some();
@@ -747,7 +875,9 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         }
         let sa = match &mut round.combine {
             Combine::Secure(sa) => sa,
-            Combine::Unmasking | Combine::Unmasked(_) => return Err(Rejection::WrongPhase),
+            Combine::Unmasking | Combine::Unmasked(_) | Combine::Decoded(_) => {
+                return Err(Rejection::WrongPhase);
+            }
             Combine::Plain(_) => {
                 return Err(Rejection::Malformed("a secure-aggregation message in a plain round"));
             }
@@ -918,7 +1048,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                             }
                             round.phase = Phase::ShareKeys { deadline: now.saturating_add(phase_window) };
                         }
-                        Err(_) => return self.close(now, Err(AbandonReason::SecureAggregation)),
+                        Err(e) => return self.close(now, Err(abandon_reason(&e))),
                     }
                 }
                 (Phase::ShareKeys { deadline }, Combine::Secure(sa)) => {
@@ -932,7 +1062,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                             }
                             round.phase = Phase::MaskedInput { deadline: now.saturating_add(phase_window) };
                         }
-                        Err(_) => return self.close(now, Err(AbandonReason::SecureAggregation)),
+                        Err(e) => return self.close(now, Err(abandon_reason(&e))),
                     }
                 }
                 (Phase::MaskedInput { deadline }, Combine::Secure(sa)) => {
@@ -946,7 +1076,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                             }
                             round.phase = Phase::Unmask { deadline: now.saturating_add(phase_window) };
                         }
-                        Err(_) => return self.close(now, Err(AbandonReason::SecureAggregation)),
+                        Err(e) => return self.close(now, Err(abandon_reason(&e))),
                     }
                 }
                 (Phase::Unmask { deadline }, Combine::Secure(sa)) => {
@@ -985,9 +1115,9 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                 // leaves them only for `Unmasking` and `Closing`. Close what there is.
                 (
                     Phase::ShareKeys { .. } | Phase::MaskedInput { .. } | Phase::Unmask { .. },
-                    Combine::Plain(_) | Combine::Unmasking | Combine::Unmasked(_),
+                    Combine::Plain(_) | Combine::Unmasking | Combine::Unmasked(_) | Combine::Decoded(_),
                 )
-                | (Phase::Report { .. }, Combine::Unmasking | Combine::Unmasked(_)) => {
+                | (Phase::Report { .. }, Combine::Unmasking | Combine::Unmasked(_) | Combine::Decoded(_)) => {
                     self.close(now, Ok(()));
                     return;
                 }
@@ -1020,6 +1150,28 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         if round.idx != result.round || !matches!(round.combine, Combine::Unmasking) {
             return;
         }
+        let planned_end = round
+            .started
+            .saturating_add(self.config.checkin_window + self.config.report_window + phase_window * 3);
+        if let Some((params, decoded)) = result.ddp {
+            // Distributed noise: the decoded sum already carries the survivors' noise shares.
+            // Fewer survivors than min_reports carry less than the target: nothing is released.
+            let n = result.sum.as_ref().map_or(0, |(_, n)| *n);
+            let m = params.params().min_reports;
+            let Ok(sum) = decoded else {
+                let reason =
+                    if n < m { AbandonReason::TooFewNoiseShares } else { AbandonReason::SecureAggregation };
+                return self.close(now, Err(reason));
+            };
+            round.n_reported = n;
+            let noise_std = params.survivor_noise_std(m) as f32;
+            round.combine = Combine::Decoded(NoisedSum::from_distributed(layout, sum, n, noise_std));
+            if private && now < planned_end {
+                round.phase = Phase::Closing { deadline: planned_end };
+                return;
+            }
+            return self.close(now, Ok(()));
+        }
         let grid = Grid::for_secure_sum(round.clip_norm, layout.len());
         let (Ok((mut sum, n)), Ok(grid)) = (result.sum, grid) else {
             return self.close(now, Err(AbandonReason::SecureAggregation));
@@ -1031,9 +1183,6 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         round.n_reported = n;
         // The same integers the plain aggregator would have summed, up to rounding.
         round.combine = Combine::Unmasked(Aggregator::from_grid_sum(layout, grid, sum, n));
-        let planned_end = round
-            .started
-            .saturating_add(self.config.checkin_window + self.config.report_window + phase_window * 3);
         if private && now < planned_end {
             round.phase = Phase::Closing { deadline: planned_end };
             return;
@@ -1080,9 +1229,11 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             self.events.push_back(CoordinatorEvent::RoundAbandoned { stats, reason });
             return;
         }
-        // The sum to release: the plain aggregator's, or the secure phases' unmasked one.
+        // The sum to release: the plain aggregator's, or the secure phases' unmasked one, or
+        // (distributed noise) the decoded sum the devices already noised.
         let aggregator = match round.combine {
-            Combine::Plain(aggregator) | Combine::Unmasked(aggregator) => aggregator,
+            Combine::Plain(aggregator) | Combine::Unmasked(aggregator) => Ok(aggregator),
+            Combine::Decoded(noised) => Err(noised),
             Combine::Secure(_) | Combine::Unmasking => {
                 // Unreachable: a secure round commits only once its sum is unmasked.
                 self.events.push_back(CoordinatorEvent::RoundAbandoned {
@@ -1100,8 +1251,13 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             (Selection::Poisson { q }, None) => q * round.n_checked_in as f64,
             (Selection::FirstCome { .. }, _) => n_reported as f64,
         };
-        let noised =
-            aggregator.release(self.config.noise_multiplier / self.release_noise_divisor, &mut self.rng);
+        let noised = match aggregator {
+            Ok(aggregator) => {
+                aggregator.release(self.config.noise_multiplier / self.release_noise_divisor, &mut self.rng)
+            }
+            // No central noise: the survivors' shares are the noise.
+            Err(noised) => noised,
+        };
         // The clipping bits' count gets exact integer noise too (checked in range at `new`;
         // should it fail anyway, the clip norm stays as it is and nothing is released).
         let noisy_bits = self.config.adaptive_clip.and_then(|a| {
@@ -1117,6 +1273,9 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         }
         if let Some(charge) = self.round_charge(round.idx) {
             self.ledger.record(charge);
+        }
+        if let Some(charge) = self.round_ddp_charge(round.idx) {
+            self.ledger.record_ddp(charge);
         }
         let mut model = self.model.model.clone();
         self.server.apply(&mut model, &noised, denominator, &self.config.centroids);

@@ -21,12 +21,12 @@ use std::time::Duration;
 pub use client::{ClientError, ClientOutcome, ClientRound};
 pub use coordinator::{
     AbandonReason, AdaptiveClip, Coordinator, CoordinatorConfig, CoordinatorEvent, CoordinatorState,
-    RoundPhase, RoundStats, SecureAggregation, Selection, StartError, UnmaskJob, UnmaskResult,
-    effective_noise_multiplier,
+    DistributedNoise, RoundPhase, RoundStats, SecureAggregation, Selection, StartError, UnmaskJob,
+    UnmaskResult, effective_noise_multiplier,
 };
 pub use secure::{
-    EncryptedShare, MaskedInputRequest, NeighbourKeys, SecAggSetup, ShareKeysRequest, UnmaskRequest,
-    UnmaskShares,
+    DistributedPolicy, EncryptedShare, MaskedInputRequest, NeighbourKeys, SecAggSetup, ShareKeysRequest,
+    UnmaskRequest, UnmaskShares,
 };
 
 use crate::model::RoundModel;
@@ -96,8 +96,9 @@ pub enum Mechanism {
     None,
     /// The coordinator adds Gaussian noise of `noise_multiplier · clip_norm` to the sum.
     CentralGaussian,
-    /// Each device adds its share of discrete Gaussian noise before masking (not implemented
-    /// by any coordinator yet; reserved so that devices can be told about it).
+    /// Each device adds its share of discrete Gaussian noise before masking (`docs/ddp.md`):
+    /// `noise_multiplier · clip_norm` is the noise on the sum when `min_reports` devices
+    /// survive. Only with secure aggregation.
     DistributedDiscreteGaussian,
     /// A mechanism this version does not know (its wire code).
     Unknown(u16),
@@ -176,8 +177,13 @@ impl TaskPrivacy {
     /// adaptive clipping).
     pub fn from_config(config: &CoordinatorConfig, clip_norm: f32) -> Self {
         let z = effective_noise_multiplier(config.noise_multiplier, config.adaptive_clip.as_ref());
+        let distributed = config.secure.is_some_and(|sa| sa.distributed.is_some());
         Self {
-            mechanism: if z > 0.0 { Mechanism::CentralGaussian } else { Mechanism::None },
+            mechanism: match (z > 0.0, distributed) {
+                (false, _) => Mechanism::None,
+                (true, false) => Mechanism::CentralGaussian,
+                (true, true) => Mechanism::DistributedDiscreteGaussian,
+            },
             noise_multiplier: z,
             clip_norm,
             selection: match config.selection {
@@ -200,6 +206,54 @@ impl TaskPrivacy {
             TaskSelection::FirstCome { .. } => 1.0,
         }
     }
+}
+
+/// The cohort `n` a distributed-noise round is calibrated for: the most devices whose
+/// encodings may enter one sum, `⌈e + 10√e + 10⌉` for the expected cohort `e = q · population`
+/// (and at least `min_reports`). A public number, the same in neighbouring worlds: a round
+/// whose key advertisement closes with more devices aborts (for a Poisson sample of mean `e`
+/// that is a 10-standard-deviation event). `None` without Poisson selection or population.
+pub fn ddp_cohort_bound(privacy: &TaskPrivacy) -> Option<usize> {
+    let (TaskSelection::Poisson { q }, Some(population)) = (privacy.selection, privacy.population) else {
+        return None;
+    };
+    let e = q * population as f64;
+    let bound = (e + 10.0 * e.sqrt() + 10.0).ceil();
+    if !(bound.is_finite() && bound >= 1.0 && bound < u32::MAX as f64) {
+        return None;
+    }
+    let m = usize::try_from(privacy.min_reports).ok()?;
+    Some((bound as usize).max(m))
+}
+
+/// The distributed-noise parameters of a round (`docs/ddp.md`), from what both sides know:
+/// the task's declared privacy (noise multiplier `z`, `min_reports`, `q`, population), its
+/// clip norm `C`, the update length `dim`, the ring `bits` and the round's public `seed` from
+/// the secure-aggregation setup. The coordinator and every device compute them with this one
+/// function, so a device derives `γ`, `σ_dev` and `D` itself instead of trusting numbers sent
+/// to it. Target noise `σ = z · C`; `β` and the wrap bound are the library's defaults.
+pub fn distributed_params(
+    privacy: &TaskPrivacy,
+    clip_norm: f32,
+    dim: usize,
+    bits: u32,
+    seed: [u8; 32],
+) -> Result<crate::ddp::DdpParams, crate::ddp::DdpError> {
+    let c = f64::from(clip_norm);
+    let min_reports = usize::try_from(privacy.min_reports).unwrap_or(usize::MAX);
+    let n_cohort =
+        ddp_cohort_bound(privacy).ok_or(crate::ddp::DdpError::Cohort { n_cohort: 0, min_reports })?;
+    Ok(crate::ddp::DdpParams {
+        dim,
+        clip_norm: c,
+        noise_std: privacy.noise_multiplier * c,
+        n_cohort,
+        min_reports,
+        bits,
+        beta: crate::ddp::params::DEFAULT_BETA,
+        max_wrap_probability: crate::ddp::params::DEFAULT_WRAP_PROBABILITY,
+        rotation_seed: seed,
+    })
 }
 
 /// Messages from the coordinator to one device.

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use rand::{CryptoRng, Rng};
 use zeroize::Zeroizing;
 
+use crate::ddp::{self, DdpParams, DdpValidParams};
 use crate::privacy::discrete::Grid;
 use crate::secagg::crypto::{KeyPair, RoundContext, add_mask, mask_seed, share_key};
 use crate::secagg::encode::{self, from_ring, ring_add, to_ring};
@@ -19,7 +20,7 @@ use crate::secagg::graph::Graph;
 use crate::secagg::params::{FinderInput, SecAggParams, bounds, find_params};
 use crate::secagg::shamir::{self, SHARE_BYTES, Share};
 
-use super::ClientId;
+use super::{ClientId, TaskPrivacy};
 
 /// Bytes of one sealed share pair: the mask-key share and the self-mask share, plus the AEAD tag.
 pub const SEALED_PAIR_BYTES: usize = 2 * SHARE_BYTES + 16;
@@ -144,6 +145,21 @@ impl Default for SecurePolicy {
     }
 }
 
+/// What a device requires of a round's noise: that it is added on the devices (distributed
+/// noise, `docs/ddp.md`), so that no coordinator can remove it, and how much. Checked when the
+/// task arrives (a task that does not declare distributed noise is refused before training)
+/// and again when the share-keys request fixes the round's parameters (before anything is
+/// masked or shared).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct DistributedPolicy {
+    /// Refuse any round whose noise is not added on the devices (plain, central, or none).
+    pub require_distributed: bool,
+    /// The smallest effective noise multiplier `σ / (γ Δ₂)` the device accepts for distributed
+    /// noise: the target noise on the sum over the rounded sensitivity, both in model units
+    /// (the rounding's inflation of the sensitivity counts against it). 0 accepts any.
+    pub min_noise_multiplier: f64,
+}
+
 /// Why a device stopped in a secure round (it sent nothing further).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -169,6 +185,14 @@ pub enum SecureRefusal {
     /// A message did not follow the protocol (wrong neighbours, bad share, overlapping lists…).
     #[error("secure aggregation: protocol violation: {0}")]
     Protocol(&'static str),
+    /// The device's [`DistributedPolicy`] requires distributed noise and the round's task does
+    /// not declare it (plain aggregation, central noise, or none).
+    #[error("distributed noise required: the round does not add its noise on the devices")]
+    NotDistributed,
+    /// The round's distributed noise is below the device's [`DistributedPolicy`] (its effective
+    /// noise multiplier `σ/(γΔ₂)`), or its parameters are invalid.
+    #[error("distributed noise: {0}")]
+    DeviceNoiseTooLow(&'static str),
 }
 
 /// Where a device is in the secure phases.
@@ -207,6 +231,17 @@ impl SharePair {
     }
 }
 
+/// A device's input to a distributed-noise round: the clipped update, until the share-keys
+/// request fixes the round's seed; then its [`ddp::encode`]ing (rotated, rounded, noised,
+/// wrapped), `D` words below `2^bits`.
+struct DeviceDdp {
+    update: Zeroizing<Vec<f32>>,
+    privacy: TaskPrivacy,
+    clip_norm: f32,
+    policy: DistributedPolicy,
+    words: Option<Zeroizing<Vec<u64>>>,
+}
+
 /// One device's secrets and progress in a secure round (Bonawitz et al. 2017, rounds 0–3).
 pub struct DeviceSecAgg {
     round: u64,
@@ -216,12 +251,15 @@ pub struct DeviceSecAgg {
     self_seed: Zeroizing<[u8; 32]>,
     /// The encoded update on the round's grid (clip bit last, when asked for).
     encoded: Zeroizing<Vec<i64>>,
-    /// The grid's `G`, to check the ring is wide enough for the cohort.
-    grid: Grid,
+    /// The grid's `G`, to check the ring is wide enough for the cohort (none with distributed
+    /// noise, whose parameters check the ring).
+    grid: Option<Grid>,
     clip_bit: bool,
     /// The round's threshold, once known.
     t: usize,
     state: DeviceState,
+    /// Distributed noise: the input is encoded by [`ddp::encode`] instead of on the grid.
+    ddp: Option<DeviceDdp>,
 }
 
 impl std::fmt::Debug for DeviceSecAgg {
@@ -242,6 +280,17 @@ impl DeviceSecAgg {
         policy: SecurePolicy,
         rng: &mut R,
     ) -> (Self, [u8; 32], [u8; 32]) {
+        Self::generate(round, encoded, Some(grid), clip_bit, policy, rng)
+    }
+
+    fn generate<R: Rng + CryptoRng + ?Sized>(
+        round: u64,
+        encoded: Vec<i64>,
+        grid: Option<Grid>,
+        clip_bit: bool,
+        policy: SecurePolicy,
+        rng: &mut R,
+    ) -> (Self, [u8; 32], [u8; 32]) {
         let cipher = KeyPair::generate(rng);
         let mask = KeyPair::generate(rng);
         let mut self_seed = Zeroizing::new([0u8; 32]);
@@ -258,8 +307,62 @@ impl DeviceSecAgg {
             clip_bit,
             t: 0,
             state: DeviceState::Advertised,
+            ddp: None,
         };
         (state, c, s)
+    }
+
+    /// Phase 0 of a distributed-noise round (`docs/ddp.md`): like [`DeviceSecAgg::new`], but
+    /// the device holds its clipped `update` (dense, norm at most `clip_norm`) until the
+    /// share-keys request brings the round's public seed; it then derives the round's
+    /// parameters itself from `privacy` (the task's declaration) and the setup
+    /// ([`super::distributed_params`]), checks them against `noise_policy`, and encodes the
+    /// update with [`ddp::encode`] (its own noise share included) before sending anything.
+    pub fn new_distributed<R: Rng + CryptoRng + ?Sized>(
+        round: u64,
+        update: Vec<f32>,
+        privacy: TaskPrivacy,
+        clip_norm: f32,
+        policy: SecurePolicy,
+        noise_policy: DistributedPolicy,
+        rng: &mut R,
+    ) -> (Self, [u8; 32], [u8; 32]) {
+        let (mut state, c, s) = Self::generate(round, Vec::new(), None, false, policy, rng);
+        state.ddp = Some(DeviceDdp {
+            update: Zeroizing::new(update),
+            privacy,
+            clip_norm,
+            policy: noise_policy,
+            words: None,
+        });
+        (state, c, s)
+    }
+
+    /// Checks the round's distributed-noise parameters against the device's policy and encodes
+    /// its update (phase 1, before its shares are sent).
+    fn encode_distributed<R: Rng + CryptoRng + ?Sized>(
+        &mut self,
+        setup: &SecAggSetup,
+        rng: &mut R,
+    ) -> Result<(), SecureRefusal> {
+        let Some(dd) = self.ddp.as_mut() else { return Ok(()) };
+        let refuse = SecureRefusal::DeviceNoiseTooLow;
+        let params: DdpValidParams =
+            super::distributed_params(&dd.privacy, dd.clip_norm, dd.update.len(), setup.bits, setup.seed)
+                .and_then(DdpParams::validate)
+                .map_err(|_| refuse("the round's parameters give no valid distributed noise"))?;
+        if setup.n as usize > params.params().n_cohort {
+            return Err(refuse("more devices than the noise is calibrated for"));
+        }
+        let p = params.params();
+        let effective = p.noise_std / (params.gamma() * params.l2_sensitivity());
+        if effective.is_nan() || effective < dd.policy.min_noise_multiplier {
+            return Err(refuse("the effective noise multiplier is below the device's minimum"));
+        }
+        let words =
+            ddp::encode(&dd.update, &params, rng).map_err(|_| refuse("the update cannot be encoded"))?;
+        dd.words = Some(Zeroizing::new(words));
+        Ok(())
     }
 
     /// Phase 1 (round 1, ShareKeys): checks the cohort and parameters against the policy and
@@ -276,6 +379,7 @@ impl DeviceSecAgg {
         }
         let setup = req.setup;
         self.check_setup(&setup)?;
+        self.encode_distributed(&setup, rng)?;
         let (n, index) = (setup.n as usize, req.index);
         if index >= setup.n {
             return Err(SecureRefusal::Protocol("own index outside the cohort"));
@@ -344,7 +448,9 @@ impl DeviceSecAgg {
         if b.log2_corrupt_shares >= self.policy.log2_security - 1.0 {
             return Err(weak("colluders could hold t shares of an honest device"));
         }
-        let need = encode::bits_for(setup.n as usize, &self.grid, self.clip_bit)
+        // Distributed noise: the ring is checked with the round's parameters (`encode_distributed`).
+        let Some(grid) = &self.grid else { return Ok(()) };
+        let need = encode::bits_for(setup.n as usize, grid, self.clip_bit)
             .map_err(|_| weak("the cohort's sum cannot be encoded"))?;
         if setup.bits < need || setup.bits > encode::MAX_BITS {
             return Err(weak("the ring is too narrow for the cohort's sum"));
@@ -385,8 +491,14 @@ impl DeviceSecAgg {
         if received.len() + 1 < setup.t as usize {
             return Err(SecureRefusal::Protocol("fewer neighbours shared than the threshold"));
         }
-        let mut words = to_ring(&self.encoded, setup.bits)
-            .map_err(|_| SecureRefusal::Protocol("the update does not fit the ring"))?;
+        let mut words = match &self.ddp {
+            Some(dd) => {
+                let words = dd.words.as_ref().ok_or(SecureRefusal::Protocol("no distributed encoding"))?;
+                words.to_vec()
+            }
+            None => to_ring(&self.encoded, setup.bits)
+                .map_err(|_| SecureRefusal::Protocol("the update does not fit the ring"))?,
+        };
         let masked = (|| -> Result<(), crate::secagg::crypto::CryptoError> {
             add_mask(&mut words, &self.self_seed, setup.bits, false)?;
             for &j in received.keys() {
@@ -464,6 +576,17 @@ pub enum SecureAbort {
     /// Encoding parameters out of range.
     #[error("secure aggregation: {0}")]
     Encoding(&'static str),
+    /// Distributed noise: more devices advertised keys than the cohort the noise and the ring
+    /// are calibrated for, or fewer than `min_reports`.
+    #[error("distributed noise: {got} devices outside {min}..={max}")]
+    CohortOutsideCalibration {
+        /// Devices whose keys arrived.
+        got: usize,
+        /// `min_reports`.
+        min: usize,
+        /// The calibrated cohort.
+        max: usize,
+    },
 }
 
 /// What the coordinator's secure phases refused from one device.
@@ -485,15 +608,20 @@ pub enum SecureReject {
 #[derive(Debug)]
 pub struct ServerSecAgg {
     round: u64,
-    /// Length of an encoded update (the layout, plus the clip bit when asked).
+    /// Length of an encoded update (the layout, plus the clip bit when asked; `D` with
+    /// distributed noise).
     len: usize,
-    grid: Grid,
+    /// The round's grid (none with distributed noise).
+    grid: Option<Grid>,
     clip_bit: bool,
     dropout: f64,
     corrupt: f64,
     /// Phase 0: advertised keys, by client.
     keys: BTreeMap<ClientId, ([u8; 32], [u8; 32])>,
     cohort: Option<Cohort>,
+    /// Distributed noise: the round's parameters without their seed, then (once keys close)
+    /// with it.
+    ddp: Option<(DdpParams, Option<DdpValidParams>)>,
 }
 
 /// The cohort once keys are closed.
@@ -554,13 +682,37 @@ impl ServerSecAgg {
         Self {
             round,
             len: layout_len + usize::from(clip_bit),
-            grid,
+            grid: Some(grid),
             clip_bit,
             dropout,
             corrupt,
             keys: BTreeMap::new(),
             cohort: None,
+            ddp: None,
         }
+    }
+
+    /// The secure phases of a distributed-noise round (`docs/ddp.md`): devices send `D` words
+    /// of `template.bits` bits ([`ddp::encode`]); `template` (its seed ignored) is the round's
+    /// [`super::distributed_params`]. Keys close only for a cohort in
+    /// `min_reports..=n_cohort`, and the seed drawn then is also the rotation's.
+    pub fn new_distributed(round: u64, template: DdpParams, dropout: f64, corrupt: f64) -> Self {
+        Self {
+            round,
+            len: template.dim.checked_next_power_of_two().unwrap_or(template.dim),
+            grid: None,
+            clip_bit: false,
+            dropout,
+            corrupt,
+            keys: BTreeMap::new(),
+            cohort: None,
+            ddp: Some((template, None)),
+        }
+    }
+
+    /// The round's distributed-noise parameters (seed included), once keys are closed.
+    pub fn ddp_params(&self) -> Option<&DdpValidParams> {
+        self.ddp.as_ref().and_then(|(_, valid)| valid.as_ref())
     }
 
     /// Phase 0: a selected device's public keys.
@@ -601,10 +753,31 @@ impl ServerSecAgg {
         if params.k > crate::wire::MAX_NEIGHBOURS {
             return Err(SecureAbort::NoParameters(n));
         }
-        let bits = encode::bits_for(n, &self.grid, self.clip_bit)
-            .map_err(|_| SecureAbort::Encoding("the cohort's sum does not fit 64 bits"))?;
+        let bits = match &self.ddp {
+            Some((template, _)) => {
+                if n > template.n_cohort || n < template.min_reports {
+                    return Err(SecureAbort::CohortOutsideCalibration {
+                        got: n,
+                        min: template.min_reports,
+                        max: template.n_cohort,
+                    });
+                }
+                template.bits
+            }
+            None => {
+                let grid = self.grid.as_ref().ok_or(SecureAbort::Encoding("no grid"))?;
+                encode::bits_for(n, grid, self.clip_bit)
+                    .map_err(|_| SecureAbort::Encoding("the cohort's sum does not fit 64 bits"))?
+            }
+        };
         let mut seed = [0u8; 32];
         rng.fill_bytes(&mut seed);
+        if let Some((template, valid)) = &mut self.ddp {
+            let params = DdpParams { rotation_seed: seed, ..*template }
+                .validate()
+                .map_err(|_| SecureAbort::Encoding("invalid distributed-noise parameters"))?;
+            *valid = Some(params);
+        }
         let n32 = u32::try_from(n).map_err(|_| SecureAbort::NoParameters(n))?;
         let setup = SecAggSetup {
             seed,
@@ -752,6 +925,17 @@ impl ServerSecAgg {
         let t = cohort.params.t;
         if cohort.masked.len() < t {
             return Err(SecureAbort::TooFewSurvivors { got: cohort.masked.len(), t });
+        }
+        // Distributed noise: fewer survivors than min_reports carry less than the target noise;
+        // the sum will not be released, so no device is asked to reveal anything for it.
+        if let Some((template, _)) = &self.ddp
+            && cohort.masked.len() < template.min_reports
+        {
+            return Err(SecureAbort::CohortOutsideCalibration {
+                got: cohort.masked.len(),
+                min: template.min_reports,
+                max: template.n_cohort,
+            });
         }
         Ok(cohort
             .masked

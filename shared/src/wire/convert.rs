@@ -270,10 +270,12 @@ impl EncryptedShares {
 
 impl MaskedInput {
     /// The message the coordinator machine takes, after checking that there are at most
-    /// `layout.len() + 1` words (the layout and the clip bit). Whether there are exactly as
-    /// many as the round's encoding and each is below `2^bits` is the machine's check.
+    /// `max(layout.len() + 1, D)` words (the layout and the clip bit, or the layout padded to
+    /// the next power of two `D` with distributed noise). Whether there are exactly as many as
+    /// the round's encoding and each is below `2^bits` is the machine's check.
     pub fn into_client_message(self, layout: &UpdateLayout) -> Result<ClientMessage, WireError> {
-        let max = layout.len().saturating_add(1);
+        let padded = layout.len().checked_next_power_of_two().unwrap_or(usize::MAX);
+        let max = layout.len().saturating_add(1).max(padded);
         if self.words.len() > max {
             return Err(WireError::Invalid(format!(
                 "a masked input of {} words, the layout allows at most {max}",
