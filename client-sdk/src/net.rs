@@ -1,4 +1,4 @@
-//! The device's network driver: connects to the coordinator over QUIC (TLS 1.3, pinned certificate, ALPN `fedrec/1`) and drives one [`ClientRound`] per participation.
+//! The device's network driver: connects to the coordinator over QUIC (TLS 1.3, pinned certificate, ALPN `fedrec/2`) and drives one [`ClientRound`] per participation.
 //!
 //! A [`Device`] keeps its QUIC endpoint and the last model it downloaded, so a task for a
 //! model it already holds arrives without the model. Each participation attempt opens one
@@ -34,6 +34,25 @@ use tokio::sync::watch;
 
 /// Longest wait in [`Device::shutdown`] for the endpoint's closed connections to drain.
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
+
+/// Largest UDP payload a device's endpoint accepts (its QUIC `max_udp_payload_size`): an
+/// Ethernet frame's, above every path MTU QUIC discovers by default (1452). quinn sizes an
+/// endpoint's receive buffer by it (payload × GRO segments × batch), so the default of
+/// 65,527 reserves 128 MiB of address space per endpoint where this reserves 3 MiB.
+pub const MAX_UDP_PAYLOAD: u16 = 1472;
+
+/// A QUIC client endpoint as a device uses it: a UDP socket on the wildcard address of the
+/// server's family and [`MAX_UDP_PAYLOAD`]. Needs a running tokio runtime. Several
+/// [`Device`]s may share one ([`Device::with_endpoint`]), as a simulator's fleet does.
+pub fn client_endpoint(server: SocketAddr) -> Result<quinn::Endpoint, NetError> {
+    let bind: SocketAddr =
+        if server.is_ipv4() { SocketAddr::from(([0, 0, 0, 0], 0)) } else { SocketAddr::from(([0u16; 8], 0)) };
+    let socket = std::net::UdpSocket::bind(bind).map_err(|e| NetError::Setup(e.to_string()))?;
+    let mut config = quinn::EndpointConfig::default();
+    config.max_udp_payload_size(MAX_UDP_PAYLOAD).map_err(|e| NetError::Setup(e.to_string()))?;
+    let runtime = quinn::default_runtime().ok_or_else(|| NetError::Setup("no async runtime".into()))?;
+    quinn::Endpoint::new(config, None, socket, runtime).map_err(|e| NetError::Setup(e.to_string()))
+}
 
 /// How a device reaches its coordinator. `Debug` leaves the token out: it is a bearer credential.
 #[derive(Clone)]
@@ -310,6 +329,9 @@ pub enum Participation {
 pub struct Device {
     cfg: NetConfig,
     endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    /// Whether the endpoint is the device's own (then [`Device::shutdown`] drains it).
+    owns_endpoint: bool,
     limits: Limits,
     cached: Option<Arc<RoundModel>>,
     /// The training parameters of the latest task.
@@ -318,18 +340,34 @@ pub struct Device {
 }
 
 impl Device {
-    /// Builds the QUIC client endpoint; needs a running tokio runtime.
+    /// Builds the device with its own QUIC client endpoint ([`client_endpoint`]); needs a
+    /// running tokio runtime.
     pub fn new(cfg: NetConfig) -> Result<Device, NetError> {
+        let endpoint = client_endpoint(cfg.server)?;
+        Device::build(cfg, endpoint, true)
+    }
+
+    /// Builds the device on an endpoint it shares with others (e.g. one of a simulator's
+    /// pool from [`client_endpoint`]): one UDP socket for many simulated devices. Its
+    /// connections are its own; [`Device::shutdown`] then leaves the endpoint to its owner,
+    /// who drains it with `quinn::Endpoint::wait_idle` before the runtime stops.
+    pub fn with_endpoint(cfg: NetConfig, endpoint: quinn::Endpoint) -> Result<Device, NetError> {
+        Device::build(cfg, endpoint, false)
+    }
+
+    fn build(cfg: NetConfig, endpoint: quinn::Endpoint, owns_endpoint: bool) -> Result<Device, NetError> {
         let client_config = quic_client_config(&cfg.server_cert)?;
-        let bind: SocketAddr = if cfg.server.is_ipv4() {
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        } else {
-            SocketAddr::from(([0u16; 8], 0))
-        };
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| NetError::Setup(e.to_string()))?;
-        endpoint.set_default_client_config(client_config);
         let limits = Limits::for_shape(&cfg.shape);
-        Ok(Device { cfg, endpoint, limits, cached: None, task_params: None, rng: SystemRandom::new() })
+        Ok(Device {
+            cfg,
+            endpoint,
+            client_config,
+            owns_endpoint,
+            limits,
+            cached: None,
+            task_params: None,
+            rng: SystemRandom::new(),
+        })
     }
 
     /// Starts the device with a model it already holds (e.g. from its local store), so that
@@ -360,7 +398,7 @@ impl Device {
     pub async fn connect(&self) -> Result<Session, NetError> {
         let connecting = self
             .endpoint
-            .connect(self.cfg.server, &self.cfg.server_name)
+            .connect_with(self.client_config.clone(), self.cfg.server, &self.cfg.server_name)
             .map_err(|e| NetError::Setup(e.to_string()))?;
         let conn = tokio::time::timeout(self.cfg.timeout, connecting)
             .await
@@ -374,7 +412,12 @@ impl Device {
     /// the endpoint is dropped: a runtime dropped first never sends the QUIC
     /// `CONNECTION_CLOSE`, and the coordinator holds each such connection (and its slot of
     /// the connection cap) until its idle timeout. The device can still connect afterwards.
+    /// On a shared endpoint ([`Device::with_endpoint`]) it returns at once: the other
+    /// devices' connections are not its to wait for.
     pub async fn shutdown(&self) {
+        if !self.owns_endpoint {
+            return;
+        }
         // Every session is closed by now: explicitly, or implicitly by quinn when an attempt
         // cut short (cancelled, out of time budget) dropped its last handle.
         let _ = tokio::time::timeout(SHUTDOWN_WAIT, self.endpoint.wait_idle()).await;

@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use crate::federation::{AggregationKind, ObjectiveKind, OptimizerKind, RunConfig};
-use crate::quic::{Fleet, FleetRound, Pace, Target, runtime};
+use crate::quic::{DEVICES_PER_ENDPOINT, Fleet, FleetRound, Pace, Target, runtime};
 
 /// Longest wait for a device's answer, a coordinator round, or the coordinator's start.
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -142,6 +142,7 @@ pub fn run(
             out.n_errors
         );
     }
+    rt.block_on(fleet.shutdown());
     let coordinator_stats = coordinator.stop()?;
     let handshakes = coordinator_stats["handshakes"].as_u64().unwrap_or(0);
     let fedrec_seconds: f64 = fedrec.seconds.iter().sum();
@@ -477,16 +478,23 @@ fn raw_quinn(n: usize, rounds: usize, frames: Frames, p: &LoadParams) -> anyhow:
     let client_rt = runtime(p.device_threads, "raw-device")?;
     let in_flight = Arc::new(Semaphore::new(p.in_flight.clamp(1, Semaphore::MAX_PERMITS)));
     let client = Arc::new(net::quic_client_config(&cert)?);
+    // The same pool of client endpoints as the fleet's: DEVICES_PER_ENDPOINT in flight to one.
+    let n_slots = p.in_flight.clamp(1, n.max(1)).div_ceil(DEVICES_PER_ENDPOINT).max(1);
+    let pool = {
+        let _enter = client_rt.enter();
+        (0..n_slots).map(|_| net::client_endpoint(addr)).collect::<Result<Vec<_>, _>>()?
+    };
     let mut series = Series::default();
     for _ in 0..rounds {
         let t0 = WallClock::now();
         let done = client_rt.block_on(async {
             let tasks: Vec<_> = (0..n)
-                .map(|_| {
+                .map(|i| {
                     let (client, in_flight) = (Arc::clone(&client), Arc::clone(&in_flight));
+                    let endpoint = pool[i % n_slots].clone();
                     tokio::spawn(async move {
                         let _permit = in_flight.acquire_owned().await?;
-                        raw_participation(addr, client, frames).await
+                        raw_participation(&endpoint, addr, client, frames).await
                     })
                 })
                 .collect();
@@ -501,6 +509,14 @@ fn raw_quinn(n: usize, rounds: usize, frames: Frames, p: &LoadParams) -> anyhow:
         series.seconds.push(t0.elapsed().as_secs_f64());
         series.updates.push(done);
     }
+    client_rt.block_on(async {
+        let _ = tokio::time::timeout(net::SHUTDOWN_WAIT, async {
+            for endpoint in &pool {
+                endpoint.wait_idle().await;
+            }
+        })
+        .await;
+    });
     endpoint.close(0u32.into(), b"done");
     accept.abort();
     Ok(series)
@@ -550,17 +566,17 @@ async fn raw_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     }
 }
 
-/// One device's round on raw quinn: its own endpoint and connection, a check-in-sized
-/// request answered with a task-sized frame, and an upload-sized request answered with an
-/// ack-sized frame. Whether it got through.
+/// One device's round on raw quinn: its own connection (on an endpoint of the pool, as the
+/// fleet's devices), a check-in-sized request answered with a task-sized frame, and an
+/// upload-sized request answered with an ack-sized frame. Whether it got through.
 async fn raw_participation(
+    endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     client: Arc<quinn::ClientConfig>,
     frames: Frames,
 ) -> anyhow::Result<bool> {
-    let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-    endpoint.set_default_client_config((*client).clone());
-    let conn = tokio::time::timeout(TIMEOUT, endpoint.connect(addr, "localhost")?).await??;
+    let connecting = endpoint.connect_with((*client).clone(), addr, "localhost")?;
+    let conn = tokio::time::timeout(TIMEOUT, connecting).await??;
     let exchange = |request: usize, answer: usize| {
         let conn = conn.clone();
         async move {

@@ -18,7 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use fedrec_client::net::{
-    CancelToken, Device, NetConfig, ParticipateOptions, Participation, RetryPolicy, Session, secure_rng,
+    CancelToken, Device, NetConfig, ParticipateOptions, Participation, RetryPolicy, SHUTDOWN_WAIT, Session,
+    client_endpoint, secure_rng,
 };
 use fedrec_client::policy::AdmitAll;
 use fedrec_coordinator::auth::{DeviceId, Enroller, RevocationList, TokenKey, Verifier};
@@ -86,9 +87,16 @@ pub struct FleetRound {
     pub train_seconds: f64,
 }
 
-/// The device side: one SDK [`Device`] per user, each with its own token and ratings. A
-/// device's endpoint (and UDP socket) lives for one participation, so a large population
-/// does not hold a socket per user.
+/// Devices in flight at once that share one QUIC endpoint (UDP socket) of the fleet's pool.
+/// Each has its own connections, keys and state; only the socket and quinn's receive buffer
+/// are shared. Below the coordinator's default `max_connections_per_source` (64), so a
+/// fleet also runs against a coordinator configured for phones.
+pub const DEVICES_PER_ENDPOINT: usize = 32;
+
+/// The device side: one SDK [`Device`] per user, each with its own token and ratings. The
+/// devices in flight share a pool of endpoints ([`DEVICES_PER_ENDPOINT`] each): a thousand
+/// simulated phones on one machine then hold 32 sockets and receive buffers, not a thousand,
+/// and a large population does not hold a socket per user.
 #[derive(Debug)]
 pub struct Fleet {
     target: Target,
@@ -96,6 +104,7 @@ pub struct Fleet {
     ratings: Arc<[Vec<Rating>]>,
     timeout: Duration,
     start: Clock,
+    endpoints: std::sync::Mutex<Vec<quinn::Endpoint>>,
 }
 
 /// A turnstile: step `k` may go once `k` steps have passed.
@@ -129,6 +138,8 @@ struct RoundCtx {
     pace: Pace,
     in_flight: Arc<Semaphore>,
     n_devices: usize,
+    /// Endpoints of the pool this round's devices use.
+    n_slots: usize,
     check_ins: Arc<Turns>,
     uploads: Arc<Turns>,
     n_selected: AtomicUsize,
@@ -139,7 +150,37 @@ impl Fleet {
     /// Devices for `ratings[i]` with `tokens[i]`, reaching `target`. Every wait for the
     /// coordinator times out after `timeout`.
     pub fn new(target: Target, tokens: Vec<Vec<u8>>, ratings: Arc<[Vec<Rating>]>, timeout: Duration) -> Self {
-        Fleet { target, tokens, ratings, timeout, start: Clock::now() }
+        Fleet { target, tokens, ratings, timeout, start: Clock::now(), endpoints: Default::default() }
+    }
+
+    /// Closes the pool's endpoints and waits (at most [`SHUTDOWN_WAIT`]) until their closes
+    /// are sent: call it before the runtime that drives them stops.
+    pub async fn shutdown(&self) {
+        let endpoints = match self.endpoints.lock() {
+            Ok(mut pool) => std::mem::take(&mut *pool),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        let _ = tokio::time::timeout(SHUTDOWN_WAIT, async {
+            for endpoint in &endpoints {
+                endpoint.wait_idle().await;
+            }
+        })
+        .await;
+    }
+
+    /// Endpoint `slot` of the pool, opened on first use (needs a tokio runtime).
+    fn endpoint(&self, slot: usize) -> anyhow::Result<quinn::Endpoint> {
+        let mut pool = self.endpoints.lock().map_err(|_| anyhow::anyhow!("the endpoint pool is poisoned"))?;
+        while pool.len() <= slot {
+            pool.push(client_endpoint(self.target.addr).context("opening a fleet endpoint")?);
+        }
+        Ok(pool[slot].clone())
+    }
+
+    /// Device `idx` on endpoint `slot` of the pool.
+    fn device_on(&self, idx: usize, slot: usize) -> anyhow::Result<Device> {
+        Device::with_endpoint(self.net_config(idx), self.endpoint(slot)?)
+            .with_context(|| format!("device {idx}"))
     }
 
     /// Devices in the fleet.
@@ -185,6 +226,7 @@ impl Fleet {
             pace,
             in_flight: Arc::new(Semaphore::new(in_flight.clamp(1, Semaphore::MAX_PERMITS))),
             n_devices: order.len(),
+            n_slots: in_flight.min(order.len()).div_ceil(DEVICES_PER_ENDPOINT).max(1),
             check_ins: Turns::new(),
             uploads: Turns::new(),
             n_selected: AtomicUsize::new(0),
@@ -229,8 +271,10 @@ impl Fleet {
         let Ok(_permit) = Arc::clone(&ctx.in_flight).acquire_owned().await else {
             bail!("device {idx}: the round was cancelled")
         };
+        // Devices in flight together sit on different slots, DEVICES_PER_ENDPOINT to a slot.
+        let slot = pos % ctx.n_slots;
         if !in_turn {
-            let outcome = self.participate_as_app(idx).await?;
+            let outcome = self.participate_as_app(idx, slot).await?;
             if matches!(&outcome, Outcome::Done(o) if !matches!(o, ClientOutcome::NotSelected)) {
                 ctx.n_selected.fetch_add(1, Ordering::Relaxed);
             }
@@ -239,7 +283,7 @@ impl Fleet {
         if in_turn {
             ctx.check_ins.wait(pos).await;
         }
-        let checked_in = self.check_in(idx).await;
+        let checked_in = self.check_in(idx, slot).await;
         // Selection ranks follow check-in order, which is only known while the turn is held.
         let rank = matches!(checked_in, Ok(Some(_))).then(|| ctx.n_selected.fetch_add(1, Ordering::Relaxed));
         ctx.check_ins.pass();
@@ -285,8 +329,8 @@ impl Fleet {
 
     /// Device `idx` takes part as an app's SDK does: one [`Device::participate_with`], which
     /// retries lost connections and `Busy` answers after the coordinator's hint.
-    async fn participate_as_app(&self, idx: usize) -> anyhow::Result<Outcome> {
-        let mut device = self.device(idx)?;
+    async fn participate_as_app(&self, idx: usize, slot: usize) -> anyhow::Result<Outcome> {
+        let mut device = self.device_on(idx, slot)?;
         let opts = ParticipateOptions {
             time_budget: self.timeout,
             retry: RetryPolicy { max_attempts: 20, ..RetryPolicy::default() },
@@ -301,8 +345,12 @@ impl Fleet {
     }
 
     /// Checks device `idx` in; its session and task when it is selected.
-    async fn check_in(&self, idx: usize) -> anyhow::Result<Option<(Device, Session, ServerMessage)>> {
-        let device = self.device(idx)?;
+    async fn check_in(
+        &self,
+        idx: usize,
+        slot: usize,
+    ) -> anyhow::Result<Option<(Device, Session, ServerMessage)>> {
+        let device = self.device_on(idx, slot)?;
         let session = device.connect().await.with_context(|| format!("device {idx}: connecting"))?;
         let response = session
             .request(&Request::CheckIn(device.check_in()))
@@ -453,6 +501,7 @@ pub(crate) fn run_rounds(
             }
             on_round(RoundView { report: &devices.report, model: &s.model, clip_norm });
         }
+        fleet.shutdown().await;
         let s = status.borrow().clone();
         Ok(Finished { model: (*s.model).clone(), n_charged: s.n_ledger_entries })
     });
