@@ -98,6 +98,7 @@ async fn round(secure: bool, users: &Arc<Vec<Vec<Rating>>>) -> Vec<(u64, Request
             dropout: DROPOUT,
             corrupt: CORRUPT,
             phase_window: Duration::from_secs(30),
+            distributed: None,
         });
     }
     let recorder = Recorder::new();

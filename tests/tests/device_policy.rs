@@ -76,8 +76,12 @@ fn a_noiseless_first_come_tiny_plain_round_fails_the_production_policy_four_time
     noised.population = Some(100_000);
     let plain = production.admit(&TaskPrivacy::from_config(&noised, 10.0), &record);
     assert_eq!(plain.err(), Some(RefusalReason::SecureAggregationRequired));
-    noised.secure =
-        Some(SecureAggregation { dropout: 0.33, corrupt: 0.05, phase_window: Duration::from_secs(30) });
+    noised.secure = Some(SecureAggregation {
+        dropout: 0.33,
+        corrupt: 0.05,
+        phase_window: Duration::from_secs(30),
+        distributed: None,
+    });
     let charge = production.admit(&TaskPrivacy::from_config(&noised, 10.0), &record).expect("admitted");
     assert!(charge.epsilon > 0.0 && charge.epsilon <= production.max_epsilon_per_round, "{charge:?}");
 }

@@ -17,7 +17,7 @@ fn ratings() -> Vec<Vec<Rating>> {
 
 fn secure_server(cohort: usize, phase_window: Duration) -> LoopbackServer {
     let mut config = coordinator_config(Selection::FirstCome { cohort }, 1);
-    config.secure = Some(SecureAggregation { dropout: 0.2, corrupt: 0.05, phase_window });
+    config.secure = Some(SecureAggregation { dropout: 0.2, corrupt: 0.05, phase_window, distributed: None });
     LoopbackServer::start(config, initial_model(SHAPE, 3.0, 5), |_| {})
 }
 
