@@ -703,7 +703,7 @@ impl FileConfig {
                          are only hidden in a masked sum)",
                     ));
                 }
-                if !(p.noise_multiplier > 0.0) {
+                if p.noise_multiplier.is_nan() || p.noise_multiplier <= 0.0 {
                     return Err(invalid(
                         "privacy.noise_multiplier",
                         "mechanism = \"distributed\" needs noise_multiplier > 0 (the target noise on the sum)",
