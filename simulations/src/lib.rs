@@ -10,3 +10,4 @@ pub mod quic;
 pub mod report;
 pub mod secbench;
 pub mod segments;
+pub mod tune;

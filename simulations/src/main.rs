@@ -55,6 +55,46 @@ enum Command {
     /// An empirical privacy audit with canary devices: a one-run lower bound on ε (and a
     /// canary-cosine estimate) next to the accountant's ε.
     Audit(AuditArgs),
+    /// Hyperparameter search on a validation split carved from the training data (the test
+    /// set waits for the final run of the best configuration); writes it for `run --config`.
+    Tune(TuneArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct TuneArgs {
+    /// The metric to optimise (default: rmse for the explicit objective, recall20 for the implicit one).
+    #[arg(long, value_enum)]
+    metric: Option<fedrec_sim::tune::TuneMetric>,
+    /// Wall-clock budget of the search in seconds: no trial starts that would not end within it
+    /// (by the measured cost of earlier trials), leaving time for the final run.
+    #[arg(long, default_value_t = 300.0)]
+    budget_seconds: f64,
+    /// At most this many trials (a bound that does not depend on the machine's speed).
+    #[arg(long)]
+    max_trials: Option<usize>,
+    /// Rounds of the longest trials (default: twice --rounds, i.e. 600).
+    #[arg(long)]
+    max_rounds: Option<usize>,
+    /// Rounds of the shortest trials (default: max-rounds / eta²).
+    #[arg(long)]
+    min_rounds: Option<usize>,
+    /// Successive halving: each rung keeps the best 1/eta of its trials and trains them eta times longer.
+    #[arg(long, default_value_t = 3)]
+    eta: usize,
+    /// Trials run at once (default: --threads, i.e. all cores; each trial gets threads / jobs).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Fraction of each user's training interactions held out for validation.
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f64,
+    /// Seed of the validation split (default: --seed + 1).
+    #[arg(long)]
+    val_seed: Option<u64>,
+    /// Write the best configuration here, as JSON for `fedrec-sim run --config FILE`.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -270,9 +310,12 @@ impl DataArgs {
 struct RunArgs {
     #[command(flatten)]
     data: DataArgs,
-    /// Training objective.
-    #[arg(long, value_enum, default_value_t = ObjectiveKind::Explicit)]
-    objective: ObjectiveKind,
+    /// A configuration file (JSON, as `tune --out` writes it); flags given here override it.
+    #[arg(long, value_name = "FILE", value_parser = fedrec_sim::tune::ConfigFile::parse_arg)]
+    config: Option<fedrec_sim::tune::ConfigFile>,
+    /// Training objective (default: the --config file's, else explicit).
+    #[arg(long, value_enum)]
+    objective: Option<ObjectiveKind>,
     /// Rounds.
     #[arg(long)]
     rounds: Option<usize>,
@@ -408,12 +451,21 @@ impl RunArgs {
             ClipOpt::Auto => noisy,
         };
         if self.clip_norm.is_none() {
-            c.clip_norm = if c.adaptive_clip { 1.0 } else { RunConfig::defaults(c.objective).clip_norm };
+            let fixed = self.config.as_ref().and_then(|f| f.clip_norm());
+            c.clip_norm = if c.adaptive_clip {
+                1.0
+            } else {
+                fixed.unwrap_or(RunConfig::defaults(c.objective).clip_norm)
+            };
         }
     }
 
     fn config(&self) -> RunConfig {
-        let mut c = RunConfig::defaults(self.objective);
+        let file_objective = self.config.as_ref().and_then(|f| f.objective());
+        let mut c = RunConfig::defaults(self.objective.or(file_objective).unwrap_or(ObjectiveKind::Explicit));
+        if let Some(file) = &self.config {
+            file.apply(&mut c);
+        }
         macro_rules! set {
             ($($f:ident => $t:ident),*) => { $( if let Some(v) = self.$f { c.$t = v; } )* };
         }
@@ -460,6 +512,7 @@ fn main() -> Result<()> {
         Command::Privacy(cmd) => privacy_cmd(&cmd),
         Command::Sweep(args) => sweep(&args),
         Command::Audit(args) => audit_cmd(&args),
+        Command::Tune(args) => tune_cmd(&args),
     }
 }
 
@@ -931,5 +984,51 @@ fn run(args: &RunArgs) -> Result<()> {
         };
         report::write_json(path, &rep)?;
     }
+    Ok(())
+}
+
+fn tune_cmd(args: &TuneArgs) -> Result<()> {
+    use fedrec_sim::tune::{Param, TuneParams};
+    if !(args.budget_seconds >= 0.0 && args.budget_seconds.is_finite()) {
+        bail!("--budget-seconds must be a finite number ≥ 0");
+    }
+    let r = &args.run;
+    let base = r.config();
+    // A parameter given on the command line is fixed; the search varies the others.
+    let given = [
+        (r.dim.is_some(), Param::Dim),
+        (r.l2_user.is_some(), Param::L2User),
+        (r.l2_user_bias.is_some(), Param::L2UserBias),
+        (r.l2_item.is_some(), Param::L2Item),
+        (r.l2_item_bias.is_some(), Param::L2ItemBias),
+        (r.alpha.is_some(), Param::Alpha),
+        (r.optimizer.is_some(), Param::Optimizer),
+        (r.server_lr.is_some(), Param::ServerLr),
+        (r.momentum.is_some(), Param::Momentum),
+        (r.clip_norm.is_some(), Param::ClipNorm),
+        (r.clients_per_round.is_some(), Param::ClientsPerRound),
+        (r.init_std.is_some(), Param::InitStd),
+    ];
+    let params = TuneParams {
+        source: r.data.source(r.seed),
+        split: match r.data.split {
+            SplitArg::Random => SplitKind::Random,
+            SplitArg::Temporal => SplitKind::Temporal,
+        },
+        test_fraction: r.data.test_fraction,
+        relevance_threshold: r.data.relevance_threshold,
+        val_fraction: args.val_fraction,
+        val_seed: args.val_seed.unwrap_or(r.seed.wrapping_add(1)),
+        metric: args.metric,
+        budget: std::time::Duration::from_secs_f64(args.budget_seconds),
+        max_trials: args.max_trials,
+        max_rounds: args.max_rounds,
+        min_rounds: args.min_rounds,
+        eta: args.eta,
+        jobs: args.jobs,
+        fixed: given.into_iter().filter_map(|(g, p)| g.then_some(p)).collect(),
+        quiet: r.out.quiet,
+    };
+    fedrec_sim::tune::cli(&base, &params, args.out.as_deref(), r.out.json.as_deref())?;
     Ok(())
 }
