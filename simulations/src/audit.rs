@@ -273,6 +273,14 @@ pub fn run(data: &UserData, cfg: &RunConfig, audit: &AuditConfig) -> anyhow::Res
     if cfg.epsilon.is_none() && cfg.noise_multiplier <= 0.0 {
         bail!("an audit needs a private run: give --epsilon or --noise-multiplier");
     }
+    if cfg.mechanism == crate::federation::MechanismKind::Distributed {
+        bail!(
+            "the audit's canaries upload crafted plain updates through the shared harness, and a \
+             distributed round takes only masked inputs: auditing --mechanism distributed needs canaries \
+             that run the secure protocol with their crafted update (a change to the harness's crafted \
+             devices, not made yet)"
+        );
+    }
     if cfg.aggregation == crate::federation::AggregationKind::Secure {
         bail!(
             "the audit's canaries upload crafted plain updates: run it with --aggregation plain (secure \

@@ -5,10 +5,11 @@ use std::time::{Duration, Instant as WallClock};
 use fedrec_shared::danger;
 use fedrec_shared::eval::{EvalConfig, Metrics, ReconstructionScorer, evaluate};
 use fedrec_shared::harness::{Federation, HarnessConfig, RoundReport};
-use fedrec_shared::ledger::{Ledger, PrivacyBudget, PrivacyPolicy};
+use fedrec_shared::ledger::{DdpCharge, Ledger, PrivacyBudget, PrivacyPolicy};
 use fedrec_shared::privacy::{self, AccountantKind};
 use fedrec_shared::round::{
-    AdaptiveClip, Coordinator, CoordinatorConfig, CoordinatorEvent, SecureAggregation, Selection,
+    AdaptiveClip, Coordinator, CoordinatorConfig, CoordinatorEvent, DistributedNoise, SecureAggregation,
+    Selection, TaskPrivacy, distributed_params,
 };
 use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
 use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, Rating, RoundModel, TrainParams};
@@ -64,6 +65,17 @@ pub enum AggregationKind {
     Plain,
     /// Secure aggregation (SecAgg+): the coordinator learns only the sum (docs/secagg.md).
     Secure,
+}
+
+/// Who adds the noise (`docs/ddp.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MechanismKind {
+    /// The coordinator adds discrete Gaussian noise to the (unmasked) sum.
+    Central,
+    /// Each device adds its share of discrete Gaussian noise before masking (needs
+    /// `--aggregation secure`): the coordinator adds none.
+    Distributed,
 }
 
 /// How devices reach the coordinator.
@@ -153,6 +165,10 @@ pub struct RunConfig {
     pub secagg_dropout: f64,
     /// Secure aggregation: the fraction of devices assumed to collude with the coordinator.
     pub secagg_corrupt: f64,
+    /// Who adds the noise.
+    pub mechanism: MechanismKind,
+    /// Distributed noise: bits per coordinate of the ring.
+    pub bits: u32,
 }
 
 impl RunConfig {
@@ -195,6 +211,8 @@ impl RunConfig {
                 aggregation: AggregationKind::Plain,
                 secagg_dropout: 0.33,
                 secagg_corrupt: 0.05,
+                mechanism: MechanismKind::Central,
+                bits: 16,
             },
             ObjectiveKind::Implicit => Self {
                 objective,
@@ -364,6 +382,14 @@ pub struct PrivacySpend {
     pub effective_noise_multiplier: f64,
     /// Rounds charged (committed rounds).
     pub rounds_charged: usize,
+    /// Who added the noise.
+    pub mechanism: MechanismKind,
+    /// Distributed noise: the ring's bits.
+    pub bits: Option<u32>,
+    /// Distributed noise: the shares each round's charge counts (`min_reports`).
+    pub min_reports: Option<usize>,
+    /// Distributed noise: the rounding's inflation of the sensitivity, `γΔ₂/C`.
+    pub sensitivity_inflation: Option<f64>,
 }
 
 impl RunConfig {
@@ -377,11 +403,53 @@ impl RunConfig {
         self.clip_count_noise.unwrap_or(self.clients_per_round as f32 / 20.0)
     }
 
+    /// `min_reports` of a distributed-noise run: the survivors the shares are calibrated for,
+    /// four standard deviations below the expected survivors `e' = clients_per_round ×
+    /// (1 − dropout)` (`⌊e' − 4√e'⌋`, at least 1), so that few rounds abort.
+    pub fn ddp_min_reports(&self) -> usize {
+        let e = self.clients_per_round as f64 * (1.0 - self.dropout);
+        ((e - 4.0 * e.sqrt()).floor() as usize).max(1)
+    }
+
+    /// [`RunConfig::calibrate`] for a model of `n_items` items: with distributed noise the
+    /// calibration (`ddp::noise_for`, the distributed accountant with the rounding's cost)
+    /// needs the update's length.
+    pub fn calibrate_for(&mut self, n_users: usize, n_items: usize) -> anyhow::Result<()> {
+        if self.mechanism == MechanismKind::Central {
+            return self.calibrate(n_users);
+        }
+        let Some(eps) = self.epsilon else { return Ok(()) };
+        let template = self.ddp_template(n_users, n_items, 1.0)?;
+        let q = self.sampling_probability(n_users);
+        let sigma = fedrec_shared::ddp::noise_for(eps, self.delta, q, self.rounds as u64, &template)?;
+        self.noise_multiplier = next_up((sigma / f64::from(self.clip_norm)) as f32);
+        Ok(())
+    }
+
+    /// The distributed-noise parameters (zero seed) a run of this config derives, with
+    /// noise multiplier `z`.
+    pub fn ddp_template(
+        &self,
+        n_users: usize,
+        n_items: usize,
+        z: f32,
+    ) -> anyhow::Result<fedrec_shared::ddp::DdpParams> {
+        let cfg = RunConfig { noise_multiplier: z, epsilon: None, ..self.clone() };
+        let config = coordinator_config(&cfg, n_users)?;
+        let privacy = TaskPrivacy::from_config(&config, cfg.clip_norm);
+        let layout = ModelShape { n_items, dim: self.dim, n_segments: self.n_segments }.layout();
+        Ok(distributed_params(&privacy, cfg.clip_norm, layout.len(), self.bits, [0; 32])?)
+    }
+
     /// With a target ε: sets `noise_multiplier` to the smallest noise whose accounted spend
     /// over `rounds` rounds meets the target (the update's share of it under adaptive
-    /// clipping, whose bits take the rest).
+    /// clipping, whose bits take the rest). Central noise only; distributed noise needs the
+    /// model's size ([`RunConfig::calibrate_for`]).
     pub fn calibrate(&mut self, n_users: usize) -> anyhow::Result<()> {
         let Some(eps) = self.epsilon else { return Ok(()) };
+        if self.mechanism == MechanismKind::Distributed {
+            anyhow::bail!("distributed noise is calibrated for a model size: use calibrate_for");
+        }
         let q = self.sampling_probability(n_users);
         // The combined multiplier a round is charged; under adaptive clipping the update's
         // share of it is the inverse of the combination with the bits' noise.
@@ -414,6 +482,17 @@ fn next_up(x: f32) -> f32 {
 
 /// The coordinator configuration a run uses.
 pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> anyhow::Result<CoordinatorConfig> {
+    let distributed = cfg.mechanism == MechanismKind::Distributed;
+    if distributed && cfg.aggregation != AggregationKind::Secure {
+        anyhow::bail!(
+            "--mechanism distributed needs --aggregation secure (the noise shares hide in a masked sum)"
+        );
+    }
+    if distributed && cfg.adaptive_clip {
+        anyhow::bail!(
+            "--mechanism distributed needs --clip fixed (adaptive clipping's bit would carry no noise)"
+        );
+    }
     let selection = if cfg.noise_multiplier > 0.0 {
         Selection::Poisson { q: cfg.sampling_probability(n_users) }
     } else {
@@ -427,7 +506,8 @@ pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> anyhow::Result<Coo
         train: cfg.train_params(),
         optimizer,
         selection,
-        min_reports: 1,
+        // Distributed noise: the survivors the devices' shares are calibrated for.
+        min_reports: if distributed { cfg.ddp_min_reports() } else { 1 },
         // Every user checks in each round: the expected cohort is q x n_users, public.
         population: Some(n_users),
         checkin_window: Duration::from_millis(cfg.checkin_window_ms),
@@ -442,6 +522,7 @@ pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> anyhow::Result<Coo
             dropout: cfg.secagg_dropout,
             corrupt: cfg.secagg_corrupt,
             phase_window: Duration::from_secs(60),
+            distributed: distributed.then_some(DistributedNoise { bits: cfg.bits }),
         }),
         privacy: match cfg.epsilon {
             Some(eps) => Some(PrivacyPolicy {
@@ -509,7 +590,17 @@ pub fn run(
     let model = initial_model(data, cfg)?;
     let config = coordinator_config(cfg, data.train.len())?;
     // What one committed round charges (the same for every round of a run).
-    let charge = config.round_charge(0);
+    let charge = if cfg.mechanism == MechanismKind::Central { config.round_charge(0) } else { None };
+    let ddp_charge = match (cfg.mechanism, config.selection) {
+        (MechanismKind::Distributed, Selection::Poisson { q }) if cfg.noise_multiplier > 0.0 => {
+            let template =
+                cfg.ddp_template(data.train.len(), data.n_items, cfg.noise_multiplier)?.validate()?;
+            let m = template.params().min_reports;
+            let event = fedrec_shared::ddp::DdpEvent::new(&template, m, q, 1)?;
+            Some((event, m, template.sensitivity_inflation()))
+        }
+        _ => None,
+    };
     let users = data.eval_sample(cfg.eval_users, cfg.seed);
     let params = cfg.train_params();
     let mut history = Vec::with_capacity(cfg.rounds);
@@ -568,9 +659,34 @@ pub fn run(
                 noise_multiplier: cfg.noise_multiplier,
                 effective_noise_multiplier: charge.noise_multiplier,
                 rounds_charged: finished.n_charged,
+                mechanism: MechanismKind::Central,
+                bits: None,
+                min_reports: None,
+                sensitivity_inflation: None,
             })
         }
-        None => None,
+        None => match ddp_charge {
+            Some((event, m, inflation)) => {
+                let mut ledger = Ledger::new();
+                for round in 0..finished.n_charged {
+                    ledger.record_ddp(DdpCharge { round: round as u64, event });
+                }
+                Some(PrivacySpend {
+                    epsilon: ledger.epsilon(cfg.delta, cfg.accountant.into())?,
+                    delta: cfg.delta,
+                    accountant: cfg.accountant,
+                    q: event.q(),
+                    noise_multiplier: cfg.noise_multiplier,
+                    effective_noise_multiplier: event.l2_scale().recip(),
+                    rounds_charged: finished.n_charged,
+                    mechanism: MechanismKind::Distributed,
+                    bits: Some(cfg.bits),
+                    min_reports: Some(m),
+                    sensitivity_inflation: Some(inflation),
+                })
+            }
+            None => None,
+        },
     };
     let scorer = ReconstructionScorer { model: &finished.model, params };
     let metrics = evaluate(&scorer, &users, data.n_items, &data.eval, cfg.threads);
@@ -600,6 +716,6 @@ fn run_inproc(
     });
     Ok(Finished {
         model: (**fed.coordinator.model()).clone(),
-        n_charged: fed.coordinator.ledger().entries().len(),
+        n_charged: fed.coordinator.ledger().entries().len() + fed.coordinator.ledger().ddp_entries().len(),
     })
 }

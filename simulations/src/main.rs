@@ -17,7 +17,8 @@ use fedrec_shared::eval;
 use fedrec_shared::privacy::{self, AccountantKind, PrivacyEvent};
 use fedrec_sim::data::{self, DataSource, SplitKind};
 use fedrec_sim::federation::{
-    self, AccountantArg, AggregationKind, ObjectiveKind, OptimizerKind, RunConfig, Transport, UserData,
+    self, AccountantArg, AggregationKind, MechanismKind, ObjectiveKind, OptimizerKind, RunConfig, Transport,
+    UserData,
 };
 use fedrec_sim::report::{self, BaselineReport, DatasetInfo, RunReport};
 use fedrec_sim::{baseline, loadbench, plot, segments};
@@ -167,6 +168,11 @@ struct SweepArgs {
     /// The ε values, comma-separated; `inf` is the non-private run.
     #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,4,8,16,inf")]
     epsilons: Vec<String>,
+    /// The central-vs-distributed frontier: at every finite ε, run the central mechanism and
+    /// then distributed noise at each of these bit widths (comma-separated, e.g. 12,16,20;
+    /// needs `--aggregation secure`). Each point records its mechanism and bits.
+    #[arg(long, value_delimiter = ',')]
+    distributed_bits: Vec<u32>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -420,6 +426,14 @@ struct RunArgs {
     /// Secure aggregation: the fraction of devices assumed to collude with the coordinator.
     #[arg(long)]
     secagg_corrupt: Option<f64>,
+    /// Who adds the noise: `central` (the coordinator, to the unmasked sum) or `distributed`
+    /// (each device adds its share before masking; needs `--aggregation secure` and `--clip
+    /// fixed`; docs/ddp.md). Central by default, for continuity with earlier results.
+    #[arg(long, value_enum, default_value_t = MechanismKind::Central)]
+    mechanism: MechanismKind,
+    /// Distributed noise: bits per coordinate of the ring (default 16).
+    #[arg(long)]
+    bits: Option<u32>,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -478,6 +492,10 @@ impl RunArgs {
              checkin_window_ms => checkin_window_ms, report_window_ms => report_window_ms,
              secagg_dropout => secagg_dropout, secagg_corrupt => secagg_corrupt);
         c.aggregation = self.aggregation;
+        c.mechanism = self.mechanism;
+        if let Some(bits) = self.bits {
+            c.bits = bits;
+        }
         c.transport = self.transport;
         c.epsilon = self.epsilon;
         c.clip_count_noise = self.clip_count_noise;
@@ -485,7 +503,7 @@ impl RunArgs {
             c.accountant = a;
         }
         let noisy = self.epsilon.is_some() || c.noise_multiplier > 0.0;
-        self.set_clipping(&mut c, noisy);
+        self.set_clipping(&mut c, noisy && self.mechanism == MechanismKind::Central);
         if let Some(o) = self.optimizer {
             c.optimizer = o;
         }
@@ -631,21 +649,38 @@ fn sweep(args: &SweepArgs) -> Result<()> {
         }
     }
     let mut points = Vec::new();
+    // (target, mechanism, bits) for every run of the sweep.
+    let mut plan: Vec<(Option<f64>, MechanismKind, u32)> = Vec::new();
     for target in targets {
+        if target.is_some() && !args.distributed_bits.is_empty() {
+            plan.push((target, MechanismKind::Central, base.bits));
+            plan.extend(args.distributed_bits.iter().map(|&b| (target, MechanismKind::Distributed, b)));
+        } else {
+            plan.push((target, base.mechanism, base.bits));
+        }
+    }
+    for (target, mechanism, bits) in plan {
         let mut cfg = base.clone();
         cfg.epsilon = target;
+        cfg.mechanism = if target.is_none() { MechanismKind::Central } else { mechanism };
+        cfg.bits = bits;
         if target.is_none() {
             cfg.noise_multiplier = 0.0;
         }
-        args.run.set_clipping(&mut cfg, target.is_some());
+        let noisy_central = target.is_some() && cfg.mechanism == MechanismKind::Central;
+        args.run.set_clipping(&mut cfg, noisy_central);
         cfg.eval_every = 0;
-        cfg.calibrate(users.train.len()).context("calibrating the noise")?;
+        cfg.calibrate_for(users.train.len(), users.n_items).context("calibrating the noise")?;
         let label = target.map(|e| format!("{e}")).unwrap_or_else(|| "∞".to_owned());
-        eprintln!("sweep: ε = {label}, σ = {}", cfg.noise_multiplier);
+        let how = match cfg.mechanism {
+            MechanismKind::Central => "central".to_owned(),
+            MechanismKind::Distributed => format!("distributed {} bits", cfg.bits),
+        };
+        eprintln!("sweep: ε = {label}, {how}, σ = {}", cfg.noise_multiplier);
         let res = federation::run(&users, &cfg, |_| {})?;
         let m = res.metrics;
         println!(
-            "  ε {label:>6}  σ {:>8.4}  spent {:>8}  RMSE {:>7}  Recall@20 {:.4}  NDCG@10 {:.4}",
+            "  ε {label:>6}  {how:<22}  σ {:>8.4}  spent {:>8}  RMSE {:>7}  Recall@20 {:.4}  NDCG@10 {:.4}",
             cfg.noise_multiplier,
             res.privacy.map(|p| format!("{:.3}", p.epsilon)).unwrap_or_else(|| "—".into()),
             report::fmt_opt(m.rmse),
@@ -763,7 +798,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
     let mut cfg = args.run.config();
     cfg.eval_every = 0;
     let (users, info) = load(&args.run, &cfg)?;
-    cfg.calibrate(users.train.len()).context("calibrating the noise to --epsilon")?;
+    cfg.calibrate_for(users.train.len(), users.n_items).context("calibrating the noise to --epsilon")?;
     let mut runs = Vec::new();
     for k in 0..args.repeat.unwrap_or(3).max(1) {
         let res = federation::run(&users, &cfg, |_| {})?;
@@ -880,7 +915,7 @@ fn run(args: &RunArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let mut cfg = args.config();
     let (users, info) = load(args, &cfg)?;
-    cfg.calibrate(users.train.len()).context("calibrating the noise to --epsilon")?;
+    cfg.calibrate_for(users.train.len(), users.n_items).context("calibrating the noise to --epsilon")?;
     eprintln!(
         "dataset {}: {} users, {} items, {} train / {} test interactions",
         info.name, info.n_users, info.n_items, info.n_train, info.n_test

@@ -7,7 +7,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::data::Split;
-use crate::federation::{MetricsRecord, PrivacySpend, RoundRecord, RunConfig};
+use crate::federation::{MechanismKind, MetricsRecord, PrivacySpend, RoundRecord, RunConfig};
 use crate::segments::SegmentReport;
 
 /// What the data was.
@@ -206,6 +206,8 @@ pub fn write_sweep_csv(path: &Path, rep: &SweepReport) -> anyhow::Result<()> {
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record([
         "target_epsilon",
+        "mechanism",
+        "bits",
         "epsilon_spent",
         "noise_multiplier",
         "rmse",
@@ -215,6 +217,14 @@ pub fn write_sweep_csv(path: &Path, rep: &SweepReport) -> anyhow::Result<()> {
     for p in &rep.points {
         w.write_record([
             p.target_epsilon.map(|e| e.to_string()).unwrap_or_else(|| "inf".into()),
+            match p.config.mechanism {
+                MechanismKind::Central => "central".into(),
+                MechanismKind::Distributed => "distributed".into(),
+            },
+            match p.config.mechanism {
+                MechanismKind::Central => String::new(),
+                MechanismKind::Distributed => p.config.bits.to_string(),
+            },
             p.privacy.map(|s| format!("{:.6}", s.epsilon)).unwrap_or_default(),
             format!("{:.6}", p.noise_multiplier),
             p.metrics.rmse.map(|v| format!("{v:.6}")).unwrap_or_default(),
