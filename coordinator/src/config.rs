@@ -156,7 +156,7 @@ secagg_phase_window_ms = 30000
 # before masking, so no party ever sees an un-noised value. Shares are calibrated so that
 # min_reports survivors carry noise_multiplier x clip_norm on the sum; a round whose
 # surviving masked inputs are fewer than min_reports aborts and releases nothing. With
-# "distributed", bits (8 to 64; 16 recommended, 2^(bits-1) above the calibrated cohort
+# "distributed", bits (8 to 32; 16 recommended, 2^(bits-1) above the calibrated cohort
 # q x population + 10 sqrt(q x population) + 10) is the ring width, and clip must be "fixed".
 # NOTE: the store does not yet persist distributed charges (see the README): until it
 # does, a restart forgets the spend of distributed rounds.
@@ -908,16 +908,15 @@ mod tests {
     #[test]
     fn upload_memory_must_hold_one_upload_of_the_model() {
         // 100,000 items x 32: one upload is about 13 MB, a masked input of 8-byte words (the
-        // largest request) about 34 MB: the layout (3.3 M) padded to 2^22 words, the length of a
-        // distributed-noise encoding (docs/ddp.md).
+        // largest request) about 26 MB.
         let big = [("n_items = 1000", "n_items = 100000"), ("dim = 16", "dim = 32")];
         let mut edits = big.to_vec();
-        edits.push(("max_upload_memory_mb = 256", "max_upload_memory_mb = 33"));
+        edits.push(("max_upload_memory_mb = 256", "max_upload_memory_mb = 26"));
         let err = template_with(&edits).limits().expect_err("too small").to_string();
-        assert!(err.contains("limits.max_upload_memory_mb") && err.contains("34 MiB"), "{err}");
+        assert!(err.contains("limits.max_upload_memory_mb") && err.contains("27 MiB"), "{err}");
         edits.pop();
-        edits.push(("max_upload_memory_mb = 256", "max_upload_memory_mb = 34"));
-        assert_eq!(template_with(&edits).limits().expect("valid").max_upload_memory(), 34 << 20);
+        edits.push(("max_upload_memory_mb = 256", "max_upload_memory_mb = 27"));
+        assert_eq!(template_with(&edits).limits().expect("valid").max_upload_memory(), 27 << 20);
         let cfg = template_with(&[("max_connections_per_source = 64", "max_connections_per_source = 0")]);
         assert_eq!(cfg.limits().expect("0 is no limit").max_connections_per_source, 0);
     }
@@ -1070,9 +1069,9 @@ mod tests {
         let err = refusal(&template_with(&plain));
         assert!(err.contains("privacy.mechanism") && err.contains("secure"), "{err}");
         let mut wide = DISTRIBUTED.to_vec();
-        wide[1] = ("# bits = 16", "bits = 65");
+        wide[1] = ("# bits = 16", "bits = 33");
         let err = refusal(&template_with(&wide));
-        assert!(err.contains("privacy.bits") && err.contains("8 to 64"), "{err}");
+        assert!(err.contains("privacy.bits") && err.contains("8 to 32"), "{err}");
         // 8 bits cannot hold the calibrated cohort of the template's q and population.
         wide[1] = ("# bits = 16", "bits = 8");
         let err = refusal(&template_with(&wide));

@@ -397,8 +397,10 @@ fn distributed_configurations_are_checked() {
     let refused = |cfg: CoordinatorConfig| {
         Coordinator::new(cfg, init_model(1), seeded_rng(1)).expect_err("refused").to_string()
     };
-    let err = refused(config(Some(DistributedNoise { bits: 7 }), 1.0, 3, 8));
-    assert!(err.contains("bits"), "{err}");
+    for bits in [7, 33] {
+        let err = refused(config(Some(DistributedNoise { bits }), 1.0, 3, 8));
+        assert!(err.contains("bits"), "{err}");
+    }
     let err = refused(config(BITS16, 0.0, 3, 8));
     assert!(err.contains("noise_multiplier"), "{err}");
     let mut adaptive = config(BITS16, 1.0, 3, 8);
@@ -419,7 +421,9 @@ fn distributed_configurations_are_checked() {
 }
 
 /// The wire carries a distributed masked input of `D` words (the layout padded to a power of
-/// two) within the limit, and refuses one word more.
+/// two) of at most 32 bits within the masked-input limit of the layout, and refuses one word
+/// more; the same words at 64 bits would not fit, which is why distributed noise takes at most
+/// 32 bits.
 #[test]
 fn the_wire_carries_d_masked_words_and_no_more() {
     let shape = ModelShape { n_items: 1682, dim: 32, n_segments: 8 };
@@ -427,20 +431,22 @@ fn the_wire_carries_d_masked_words_and_no_more() {
     let padded = layout.len().next_power_of_two();
     assert!(padded > layout.len() + 1);
     let limits = Limits::for_shape(&shape);
-    let body = |n: usize| {
-        let msg =
-            Request::MaskedInput(MaskedInput { round: 1, words: vec![u64::MAX >> 1; n], nonce: [3; 16] });
+    let body = |n: usize, word: u64| {
+        let msg = Request::MaskedInput(MaskedInput { round: 1, words: vec![word; n], nonce: [3; 16] });
         let frame = wire::encode(&msg).expect("encodes");
         frame[LEN_PREFIX..].to_vec()
     };
-    let ok = wire::decode_request(&body(padded), &limits).expect("D words fit the limit");
+    let ok =
+        wire::decode_request(&body(padded, u64::from(u32::MAX)), &limits).expect("D words fit the limit");
     let Request::MaskedInput(m) = ok else { panic!("{ok:?}") };
     assert_eq!(m.words.len(), padded);
     let msg = m.into_client_message(&layout).expect("D words are allowed");
     assert!(matches!(msg, ClientMessage::MaskedInput { ref words, .. } if words.len() == padded));
-    let over = MaskedInput { round: 1, words: vec![0; padded + 1], nonce: [0; 16] };
-    assert!(over.into_client_message(&layout).is_err(), "D + 1 words are refused");
-    assert!(wire::decode_request(&body(padded + 8), &limits).is_err(), "beyond the byte limit");
+    for n in [padded - 1, padded + 1] {
+        let other = MaskedInput { round: 1, words: vec![0; n], nonce: [0; 16] };
+        assert!(other.into_client_message(&layout).is_err(), "{n} words are neither the layout nor D");
+    }
+    assert!(wire::decode_request(&body(padded, u64::MAX), &limits).is_err(), "64-bit words exceed the limit");
 }
 
 /// The calibrated cohort is public: it depends on `q`, the population and `min_reports` only.

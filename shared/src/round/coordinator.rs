@@ -91,8 +91,10 @@ pub struct DistributedNoise {
 impl DistributedNoise {
     /// Fewest bits (the secure-aggregation ring's minimum).
     pub const MIN_BITS: u32 = crate::secagg::encode::MIN_BITS;
-    /// Most bits (one `u64` word).
-    pub const MAX_BITS: u32 = crate::secagg::encode::MAX_BITS;
+    /// Most bits: 32, so that every masked word travels in 4 bytes and the `D < 2 · d` words
+    /// of an encoding fit the masked-input limit of the layout (`wire::masked_input_limit`,
+    /// 8 bytes per layout word); 32 bits are far more than any cohort needs.
+    pub const MAX_BITS: u32 = 32;
 }
 
 /// The combined noise multiplier of the update and (under adaptive clipping) the clip bits.

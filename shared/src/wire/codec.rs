@@ -76,21 +76,18 @@ pub fn upload_limit(shape: &ModelShape) -> usize {
     n_values.saturating_mul(4).saturating_add(UPLOAD_OVERHEAD)
 }
 
-/// Payload limit of a masked input for `shape`: 8 bytes per word (the widest words, for a ring
-/// of more than 32 bits) of the longer of the two encodings, plus [`SECURE_OVERHEAD`]: the
-/// layout plus the clip bit (central noise), or the layout padded to the next power of two `D`
-/// (distributed noise, `docs/ddp.md`: the rotation's length).
+/// Payload limit of a masked input for `shape`: 8 bytes per word of the layout plus the clip
+/// bit (the widest words, for a ring of more than 32 bits), plus [`SECURE_OVERHEAD`].
 pub fn masked_input_limit(shape: &ModelShape) -> usize {
     let ModelShape { n_items, dim, n_segments } = *shape;
-    // The layout (see upload_limit).
-    let layout = n_items
+    // The layout (see upload_limit), plus the clip bit.
+    let n_words = n_items
         .saturating_mul(dim)
         .saturating_add(n_items)
         .saturating_add(1)
         .saturating_add(n_segments.saturating_mul(dim))
-        .saturating_add(n_segments);
-    let padded = layout.checked_next_power_of_two().unwrap_or(usize::MAX);
-    let n_words = layout.saturating_add(1).max(padded);
+        .saturating_add(n_segments)
+        .saturating_add(1);
     n_words.saturating_mul(8).saturating_add(SECURE_OVERHEAD)
 }
 

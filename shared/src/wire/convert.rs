@@ -270,16 +270,18 @@ impl EncryptedShares {
 
 impl MaskedInput {
     /// The message the coordinator machine takes, after checking that there are at most
-    /// `max(layout.len() + 1, D)` words (the layout and the clip bit, or the layout padded to
-    /// the next power of two `D` with distributed noise). Whether there are exactly as many as
-    /// the round's encoding and each is below `2^bits` is the machine's check.
+    /// `layout.len() + 1` words (the layout and the clip bit) or exactly `D` (the layout padded
+    /// to the next power of two: a distributed-noise encoding, whose at most 32-bit words still
+    /// fit the byte limit). Whether there are exactly as many as the round's encoding and each
+    /// is below `2^bits` is the machine's check.
     pub fn into_client_message(self, layout: &UpdateLayout) -> Result<ClientMessage, WireError> {
-        let padded = layout.len().checked_next_power_of_two().unwrap_or(usize::MAX);
-        let max = layout.len().saturating_add(1).max(padded);
-        if self.words.len() > max {
+        let max = layout.len().saturating_add(1);
+        let padded = layout.len().checked_next_power_of_two();
+        if self.words.len() > max && Some(self.words.len()) != padded {
             return Err(WireError::Invalid(format!(
-                "a masked input of {} words, the layout allows at most {max}",
-                self.words.len()
+                "a masked input of {} words, the layout allows at most {max} (or {} with distributed noise)",
+                self.words.len(),
+                padded.unwrap_or(max)
             )));
         }
         Ok(ClientMessage::MaskedInput { round: self.round, words: self.words })

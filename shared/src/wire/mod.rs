@@ -74,7 +74,7 @@
 //! | --- | --- | --- |
 //! | `AdvertiseKeys` | [`ADVERTISE_KEYS_LIMIT`] | 128 |
 //! | `EncryptedShares`, `MaskedInputRequest` | [`SEALED_PAIRS_LIMIT`]: [`MAX_NEIGHBOURS`] × [`SEALED_PAIR_WIRE`] (110) + [`SECURE_OVERHEAD`] | 112,704 |
-//! | `MaskedInput` | [`masked_input_limit`]: 8 × max(layout length + 1, `D`) + [`SECURE_OVERHEAD`] (`D` the layout length padded to a power of two, the distributed-noise encoding) | 524,352 for ML-100K (`d` = 55,771, `D` = 65,536) |
+//! | `MaskedInput` | [`masked_input_limit`]: 8 × (layout length + 1) + [`SECURE_OVERHEAD`] | 446,240 for ML-100K (`d` = 55,771) |
 //! | `UnmaskShares` | [`UNMASK_SHARES_LIMIT`]: ([`MAX_NEIGHBOURS`] + 1) × [`REVEALED_SHARE_WIRE`] (49) + [`SECURE_OVERHEAD`] | 50,289 |
 //! | `ShareKeys` | [`SHARE_KEYS_LIMIT`]: [`MAX_NEIGHBOURS`] × [`NEIGHBOUR_WIRE`] (69) + [`SHARE_KEYS_OVERHEAD`] | 70,784 |
 //! | `Unmask` | [`UNMASK_LIMIT`]: [`MAX_NEIGHBOURS`] × 5 + [`SECURE_OVERHEAD`] | 5,184 |
