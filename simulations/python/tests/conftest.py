@@ -27,7 +27,7 @@ def small_split(small: fedrec.data.Dataset) -> fedrec.data.Split:
 
 
 def _cli_command() -> list[str]:
-    """`$FEDREC_SIM_BIN`, or `cargo run -p fedrec-sim --release` in this repository."""
+    """`$FEDREC_SIM_BIN` (.ci/python sets it), or `cargo run -p fedrec-sim --release` in this repository."""
     if binary := os.environ.get("FEDREC_SIM_BIN"):
         return [binary]
     return ["cargo", "run", "--quiet", "--locked", "--release", "-p", "fedrec-sim", "--"]
