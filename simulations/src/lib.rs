@@ -4,6 +4,7 @@
 pub mod baseline;
 pub mod data;
 pub mod federation;
+pub mod fleet;
 pub mod loadbench;
 pub mod plot;
 pub mod quic;

@@ -30,7 +30,8 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use crate::federation::{AggregationKind, ObjectiveKind, OptimizerKind, RunConfig};
-use crate::quic::{DEVICES_PER_ENDPOINT, Fleet, FleetRound, Pace, Target, runtime};
+use crate::fleet::{decode_token, fleet_rounds};
+use crate::quic::{DEVICES_PER_ENDPOINT, Fleet, Target, runtime};
 
 /// Longest wait for a device's answer, a coordinator round, or the coordinator's start.
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -113,36 +114,40 @@ pub fn run(
     let dir = tempfile::tempdir().context("creating a state directory")?;
     let coordinator = Coordinator::start(&p.coordinator_bin, dir.path(), cfg, model, n)?;
     let rt = runtime(p.device_threads, "fedrec-device")?;
-    let target = Target { addr: coordinator.addr, cert: coordinator.cert.clone(), shape: model.shape() };
+    let target = Target {
+        addr: coordinator.addr,
+        server_name: "localhost".into(),
+        cert: coordinator.cert.clone(),
+        shape: model.shape(),
+    };
     let fleet = Arc::new(Fleet::new(target, coordinator.tokens.clone(), Arc::from(train.to_vec()), TIMEOUT));
     let frames = rt.block_on(frames(&fleet, cfg, model))?;
     let order: Vec<usize> = (0..n).collect();
     let mut fedrec = Series::default();
     let mut errors = Vec::new();
     let mut lost = Vec::new();
-    for round in 0..cfg.rounds {
-        let t0 = WallClock::now();
-        let out: FleetRound = rt.block_on(fleet.round(&order, Pace::AllAtOnce { in_flight: p.in_flight }));
+    fleet_rounds(&rt, &fleet, &order, cfg.rounds, p.in_flight, |round, out, fleet_seconds| {
         if let Some(e) = &out.first_error {
             eprintln!("round {}: {} devices failed; the first: {e}", round + 1, out.n_errors);
         }
+        let t0 = WallClock::now();
         coordinator.wait_close(round)?;
-        fedrec.seconds.push(t0.elapsed().as_secs_f64());
+        let seconds = fleet_seconds + t0.elapsed().as_secs_f64();
+        fedrec.seconds.push(seconds);
         fedrec.updates.push(out.report.n_completed);
         lost.push(out.n_errors);
-        if let Some(e) = out.first_error {
+        if let Some(e) = &out.first_error {
             errors.push(json!({"round": round + 1, "n_errors": out.n_errors, "first": e}));
         }
         eprintln!(
-            "round {}: {} of {} devices uploaded in {:.3} s ({} errors)",
+            "round {}: {} of {} devices uploaded in {seconds:.3} s ({} errors)",
             round + 1,
             out.report.n_completed,
             n,
-            t0.elapsed().as_secs_f64(),
             out.n_errors
         );
-    }
-    rt.block_on(fleet.shutdown());
+        Ok(())
+    })?;
     let coordinator_stats = coordinator.stop()?;
     let handshakes = coordinator_stats["handshakes"].as_u64().unwrap_or(0);
     let fedrec_seconds: f64 = fedrec.seconds.iter().sum();
@@ -243,7 +248,7 @@ impl Coordinator {
         let tokens = String::from_utf8(run(&["enroll", "--count", &n.to_string()])?)
             .context("the enrolled tokens are not text")?
             .lines()
-            .map(hex)
+            .map(decode_token)
             .collect::<anyhow::Result<Vec<_>>>()?;
         let cert = std::fs::read(dir.join("cert.der")).context("reading the coordinator's certificate")?;
         let mut child = Command::new(bin)
@@ -413,17 +418,6 @@ read_timeout_ms = 60000
         quota = u32::try_from(cfg.rounds).unwrap_or(u32::MAX).saturating_add(1),
         max_connections = (n + 16).max(10_000),
     )
-}
-
-fn hex(line: &str) -> anyhow::Result<Vec<u8>> {
-    let line = line.trim();
-    if !line.len().is_multiple_of(2) {
-        bail!("a token line has an odd length");
-    }
-    (0..line.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&line[i..i + 2], 16).context("a token line is not hex"))
-        .collect()
 }
 
 /// A `/proc/<pid>/status` field in bytes (the kernel reports kB).

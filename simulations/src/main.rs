@@ -56,6 +56,9 @@ enum Command {
     /// An empirical privacy audit with canary devices: a one-run lower bound on ε (and a
     /// canary-cosine estimate) next to the accountant's ε.
     Audit(AuditArgs),
+    /// Simulated devices, on the SDK's own device path, against a coordinator that is already
+    /// running (an operator's smoke and load test of a deployment): one device per token.
+    Fleet(FleetArgs),
     /// Hyperparameter search on a validation split carved from the training data (the test
     /// set waits for the final run of the best configuration); writes it for `run --config`.
     Tune(TuneArgs),
@@ -94,6 +97,31 @@ struct TuneArgs {
     /// Write the best configuration here, as JSON for `fedrec-sim run --config FILE`.
     #[arg(long)]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+struct FleetArgs {
+    /// The coordinator's QUIC address (host:port).
+    #[arg(long)]
+    coordinator: std::net::SocketAddr,
+    /// The coordinator's certificate (DER, e.g. cert.der of its state directory).
+    #[arg(long)]
+    cert: PathBuf,
+    /// Enrollment tokens, one hex token per line (`fedrec-coordinator enroll --out FILE`):
+    /// one device each, holding the data's users in order.
+    #[arg(long)]
+    tokens: PathBuf,
+    /// The name the certificate is for.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Most devices under way at once (default: all of them).
+    #[arg(long)]
+    in_flight: Option<usize>,
+    /// Longest wait for the coordinator, in seconds (connection, any answer, a round's phases).
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -531,6 +559,7 @@ fn main() -> Result<()> {
         Command::Sweep(args) => sweep(&args),
         Command::Audit(args) => audit_cmd(&args),
         Command::Tune(args) => tune_cmd(&args),
+        Command::Fleet(args) => fleet_cmd(&args),
     }
 }
 
@@ -845,6 +874,55 @@ fn bench(args: &BenchArgs) -> Result<()> {
 }
 
 /// `bench --transport quic`: devices against a coordinator process, and raw quinn.
+/// `fedrec-sim fleet`: the devices of `--tokens` take part in `--rounds` rounds of a running
+/// coordinator, each with its user's training data, and the run is reported per round.
+fn fleet_cmd(args: &FleetArgs) -> Result<()> {
+    let tokens = fedrec_sim::fleet::read_tokens(&args.tokens)?;
+    let mut run = args.run.clone();
+    if run.data.dataset == Some(DatasetName::Synthetic) && run.data.users.is_none() {
+        run.data.users = Some(tokens.len());
+    }
+    let cfg = run.config();
+    let (users, info) = load(&run, &cfg)?;
+    let cert = std::fs::read(&args.cert).with_context(|| format!("reading {}", args.cert.display()))?;
+    let params = fedrec_sim::fleet::FleetParams {
+        coordinator: args.coordinator,
+        server_name: args.server_name.clone(),
+        cert,
+        shape: fedrec_shared::ModelShape { n_items: users.n_items, dim: cfg.dim, n_segments: cfg.n_segments },
+        in_flight: args.in_flight.unwrap_or(tokens.len()),
+        tokens,
+        rounds: run.rounds.unwrap_or(1),
+        device_threads: cfg.threads,
+        timeout: std::time::Duration::from_secs(args.timeout_secs.max(1)),
+    };
+    let rounds = fedrec_sim::fleet::run(&params, &users.train)?;
+    let completed: usize = rounds.iter().map(|r| r.completed).sum();
+    let errors: usize = rounds.iter().map(|r| r.errors).sum();
+    println!(
+        "{} devices, {} rounds against {}: {completed} updates acknowledged, {errors} network or protocol errors",
+        params.tokens.len(),
+        rounds.len(),
+        args.coordinator
+    );
+    if let Some(path) = &run.out.json {
+        let rep = serde_json::json!({
+            "command": "fleet",
+            "coordinator": args.coordinator.to_string(),
+            "devices": params.tokens.len(),
+            "in_flight": params.in_flight,
+            "dataset": info,
+            "rounds": rounds,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&rep)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if errors > 0 && completed == 0 {
+        bail!("no device completed a round ({errors} errors; the first is above)");
+    }
+    Ok(())
+}
+
 fn load_bench(args: &BenchArgs) -> Result<()> {
     if args.repeat.is_some() {
         bail!("--repeat is for the in-process benchmark: over QUIC every round is a repetition (--rounds)");

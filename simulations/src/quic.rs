@@ -48,6 +48,8 @@ type Clock = tokio::time::Instant;
 pub struct Target {
     /// The coordinator's address.
     pub addr: SocketAddr,
+    /// The name its certificate is for (`localhost` for a coordinator `init` made).
+    pub server_name: String,
     /// Its certificate (DER), which the devices pin.
     pub cert: Vec<u8>,
     /// The model shape (bounds what devices read).
@@ -85,6 +87,8 @@ pub struct FleetRound {
     /// Wall time the devices spent training, summed over devices ([`Pace::InTurn`] only: the
     /// SDK's loop does not report it).
     pub train_seconds: f64,
+    /// Devices the coordinator told that the federation is finished.
+    pub n_finished: usize,
 }
 
 /// Devices in flight at once that share one QUIC endpoint (UDP socket) of the fleet's pool.
@@ -130,6 +134,8 @@ impl Turns {
 /// What one device's participation came to.
 enum Outcome {
     NotSelected,
+    /// The coordinator said the federation is finished (its budget is spent).
+    Finished,
     Done(ClientOutcome),
 }
 
@@ -206,7 +212,7 @@ impl Fleet {
     fn net_config(&self, idx: usize) -> NetConfig {
         NetConfig {
             server: self.target.addr,
-            server_name: "localhost".into(),
+            server_name: self.target.server_name.clone(),
             server_cert: self.target.cert.clone(),
             token: self.tokens[idx].clone(),
             sdk_version: concat!("fedrec-sim/", env!("CARGO_PKG_VERSION")).into(),
@@ -245,6 +251,7 @@ impl Fleet {
             let result = task.await.unwrap_or_else(|e| Err(anyhow::anyhow!("a device task failed: {e}")));
             match result {
                 Ok(Outcome::NotSelected) => {}
+                Ok(Outcome::Finished) => out.n_finished += 1,
                 Ok(Outcome::Done(o)) => match o {
                     ClientOutcome::Completed { was_clipped, .. } => {
                         out.report.n_completed += 1;
@@ -327,21 +334,40 @@ impl Fleet {
         }
     }
 
-    /// Device `idx` takes part as an app's SDK does: one [`Device::participate_with`], which
-    /// retries lost connections and `Busy` answers after the coordinator's hint.
+    /// Device `idx` takes part as an app's SDK does: [`Device::participate_with`], which
+    /// retries lost connections and `Busy` answers after the coordinator's hint; a device
+    /// that was not selected (e.g. it came between two rounds) checks in again after the
+    /// coordinator's hint, as an app would, until it takes part or its time budget is spent.
     async fn participate_as_app(&self, idx: usize, slot: usize) -> anyhow::Result<Outcome> {
         let mut device = self.device_on(idx, slot)?;
-        let opts = ParticipateOptions {
-            time_budget: self.timeout,
-            retry: RetryPolicy { max_attempts: 20, ..RetryPolicy::default() },
-            ..ParticipateOptions::default()
+        let budget_end = Clock::now() + self.timeout;
+        let outcome = loop {
+            let left = budget_end.saturating_duration_since(Clock::now());
+            let opts = ParticipateOptions {
+                time_budget: left,
+                retry: RetryPolicy { max_attempts: 20, ..RetryPolicy::default() },
+                ..ParticipateOptions::default()
+            };
+            let result = device.participate_with(&self.ratings[idx], &opts, &CancelToken::new()).await;
+            match result.with_context(|| format!("device {idx}")) {
+                Ok(Participation::NotSelected { retry_after }) => {
+                    // At least 10 ms, plus up to 10 % jitter, as the SDK paces its retries.
+                    let wait = retry_after.max(Duration::from_millis(10));
+                    let wait = wait + wait.mul_f64(rand::rng().random_range(0.0..0.1));
+                    if Clock::now() + wait >= budget_end {
+                        break Ok(Outcome::NotSelected);
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                Ok(Participation::Outcome(o)) => break Ok(Outcome::Done(o)),
+                Ok(Participation::Finished { .. }) => break Ok(Outcome::Finished),
+                // Refused by its own policy, or a kind of answer added later.
+                Ok(_) => break Ok(Outcome::NotSelected),
+                Err(e) => break Err(e),
+            }
         };
-        let result = device.participate_with(&self.ratings[idx], &opts, &CancelToken::new()).await;
         device.shutdown().await;
-        match result.with_context(|| format!("device {idx}"))? {
-            Participation::Outcome(o) => Ok(Outcome::Done(o)),
-            _ => Ok(Outcome::NotSelected),
-        }
+        outcome
     }
 
     /// Checks device `idx` in; its session and task when it is selected.
@@ -452,7 +478,12 @@ pub(crate) fn run_rounds(
         let _enter = server_rt.enter();
         Server::bind(serve).context("starting the coordinator on loopback")?
     };
-    let target = Target { addr: server.local_addr(), cert: server.cert_der().to_vec(), shape };
+    let target = Target {
+        addr: server.local_addr(),
+        server_name: "localhost".into(),
+        cert: server.cert_der().to_vec(),
+        shape,
+    };
     let mut status = server.status();
     let (stop, stopped) = oneshot::channel::<()>();
     let served = server_rt.spawn(server.run(async {
