@@ -699,8 +699,16 @@ fn sweep(args: &SweepArgs) -> Result<()> {
         let noisy_central = target.is_some() && cfg.mechanism == MechanismKind::Central;
         args.run.set_clipping(&mut cfg, noisy_central);
         cfg.eval_every = 0;
-        cfg.calibrate_for(users.train.len(), users.n_items).context("calibrating the noise")?;
         let label = target.map(|e| format!("{e}")).unwrap_or_else(|| "∞".to_owned());
+        if let Err(e) = cfg.calibrate_for(users.train.len(), users.n_items) {
+            // At a fixed bit width the effective noise multiplier is bounded: a target beyond
+            // it is a point of the frontier that does not exist, not a failed sweep.
+            if cfg.mechanism == MechanismKind::Distributed {
+                eprintln!("sweep: ε = {label}, distributed {} bits: no point ({e:#})", cfg.bits);
+                continue;
+            }
+            return Err(e).context("calibrating the noise");
+        }
         let how = match cfg.mechanism {
             MechanismKind::Central => "central".to_owned(),
             MechanismKind::Distributed => format!("distributed {} bits", cfg.bits),
