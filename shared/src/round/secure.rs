@@ -14,7 +14,9 @@ use zeroize::Zeroizing;
 
 use crate::ddp::{self, DdpParams, DdpValidParams};
 use crate::privacy::discrete::Grid;
-use crate::secagg::crypto::{KeyPair, RoundContext, add_mask, mask_seed, share_key};
+use crate::secagg::crypto::{
+    KeyPair, RoundContext, ShareKeyBytes, add_mask, mask_seed, share_keys_both_ways,
+};
 use crate::secagg::encode::{self, from_ring, ring_add, to_ring};
 use crate::secagg::graph::Graph;
 use crate::secagg::params::{FinderInput, SecAggParams, bounds, find_params};
@@ -200,7 +202,15 @@ enum DeviceState {
     /// Keys advertised; awaiting the share-keys request.
     Advertised,
     /// Shares sent; awaiting the sealed shares of its neighbours.
-    Shared { setup: SecAggSetup, index: u32, neighbours: Vec<NeighbourKeys>, own: SharePair },
+    /// `open_keys[j]` opens what neighbour `j` sealed for it (derived with the key that
+    /// sealed its own shares for `j`: one agreement per neighbour, not two).
+    Shared {
+        setup: SecAggSetup,
+        index: u32,
+        neighbours: Vec<NeighbourKeys>,
+        own: SharePair,
+        open_keys: HashMap<u32, ShareKeyBytes>,
+    },
     /// Masked input sent; awaiting the unmask request.
     Masked { index: u32, received: BTreeMap<u32, SharePair>, own: SharePair },
     /// Unmask shares sent: nothing more to say this round.
@@ -416,14 +426,17 @@ impl DeviceSecAgg {
             .collect();
         let own = pairs.pop().ok_or(SecureRefusal::Protocol("no own share"))?;
         let mut out = Vec::with_capacity(pairs.len());
+        let mut open_keys = HashMap::with_capacity(pairs.len());
         for (nb, pair) in req.neighbours.iter().zip(&pairs) {
-            let key = share_key(&self.cipher, &nb.cipher_public, &ctx, index, nb.index)
-                .map_err(|_| SecureRefusal::Protocol("a neighbour's key is invalid"))?;
+            let (key, open_key) =
+                share_keys_both_ways(&self.cipher, &nb.cipher_public, &ctx, index, nb.index)
+                    .map_err(|_| SecureRefusal::Protocol("a neighbour's key is invalid"))?;
             let ciphertext =
                 key.seal(&pair.to_bytes()).map_err(|_| SecureRefusal::Protocol("cannot seal a share"))?;
             out.push(EncryptedShare { peer: nb.index, ciphertext });
+            open_keys.insert(nb.index, open_key);
         }
-        self.state = DeviceState::Shared { setup, index, neighbours: req.neighbours, own };
+        self.state = DeviceState::Shared { setup, index, neighbours: req.neighbours, own, open_keys };
         Ok(out)
     }
 
@@ -462,7 +475,7 @@ impl DeviceSecAgg {
     /// and returns its encoded update plus its self-mask and the pairwise masks with exactly
     /// those neighbours (added for a lower index, subtracted for a higher one), mod `2^bits`.
     pub fn masked_input(&mut self, req: MaskedInputRequest) -> Result<Vec<u64>, SecureRefusal> {
-        let DeviceState::Shared { setup, index, neighbours, .. } = &self.state else {
+        let DeviceState::Shared { setup, index, neighbours, open_keys, .. } = &self.state else {
             return Err(SecureRefusal::Protocol("a masked-input request out of turn"));
         };
         let (setup, index) = (*setup, *index);
@@ -476,7 +489,10 @@ impl DeviceSecAgg {
             if received.contains_key(&share.peer) {
                 return Err(SecureRefusal::Protocol("two share pairs from one neighbour"));
             }
-            let key = share_key(&self.cipher, &nb.cipher_public, &ctx, share.peer, index)
+            let key = open_keys
+                .get(&nb.index)
+                .ok_or(SecureRefusal::Protocol("shares from a device that is not a neighbour"))?
+                .key()
                 .map_err(|_| SecureRefusal::Protocol("a neighbour's key is invalid"))?;
             let plain =
                 key.open(&share.ciphertext).map_err(|_| SecureRefusal::Protocol("a share failed to open"))?;

@@ -123,23 +123,38 @@ impl KeyPair {
         a: u32,
         b: u32,
     ) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
+        expand(&self.extract(peer_public, ctx)?, ctx, prefix, a, b)
+    }
+
+    /// HKDF-Extract of the X25519 shared secret with the round seed as salt.
+    fn extract(&self, peer_public: &[u8; 32], ctx: &RoundContext) -> Result<hkdf::Prk, CryptoError> {
         let shared = self.secret.diffie_hellman(&PublicKey::from(*peer_public));
         // RFC 7748 §6.1: an all-zero output means a low-order point; refuse it rather than
         // derive a key every eavesdropper knows.
         if !shared.was_contributory() {
             return Err(CryptoError::LowOrderPeerKey);
         }
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &ctx.seed).extract(shared.as_bytes());
-        let round = ctx.round.to_le_bytes();
-        let (a, b) = (a.to_le_bytes(), b.to_le_bytes());
-        let info: [&[u8]; 4] = [prefix, &round, &a, &b];
-        let mut out = Zeroizing::new([0u8; 32]);
-        // HKDF-Expand fails only for an output longer than 255 hash blocks; ours is one.
-        prk.expand(&info, hkdf::HKDF_SHA256)
-            .and_then(|okm| okm.fill(&mut out[..]))
-            .map_err(|_| CryptoError::TooLong)?;
-        Ok(out)
+        Ok(hkdf::Salt::new(hkdf::HKDF_SHA256, &ctx.seed).extract(shared.as_bytes()))
     }
+}
+
+/// HKDF-Expand of `prk` with `info = prefix ‖ round ‖ a ‖ b`, 32 bytes.
+fn expand(
+    prk: &hkdf::Prk,
+    ctx: &RoundContext,
+    prefix: &[u8],
+    a: u32,
+    b: u32,
+) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
+    let round = ctx.round.to_le_bytes();
+    let (a, b) = (a.to_le_bytes(), b.to_le_bytes());
+    let info: [&[u8]; 4] = [prefix, &round, &a, &b];
+    let mut out = Zeroizing::new([0u8; 32]);
+    // HKDF-Expand fails only for an output longer than 255 hash blocks; ours is one.
+    prk.expand(&info, hkdf::HKDF_SHA256)
+        .and_then(|okm| okm.fill(&mut out[..]))
+        .map_err(|_| CryptoError::TooLong)?;
+    Ok(out)
 }
 
 /// The pairwise mask seed `s_ij` of devices `i` and `j` (Bonawitz et al. 2017, §4: a key
@@ -194,14 +209,58 @@ pub fn share_key(
         return Err(CryptoError::SameIndex(sender));
     }
     let bytes = own.derive(peer_public, ctx, SHARE_INFO, sender, receiver)?;
-    // A 32-byte key is the one length CHACHA20_POLY1305 accepts, so this cannot fail.
-    let key =
-        aead::UnboundKey::new(&aead::CHACHA20_POLY1305, &bytes[..]).map_err(|_| CryptoError::TooLong)?;
-    let mut aad = [0u8; 16];
-    aad[..8].copy_from_slice(&ctx.round.to_le_bytes());
-    aad[8..12].copy_from_slice(&sender.to_le_bytes());
-    aad[12..].copy_from_slice(&receiver.to_le_bytes());
-    Ok(ShareKey { key: aead::LessSafeKey::new(key), aad })
+    ShareKeyBytes::new(bytes, ctx, sender, receiver).key()
+}
+
+/// Both share keys between `me` and `peer` from one X25519 agreement: the key that seals what
+/// `me` sends (`me → peer`) and, kept as zeroized bytes until the shares arrive, the key that
+/// opens what `peer` sends (`peer → me`). Each equals [`share_key`] for its direction; a
+/// device that keeps the second spares the agreement it would otherwise redo one phase later.
+pub fn share_keys_both_ways(
+    own: &KeyPair,
+    peer_public: &[u8; 32],
+    ctx: &RoundContext,
+    me: u32,
+    peer: u32,
+) -> Result<(ShareKey, ShareKeyBytes), CryptoError> {
+    if me == peer {
+        return Err(CryptoError::SameIndex(me));
+    }
+    let prk = own.extract(peer_public, ctx)?;
+    let send = ShareKeyBytes::new(expand(&prk, ctx, SHARE_INFO, me, peer)?, ctx, me, peer).key()?;
+    let receive = ShareKeyBytes::new(expand(&prk, ctx, SHARE_INFO, peer, me)?, ctx, peer, me);
+    Ok((send, receive))
+}
+
+/// A share key's bytes and associated data, zeroized when dropped: a [`ShareKey`] to build
+/// when it is needed ([`ShareKeyBytes::key`]).
+pub struct ShareKeyBytes {
+    bytes: Zeroizing<[u8; 32]>,
+    aad: [u8; 16],
+}
+
+impl std::fmt::Debug for ShareKeyBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShareKeyBytes").finish_non_exhaustive()
+    }
+}
+
+impl ShareKeyBytes {
+    fn new(bytes: Zeroizing<[u8; 32]>, ctx: &RoundContext, sender: u32, receiver: u32) -> Self {
+        let mut aad = [0u8; 16];
+        aad[..8].copy_from_slice(&ctx.round.to_le_bytes());
+        aad[8..12].copy_from_slice(&sender.to_le_bytes());
+        aad[12..].copy_from_slice(&receiver.to_le_bytes());
+        ShareKeyBytes { bytes, aad }
+    }
+
+    /// The key, ready to seal or open one message.
+    pub fn key(&self) -> Result<ShareKey, CryptoError> {
+        // A 32-byte key is the one length CHACHA20_POLY1305 accepts, so this cannot fail.
+        let key = aead::UnboundKey::new(&aead::CHACHA20_POLY1305, &self.bytes[..])
+            .map_err(|_| CryptoError::TooLong)?;
+        Ok(ShareKey { key: aead::LessSafeKey::new(key), aad: self.aad })
+    }
 }
 
 impl ShareKey {
@@ -304,6 +363,23 @@ mod tests {
     use proptest::prelude::*;
     // Named explicitly: both globs above bring a `Rng` into scope.
     use rand::Rng;
+
+    #[test]
+    fn both_ways_keys_are_the_one_way_keys() {
+        let mut rng = seeded_rng(7);
+        let (a, b) = (KeyPair::generate(&mut rng), KeyPair::generate(&mut rng));
+        let ctx = RoundContext { round: 3, seed: [9; 32] };
+        let (send, receive) = share_keys_both_ways(&a, &b.public(), &ctx, 1, 4).expect("keys");
+        // What a seals for b, b opens with its one-way key for 1 → 4, and the other way round.
+        let sealed = send.seal(b"to four").expect("seal");
+        let opened = share_key(&b, &a.public(), &ctx, 1, 4).expect("key").open(&sealed).expect("open");
+        assert_eq!(&opened[..], b"to four");
+        let back = share_key(&b, &a.public(), &ctx, 4, 1).expect("key").seal(b"to one").expect("seal");
+        assert_eq!(&receive.key().expect("key").open(&back).expect("open")[..], b"to one");
+        // Keys of the other direction do not open it.
+        assert!(share_key(&b, &a.public(), &ctx, 4, 1).expect("key").open(&sealed).is_err());
+        assert!(share_keys_both_ways(&a, &b.public(), &ctx, 2, 2).is_err());
+    }
 
     fn hex32(s: &str) -> [u8; 32] {
         let mut out = [0u8; 32];
