@@ -126,6 +126,10 @@ pub fn run(
     let mut fedrec = Series::default();
     let mut errors = Vec::new();
     let mut lost = Vec::new();
+    // The devices' CPU: everything this process does during fedrec's rounds (training, QUIC,
+    // the SDK's steps and, in a secure round, their cryptography), which on one machine
+    // competes with the coordinator for the same cores.
+    let devices_cpu_start = cpu_seconds(std::process::id());
     fleet_rounds(&rt, &fleet, &order, cfg.rounds, p.in_flight, |round, out, fleet_seconds| {
         if let Some(e) = &out.first_error {
             eprintln!("round {}: {} devices failed; the first: {e}", round + 1, out.n_errors);
@@ -148,6 +152,7 @@ pub fn run(
         );
         Ok(())
     })?;
+    let devices_cpu = devices_cpu_start.zip(cpu_seconds(std::process::id())).map(|(a, b)| b - a);
     let coordinator_stats = coordinator.stop()?;
     let handshakes = coordinator_stats["handshakes"].as_u64().unwrap_or(0);
     let fedrec_seconds: f64 = fedrec.seconds.iter().sum();
@@ -169,6 +174,7 @@ pub fn run(
         "bytes_per_round": n * (frames.check_in + frames.task + frames.upload + frames.ack),
         "coordinator": coordinator_stats,
         "simulator_peak_rss_bytes": vm_hwm(std::process::id()),
+        "devices_cpu_seconds": devices_cpu,
         "fedrec": fedrec.json(),
         "devices_lost_per_round": lost,
         "handshakes_per_second": handshakes as f64 / fedrec_seconds,

@@ -988,6 +988,7 @@ fn load_bench(args: &BenchArgs) -> Result<()> {
             ("bytes per round", format!("{:.1} MiB", num(&rep["bytes_per_round"]) / (1024.0 * 1024.0))),
             ("coordinator peak RSS", mib(&c["peak_rss_bytes"])),
             ("coordinator CPU seconds", format!("{:.2}", num(&c["cpu_seconds"]))),
+            ("devices' CPU seconds", format!("{:.2}", num(&rep["devices_cpu_seconds"]))),
             ("simulator peak RSS", mib(&rep["simulator_peak_rss_bytes"])),
         ])
     );
