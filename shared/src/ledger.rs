@@ -323,6 +323,29 @@ mod tests {
     }
 
     #[test]
+    fn ddp_charges_group_compose_with_central_ones_and_price_the_next_round() {
+        let event = DdpEvent::from_parts(0.01, 1, 1000.0, 30_000.0, 1e6, 800, 65_536).expect("valid");
+        let mut l = Ledger::new();
+        for round in 0..3 {
+            let next = DdpCharge { round, event };
+            let before = l.epsilon_with_ddp(&next, 1e-6).expect("valid");
+            l.record_ddp(next);
+            let after = l.epsilon(1e-6, AccountantKind::Rdp).expect("valid");
+            assert!((before - after).abs() <= 1e-12 * after, "{before} vs {after}");
+        }
+        let want = ddp_accountant::epsilon(&[event.with_steps(3)], 1e-6).expect("valid");
+        let got = l.epsilon(1e-6, AccountantKind::Pld).expect("valid");
+        assert!((got - want).abs() <= 1e-9 * want, "{got} vs {want}");
+        // A central round on top costs more; restoring keeps both kinds.
+        l.record(LedgerEntry { round: 3, q: 0.01, noise_multiplier: 1.0, clip_bits_noise: None });
+        assert!(l.epsilon(1e-6, AccountantKind::Rdp).expect("valid") > want);
+        let back = Ledger::from_parts(l.entries().to_vec(), l.ddp_entries().to_vec()).expect("valid");
+        assert_eq!(back, l);
+        let c = DdpCharge { round: 0, event };
+        assert_ne!(c.canonical_bytes(), DdpCharge { round: 1, ..c }.canonical_bytes());
+    }
+
+    #[test]
     fn restored_entries_are_checked() {
         assert!(
             Ledger::from_entries(vec![LedgerEntry {
