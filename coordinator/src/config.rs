@@ -275,6 +275,9 @@ pub struct FileConfig {
     /// Device states accepted at check-in (nothing required when the section is absent).
     #[serde(default)]
     pub eligibility: EligibilitySection,
+    /// Where the state lives (SQLite in the state directory when the section is absent).
+    #[serde(default)]
+    pub store: crate::store::StoreSection,
 }
 
 /// `[limits]`.

@@ -21,7 +21,7 @@ use fedrec_coordinator::auth::{DeviceId, Enroller, MAX_KEYS, RevocationList, Tok
 use fedrec_coordinator::config::{CONFIG_FILE, FileConfig, TEMPLATE};
 use fedrec_coordinator::rules;
 use fedrec_coordinator::server::{ServeConfig, Server, TlsIdentity};
-use fedrec_coordinator::store::{ChainReport, Store, StoreError};
+use fedrec_coordinator::store::{BackendKind, ChainReport, Store, StoreError, StoreLocation, StoreSection};
 use fedrec_shared::GlobalModel;
 use fedrec_shared::ledger::{PrivacyBudget, PrivacyPolicy};
 use fedrec_shared::privacy::AccountantKind;
@@ -521,17 +521,66 @@ fn change_budget(dir: &Path, epsilon: f64, reason: &str, raise: bool) -> Result<
     Ok(())
 }
 
-/// Opens the store of an initialised directory (never creates one).
+/// Where the directory's state lives: `[store]` of its fedrec.toml (only that section is
+/// read, so that commands other than `serve` work while another part of the file is being
+/// edited), SQLite in the directory when the section or the file is absent.
+fn store_location(dir: &Path) -> Result<StoreLocation> {
+    let path = dir.join(CONFIG_FILE);
+    let section = match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let table: toml::Table =
+                text.parse().with_context(|| format!("{} is not valid TOML", path.display()))?;
+            match table.get("store") {
+                Some(value) => value
+                    .clone()
+                    .try_into::<StoreSection>()
+                    .with_context(|| format!("invalid [store] in {}", path.display()))?,
+                None => StoreSection::default(),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => StoreSection::default(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    section.location(dir, Path::new(STORE_FILE)).with_context(|| format!("in {}", path.display()))
+}
+
+/// Opens the store of an initialised directory (never creates a SQLite file; creates the
+/// schema of an empty PostgreSQL database).
 fn open_store(dir: &Path) -> Result<Store> {
-    let path = dir.join(STORE_FILE);
-    if !path.is_file() {
-        bail!(
-            "{} does not exist: run `fedrec-coordinator init --dir {}` first",
-            path.display(),
-            dir.display()
-        );
+    match store_location(dir)? {
+        StoreLocation::Sqlite(path) => {
+            if !path.is_file() {
+                bail!(
+                    "{} does not exist: run `fedrec-coordinator init --dir {}` first",
+                    path.display(),
+                    dir.display()
+                );
+            }
+            Store::open(&path).with_context(|| format!("cannot open the store {}", path.display()))
+        }
+        location => Store::open_location(&location, Default::default())
+            .context("cannot open the PostgreSQL store (store.url in fedrec.toml)"),
     }
-    Store::open(&path).with_context(|| format!("cannot open the store {}", path.display()))
+}
+
+/// Waits until this process leads (PostgreSQL: holds the leader lock; at once with SQLite),
+/// saying that it stands by meanwhile.
+fn lead(store: &mut Store) -> Result<()> {
+    if store.backend() != BackendKind::Postgres {
+        return Ok(());
+    }
+    let start = std::time::Instant::now();
+    let mut said = false;
+    store
+        .lead(std::time::Duration::from_secs(1), || {
+            if !said {
+                eprintln!("standing by: another serve leads; taking over when its session ends");
+                said = true;
+            }
+        })
+        .context("cannot take the leader lock")?;
+    eprintln!("leading: holding the leader lock (waited {} ms)", start.elapsed().as_millis());
+    Ok(())
 }
 
 /// The key `enroll` signs with.
@@ -775,6 +824,8 @@ fn serve(dir: &Path) -> Result<()> {
     let config_path = dir.join(CONFIG_FILE);
     let coordinator = file.coordinator_config().with_context(|| format!("in {}", config_path.display()))?;
     let mut store = open_store(dir)?;
+    // A stand-by does nothing (not even bind its socket) until it leads.
+    lead(&mut store)?;
     checked_chain(dir, &store)?;
     reconcile_budget(dir, &mut store, coordinator.privacy)?;
     write_head(dir, &store.verify_chain().context("cannot read the privacy ledger")?)?;
