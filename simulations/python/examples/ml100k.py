@@ -72,7 +72,8 @@ def main() -> None:
             f"| {fmt(ex['metrics']['rmse'])} | {im['metrics']['recall_at_20']:.4f} | {im['metrics']['ndcg_at_10']:.4f} |"
         )
     # The accountant alone: what σ each ε costs at this q over 300 rounds (fedrec.privacy).
-    print("\nσ from fedrec.privacy.sigma:", {e: round(privacy.sigma(e, 1e-6, q, 300), 3) for e in EPSILONS if e})
+    print("\nnoise multiplier charged per round for each ε (fedrec.privacy.sigma; the σ column is the update's share of it):",
+          {e: round(privacy.sigma(e, 1e-6, q, 300), 3) for e in EPSILONS if e})
 
     try:
         import matplotlib
