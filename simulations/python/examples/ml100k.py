@@ -71,9 +71,10 @@ def main() -> None:
             f"| {'∞' if eps is None else f'{eps:g}'} | {ex['noise_multiplier']:.2f} | {fmt(spent)} "
             f"| {fmt(ex['metrics']['rmse'])} | {im['metrics']['recall_at_20']:.4f} | {im['metrics']['ndcg_at_10']:.4f} |"
         )
-    # The accountant alone: what σ each ε costs at this q over 300 rounds (fedrec.privacy).
-    print("\nnoise multiplier charged per round for each ε (fedrec.privacy.sigma; the σ column is the update's share of it):",
-          {e: round(privacy.sigma(e, 1e-6, q, 300), 3) for e in EPSILONS if e})
+    # The accountant alone: the noise multiplier each ε allows a round at this q over 300
+    # rounds (fedrec.privacy); the σ column above is the update's share of it.
+    charged = {e: round(privacy.sigma(e, 1e-6, q, 300), 3) for e in EPSILONS if e}
+    print(f"\nnoise multiplier charged per round (fedrec.privacy.sigma): {charged}")
 
     try:
         import matplotlib
