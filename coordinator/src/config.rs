@@ -216,6 +216,13 @@ read_timeout_ms = 10000
 require_charging = false
 require_unmetered = false
 require_idle = false
+
+# Where the state lives. Absent: SQLite, state.sqlite in this directory (one serve at a time).
+# PostgreSQL lets several serve processes share it: one leads rounds, the others stand by.
+# [store]
+# backend = "postgres"
+# url = "postgres://fedrec@db.internal:5432/fedrec"   # no password here
+# password_env = "FEDREC_PG_PASSWORD"                 # or password_file = "pg.password"
 "#;
 
 /// Why the configuration file cannot be used.
