@@ -371,6 +371,10 @@ typedef struct FedrecPrivacyPolicy {
      * Refuse rounds without secure aggregation.
      */
     bool require_secure_aggregation;
+    /**
+     * Refuse rounds whose noise is not added on the devices (distributed noise).
+     */
+    bool require_distributed_noise;
 } FedrecPrivacyPolicy;
 
 /**

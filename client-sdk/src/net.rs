@@ -563,8 +563,9 @@ impl Device {
         let now =
             move || Instant::from_micros(u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX));
         let deadline = now().saturating_add(self.cfg.timeout.saturating_mul(4));
-        let mut round =
-            ClientRound::with_rng(ratings, deadline, secure_rng()).with_secure_policy(gate.secure_policy());
+        let mut round = ClientRound::with_rng(ratings, deadline, secure_rng())
+            .with_secure_policy(gate.secure_policy())
+            .with_distributed_policy(gate.distributed_policy());
         let check_in = self.check_in_as(eligibility);
         if let Some(ended) = self.drive(session, &mut round, &check_in, gate, &now).await? {
             return Ok(ended);

@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 
 use fedrec_shared::privacy;
 use fedrec_shared::privacy::rdp::{self, DEFAULT_ORDERS};
-use fedrec_shared::round::secure::SecurePolicy;
+use fedrec_shared::round::secure::{DistributedPolicy, SecurePolicy};
 use fedrec_shared::round::{Aggregation, Mechanism, TaskPrivacy, TaskSelection};
 
 /// Most rounds the record lists individually (the composition covers every round).
@@ -121,6 +121,11 @@ pub struct PrivacyPolicy {
     /// Refuse rounds without secure aggregation (a coordinator that would see this device's
     /// update on its own). On in production: a fresh coordinator runs secure aggregation.
     pub require_secure_aggregation: bool,
+    /// Refuse rounds whose noise is not added on the devices (`mechanism = "distributed"`):
+    /// a coordinator then never sees an un-noised sum and cannot remove the noise. Off in
+    /// [`PrivacyPolicy::production`] (a fresh coordinator's template uses central noise);
+    /// turn it on when your coordinator runs distributed noise.
+    pub require_distributed_noise: bool,
 }
 
 impl PrivacyPolicy {
@@ -135,6 +140,7 @@ impl PrivacyPolicy {
             min_cohort: 100,
             require_sampling: true,
             require_secure_aggregation: true,
+            require_distributed_noise: false,
         }
     }
 
@@ -149,6 +155,27 @@ impl PrivacyPolicy {
             min_cohort: 0,
             require_sampling: false,
             require_secure_aggregation: false,
+            require_distributed_noise: false,
+        }
+    }
+
+    /// What the device requires of a secure-aggregation round before it sends anything that
+    /// depends on its update: the policy's minimum cohort also bounds the cohort that reached
+    /// share-keys.
+    pub fn secure_policy(&self) -> SecurePolicy {
+        SecurePolicy {
+            min_cohort: u32::try_from(self.min_cohort).unwrap_or(u32::MAX).max(2),
+            ..SecurePolicy::default()
+        }
+    }
+
+    /// What the device requires of distributed noise: [`PrivacyPolicy::require_distributed_noise`],
+    /// and the same minimum noise multiplier, measured on the rounded sensitivity (refused at
+    /// share-keys, before any share leaves the device).
+    pub fn distributed_policy(&self) -> DistributedPolicy {
+        DistributedPolicy {
+            require_distributed: self.require_distributed_noise,
+            min_noise_multiplier: self.min_noise_multiplier,
         }
     }
 
@@ -356,6 +383,12 @@ pub trait TaskGate {
     fn secure_policy(&self) -> SecurePolicy {
         SecurePolicy::default()
     }
+
+    /// What the device requires of distributed noise (checked when the task arrives and at
+    /// share-keys).
+    fn distributed_policy(&self) -> DistributedPolicy {
+        DistributedPolicy::default()
+    }
 }
 
 /// Admits everything and records nothing: a device driven without a policy (the default of
@@ -380,12 +413,12 @@ pub struct PolicyGate {
 }
 
 impl TaskGate for PolicyGate {
-    /// The policy's minimum cohort also bounds the cohort that reached share-keys.
     fn secure_policy(&self) -> SecurePolicy {
-        SecurePolicy {
-            min_cohort: u32::try_from(self.policy.min_cohort).unwrap_or(u32::MAX).max(2),
-            ..SecurePolicy::default()
-        }
+        self.policy.secure_policy()
+    }
+
+    fn distributed_policy(&self) -> DistributedPolicy {
+        self.policy.distributed_policy()
     }
 
     fn admit(&mut self, offer: &TaskOffer) -> Result<(), RefusalReason> {

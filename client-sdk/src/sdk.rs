@@ -52,6 +52,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use fedrec_shared::round::ClientOutcome;
+use fedrec_shared::round::secure::{DistributedPolicy, SecurePolicy};
 use fedrec_shared::train::reconstruct;
 use fedrec_shared::wire::ErrorCode;
 use fedrec_shared::{ModelShape, Objective, Rating, RoundModel, TrainParams, UserState};
@@ -837,6 +838,14 @@ struct SdkGate<'a> {
 }
 
 impl TaskGate for SdkGate<'_> {
+    fn secure_policy(&self) -> SecurePolicy {
+        self.sdk.settings.policy.secure_policy()
+    }
+
+    fn distributed_policy(&self) -> DistributedPolicy {
+        self.sdk.settings.policy.distributed_policy()
+    }
+
     fn admit(&mut self, offer: &TaskOffer) -> Result<(), RefusalReason> {
         let outcome = self.sdk.with(|inner, s| {
             if !inner.contents.consent.training {

@@ -157,3 +157,25 @@ async fn a_device_records_what_it_contributed_and_stops_at_its_own_limit() {
     assert_eq!(server.metrics().checked_in.get(), checked_in, "a spent device does not check in");
     server.stop().await;
 }
+
+/// A device whose policy requires distributed noise refuses the coordinator's round (plain
+/// aggregation, no noise) however permissive the rest of its policy, and sends nothing: the
+/// coordinator cannot take the noise away from such a device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_requires_distributed_noise_sends_nothing_to_a_central_round() {
+    let server = server();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let policy = PrivacyPolicy { require_distributed_noise: true, ..PrivacyPolicy::unenforced() };
+    assert!(policy.distributed_policy().require_distributed);
+    let device = server.open_sdk(3, dir.path(), policy);
+    let report = off_runtime(move || until_offered(&device)).await;
+    assert!(report.selected && !report.completed, "{report:?}");
+    assert_ne!(report.outcome, RoundOutcome::Completed, "{report:?}");
+    // Nothing reached the coordinator: the round is abandoned without a report.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while server.metrics().rounds_abandoned.get() == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(server.metrics().rounds_abandoned.get() >= 1, "the round was not abandoned");
+    assert_eq!(server.metrics().reported.get(), 0);
+}

@@ -116,6 +116,8 @@ pub struct FedrecPrivacyPolicy {
     pub require_sampling: bool,
     /// Refuse rounds without secure aggregation.
     pub require_secure_aggregation: bool,
+    /// Refuse rounds whose noise is not added on the devices (distributed noise).
+    pub require_distributed_noise: bool,
 }
 
 impl From<PrivacyPolicy> for FedrecPrivacyPolicy {
@@ -128,6 +130,7 @@ impl From<PrivacyPolicy> for FedrecPrivacyPolicy {
             min_cohort: p.min_cohort,
             require_sampling: p.require_sampling,
             require_secure_aggregation: p.require_secure_aggregation,
+            require_distributed_noise: p.require_distributed_noise,
         }
     }
 }
@@ -142,6 +145,7 @@ impl From<FedrecPrivacyPolicy> for PrivacyPolicy {
             min_cohort: p.min_cohort,
             require_sampling: p.require_sampling,
             require_secure_aggregation: p.require_secure_aggregation,
+            require_distributed_noise: p.require_distributed_noise,
         }
     }
 }
