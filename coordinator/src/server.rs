@@ -383,7 +383,7 @@ impl Server {
             model: Arc::clone(coordinator.model()),
             last_close: None,
             next_round: coordinator.state().map_or(0, |s| s.next_round),
-            n_ledger_entries: coordinator.ledger().entries().len(),
+            n_ledger_entries: coordinator.ledger().entries().len() + coordinator.ledger().ddp_entries().len(),
             start_refused: None,
         };
         let (status_tx, status_rx) = watch::channel(status);
@@ -1287,7 +1287,8 @@ impl Owner {
             self.record_close(&event, epsilon);
             let model = Arc::clone(self.coordinator.model());
             let next_round = round.saturating_add(1);
-            let n_ledger_entries = self.coordinator.ledger().entries().len();
+            let ledger = self.coordinator.ledger();
+            let n_ledger_entries = ledger.entries().len() + ledger.ddp_entries().len();
             self.status.send_modify(|s| {
                 match &event {
                     CoordinatorEvent::RoundCommitted { .. } => s.n_committed += 1,
