@@ -7,11 +7,12 @@ use fedrec_shared::eval::{ReconstructionScorer, evaluate, score_items};
 use fedrec_shared::train::{reconstruct, validate_ratings};
 use fedrec_shared::{Rating, RoundModel, TrainParams};
 use fedrec_sim::federation::{
-    self, AccountantArg, AggregationKind, MetricsRecord, ObjectiveKind, OptimizerKind, RunConfig, Transport,
-    UserData,
+    self, AccountantArg, AggregationKind, MechanismKind, MetricsRecord, ObjectiveKind, OptimizerKind,
+    RunConfig, Transport, UserData,
 };
 use fedrec_sim::report::{RunReport, SweepPoint, SweepReport};
 use fedrec_sim::segments;
+use fedrec_sim::tune::ConfigFile;
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -34,6 +35,8 @@ enum ClipOpt {
 struct Clipping {
     clip: ClipOpt,
     clip_norm_given: bool,
+    /// The fixed clip norm of the `config` file, if any.
+    file_clip_norm: Option<f32>,
 }
 
 impl Clipping {
@@ -46,7 +49,11 @@ impl Clipping {
             ClipOpt::Auto => noisy,
         };
         if !self.clip_norm_given {
-            c.clip_norm = if c.adaptive_clip { 1.0 } else { RunConfig::defaults(c.objective).clip_norm };
+            c.clip_norm = if c.adaptive_clip {
+                1.0
+            } else {
+                self.file_clip_norm.unwrap_or(RunConfig::defaults(c.objective).clip_norm)
+            };
         }
     }
 }
@@ -60,7 +67,8 @@ struct Options {
 
 /// Every keyword `simulate`, `sweep` and `audit` accept: the `fedrec-sim run` flags with
 /// underscores (data flags excepted: the data is the `Split` argument).
-pub const OPTION_NAMES: [&str; 35] = [
+pub const OPTION_NAMES: [&str; 38] = [
+    "config",
     "objective",
     "rounds",
     "clients_per_round",
@@ -95,6 +103,8 @@ pub const OPTION_NAMES: [&str; 35] = [
     "aggregation",
     "secagg_dropout",
     "secagg_corrupt",
+    "mechanism",
+    "bits",
     "relevance_threshold",
 ];
 
@@ -128,8 +138,17 @@ fn options(opts: &Bound<'_, PyDict>) -> PyResult<Options> {
             return Err(config_err(format!("unknown option {key:?}")));
         }
     }
-    let objective = get_enum::<ObjectiveKind>(opts, "objective")?.unwrap_or(ObjectiveKind::Explicit);
+    let file = match get::<std::path::PathBuf>(opts, "config")? {
+        Some(path) => Some(ConfigFile::read(&path).map_err(|e| config_err(format!("config: {e}")))?),
+        None => None,
+    };
+    let file_objective = file.as_ref().and_then(|f| f.objective());
+    let objective =
+        get_enum::<ObjectiveKind>(opts, "objective")?.or(file_objective).unwrap_or(ObjectiveKind::Explicit);
     let mut c = RunConfig::defaults(objective);
+    if let Some(file) = &file {
+        file.apply(&mut c);
+    }
     macro_rules! set {
         ($($f:literal => $t:ident),*) => { $( if let Some(v) = get(opts, $f)? { c.$t = v; } )* };
     }
@@ -142,6 +161,10 @@ fn options(opts: &Bound<'_, PyDict>) -> PyResult<Options> {
          "checkin_window_ms" => checkin_window_ms, "report_window_ms" => report_window_ms,
          "secagg_dropout" => secagg_dropout, "secagg_corrupt" => secagg_corrupt);
     c.aggregation = get_enum::<AggregationKind>(opts, "aggregation")?.unwrap_or(AggregationKind::Plain);
+    c.mechanism = get_enum::<MechanismKind>(opts, "mechanism")?.unwrap_or(MechanismKind::Central);
+    if let Some(bits) = get(opts, "bits")? {
+        c.bits = bits;
+    }
     c.transport = get_enum::<Transport>(opts, "transport")?.unwrap_or(Transport::Inproc);
     c.epsilon = get(opts, "epsilon")?;
     c.clip_count_noise = get(opts, "clip_count_noise")?;
@@ -151,9 +174,11 @@ fn options(opts: &Bound<'_, PyDict>) -> PyResult<Options> {
     let clipping = Clipping {
         clip: get_enum::<ClipOpt>(opts, "clip")?.unwrap_or(ClipOpt::Auto),
         clip_norm_given: get::<f32>(opts, "clip_norm")?.is_some(),
+        file_clip_norm: file.as_ref().and_then(|f| f.clip_norm()),
     };
-    let noisy = c.epsilon.is_some() || c.noise_multiplier > 0.0;
-    clipping.apply(&mut c, noisy);
+    let noisy_central =
+        (c.epsilon.is_some() || c.noise_multiplier > 0.0) && c.mechanism == MechanismKind::Central;
+    clipping.apply(&mut c, noisy_central);
     if let Some(o) = get_enum::<OptimizerKind>(opts, "optimizer")? {
         c.optimizer = o;
     }
@@ -390,7 +415,7 @@ fn simulate<'py>(
     let Options { mut cfg, relevance_threshold, .. } = self::options(options)?;
     let users = user_data(split, cfg.objective, relevance_threshold)?;
     let info = split.dataset_info();
-    cfg.calibrate(users.train.len()).context_err("calibrating the noise to --epsilon")?;
+    cfg.calibrate_for(users.train.len(), users.n_items).context_err("calibrating the noise to --epsilon")?;
     let mut cb = Callback::default();
     let (res, segments) = py
         .detach(|| {
@@ -431,14 +456,17 @@ fn simulate<'py>(
     Ok((to_py(py, &rep)?, model, cb.stop_requested))
 }
 
-/// Runs `fedrec-sim sweep` on a split: one run per target ε (`None`: the non-private run).
-/// Returns the CLI's JSON report as a dict.
+/// Runs `fedrec-sim sweep` on a split: one run per target ε (`None`: the non-private run),
+/// and with `distributed_bits` the central mechanism and distributed noise at each bit width
+/// per finite ε (a distributed point the bit width cannot reach is skipped, as the CLI skips
+/// it). Returns the CLI's JSON report as a dict.
 #[pyfunction]
-#[pyo3(signature = (split, epsilons, options, on_point=None))]
+#[pyo3(signature = (split, epsilons, distributed_bits, options, on_point=None))]
 fn sweep<'py>(
     py: Python<'py>,
     split: &PySplit,
     epsilons: Vec<Option<f64>>,
+    distributed_bits: Vec<u32>,
     options: &Bound<'py, PyDict>,
     on_point: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
@@ -449,16 +477,34 @@ fn sweep<'py>(
             return Err(config_err(format!("--epsilons: {e} is not a positive ε")));
         }
     }
-    let mut points = Vec::new();
+    // (target, mechanism, bits) for every run of the sweep, as the CLI plans it.
+    let mut plan: Vec<(Option<f64>, MechanismKind, u32)> = Vec::new();
     for target in epsilons {
+        if target.is_some() && !distributed_bits.is_empty() {
+            plan.push((target, MechanismKind::Central, base.bits));
+            plan.extend(distributed_bits.iter().map(|&b| (target, MechanismKind::Distributed, b)));
+        } else {
+            plan.push((target, base.mechanism, base.bits));
+        }
+    }
+    let mut points = Vec::new();
+    for (target, mechanism, bits) in plan {
         let mut cfg = base.clone();
         cfg.epsilon = target;
+        cfg.mechanism = if target.is_none() { MechanismKind::Central } else { mechanism };
+        cfg.bits = bits;
         if target.is_none() {
             cfg.noise_multiplier = 0.0;
         }
-        clipping.apply(&mut cfg, target.is_some());
+        let noisy_central = target.is_some() && cfg.mechanism == MechanismKind::Central;
+        clipping.apply(&mut cfg, noisy_central);
         cfg.eval_every = 0;
-        cfg.calibrate(users.train.len()).context_err("calibrating the noise")?;
+        if let Err(e) = cfg.calibrate_for(users.train.len(), users.n_items) {
+            if cfg.mechanism == MechanismKind::Distributed {
+                continue;
+            }
+            return Err(sim_err(&e.context("calibrating the noise")));
+        }
         let res = py.detach(|| federation::run(&users, &cfg, |_| {})).map_err(|e| sim_err(&e))?;
         let point = SweepPoint {
             target_epsilon: target,
@@ -530,7 +576,8 @@ fn run_config<'py>(
     options: &Bound<'py, PyDict>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let Options { mut cfg, .. } = self::options(options)?;
-    cfg.calibrate(split.inner.n_users()).context_err("calibrating the noise to --epsilon")?;
+    cfg.calibrate_for(split.inner.n_users(), split.inner.n_items())
+        .context_err("calibrating the noise to --epsilon")?;
     to_py(py, &cfg)
 }
 

@@ -44,6 +44,15 @@ def test_a_private_run_agrees_with_the_cli(cli, small: data.Dataset) -> None:
     assert res.config["adaptive_clip"] is True  # --clip auto: adaptive when noisy, as the CLI
 
 
+def test_distributed_noise_agrees_with_the_cli(cli, small: data.Dataset) -> None:
+    dist = {"aggregation": "secure", "mechanism": "distributed", "clip": "fixed", "epsilon": 8.0}
+    res = fedrec.simulate(small, **dist, **RUN)  # type: ignore[arg-type]
+    rep = cli("run", *CLI_RUN, "--aggregation", "secure", "--mechanism", "distributed", "--clip", "fixed",
+              "--epsilon", "8")  # fmt: skip
+    _same_run(res.report, rep)
+    assert res.config["mechanism"] == "distributed" and res.config["adaptive_clip"] is False
+
+
 def test_sweep_agrees_with_the_cli(cli, small: data.Dataset) -> None:
     py = fedrec.sweep(small, [2.0, None], **RUN)
     rep = cli("sweep", *CLI_RUN, "--epsilons", "2,inf")
@@ -134,6 +143,8 @@ def test_bad_options_raise_config_errors(small_split: data.Split) -> None:
         fedrec.simulate(small_split, rounds="many")  # type: ignore[typeddict-item]
     with pytest.raises(fedrec.ConfigError, match="already split"):
         fedrec.simulate(small_split, test_fraction=0.3)
+    with pytest.raises(fedrec.ConfigError, match="config: "):
+        fedrec.simulate(small_split, config="/nonexistent/fedrec-config.json")
 
 
 def test_simulator_errors_carry_the_cli_message(small_split: data.Split, small: data.Dataset) -> None:

@@ -15,6 +15,7 @@ Runs release the GIL. Errors are :class:`FedrecError` subclasses carrying the CL
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ class RunOptions(TypedDict, total=False):
     """The ``fedrec-sim run`` flags, with underscores. Leave one out for the CLI's default
     (``RunConfig::defaults`` of the objective, as the README's tables use)."""
 
+    config: str | os.PathLike[str]
+    """A configuration file (JSON, as ``fedrec-sim tune --out`` writes it); other options override it."""
     objective: Literal["explicit", "implicit"]
     rounds: int
     clients_per_round: int
@@ -102,6 +105,8 @@ class RunOptions(TypedDict, total=False):
     aggregation: Literal["plain", "secure"]
     secagg_dropout: float
     secagg_corrupt: float
+    mechanism: Literal["central", "distributed"]
+    bits: int
     relevance_threshold: float
     test_fraction: float
     split: SplitKind
@@ -170,7 +175,10 @@ class RunResult:
 
 
 def _options(opts: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in opts.items() if v is not None and k not in ("test_fraction", "split")}
+    out = {k: v for k, v in opts.items() if v is not None and k not in ("test_fraction", "split")}
+    if "config" in out:
+        out["config"] = os.fspath(out["config"])
+    return out
 
 
 def _as_split(data: Dataset | Split, opts: dict[str, Any]) -> Split:
@@ -223,6 +231,7 @@ def sweep(
     data: Dataset | Split,
     epsilons: Iterable[float | None] = (0.5, 1, 2, 4, 8, 16, None),
     *,
+    distributed_bits: Iterable[int] = (),
     on_point: Callable[[dict[str, Any]], bool | None] | None = None,
     **options: Unpack[RunOptions],
 ) -> dict[str, Any]:
@@ -230,11 +239,15 @@ def sweep(
     ``float('inf')``: the non-private run). Returns the CLI's JSON report (``points``: one
     dict per ε with the calibrated noise, the spend and the metrics). ``on_point(point)`` sees
     each point as it finishes; returning ``False`` ends the sweep there.
+
+    ``distributed_bits`` (``--distributed-bits``, needs ``aggregation="secure"``): at every
+    finite ε, the central mechanism and then distributed noise at each of these bit widths;
+    a distributed point the bit width cannot reach is left out, as the CLI leaves it out.
     """
     targets = [None if e is None or e == float("inf") else float(e) for e in epsilons]
     opts = dict(options)
     split = _as_split(data, opts)
-    return _fedrec.sweep(split, targets, _options(opts), on_point)
+    return _fedrec.sweep(split, targets, [int(b) for b in distributed_bits], _options(opts), on_point)
 
 
 def audit(

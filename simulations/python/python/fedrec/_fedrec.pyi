@@ -149,6 +149,7 @@ def simulate(
 def sweep(
     split: Split,
     epsilons: list[float | None],
+    distributed_bits: list[int],
     options: dict[str, Any],
     on_point: Callable[[dict[str, Any]], Any] | None = None,
 ) -> dict[str, Any]: ...
