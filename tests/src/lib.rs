@@ -3,6 +3,7 @@
 
 pub mod coordinator;
 pub mod curious;
+pub mod postgres;
 pub mod relay;
 pub mod server;
 
