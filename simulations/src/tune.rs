@@ -845,8 +845,8 @@ fn print_summary(rep: &TuneReport) {
 /// trial still fits in the budget.
 #[derive(Debug, Default)]
 struct CostModel {
-    /// The largest rate seen (a pessimistic estimate).
-    seconds_per_unit: Option<f64>,
+    /// The rate of every finished trial.
+    rates: Vec<f64>,
 }
 
 fn cost_units(cfg: &RunConfig) -> f64 {
@@ -855,12 +855,19 @@ fn cost_units(cfg: &RunConfig) -> f64 {
 
 impl CostModel {
     fn observe(&mut self, cfg: &RunConfig, seconds: f64) {
-        let rate = seconds / cost_units(cfg).max(1.0);
-        self.seconds_per_unit = Some(self.seconds_per_unit.map_or(rate, |r| r.max(rate)));
+        self.rates.push(seconds / cost_units(cfg).max(1.0));
     }
 
+    /// The median rate, with a margin, times the trial's size. Small trials pay more per unit
+    /// (checkpoints, round overheads), so the largest rate would be far too pessimistic for
+    /// large ones, and one expensive draw would end the search.
     fn estimate(&self, cfg: &RunConfig) -> f64 {
-        self.seconds_per_unit.map_or(0.0, |r| r * cost_units(cfg))
+        if self.rates.is_empty() {
+            return 0.0;
+        }
+        let mut r = self.rates.clone();
+        r.sort_by(f64::total_cmp);
+        1.25 * r[r.len() / 2] * cost_units(cfg)
     }
 }
 
@@ -1066,7 +1073,15 @@ impl<R: Rng + Send + Sync> Search<'_, R> {
                     .collect();
                 done.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.config_id.cmp(&b.1.config_id)));
                 let keep = (candidates.len() / eta).max(1);
-                candidates = done.into_iter().take(keep).map(|(_, c)| c).collect();
+                // The base configuration always goes on to full length: short rungs favour fast
+                // learning rates, and the tuned result should never lose to the starting point
+                // on validation for want of rounds.
+                candidates = done
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(rank, (_, c))| *rank < keep || c.config_id == 0)
+                    .map(|(_, (_, c))| c)
+                    .collect();
                 if candidates.is_empty() {
                     break;
                 }
@@ -1126,6 +1141,7 @@ impl<R: Rng + Send + Sync> Search<'_, R> {
         let threads = (self.base.threads / workers).max(1);
         let results: Vec<Mutex<Option<f64>>> = candidates.iter().map(|_| Mutex::new(None)).collect();
         let next = AtomicUsize::new(0);
+        let ran = AtomicUsize::new(0);
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
@@ -1138,9 +1154,10 @@ impl<R: Rng + Send + Sync> Search<'_, R> {
                         cfg.rounds = rounds;
                         cfg.threads = threads;
                         if !self.fits(&cfg, first + k) {
-                            self.out_of_time.store(true, Ordering::Relaxed);
-                            break;
+                            // Too expensive for what is left; a cheaper one may still fit.
+                            continue;
                         }
+                        ran.fetch_add(1, Ordering::Relaxed);
                         self.launched.fetch_max(first + k + 1, Ordering::Relaxed);
                         let rec = self.trial(first + k, &candidates[k], bracket, rung, cfg);
                         let loss = rec.validation.map(|m| self.metric.loss(&m));
@@ -1158,7 +1175,11 @@ impl<R: Rng + Send + Sync> Search<'_, R> {
                 });
             }
         });
-        // Trials skipped for time leave a gap in the numbering only at the end of the search.
+        // A trial skipped for time leaves a gap in the numbering; when a whole rung is
+        // skipped, nothing fits any more.
+        if allowed > 0 && ran.load(Ordering::Relaxed) == 0 {
+            self.out_of_time.store(true, Ordering::Relaxed);
+        }
         results.into_iter().map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).collect()
     }
 
@@ -1180,11 +1201,16 @@ impl<R: Rng + Send + Sync> Search<'_, R> {
         if self.out_of_time.load(Ordering::Relaxed) {
             return false;
         }
+        let left = self.budget.as_secs_f64() - self.start.elapsed().as_secs_f64();
+        if left <= 0.0 {
+            self.out_of_time.store(true, Ordering::Relaxed);
+            return false;
+        }
         let cost = self.cost.lock().unwrap_or_else(|e| e.into_inner());
+        // Room for the final run too, estimated as this configuration at full length.
         let mut final_run = cfg.clone();
         final_run.rounds = final_run.rounds.max(self.base.rounds);
-        let needed = cost.estimate(cfg) + cost.estimate(&final_run);
-        self.start.elapsed().as_secs_f64() + needed < self.budget.as_secs_f64()
+        cost.estimate(cfg) + cost.estimate(&final_run) < left
     }
 
     /// One federation of the validation data; its score is the best checkpoint.
@@ -1197,9 +1223,10 @@ impl<R: Rng + Send + Sync> Search<'_, R> {
         mut cfg: RunConfig,
     ) -> TrialRecord {
         let t0 = Instant::now();
-        // Early stopping picks a round among checkpoints, about twenty per trial. A noisy run
-        // is calibrated for its full length, so it is scored at its end only.
-        cfg.eval_every = if self.early_stop { (cfg.rounds / 20).max(1) } else { 0 };
+        // Early stopping picks a round among checkpoints, about twelve per trial (on ML-100K
+        // an evaluation costs as much as a few dozen rounds). A noisy run is calibrated for
+        // its full length, so it is scored at its end only.
+        cfg.eval_every = if self.early_stop { (cfg.rounds / 12).max(1) } else { 0 };
         let mut best: Option<(usize, MetricsRecord)> = None;
         let outcome = cfg.calibrate(self.data.train.len()).and_then(|()| {
             federation::run(self.data, &cfg, |rec| {
