@@ -79,8 +79,11 @@ fn ratings(n_users: usize) -> Vec<Vec<Rating>> {
     ratings_by_user(n_users, low_rank_ratings(n_users, SHAPE.n_items, 3, 12, 0.1, 11))
 }
 
-/// Everything a resumed coordinator depends on, as bits.
-fn fingerprint(s: &CoordinatorState) -> (Vec<u32>, Vec<(u64, u64, u64)>, u64, u64, u32) {
+/// Everything a resumed coordinator depends on, as bits: model values, ledger entries
+/// (round, q, noise multiplier), version, next round and clip norm.
+type Fingerprint = (Vec<u32>, Vec<(u64, u64, u64)>, u64, u64, u32);
+
+fn fingerprint(s: &CoordinatorState) -> Fingerprint {
     let model = s.model.item_factors.iter().chain(s.model.item_bias.iter()).map(|v| v.to_bits()).collect();
     let ledger =
         s.ledger.entries().iter().map(|e| (e.round, e.q.to_bits(), e.noise_multiplier.to_bits())).collect();

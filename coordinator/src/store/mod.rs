@@ -306,7 +306,7 @@ impl StoreSection {
 #[derive(Debug)]
 enum Backend {
     Sqlite(sqlite::SqliteStore),
-    Postgres(pg::PgStore),
+    Postgres(Box<pg::PgStore>),
 }
 
 /// The coordinator's database, SQLite or PostgreSQL. One writer of rounds: the task that owns
@@ -330,7 +330,7 @@ pub struct PreparedCommit<'a> {
 #[derive(Debug)]
 enum Prepared<'a> {
     Sqlite(sqlite::SqlitePrepared<'a>),
-    Postgres(&'a pg::PgStore, pg::PgCommit),
+    Postgres(&'a pg::PgStore, Box<pg::PgCommit>),
 }
 
 impl PreparedCommit<'_> {
@@ -338,7 +338,7 @@ impl PreparedCommit<'_> {
     pub fn commit(self) -> Result<(), StoreError> {
         match self.inner {
             Prepared::Sqlite(p) => p.commit(),
-            Prepared::Postgres(store, commit) => store.write_commit(commit),
+            Prepared::Postgres(store, commit) => store.write_commit(*commit),
         }
     }
 }
@@ -370,7 +370,7 @@ impl Store {
     /// Connects to a PostgreSQL database and creates the schema if it has none (a newer
     /// schema is refused). The session does not lead until [`Store::lead`].
     pub fn open_postgres(config: &::postgres::Config, options: StoreOptions) -> Result<Self, StoreError> {
-        Ok(Self { backend: Backend::Postgres(pg::PgStore::connect(config, options)?) })
+        Ok(Self { backend: Backend::Postgres(Box::new(pg::PgStore::connect(config, options)?)) })
     }
 
     /// Opens the store at `location`.
@@ -448,7 +448,9 @@ impl Store {
     ) -> Result<PreparedCommit<'_>, StoreError> {
         let inner = match &mut self.backend {
             Backend::Sqlite(s) => Prepared::Sqlite(s.prepare_commit_round(state, stats, at_ms)?),
-            Backend::Postgres(s) => Prepared::Postgres(s, pg::PgStore::prepare_commit(state, stats, at_ms)?),
+            Backend::Postgres(s) => {
+                Prepared::Postgres(s, Box::new(pg::PgStore::prepare_commit(state, stats, at_ms)?))
+            }
         };
         Ok(PreparedCommit { inner })
     }
