@@ -148,6 +148,21 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
     /// coordinator. The devices' training runs on worker threads that live for all the
     /// rounds (a pool per call, not per round: fresh threads would fault in fresh memory).
     pub fn run_rounds(&mut self, n_rounds: usize, mut on_round: impl FnMut(&RoundReport, &Coordinator<R>)) {
+        self.run_rounds_until(n_rounds, |report, coordinator| {
+            on_round(report, coordinator);
+            std::ops::ControlFlow::Continue(())
+        });
+    }
+
+    /// [`Federation::run_rounds`], stopping early after the first round for which `on_round`
+    /// returns [`std::ops::ControlFlow::Break`] (e.g. a researcher's early stopping). Returns
+    /// the number of rounds run.
+    pub fn run_rounds_until(
+        &mut self,
+        n_rounds: usize,
+        mut on_round: impl FnMut(&RoundReport, &Coordinator<R>) -> std::ops::ControlFlow<()>,
+    ) -> usize {
+        let mut n_run = 0;
         let n_threads = self.config.n_threads.max(1);
         std::thread::scope(|s| {
             let (job_tx, job_rx) = mpsc::channel::<Job<'a>>();
@@ -174,10 +189,14 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
             let pool = Pool { jobs: job_tx, done: done_rx };
             for _ in 0..n_rounds {
                 let report = self.round(&pool);
-                on_round(&report, &self.coordinator);
+                n_run += 1;
+                if on_round(&report, &self.coordinator).is_break() {
+                    break;
+                }
             }
             // Dropping the pool closes the job queue: the workers finish.
         });
+        n_run
     }
 
     /// One round to its close: every device checks in (in a random order), selected

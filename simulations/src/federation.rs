@@ -1,5 +1,6 @@
 //! One simulated federation: every user of a split is a device; the real coordinator and client machines run rounds through the shared harness.
 
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant as WallClock};
 
 use fedrec_shared::danger;
@@ -587,6 +588,20 @@ pub fn run(
     cfg: &RunConfig,
     mut on_round: impl FnMut(&RoundRecord),
 ) -> anyhow::Result<RunResult> {
+    run_until(data, cfg, |rec| {
+        on_round(rec);
+        ControlFlow::Continue(())
+    })
+}
+
+/// [`run`], stopping after the first round for which `on_round` returns
+/// [`ControlFlow::Break`] (early stopping): the result is the model, metrics and privacy
+/// spend of the rounds that ran. Same rounds, same numbers as [`run`] up to that round.
+pub fn run_until(
+    data: &UserData,
+    cfg: &RunConfig,
+    mut on_round: impl FnMut(&RoundRecord) -> ControlFlow<()>,
+) -> anyhow::Result<RunResult> {
     let model = initial_model(data, cfg)?;
     let config = coordinator_config(cfg, data.train.len())?;
     // What one committed round charges (the same for every round of a run).
@@ -607,7 +622,7 @@ pub fn run(
     let mut train_time = Duration::ZERO;
     let mut client_updates = 0;
     let mut clock = WallClock::now();
-    let record = |view: RoundView<'_>| {
+    let record = |view: RoundView<'_>| -> ControlFlow<()> {
         train_time += clock.elapsed();
         let report = view.report;
         let (committed, n_reported, n_dropped, clip_norm, unclipped) = match &report.event {
@@ -640,9 +655,10 @@ pub fn run(
             },
             metrics,
         };
-        on_round(&rec);
+        let flow = on_round(&rec);
         history.push(rec);
         clock = WallClock::now();
+        flow
     };
     let finished = match cfg.transport {
         Transport::Inproc => run_inproc(data, cfg, config, model, record)?,
@@ -706,13 +722,13 @@ fn run_inproc(
     cfg: &RunConfig,
     config: CoordinatorConfig,
     model: GlobalModel,
-    mut on_round: impl FnMut(RoundView<'_>),
+    mut on_round: impl FnMut(RoundView<'_>) -> ControlFlow<()>,
 ) -> anyhow::Result<Finished> {
     let coordinator = Coordinator::new(config, model, danger::seeded_rng(coordinator_seed(cfg)))?;
     let harness = HarnessConfig { dropout: cfg.dropout, n_threads: cfg.threads, ..HarnessConfig::default() };
     let mut fed = Federation::new(coordinator, &data.train, harness, danger::seeded_rng(harness_seed(cfg)));
-    fed.run_rounds(cfg.rounds, |report, coordinator| {
-        on_round(RoundView { report, model: coordinator.model(), clip_norm: coordinator.clip_norm() });
+    fed.run_rounds_until(cfg.rounds, |report, coordinator| {
+        on_round(RoundView { report, model: coordinator.model(), clip_norm: coordinator.clip_norm() })
     });
     Ok(Finished {
         model: (**fed.coordinator.model()).clone(),

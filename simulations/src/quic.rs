@@ -451,7 +451,7 @@ pub(crate) fn run_rounds(
     cfg: &RunConfig,
     config: CoordinatorConfig,
     model: GlobalModel,
-    mut on_round: impl FnMut(RoundView<'_>),
+    mut on_round: impl FnMut(RoundView<'_>) -> std::ops::ControlFlow<()>,
 ) -> anyhow::Result<Finished> {
     check_supported(cfg)?;
     let poisson = matches!(config.selection, Selection::Poisson { .. });
@@ -530,7 +530,9 @@ pub(crate) fn run_rounds(
                     );
                 }
             }
-            on_round(RoundView { report: &devices.report, model: &s.model, clip_norm });
+            if on_round(RoundView { report: &devices.report, model: &s.model, clip_norm }).is_break() {
+                break;
+            }
         }
         fleet.shutdown().await;
         let s = status.borrow().clone();

@@ -1,5 +1,6 @@
 //! `fedrec.simulate`, `fedrec.sweep`, `fedrec.audit` and the trained `Model`: the federation of `fedrec-sim run` (`fedrec_sim::federation::run`), configured from keyword arguments exactly as the CLI configures it from flags.
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use clap::ValueEnum;
@@ -218,10 +219,11 @@ struct Callback {
 }
 
 impl Callback {
-    /// Calls `f` with the round's record as a dict, unless it already asked to stop or failed.
-    fn call(&mut self, f: &Py<PyAny>, rec: &federation::RoundRecord) {
+    /// Calls `f` with the round's record as a dict; the run stops after this round when it
+    /// returned `False` or raised.
+    fn call(&mut self, f: &Py<PyAny>, rec: &federation::RoundRecord) -> ControlFlow<()> {
         if self.stop_requested.is_some() || self.error.is_some() {
-            return;
+            return ControlFlow::Break(());
         }
         Python::attach(|py| {
             let out = py.check_signals().and_then(|()| to_py(py, rec)).and_then(|d| f.call1(py, (d,)));
@@ -234,6 +236,11 @@ impl Callback {
                 Err(e) => self.error = Some(e),
             }
         });
+        if self.stop_requested.is_some() || self.error.is_some() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     }
 }
 
@@ -419,10 +426,9 @@ fn simulate<'py>(
     let mut cb = Callback::default();
     let (res, segments) = py
         .detach(|| {
-            let res = federation::run(&users, &cfg, |rec| {
-                if let Some(f) = &on_round {
-                    cb.call(f, rec);
-                }
+            let res = federation::run_until(&users, &cfg, |rec| match &on_round {
+                Some(f) => cb.call(f, rec),
+                None => ControlFlow::Continue(()),
             })?;
             let segments = segments::report(&res.model, &cfg.train_params(), &users.train, cfg.seed);
             anyhow::Ok((res, segments))

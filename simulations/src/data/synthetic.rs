@@ -98,6 +98,8 @@ pub fn synthetic(p: &SyntheticParams) -> Result<Dataset, DataError> {
     let activity = LogNormal::new(p.median_activity.max(1.0).ln(), sigma).map_err(|_| bad("activity"))?;
     let noise = Normal::new(0.0, p.noise.max(0.0)).map_err(|_| bad("noise"))?;
     let max_activity = (p.n_items / 2).max(1);
+    // A small catalogue caps activity below the usual minimum: users then rate half of it.
+    let min_activity = p.min_activity.min(max_activity);
     let n_chunks = p.n_users.div_ceil(USERS_PER_CHUNK);
     let n_threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(n_chunks).max(1);
     let mut chunks: Vec<Vec<Interaction>> = vec![Vec::new(); n_chunks];
@@ -120,7 +122,7 @@ pub fn synthetic(p: &SyntheticParams) -> Result<Dataset, DataError> {
                         }
                         let user_bias = 0.3 * normal.sample(&mut rng);
                         let n_u =
-                            (activity.sample(&mut rng).round() as usize).clamp(p.min_activity, max_activity);
+                            (activity.sample(&mut rng).round() as usize).clamp(min_activity, max_activity);
                         seen.clear();
                         let mut t0 = 880_000_000 + rng.random_range(0..10_000_000i64);
                         let mut tries = 0usize;
@@ -173,6 +175,17 @@ pub fn synthetic(p: &SyntheticParams) -> Result<Dataset, DataError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_catalogue_smaller_than_the_minimum_activity_still_generates() {
+        // 30 items: at most 15 per user, below the usual floor of 20 (this used to panic).
+        let data = synthetic(&SyntheticParams::movielens_like(50, 30, 3)).expect("valid params");
+        let mut per_user = vec![0usize; 50];
+        for x in &data.interactions {
+            per_user[x.user as usize] += 1;
+        }
+        assert!(per_user.iter().all(|&n| (1..=15).contains(&n)), "{per_user:?}");
+    }
 
     #[test]
     fn synthetic_is_deterministic_and_movielens_shaped() {

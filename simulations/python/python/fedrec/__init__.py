@@ -16,7 +16,6 @@ Runs release the GIL. Errors are :class:`FedrecError` subclasses carrying the CL
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, Unpack
@@ -44,7 +43,6 @@ __all__ = [
     "ConfigError",
     "DataError",
     "Dataset",
-    "EarlyStopWarning",
     "FedrecError",
     "FetchError",
     "MalformedDataError",
@@ -112,15 +110,6 @@ class RunOptions(TypedDict, total=False):
     split: SplitKind
 
 
-class EarlyStopWarning(UserWarning):
-    """The per-round callback returned ``False``, but the run went on to its last round.
-
-    ``fedrec_sim::federation::run`` has no way to stop between rounds yet; the callback is
-    not called again after it asked to stop, and :attr:`RunResult.stop_requested_round` says
-    when it asked.
-    """
-
-
 @dataclass(frozen=True)
 class RunResult:
     """What :func:`simulate` returns."""
@@ -130,8 +119,8 @@ class RunResult:
     model: Model
     """The final global model."""
     stop_requested_round: int | None = None
-    """The round after which ``on_round`` returned ``False`` (the run went on; see
-    :class:`EarlyStopWarning`)."""
+    """The round after which ``on_round`` returned ``False`` and the run stopped (``None``: it
+    ran all its rounds). The model, metrics and privacy spend are those of the rounds run."""
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -209,21 +198,15 @@ def simulate(
     ``on_round(record)`` is called after every round with the round's record (a dict:
     ``round``, ``committed``, ``n_reported``, ``n_dropped``, ``clipped_fraction``,
     ``clip_norm``, ``unclipped_fraction_estimate``, ``metrics`` on evaluated rounds). If it
-    raises, the exception is re-raised after the run; if it returns ``False`` it is not
-    called again and an :class:`EarlyStopWarning` says that the run still went to the end.
+    raises, the run stops after that round and the exception is re-raised; if it returns
+    ``False`` the run stops after that round (early stopping): the result holds the model,
+    metrics and privacy spend of the rounds that ran.
 
     The GIL is released while the rounds run (the callback takes it back briefly).
     """
     opts = dict(options)
     split = _as_split(data, opts)
     report, model, stop = _fedrec.simulate(split, _options(opts), on_round)
-    if stop is not None:
-        warnings.warn(
-            f"on_round returned False after round {stop}, but fedrec cannot stop a run early yet: "
-            f"it ran all {report['config']['rounds']} rounds",
-            EarlyStopWarning,
-            stacklevel=2,
-        )
     return RunResult(report=report, model=model, stop_requested_round=stop)
 
 
