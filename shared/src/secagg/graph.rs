@@ -97,33 +97,17 @@ impl Graph {
     /// Fails for `n = 0`, for an odd or zero `k < n − 1`, and for graphs whose adjacency table
     /// would exceed [`MAX_ADJACENCY_ENTRIES`].
     pub fn harary(n: usize, k: usize, seed: &[u8; 32]) -> Result<Graph, GraphError> {
-        if n == 0 {
-            return Err(GraphError::Empty);
-        }
-        if k >= n - 1 {
+        if harary_degree(n, k)? == n - 1 {
             return Graph::complete(n);
         }
-        if k == 0 {
-            return Err(GraphError::ZeroDegree { n });
-        }
-        if !k.is_multiple_of(2) {
-            return Err(GraphError::OddDegree { k, n });
-        }
-        check_size(n, k)?;
         let label = random_permutation(n, seed);
         let mut position = vec![0u32; n];
         for (p, &l) in label.iter().enumerate() {
             position[l as usize] = ring_index(p);
         }
-        let half = k / 2;
         let mut adjacency = vec![0u32; n * k];
         for (node, row) in adjacency.chunks_exact_mut(k).enumerate() {
-            let p = position[node] as usize;
-            for offset in 1..=half {
-                row[2 * (offset - 1)] = label[(p + offset) % n];
-                row[2 * (offset - 1) + 1] = label[(p + n - offset) % n];
-            }
-            row.sort_unstable();
+            ring_row(&label, position[node] as usize, row);
         }
         Ok(Graph { n, degree: k, complete: false, position, adjacency })
     }
@@ -133,32 +117,18 @@ impl Graph {
     /// check the neighbour list it was sent. Fails as [`Graph::harary`] does; empty when
     /// `i ≥ n`.
     pub fn harary_neighbours(n: usize, k: usize, seed: &[u8; 32], i: usize) -> Result<Vec<u32>, GraphError> {
-        if n == 0 {
-            return Err(GraphError::Empty);
-        }
+        let degree = harary_degree(n, k)?;
         if i >= n {
             return Ok(Vec::new());
         }
-        if k >= n - 1 {
-            check_size(n, n - 1)?;
+        if degree == n - 1 {
             return Ok((0..n).filter(|&j| j != i).map(ring_index).collect());
         }
-        if k == 0 {
-            return Err(GraphError::ZeroDegree { n });
-        }
-        if !k.is_multiple_of(2) {
-            return Err(GraphError::OddDegree { k, n });
-        }
-        check_size(n, k)?;
         let label = random_permutation(n, seed);
         // Ring positions are a bijection: find node i's.
         let p = label.iter().position(|&l| l as usize == i).unwrap_or(0);
-        let mut row = Vec::with_capacity(k);
-        for offset in 1..=k / 2 {
-            row.push(label[(p + offset) % n]);
-            row.push(label[(p + n - offset) % n]);
-        }
-        row.sort_unstable();
+        let mut row = vec![0u32; degree];
+        ring_row(&label, p, &mut row);
         Ok(row)
     }
 
@@ -214,6 +184,37 @@ impl Graph {
         let gap = pi.abs_diff(pj);
         gap.min(self.n - gap) <= self.degree / 2
     }
+}
+
+/// The degree of `H(k, n)` (`n − 1` when it is the complete graph), after the checks
+/// [`Graph::harary`] documents.
+fn harary_degree(n: usize, k: usize) -> Result<usize, GraphError> {
+    if n == 0 {
+        return Err(GraphError::Empty);
+    }
+    if k >= n - 1 {
+        check_size(n, n - 1)?;
+        return Ok(n - 1);
+    }
+    if k == 0 {
+        return Err(GraphError::ZeroDegree { n });
+    }
+    if !k.is_multiple_of(2) {
+        return Err(GraphError::OddDegree { k, n });
+    }
+    check_size(n, k)?;
+    Ok(k)
+}
+
+/// Fills `row` (`k` entries) with the labels at ring distance `1..=k/2` either side of ring
+/// position `p`, ascending.
+fn ring_row(label: &[u32], p: usize, row: &mut [u32]) {
+    let n = label.len();
+    for offset in 1..=row.len() / 2 {
+        row[2 * (offset - 1)] = label[(p + offset) % n];
+        row[2 * (offset - 1) + 1] = label[(p + n - offset) % n];
+    }
+    row.sort_unstable();
 }
 
 fn check_size(n: usize, degree: usize) -> Result<(), GraphError> {
