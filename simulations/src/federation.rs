@@ -538,6 +538,59 @@ pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> anyhow::Result<Coo
     })
 }
 
+/// One run of a privacy/utility sweep as `fedrec-sim sweep` plans it: a target ε (`None`:
+/// the non-private run), the mechanism and its bits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlannedPoint {
+    /// The target ε; `None` is the non-private run.
+    pub target: Option<f64>,
+    /// Who adds the noise.
+    pub mechanism: MechanismKind,
+    /// Bits of the distributed encoding.
+    pub bits: u32,
+}
+
+/// The runs of a sweep over `targets`: with `distributed_bits`, at every finite target the
+/// central mechanism and then distributed noise at each width; otherwise `base`'s mechanism.
+pub fn sweep_plan(targets: &[Option<f64>], base: &RunConfig, distributed_bits: &[u32]) -> Vec<PlannedPoint> {
+    let mut plan = Vec::new();
+    for &target in targets {
+        if target.is_some() && !distributed_bits.is_empty() {
+            plan.push(PlannedPoint { target, mechanism: MechanismKind::Central, bits: base.bits });
+            plan.extend(distributed_bits.iter().map(|&bits| PlannedPoint {
+                target,
+                mechanism: MechanismKind::Distributed,
+                bits,
+            }));
+        } else {
+            plan.push(PlannedPoint { target, mechanism: base.mechanism, bits: base.bits });
+        }
+    }
+    plan
+}
+
+impl PlannedPoint {
+    /// `base` for this point: its target ε, mechanism and bits, no noise for the non-private
+    /// run (whose mechanism is central), no evaluation between rounds. Clipping is the
+    /// caller's, after [`PlannedPoint::noisy_central`].
+    pub fn config(&self, base: &RunConfig) -> RunConfig {
+        let mut cfg = base.clone();
+        cfg.epsilon = self.target;
+        cfg.mechanism = if self.target.is_none() { MechanismKind::Central } else { self.mechanism };
+        cfg.bits = self.bits;
+        if self.target.is_none() {
+            cfg.noise_multiplier = 0.0;
+        }
+        cfg.eval_every = 0;
+        cfg
+    }
+
+    /// Whether the point is noised on the coordinator.
+    pub fn noisy_central(&self) -> bool {
+        self.target.is_some() && self.mechanism == MechanismKind::Central
+    }
+}
+
 /// The model every run starts from (drawn from `cfg.seed`).
 pub fn initial_model(data: &UserData, cfg: &RunConfig) -> anyhow::Result<GlobalModel> {
     let shape = ModelShape { n_items: data.n_items, dim: cfg.dim, n_segments: cfg.n_segments };

@@ -678,27 +678,10 @@ fn sweep(args: &SweepArgs) -> Result<()> {
         }
     }
     let mut points = Vec::new();
-    // (target, mechanism, bits) for every run of the sweep.
-    let mut plan: Vec<(Option<f64>, MechanismKind, u32)> = Vec::new();
-    for target in targets {
-        if target.is_some() && !args.distributed_bits.is_empty() {
-            plan.push((target, MechanismKind::Central, base.bits));
-            plan.extend(args.distributed_bits.iter().map(|&b| (target, MechanismKind::Distributed, b)));
-        } else {
-            plan.push((target, base.mechanism, base.bits));
-        }
-    }
-    for (target, mechanism, bits) in plan {
-        let mut cfg = base.clone();
-        cfg.epsilon = target;
-        cfg.mechanism = if target.is_none() { MechanismKind::Central } else { mechanism };
-        cfg.bits = bits;
-        if target.is_none() {
-            cfg.noise_multiplier = 0.0;
-        }
-        let noisy_central = target.is_some() && cfg.mechanism == MechanismKind::Central;
-        args.run.set_clipping(&mut cfg, noisy_central);
-        cfg.eval_every = 0;
+    for point in federation::sweep_plan(&targets, &base, &args.distributed_bits) {
+        let target = point.target;
+        let mut cfg = point.config(&base);
+        args.run.set_clipping(&mut cfg, point.noisy_central());
         let label = target.map(|e| format!("{e}")).unwrap_or_else(|| "∞".to_owned());
         if let Err(e) = cfg.calibrate_for(users.train.len(), users.n_items) {
             // At a fixed bit width the effective noise multiplier is bounded: a target beyond

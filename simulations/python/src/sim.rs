@@ -483,28 +483,11 @@ fn sweep<'py>(
             return Err(config_err(format!("--epsilons: {e} is not a positive ε")));
         }
     }
-    // (target, mechanism, bits) for every run of the sweep, as the CLI plans it.
-    let mut plan: Vec<(Option<f64>, MechanismKind, u32)> = Vec::new();
-    for target in epsilons {
-        if target.is_some() && !distributed_bits.is_empty() {
-            plan.push((target, MechanismKind::Central, base.bits));
-            plan.extend(distributed_bits.iter().map(|&b| (target, MechanismKind::Distributed, b)));
-        } else {
-            plan.push((target, base.mechanism, base.bits));
-        }
-    }
     let mut points = Vec::new();
-    for (target, mechanism, bits) in plan {
-        let mut cfg = base.clone();
-        cfg.epsilon = target;
-        cfg.mechanism = if target.is_none() { MechanismKind::Central } else { mechanism };
-        cfg.bits = bits;
-        if target.is_none() {
-            cfg.noise_multiplier = 0.0;
-        }
-        let noisy_central = target.is_some() && cfg.mechanism == MechanismKind::Central;
-        clipping.apply(&mut cfg, noisy_central);
-        cfg.eval_every = 0;
+    for point in federation::sweep_plan(&epsilons, &base, &distributed_bits) {
+        let target = point.target;
+        let mut cfg = point.config(&base);
+        clipping.apply(&mut cfg, point.noisy_central());
         if let Err(e) = cfg.calibrate_for(users.train.len(), users.n_items) {
             if cfg.mechanism == MechanismKind::Distributed {
                 continue;
