@@ -47,7 +47,7 @@ use fedrec_shared::update::{ClippedUpdate, UpdateVector};
 use rand::Rng;
 use serde::Serialize;
 
-use fedrec_sim::federation::{self, RunConfig, UserData};
+use crate::federation::{self, RunConfig, UserData};
 
 /// What the audit adds to a run's configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]

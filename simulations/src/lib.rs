@@ -1,6 +1,7 @@
 //! fedrec-sim: the researchers' simulator — datasets, splits, in-process federations over the real round state machines, baselines, reports and plots.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod baseline;
 pub mod data;
 pub mod federation;

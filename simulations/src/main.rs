@@ -3,8 +3,6 @@
 
 use std::path::PathBuf;
 
-mod audit;
-
 /// The simulator allocates and frees a dense update per device per round on worker threads;
 /// glibc hands those pages back to the kernel every round and faults them in again, which
 /// cost more than training. mimalloc keeps them.
@@ -21,7 +19,7 @@ use fedrec_sim::federation::{
     UserData,
 };
 use fedrec_sim::report::{self, BaselineReport, DatasetInfo, RunReport};
-use fedrec_sim::{baseline, loadbench, plot, segments};
+use fedrec_sim::{audit, baseline, loadbench, plot, segments};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser, Debug)]

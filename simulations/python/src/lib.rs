@@ -6,11 +6,6 @@
 //! docstrings and type stubs.
 #![forbid(unsafe_code)]
 
-/// The CLI's audit, compiled from its own source: `fedrec-sim` keeps it in the binary, not in
-/// the library (it refers to the library as `fedrec_sim::` and to `crate::federation`).
-#[allow(dead_code)]
-#[path = "../../src/audit.rs"]
-mod audit;
 mod convert;
 mod data;
 mod errors;
@@ -18,9 +13,6 @@ mod privacy;
 mod sim;
 
 use pyo3::prelude::*;
-
-// `audit` names the federation module as `crate::federation`, as it does inside `fedrec-sim`.
-use fedrec_sim::federation;
 
 /// The native module. Its submodules' functions are registered flat, with prefixes the Python
 /// package strips (`privacy_epsilon` becomes `fedrec.privacy.epsilon`).

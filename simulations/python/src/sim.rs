@@ -18,10 +18,10 @@ use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::audit;
 use crate::convert::to_py;
 use crate::data::PySplit;
 use crate::errors::{DataError, SimulationError, config_err, sim_err};
+use fedrec_sim::audit;
 
 /// `--clip`: fixed or adaptive clipping, or adaptive exactly when the run is noisy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
