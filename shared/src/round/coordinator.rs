@@ -760,23 +760,15 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             return Err(StartError::RoundOpen(r.idx));
         }
         let idx = self.next_round;
-        if let (Some(policy), Some(charge)) = (&self.config.privacy, self.round_charge(idx)) {
+        if let Some(policy) = &self.config.privacy {
+            // What the ledger would have spent after this round (central or distributed).
             let delta = policy.budget.delta();
-            let would_spend = self.ledger.epsilon_with(&charge, delta, policy.accountant)?;
-            if would_spend > policy.budget.epsilon() {
-                let spent = self.ledger.epsilon(delta, policy.accountant)?;
-                return Err(StartError::BudgetExhausted {
-                    spent,
-                    would_spend,
-                    budget: policy.budget.epsilon(),
-                    delta,
-                });
-            }
-        }
-        if let (Some(policy), Some(charge)) = (&self.config.privacy, self.round_ddp_charge(idx)) {
-            let delta = policy.budget.delta();
-            let would_spend = self.ledger.epsilon_with_ddp(&charge, delta)?;
-            if would_spend > policy.budget.epsilon() {
+            let would_spend = match (self.round_charge(idx), self.round_ddp_charge(idx)) {
+                (Some(charge), _) => Some(self.ledger.epsilon_with(&charge, delta, policy.accountant)?),
+                (None, Some(charge)) => Some(self.ledger.epsilon_with_ddp(&charge, delta)?),
+                (None, None) => None,
+            };
+            if let Some(would_spend) = would_spend.filter(|&e| e > policy.budget.epsilon()) {
                 let spent = self.ledger.epsilon(delta, policy.accountant)?;
                 return Err(StartError::BudgetExhausted {
                     spent,
