@@ -538,6 +538,49 @@ pub fn coordinator_config(cfg: &RunConfig, n_users: usize) -> anyhow::Result<Coo
     })
 }
 
+/// `--clip`: how updates are clipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+pub enum ClipMode {
+    /// Adaptive when the run adds noise, fixed otherwise.
+    Auto,
+    /// A fixed clip norm (--clip-norm).
+    Fixed,
+    /// Quantile tracking from --clip-norm (Andrew et al. 2021).
+    Adaptive,
+}
+
+/// What a run decides about clipping from its options: the mode, whether a clip norm was
+/// given, and a configuration file's fixed clip norm.
+#[derive(Debug, Clone, Copy)]
+pub struct Clipping {
+    /// `--clip`.
+    pub mode: ClipMode,
+    /// Whether `--clip-norm` was given (then `cfg.clip_norm` holds it and stays).
+    pub clip_norm_given: bool,
+    /// The fixed clip norm of a `--config` file, if any.
+    pub file_clip_norm: Option<f32>,
+}
+
+impl Clipping {
+    /// Fixed or adaptive clipping (`auto`: adaptive when the run is noised on the
+    /// coordinator), and the starting clip norm when none was given: quantile tracking starts
+    /// small, a fixed norm is the file's or the non-private default.
+    pub fn apply(&self, c: &mut RunConfig, noisy_central: bool) {
+        c.adaptive_clip = match self.mode {
+            ClipMode::Fixed => false,
+            ClipMode::Adaptive => true,
+            ClipMode::Auto => noisy_central,
+        };
+        if !self.clip_norm_given {
+            c.clip_norm = if c.adaptive_clip {
+                1.0
+            } else {
+                self.file_clip_norm.unwrap_or(RunConfig::defaults(c.objective).clip_norm)
+            };
+        }
+    }
+}
+
 /// One run of a privacy/utility sweep as `fedrec-sim sweep` plans it: a target ε (`None`:
 /// the non-private run), the mechanism and its bits.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -263,16 +263,6 @@ enum DatasetName {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum ClipOpt {
-    /// Adaptive when the run adds noise, fixed otherwise.
-    Auto,
-    /// A fixed clip norm (--clip-norm).
-    Fixed,
-    /// Quantile tracking from --clip-norm (Andrew et al. 2021).
-    Adaptive,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum SplitArg {
     Random,
     Temporal,
@@ -403,8 +393,8 @@ struct RunArgs {
     #[arg(long, value_enum)]
     accountant: Option<AccountantArg>,
     /// Clipping: adaptive (quantile tracking) or fixed; auto = adaptive when there is noise.
-    #[arg(long, value_enum, default_value_t = ClipOpt::Auto)]
-    clip: ClipOpt,
+    #[arg(long, value_enum, default_value_t = federation::ClipMode::Auto)]
+    clip: federation::ClipMode,
     /// Target unclipped fraction under adaptive clipping.
     #[arg(long)]
     target_quantile: Option<f32>,
@@ -485,19 +475,12 @@ impl RunArgs {
     /// clip norm when none was given: quantile tracking starts small, a fixed norm is the
     /// non-private default.
     fn set_clipping(&self, c: &mut RunConfig, noisy: bool) {
-        c.adaptive_clip = match self.clip {
-            ClipOpt::Fixed => false,
-            ClipOpt::Adaptive => true,
-            ClipOpt::Auto => noisy,
-        };
-        if self.clip_norm.is_none() {
-            let fixed = self.config.as_ref().and_then(|f| f.clip_norm());
-            c.clip_norm = if c.adaptive_clip {
-                1.0
-            } else {
-                fixed.unwrap_or(RunConfig::defaults(c.objective).clip_norm)
-            };
+        federation::Clipping {
+            mode: self.clip,
+            clip_norm_given: self.clip_norm.is_some(),
+            file_clip_norm: self.config.as_ref().and_then(|f| f.clip_norm()),
         }
+        .apply(c, noisy);
     }
 
     fn config(&self) -> RunConfig {

@@ -23,46 +23,10 @@ use crate::data::PySplit;
 use crate::errors::{DataError, SimulationError, config_err, sim_err};
 use fedrec_sim::audit;
 
-/// `--clip`: fixed or adaptive clipping, or adaptive exactly when the run is noisy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum ClipOpt {
-    Auto,
-    Fixed,
-    Adaptive,
-}
-
-/// What the CLI decides about clipping after the flags are read (`RunArgs::set_clipping`).
-#[derive(Debug, Clone, Copy)]
-struct Clipping {
-    clip: ClipOpt,
-    clip_norm_given: bool,
-    /// The fixed clip norm of the `config` file, if any.
-    file_clip_norm: Option<f32>,
-}
-
-impl Clipping {
-    /// Fixed or adaptive clipping, and the starting clip norm when none was given: quantile
-    /// tracking starts small, a fixed norm is the non-private default.
-    fn apply(&self, c: &mut RunConfig, noisy: bool) {
-        c.adaptive_clip = match self.clip {
-            ClipOpt::Fixed => false,
-            ClipOpt::Adaptive => true,
-            ClipOpt::Auto => noisy,
-        };
-        if !self.clip_norm_given {
-            c.clip_norm = if c.adaptive_clip {
-                1.0
-            } else {
-                self.file_clip_norm.unwrap_or(RunConfig::defaults(c.objective).clip_norm)
-            };
-        }
-    }
-}
-
 /// A run's configuration from keyword arguments, and what the data loading needs.
 struct Options {
     cfg: RunConfig,
-    clipping: Clipping,
+    clipping: federation::Clipping,
     relevance_threshold: Option<f32>,
 }
 
@@ -172,8 +136,8 @@ fn options(opts: &Bound<'_, PyDict>) -> PyResult<Options> {
     if let Some(a) = get_enum::<AccountantArg>(opts, "accountant")? {
         c.accountant = a;
     }
-    let clipping = Clipping {
-        clip: get_enum::<ClipOpt>(opts, "clip")?.unwrap_or(ClipOpt::Auto),
+    let clipping = federation::Clipping {
+        mode: get_enum::<federation::ClipMode>(opts, "clip")?.unwrap_or(federation::ClipMode::Auto),
         clip_norm_given: get::<f32>(opts, "clip_norm")?.is_some(),
         file_clip_norm: file.as_ref().and_then(|f| f.clip_norm()),
     };
