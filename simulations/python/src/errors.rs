@@ -62,6 +62,11 @@ pub fn privacy_err(e: &SharedPrivacyError) -> PyErr {
     PrivacyError::new_err(e.to_string())
 }
 
+/// The distributed mechanism's errors (its parameters or its accountant).
+pub fn ddp_err(e: &fedrec_shared::ddp::DdpError) -> PyErr {
+    PrivacyError::new_err(e.to_string())
+}
+
 /// The data module's errors, with the subclass that says what went wrong.
 pub fn data_err(e: &SimDataError) -> PyErr {
     data_ctor(e)(chain(e))

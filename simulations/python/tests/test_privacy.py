@@ -76,3 +76,24 @@ def test_privacy_agrees_with_the_cli(cli) -> None:
         assert privacy.epsilon(0.02, 0.9, 250, 1e-6, accountant) == rep["epsilon"]
     rep = cli("privacy", "sigma", "--epsilon", "3", "--q", "0.02", "--steps", "250", "--delta", "1e-5")
     assert privacy.sigma(3.0, 1e-5, 0.02, 250) == rep["sigma"]
+
+
+DDP = dict(dim=4096, cohort=1000, min_reports=800, bits=20)
+
+
+def test_distributed_epsilon_is_at_least_central_and_calibration_meets_it() -> None:
+    q, steps, delta = 0.01, 500, 1e-6
+    for s in (0.8, 1.0, 2.0):
+        central = privacy.epsilon(q, s, steps, delta)
+        distributed = privacy.distributed_epsilon(q, s, steps, delta, **DDP)
+        # The distributed accountant is never below the central one at the same noise.
+        assert distributed >= central, (s, central, distributed)
+    s = privacy.distributed_sigma(4.0, delta, q, steps, **DDP)
+    assert privacy.distributed_epsilon(q, s, steps, delta, **DDP) <= 4.0
+    assert privacy.distributed_epsilon(q, s * 0.99, steps, delta, **DDP) > 4.0
+
+
+def test_distributed_noise_that_bits_cannot_hold_is_a_privacy_error() -> None:
+    # Eight bits cannot hold the sum of a thousand devices.
+    with pytest.raises(fedrec.PrivacyError):
+        privacy.distributed_epsilon(0.01, 1.0, 100, 1e-6, dim=4096, cohort=1000, min_reports=800, bits=8)

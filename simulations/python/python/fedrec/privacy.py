@@ -23,6 +23,8 @@ __all__ = [
     "epsilon",
     "epsilon_of_events",
     "sigma",
+    "distributed_epsilon",
+    "distributed_sigma",
     "update_noise_multiplier",
 ]
 
@@ -59,6 +61,47 @@ def sigma(epsilon: float, delta: float, q: float, steps: int, accountant: Accoun
     (bisection to a relative tolerance of 1e-4, always on the safe side).
     """
     return _fedrec.privacy_sigma(epsilon, delta, q, steps, accountant)
+
+
+def distributed_epsilon(
+    q: float,
+    sigma: float,
+    steps: int,
+    delta: float,
+    *,
+    dim: int,
+    cohort: int,
+    min_reports: int,
+    bits: int = 16,
+    clip_norm: float = 1.0,
+) -> float:
+    """ε of ``steps`` rounds of distributed noise (``mechanism = "distributed"``, docs/ddp.md).
+
+    Each round Poisson-samples devices with probability ``q`` (at most ``cohort`` of them) and
+    is charged the noise of ``min_reports`` shares; ``sigma`` is the target noise on the sum
+    over ``clip_norm``, for updates of length ``dim`` encoded on ``bits`` bits. The accountant
+    is the coordinator's ledger's for distributed rounds (DDGauss Proposition 14 with the
+    Zhu–Wang bound for sampling), the rounding's inflation of the sensitivity included, so it
+    is at least the central :func:`epsilon` of the same ``sigma``.
+    """
+    return _fedrec.privacy_distributed_epsilon(q, sigma, steps, delta, dim, cohort, min_reports, bits, clip_norm)
+
+
+def distributed_sigma(
+    epsilon: float,
+    delta: float,
+    q: float,
+    steps: int,
+    *,
+    dim: int,
+    cohort: int,
+    min_reports: int,
+    bits: int = 16,
+    clip_norm: float = 1.0,
+) -> float:
+    """The smallest ``sigma`` for which :func:`distributed_epsilon` is at most ``epsilon``
+    (what ``fedrec-sim run --mechanism distributed --epsilon`` calibrates with)."""
+    return _fedrec.privacy_distributed_sigma(epsilon, delta, q, steps, dim, cohort, min_reports, bits, clip_norm)
 
 
 def combined_noise_multiplier(noise_multiplier: float, clip_bits_noise: float | None = None) -> float:
