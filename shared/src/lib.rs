@@ -14,6 +14,7 @@ pub mod privacy;
 pub mod round;
 pub mod secagg;
 pub mod server;
+pub mod stats;
 pub mod train;
 pub mod update;
 pub mod wire;
