@@ -48,6 +48,7 @@ use rand::Rng;
 use serde::Serialize;
 
 use crate::federation::{self, RunConfig, UserData};
+use crate::report::DatasetInfo;
 
 /// What the audit adds to a run's configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -257,6 +258,23 @@ fn item_side(model: &fedrec_shared::GlobalModel) -> Vec<f32> {
     let mut v = model.factors_slice().to_vec();
     v.extend(model.item_bias.iter());
     v
+}
+
+/// The JSON report of `fedrec-sim audit --json` (and of the Python package's `audit`).
+pub fn report_json(dataset: &DatasetInfo, rep: &AuditReport) -> serde_json::Value {
+    serde_json::json!({
+        "command": "audit",
+        "fedrec_version": env!("CARGO_PKG_VERSION"),
+        "dataset": dataset,
+        "audit": rep,
+        "epsilon": rep.epsilon,
+        "epsilon_lower_bound": rep.epsilon_lower_bound,
+        "confidence": rep.confidence,
+        "canaries": rep.canaries,
+        "guesses": rep.guesses,
+        "correct": rep.correct,
+        "epsilon_canary_cosine": rep.epsilon_canary_cosine,
+    })
 }
 
 /// Runs the federation of `data`'s users plus the canaries under `cfg` (the noise calibrated

@@ -587,22 +587,7 @@ fn audit_cmd(args: &AuditArgs) -> Result<()> {
         rep.dimension
     );
     if let Some(path) = &args.run.out.json {
-        report::write_json(
-            path,
-            &serde_json::json!({
-                "command": "audit",
-                "fedrec_version": env!("CARGO_PKG_VERSION"),
-                "dataset": info,
-                "audit": rep,
-                "epsilon": rep.epsilon,
-                "epsilon_lower_bound": rep.epsilon_lower_bound,
-                "confidence": rep.confidence,
-                "canaries": rep.canaries,
-                "guesses": rep.guesses,
-                "correct": rep.correct,
-                "epsilon_canary_cosine": rep.epsilon_canary_cosine,
-            }),
-        )?;
+        report::write_json(path, &audit::report_json(&info, &rep))?;
     }
     Ok(())
 }

@@ -504,20 +504,7 @@ fn audit_run<'py>(
     let users = user_data(split, cfg.objective, relevance_threshold)?;
     let conf = audit::AuditConfig { canaries, guesses, confidence, weaken_noise: danger_weaken_noise };
     let rep = py.detach(|| audit::run(&users, &cfg, &conf)).map_err(|e| sim_err(&e))?;
-    let out = serde_json::json!({
-        "command": "audit",
-        "fedrec_version": env!("CARGO_PKG_VERSION"),
-        "dataset": split.dataset_info(),
-        "audit": rep,
-        "epsilon": rep.epsilon,
-        "epsilon_lower_bound": rep.epsilon_lower_bound,
-        "confidence": rep.confidence,
-        "canaries": rep.canaries,
-        "guesses": rep.guesses,
-        "correct": rep.correct,
-        "epsilon_canary_cosine": rep.epsilon_canary_cosine,
-    });
-    to_py(py, &out)
+    to_py(py, &audit::report_json(&split.dataset_info(), &rep))
 }
 
 /// The configuration `simulate` would run with these options on this split (noise
