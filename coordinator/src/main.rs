@@ -869,6 +869,9 @@ fn serve(dir: &Path) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let server = Server::bind(cfg).context("cannot start the server")?;
+        // The handlers are in place before anyone can read that the server listens: a SIGTERM
+        // right after that line is a clean stop, not the default action's kill.
+        let shutdown = shutdown_signal()?;
         eprintln!("listening on {}", server.local_addr());
         if let Some(addr) = server.metrics_addr() {
             eprintln!("metrics on {addr}");
@@ -916,31 +919,24 @@ fn serve(dir: &Path) -> Result<()> {
                 }
             }
         });
-        server.run(shutdown_signal()).await.context("the server stopped")?;
+        server.run(shutdown).await.context("the server stopped")?;
         eprintln!("stopped");
         Ok(())
     })
 }
 
-/// Completes at SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+/// Registers the SIGINT and SIGTERM handlers now (inside the runtime) and returns what
+/// completes at the first of them.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        () = interrupt => {}
-        () = terminate => {}
-    }
+    })
 }
 
 fn status(dir: &Path) -> Result<()> {
