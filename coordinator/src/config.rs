@@ -158,12 +158,12 @@ secagg_phase_window_ms = 30000
 # surviving masked inputs are fewer than min_reports aborts and releases nothing. With
 # "distributed", bits (8 to 32; 16 recommended, 2^(bits-1) above the calibrated cohort
 # q x population + 10 sqrt(q x population) + 10) is the ring width, and clip must be "fixed".
-# NOTE: the store does not yet persist distributed charges (see the README): until it
-# does, a restart forgets the spend of distributed rounds.
-mechanism = "central"
-# bits = 16
+# "distributed" is the recommended deployment: the coordinator is then never trusted with
+# an un-noised sum. Its charges are kept in the store's ledger like central ones.
+mechanism = "distributed"
+bits = 16
 # Gaussian noise standard deviation as a multiple of clip_norm (0 = no noise, no privacy).
-# With mechanism = "distributed": the target noise on the sum of min_reports shares.
+# With distributed noise: the target noise on the sum of min_reports shares.
 noise_multiplier = 1.0
 # Accountant: "rdp" (fast, looser) or "pld" (tighter).
 accountant = "rdp"
@@ -931,10 +931,15 @@ mod tests {
         assert_eq!(cfg.limits().expect("0 is no limit").max_connections_per_source, 0);
     }
 
-    /// The template with a budget, then `(from, to)` replacements (each `from` must be there).
+    /// The template with a budget and central noise (most tests here are about other keys;
+    /// [`the_template_as_written_uses_distributed_noise`] checks the template's own choice),
+    /// then `(from, to)` replacements (each `from` must be there).
     fn template_with(edits: &[(&str, &str)]) -> FileConfig {
-        let mut text =
-            TEMPLATE.replace("# epsilon = 8.0", "epsilon = 8.0").replace("# delta = 1e-6", "delta = 1e-6");
+        let mut text = TEMPLATE
+            .replace("# epsilon = 8.0", "epsilon = 8.0")
+            .replace("# delta = 1e-6", "delta = 1e-6")
+            .replace("mechanism = \"distributed\"", "mechanism = \"central\"")
+            .replace("\nbits = 16\n", "\n# bits = 16\n");
         for (from, to) in edits {
             assert!(text.contains(from), "the template has {from:?}");
             text = text.replacen(from, to, 1);
@@ -1046,7 +1051,9 @@ mod tests {
         // Without noise it may be left out, and first-come ignores it.
         let text = TEMPLATE
             .replace("population = 100", "")
-            .replace("noise_multiplier = 1.0", "noise_multiplier = 0.0");
+            .replace("noise_multiplier = 1.0", "noise_multiplier = 0.0")
+            .replace("mechanism = \"distributed\"", "mechanism = \"central\"")
+            .replace("\nbits = 16\n", "\n# bits = 16\n");
         let cfg =
             FileConfig::parse(&text).expect("parses").coordinator_config().expect("valid without noise");
         assert_eq!(cfg.population, None);
@@ -1056,6 +1063,16 @@ mod tests {
 
     const DISTRIBUTED: [(&str, &str); 2] =
         [("mechanism = \"central\"", "mechanism = \"distributed\""), ("# bits = 16", "bits = 16")];
+
+    #[test]
+    fn the_template_as_written_uses_distributed_noise() {
+        let text =
+            TEMPLATE.replace("# epsilon = 8.0", "epsilon = 8.0").replace("# delta = 1e-6", "delta = 1e-6");
+        let cfg =
+            FileConfig::parse(&text).expect("parses").coordinator_config().expect("valid with a budget");
+        assert_eq!(cfg.secure.and_then(|s| s.distributed), Some(DistributedNoise { bits: 16 }));
+        assert!(cfg.noise_multiplier > 0.0);
+    }
 
     #[test]
     fn distributed_noise_is_configured_and_checked_naming_the_keys() {

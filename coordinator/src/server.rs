@@ -285,17 +285,6 @@ pub enum ServerError {
         /// One upload of the model plus [`UPLOAD_RECEIVE_WINDOW`].
         needed: usize,
     },
-    /// The configuration asks for distributed noise, and the store holds rounds already: its
-    /// ledger does not keep distributed charges yet, so resuming would forget their spend.
-    #[error(
-        "privacy.mechanism = \"distributed\": the store holds {rounds} round(s) already, and it does not \
-         keep distributed charges yet (resuming would forget their privacy spend); start from a \
-         fresh state directory, or use mechanism = \"central\""
-    )]
-    DistributedResume {
-        /// Rounds the store's newest checkpoint has seen.
-        rounds: u64,
-    },
     /// The store's checkpoint does not fit the configured model.
     #[error("the stored model has shape {stored:?}, the configuration {configured:?}")]
     ShapeMismatch {
@@ -363,11 +352,6 @@ impl Server {
                     let stored = state.model.shape();
                     if stored != shape {
                         return Err(ServerError::ShapeMismatch { stored, configured: shape });
-                    }
-                    // Until the store keeps distributed charges, a restart must not forget them.
-                    let distributed = cfg.coordinator.secure.is_some_and(|sa| sa.distributed.is_some());
-                    if distributed && state.next_round > 0 {
-                        return Err(ServerError::DistributedResume { rounds: state.next_round });
                     }
                     Coordinator::restore(cfg.coordinator, state, rng)?
                 }

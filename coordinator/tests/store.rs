@@ -819,3 +819,165 @@ fn a_version_1_store_is_upgraded() {
     )
     .expect("NULL counts");
 }
+
+/// Issue 12: a history of two central rounds, then (the same coordinator restored with
+/// distributed noise) two distributed rounds.
+fn mixed_history(seed: u64) -> (History, usize) {
+    use fedrec_shared::round::secure::SecurePolicy;
+    use fedrec_shared::round::{DistributedNoise, SecureAggregation};
+    let devices = ratings(seed);
+    let harness = HarnessConfig { dropout: 0.0, ..harness() };
+    let mut central = config(false, 4);
+    central.selection = Selection::Poisson { q: 0.5 };
+    let coordinator =
+        Coordinator::new(central.clone(), init_model(seed), seeded_rng(seed + 1)).expect("valid config");
+    let mut fed = Federation::new(coordinator, &devices, harness, seeded_rng(seed + 2));
+    let initial = fed.coordinator.state().expect("no round open");
+    let mut rounds = Vec::new();
+    for _ in 0..2 {
+        let event = fed.run_round().event.expect("the round closed");
+        rounds.push((fed.coordinator.state().expect("no round open"), event));
+    }
+    let mut distributed = central;
+    distributed.secure = Some(SecureAggregation {
+        dropout: 0.1,
+        corrupt: 0.0,
+        phase_window: Duration::from_secs(3),
+        distributed: Some(DistributedNoise { bits: 16 }),
+    });
+    let state = rounds[1].0.clone();
+    let coordinator = Coordinator::restore(distributed, state, seeded_rng(seed + 3)).expect("restores");
+    let permissive = SecurePolicy { min_cohort: 1, corrupt: 0.0, log2_security: -40.0 };
+    let mut fed =
+        Federation::new(coordinator, &devices, harness, seeded_rng(seed + 4)).with_secure_policy(permissive);
+    for _ in 0..2 {
+        let event = fed.run_round().event.expect("the round closed");
+        rounds.push((fed.coordinator.state().expect("no round open"), event));
+    }
+    (History { initial, rounds }, 2)
+}
+
+/// Issue 12: distributed-noise charges are stored in `ddp_ledger`, chained with the central
+/// ledger in round order, read back bit for bit (a resumed coordinator spends from the same
+/// ε), and cannot be forgotten, lowered or edited.
+#[test]
+fn distributed_charges_are_stored_chained_and_resumed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir, "ddp.db");
+    let (history, n_central) = mixed_history(91);
+    for k in 0..history.rounds.len() {
+        assert!(
+            matches!(history.rounds[k].1, CoordinatorEvent::RoundCommitted { .. }),
+            "round {k}: {:?}",
+            history.rounds[k].1
+        );
+    }
+    let last = history.state(3);
+    assert_eq!((last.ledger.entries().len(), last.ledger.ddp_entries().len()), (n_central, 2));
+    let mut store = store_with(&path, &history, 3, StoreOptions::default());
+    let ddp_bytes = |l: &Ledger| l.ddp_entries().iter().map(|c| c.canonical_bytes()).collect::<Vec<_>>();
+
+    // Read back exactly; the resumed ledger spends from the same ε.
+    let got = load(&store);
+    assert_same_state(&got, history.state(2));
+    assert_eq!(ddp_bytes(&got.ledger), ddp_bytes(&history.state(2).ledger));
+    let eps = |l: &Ledger| l.epsilon(1e-6, fedrec_shared::privacy::AccountantKind::Rdp).expect("an ε");
+    assert_eq!(eps(&got.ledger).to_bits(), eps(&history.state(2).ledger).to_bits());
+    assert!(eps(&got.ledger) > eps(&history.state(1).ledger), "the distributed round costs ε");
+    assert_eq!(store.status().expect("status").n_ledger_entries, 3);
+
+    // A distributed charge forgotten, or lowered (four times the noise): refused, nothing written.
+    let next = history.state(3);
+    let before = counts(&path);
+    let central = next.ledger.entries().to_vec();
+    let mut lowered = next.ledger.ddp_entries().to_vec();
+    let e = lowered[0].event;
+    lowered[0].event = fedrec_shared::ddp::DdpEvent::from_parts(
+        e.q(),
+        e.steps(),
+        e.l2(),
+        e.l1(),
+        4.0 * e.device_var(),
+        e.n_survivors(),
+        e.dim(),
+    )
+    .expect("a valid event");
+    let ddp_round = next.ledger.ddp_entries()[0].round;
+    for ddp in [next.ledger.ddp_entries()[1..].to_vec(), lowered] {
+        let state = CoordinatorState {
+            ledger: Ledger::from_parts(central.clone(), ddp).expect("valid charges"),
+            ..next.clone()
+        };
+        let err = store.commit_round(&state, history.stats(3), at(3)).expect_err("spend rewritten");
+        assert!(matches!(err, StoreError::LedgerMismatch { round } if round == ddp_round), "{err:?}");
+        assert_eq!(counts(&path), before, "nothing written");
+    }
+    store.commit_round(next, history.stats(3), at(3)).expect("the true ledger commits");
+    let got = load(&store);
+    assert_same_state(&got, next);
+    assert_eq!(ddp_bytes(&got.ledger), ddp_bytes(&next.ledger));
+
+    // One chain through both tables, in round order.
+    let chain = store.verify_chain().expect("readable");
+    assert_eq!((chain.broken, chain.ledger_hashes.len()), (None, 4));
+    drop(store);
+    let tamper = |name: &str, sql: &str| {
+        let copy = db_path(&dir, name);
+        std::fs::copy(&path, &copy).expect("copy");
+        Connection::open(&copy).expect("open").execute_batch(sql).expect("tamper");
+        Store::open(&copy).expect("still opens")
+    };
+    use fedrec_coordinator::store::ChainBreak;
+    let edited = tamper(
+        "edited.db",
+        &format!("UPDATE ddp_ledger SET device_var = device_var * 4 WHERE round = {ddp_round};"),
+    );
+    assert_eq!(
+        edited.verify_chain().expect("readable").broken,
+        Some(ChainBreak::Ledger { round: ddp_round })
+    );
+    let moved = tamper(
+        "moved.db",
+        &format!(
+            "DELETE FROM ledger WHERE round = 1; UPDATE ddp_ledger SET round = 1 WHERE round = {ddp_round};"
+        ),
+    );
+    assert_eq!(moved.verify_chain().expect("readable").broken, Some(ChainBreak::Ledger { round: 1 }));
+    let twice = tamper(
+        "twice.db",
+        &format!(
+            "INSERT INTO ledger (round, q, noise_multiplier, clip_bits_noise, hash) VALUES ({ddp_round}, 0.5, 1.0, NULL, x'00');"
+        ),
+    );
+    let err = twice.load_latest().expect_err("a round charged in both tables");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    let weak =
+        tamper("weak.db", &format!("UPDATE ddp_ledger SET device_var = 0.01 WHERE round = {ddp_round};"));
+    let err = weak.load_latest().expect_err("σ_dev below the accountant's range");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+}
+
+/// A store written by the version-2 schema (no `ddp_ledger`) opens, gets the table, and its
+/// chain is unchanged.
+#[test]
+fn a_version_2_store_is_upgraded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir, "v2.db");
+    let history = History::run(config(false, 1), 2, 17);
+    let head = {
+        let store = store_with(&path, &history, 2, StoreOptions::default());
+        store.verify_chain().expect("readable").head()
+    };
+    {
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch("DROP TABLE ddp_ledger; PRAGMA user_version = 2;").expect("back to v2");
+    }
+    let store = Store::open(&path).expect("a v2 store opens");
+    assert_eq!(store.verify_chain().expect("readable").head(), head);
+    assert_same_state(&load(&store), history.state(1));
+    let conn = Connection::open(&path).expect("open");
+    let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).expect("version");
+    assert_eq!(version, SCHEMA_VERSION);
+    let n: i64 = conn.query_row("SELECT count(*) FROM ddp_ledger", [], |r| r.get(0)).expect("the new table");
+    assert_eq!(n, 0);
+}

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedrec_coordinator::auth::TokenKey;
-use fedrec_coordinator::server::ServerError;
 use fedrec_coordinator::store::Store;
 use fedrec_shared::danger::seeded_rng;
 use fedrec_shared::round::{
@@ -26,10 +25,11 @@ fn ratings() -> Vec<Vec<Rating>> {
 /// Every SDK device of a distributed round (Poisson selection with q = 1, noise multiplier 1,
 /// 16 bits) completes through the SDK's own loop against the real server, and the round
 /// commits all 16 masked inputs with the noise of `min_reports` shares (what its stats
-/// report), the coordinator adding none; the model moves. Its store then refuses to be resumed
-/// with distributed noise (it does not keep distributed charges yet).
+/// report), the coordinator adding none; the model moves. The store keeps the round's
+/// distributed charge: a server restarted on it resumes with the same ledger (same ε), runs
+/// the next round, and the store then holds both charges in one unbroken chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_distributed_round_commits_over_quic() {
+async fn a_distributed_round_commits_over_quic_and_resumes_with_its_charge() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let db = dir.path().join("state.sqlite");
     let users = Arc::new(ratings());
@@ -42,7 +42,7 @@ async fn a_distributed_round_commits_over_quic() {
     let server = LoopbackServer::start(config.clone(), model.clone(), move |cfg| {
         cfg.store = Some(Store::open(&store_path).expect("a fresh store"));
     });
-    for outcome in server.participate_all(users).await {
+    for outcome in server.participate_all(Arc::clone(&users)).await {
         assert!(matches!(outcome, ClientOutcome::Completed { .. }), "{outcome:?}");
     }
     let mut status = server.status().clone();
@@ -53,25 +53,44 @@ async fn a_distributed_round_commits_over_quic() {
     assert_eq!(stats.n_reported, N_DEVICES);
     assert!(stats.private);
     assert_eq!(stats.noise_std, want_noise);
+    let first_round = stats.round;
     server.stop().await;
 
-    // The store does not keep distributed charges yet: resuming from it would forget the
-    // round's spend, so the server refuses to start on it rather than charge from zero.
+    // The store holds the distributed charge the coordinator's ledger made for the round.
+    let stored =
+        Store::open(&db).expect("the store reopens").load_latest().expect("readable").expect("a state");
+    let want = local.round_ddp_charge(first_round).expect("a distributed charge");
+    assert!(stored.ledger.entries().is_empty(), "no central charge");
+    assert_eq!(stored.ledger.ddp_entries(), &[want]);
+    let eps = stored.ledger.epsilon(1e-6, fedrec_shared::privacy::AccountantKind::Rdp).expect("an ε");
+    assert!(eps > 0.0 && eps.is_finite(), "{eps}");
+
+    // A restarted server resumes from it (same ledger) and runs the next round.
+    let db2 = db.clone();
     let resumed = LoopbackServer::try_start(
         std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         TokenKey::generate(&SystemRandom::new()).expect("the system RNG works"),
         config,
         model,
-        |cfg| cfg.store = Some(Store::open(&db).expect("the store reopens")),
-    );
-    match resumed {
-        Err(e @ ServerError::DistributedResume { rounds }) => {
-            assert!(rounds >= 1, "{e}");
-            assert!(e.to_string().contains("privacy.mechanism"), "{e}");
-        }
-        Err(e) => panic!("another error: {e}"),
-        Ok(_) => panic!("the server resumed a distributed run whose spend its store does not hold"),
+        move |cfg| cfg.store = Some(Store::open(&db2).expect("the store reopens")),
+    )
+    .expect("a distributed run resumes from its store");
+    assert_eq!(resumed.status().borrow().n_ledger_entries, 1, "the resumed ledger holds the charge");
+    for outcome in resumed.participate_all(users).await {
+        assert!(matches!(outcome, ClientOutcome::Completed { .. }), "{outcome:?}");
     }
+    let mut status = resumed.status().clone();
+    status.wait_for(|s| s.n_committed >= 1).await.expect("the server runs");
+    resumed.stop().await;
+    let store = Store::open(&db).expect("the store reopens");
+    let state = store.load_latest().expect("readable").expect("a state");
+    let rounds: Vec<u64> = state.ledger.ddp_entries().iter().map(|c| c.round).collect();
+    assert_eq!(rounds.len(), 2, "{rounds:?}");
+    assert_eq!(rounds[0], first_round);
+    assert!(rounds[1] > first_round);
+    assert!(state.ledger.epsilon(1e-6, fedrec_shared::privacy::AccountantKind::Rdp).expect("an ε") > eps);
+    let chain = store.verify_chain().expect("the chain reads");
+    assert_eq!((chain.broken, chain.ledger_hashes.len()), (None, 2));
 }
 
 /// Poisson selection with q = 1, noise multiplier 1, secure aggregation with 16-bit

@@ -7,7 +7,11 @@ use fedrec_client::net::{Device, Participation};
 use fedrec_coordinator::store::{BackendKind, Store, StoreError, StoreOptions, StoreSection};
 use fedrec_shared::danger::seeded_rng;
 use fedrec_shared::harness::{Federation, HarnessConfig};
-use fedrec_shared::round::{Coordinator, CoordinatorConfig, CoordinatorEvent, CoordinatorState, Selection};
+use fedrec_shared::round::secure::SecurePolicy;
+use fedrec_shared::round::{
+    Coordinator, CoordinatorConfig, CoordinatorEvent, CoordinatorState, DistributedNoise, SecureAggregation,
+    Selection,
+};
 use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
 use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, Rating, TrainParams};
 use fedrec_tests::postgres::{PgServer, ServeProcess};
@@ -57,8 +61,13 @@ fn config() -> CoordinatorConfig {
     }
 }
 
-/// A coordinator's states before the first round and after each of `n_rounds`.
-fn history(n_rounds: usize) -> (CoordinatorState, Vec<(CoordinatorState, CoordinatorEvent)>) {
+/// A coordinator's states before the first round and after each of `n_central` central-noise
+/// rounds, then (the coordinator restored with distributed noise) `n_distributed` rounds: the
+/// ledger holds both kinds of charge.
+fn history(
+    n_central: usize,
+    n_distributed: usize,
+) -> (CoordinatorState, Vec<(CoordinatorState, CoordinatorEvent)>) {
     let devices = ratings(30);
     let init = ModelInit { factor_std: 0.1, global_mean: 3.0, centroid_scale: 1e-3 };
     let model = GlobalModel::init(SHAPE, init, &mut seeded_rng(1)).expect("valid shape");
@@ -66,12 +75,27 @@ fn history(n_rounds: usize) -> (CoordinatorState, Vec<(CoordinatorState, Coordin
     let harness = HarnessConfig { dropout: 0.0, n_threads: 1, latency: Duration::from_millis(5) };
     let mut fed = Federation::new(coordinator, &devices, harness, seeded_rng(3));
     let initial = fed.coordinator.state().expect("no round open");
-    let rounds = (0..n_rounds)
-        .map(|_| {
-            let event = fed.run_round().event.expect("the round closed");
-            (fed.coordinator.state().expect("no round open"), event)
-        })
-        .collect();
+    let mut rounds = Vec::new();
+    for _ in 0..n_central {
+        let event = fed.run_round().event.expect("the round closed");
+        rounds.push((fed.coordinator.state().expect("no round open"), event));
+    }
+    let mut distributed = config();
+    distributed.secure = Some(SecureAggregation {
+        dropout: 0.1,
+        corrupt: 0.0,
+        phase_window: Duration::from_secs(3),
+        distributed: Some(DistributedNoise { bits: 16 }),
+    });
+    let state = fed.coordinator.state().expect("no round open");
+    let coordinator = Coordinator::restore(distributed, state, seeded_rng(4)).expect("restores");
+    let permissive = SecurePolicy { min_cohort: 1, corrupt: 0.0, log2_security: -40.0 };
+    let mut fed =
+        Federation::new(coordinator, &devices, harness, seeded_rng(5)).with_secure_policy(permissive);
+    for _ in 0..n_distributed {
+        let event = fed.run_round().event.expect("the round closed");
+        rounds.push((fed.coordinator.state().expect("no round open"), event));
+    }
     (initial, rounds)
 }
 
@@ -79,14 +103,19 @@ fn ratings(n_users: usize) -> Vec<Vec<Rating>> {
     ratings_by_user(n_users, low_rank_ratings(n_users, SHAPE.n_items, 3, 12, 0.1, 11))
 }
 
-/// Everything a resumed coordinator depends on, as bits: model values, ledger entries
-/// (round, q, noise multiplier), version, next round and clip norm.
-type Fingerprint = (Vec<u32>, Vec<(u64, u64, u64)>, u64, u64, u32);
+/// Everything a resumed coordinator depends on, as bits: model values, ledger charges (the
+/// canonical bytes of central and distributed ones), version, next round and clip norm.
+type Fingerprint = (Vec<u32>, Vec<Vec<u8>>, u64, u64, u32);
 
 fn fingerprint(s: &CoordinatorState) -> Fingerprint {
     let model = s.model.item_factors.iter().chain(s.model.item_bias.iter()).map(|v| v.to_bits()).collect();
-    let ledger =
-        s.ledger.entries().iter().map(|e| (e.round, e.q.to_bits(), e.noise_multiplier.to_bits())).collect();
+    let ledger = s
+        .ledger
+        .entries()
+        .iter()
+        .map(|e| e.canonical_bytes())
+        .chain(s.ledger.ddp_entries().iter().map(|c| c.canonical_bytes()))
+        .collect();
     (model, ledger, s.version, s.next_round, s.clip_norm.to_bits())
 }
 
@@ -104,7 +133,7 @@ fn postgres_store_round_trips_like_sqlite_and_refuses_a_round_twice() {
     assert_eq!(pg_store.backend(), BackendKind::Postgres);
     let mut sqlite = Store::open(tmp.path().join("state.sqlite")).expect("sqlite opens");
 
-    let (initial, rounds) = history(4);
+    let (initial, rounds) = history(2, 2);
     let mut pg_ms = Vec::new();
     let mut sqlite_ms = Vec::new();
     for store in [&mut pg_store, &mut sqlite] {
@@ -130,7 +159,7 @@ fn postgres_store_round_trips_like_sqlite_and_refuses_a_round_twice() {
     assert_eq!(fingerprint(&got), fingerprint(want));
     let from_sqlite = sqlite.load_latest().expect("loads").expect("a checkpoint");
     assert_eq!(fingerprint(&got), fingerprint(&from_sqlite));
-    assert!(!got.ledger.entries().is_empty(), "noisy rounds were charged");
+    assert_eq!((got.ledger.entries().len(), got.ledger.ddp_entries().len()), (2, 2), "both kinds of charge");
 
     // The same chain bytes on both backends, unbroken.
     let chain = reopened.verify_chain().expect("the chain reads");

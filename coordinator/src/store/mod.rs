@@ -25,9 +25,10 @@
 //!   and for a round with noise ([`RoundStats::private`]) not even those: the exact number of
 //!   devices that checked in, were selected, reported or dropped would reveal the round's
 //!   sample, so the `rounds` row stores NULL counts and the audit line none.
-//! - **The ledger and the budget are tamper-evident.** Each `ledger` and `budget` row stores
+//! - **The ledger and the budget are tamper-evident.** Each `ledger`, `ddp_ledger` and `budget` row stores
 //!   `hash = SHA-256(previous row's hash || the row's canonical bytes)` (the first row chains
-//!   from 32 zero bytes). [`Store::verify_chain`] recomputes both chains and names the first
+//!   from 32 zero bytes; the two ledger tables form one chain, in round order).
+//!   [`Store::verify_chain`] recomputes both chains and names the first
 //!   row that does not match. This detects an edited, inserted or deleted row; it does not
 //!   stop someone who can write the file from rebuilding the whole chain, nor from replacing
 //!   the file by an older copy. Keeping the head ([`ChainReport::head`]) elsewhere detects
@@ -46,6 +47,7 @@
 //! | `rounds` | closed round | `round` (key), `model_version` (after the round), `committed_at_ms` (when the outcome was recorded), `n_checked_in`, `n_selected`, `n_reported`, `n_dropped` (all four NULL for a round with noise), `noise_std`, `clip_norm`, `unclipped_fraction` (NULL without adaptive clipping), `outcome` (`committed` or `abandoned`), `abandon_reason` (`too_few_selected`, `too_few_reports`; NULL when committed) |
 //! | `checkpoints` | model version kept | `model_version` (key), `round` (the round that produced it; NULL for the initial model), `saved_at_ms`, `next_round`, `clip_norm`, `n_items`, `dim`, `n_segments`, `item_factors`, `item_bias`, `global_mean`, `centroids`, `optimizer` (`sgd` or `adam`), `lr`, `momentum` (SGD only), `beta1`, `beta2`, `eps` (Adam only), `first_moment`, `second_moment` (empty for SGD), `step`, `centroid_mass` |
 //! | `ledger` | privacy charge | `round` (key), `q`, `noise_multiplier`, `clip_bits_noise` (NULL without adaptive clipping), `hash` (the chain) |
+//! | `ddp_ledger` | distributed-noise charge (schema 3) | `round` (key; never also in `ledger`), `q`, `l2`, `l1` (the rounded sensitivities Δ₂, Δ₁), `device_var` (σ_dev², per device and coordinate), `shares` (the noise shares charged: `min_reports`), `dim` (the padded dimension D), `hash` (the chain, shared with `ledger`: one chain over the charges of both tables in round order) |
 //! | `budget` | budget setting | `seq` (key, from 0), `set_at_ms`, `epsilon`, `delta`, `accountant` (`rdp` or `pld`), `reason`, `hash` (the chain); the newest row is the budget |
 //! | `audit_log` | event | `id` (key), `at_ms`, `event`, `detail` (counts only; none for a round with noise; the reason of a budget change) |
 //! | `devices` | enrolled device | `device_id` (key; [`DeviceId::to_i64_bits`]), `enrolled_at_ms`, `revoked_at_ms` (NULL while enrolled), `label` |
@@ -57,7 +59,8 @@ use std::fmt::Write as _;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
-use fedrec_shared::ledger::{Ledger, LedgerEntry, PrivacyBudget, PrivacyPolicy};
+use fedrec_shared::ddp::DdpEvent;
+use fedrec_shared::ledger::{DdpCharge, Ledger, LedgerEntry, PrivacyBudget, PrivacyPolicy};
 use fedrec_shared::privacy::{AccountantKind, PrivacyError};
 use fedrec_shared::round::{AbandonReason, CoordinatorState, RoundStats};
 use fedrec_shared::server::{ServerOptimizer, ServerState, ServerStateParts};
@@ -69,7 +72,7 @@ mod pg;
 mod sqlite;
 
 /// The schema version this build writes, and the newest it can read.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// How many checkpoints [`StoreOptions::default`] keeps.
 pub const DEFAULT_KEEP_CHECKPOINTS: NonZeroUsize = NonZeroUsize::new(10).expect("10 is not zero");
@@ -761,31 +764,154 @@ impl BudgetRow {
 
 const BUDGET_COLUMNS: &str = "seq, set_at_ms, epsilon, delta, accountant, reason, hash";
 
-/// A ledger row as stored, before any check.
+/// One charge of the privacy ledger: a central-noise round's [`LedgerEntry`] (table
+/// `ledger`) or a distributed-noise round's [`DdpCharge`] (table `ddp_ledger`). Both tables
+/// form one ledger: one hash chain over the charges of both in round order, a round charged
+/// at most once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Charge {
+    Central(LedgerEntry),
+    Distributed(DdpCharge),
+}
+
+impl Charge {
+    fn round(&self) -> u64 {
+        match self {
+            Charge::Central(e) => e.round,
+            Charge::Distributed(c) => c.round,
+        }
+    }
+
+    fn canonical_bytes(&self) -> Vec<u8> {
+        match self {
+            Charge::Central(e) => e.canonical_bytes(),
+            Charge::Distributed(c) => c.canonical_bytes(),
+        }
+    }
+
+    /// Bitwise equality: a charge read back must be exactly the charge made.
+    fn same_bits(&self, other: &Charge) -> bool {
+        self.canonical_bytes() == other.canonical_bytes()
+    }
+}
+
+/// The ledger's charges in round order; two charges of one round are refused.
+fn charges_of(central: &[LedgerEntry], ddp: &[DdpCharge]) -> Result<Vec<Charge>, StoreError> {
+    let mut all: Vec<Charge> = central
+        .iter()
+        .map(|&e| Charge::Central(e))
+        .chain(ddp.iter().map(|&c| Charge::Distributed(c)))
+        .collect();
+    all.sort_by_key(Charge::round);
+    for pair in all.windows(2) {
+        if pair[1].round() == pair[0].round() {
+            return Err(invalid(format!("round {} is charged twice", pair[0].round())));
+        }
+    }
+    Ok(all)
+}
+
+/// Splits charges back into the ledger's two lists.
+fn split_charges(charges: &[Charge]) -> (Vec<LedgerEntry>, Vec<DdpCharge>) {
+    let mut central = Vec::new();
+    let mut ddp = Vec::new();
+    for c in charges {
+        match *c {
+            Charge::Central(e) => central.push(e),
+            Charge::Distributed(d) => ddp.push(d),
+        }
+    }
+    (central, ddp)
+}
+
+/// A `ddp_ledger` row as stored, before any check.
+struct DdpRow {
+    round: i64,
+    q: f64,
+    l2: f64,
+    l1: f64,
+    device_var: f64,
+    shares: i64,
+    dim: i64,
+}
+
+impl DdpRow {
+    /// The row as a distributed charge; its event is rebuilt by the checking constructor.
+    fn decode(&self) -> Result<DdpCharge, StoreError> {
+        let shares = from_sql("ddp_ledger.shares", self.shares)?;
+        let dim = from_sql("ddp_ledger.dim", self.dim)?;
+        let event = DdpEvent::from_parts(
+            self.q,
+            1,
+            self.l2,
+            self.l1,
+            self.device_var,
+            usize::try_from(shares).map_err(|_| corrupt("ddp_ledger.shares", "too large"))?,
+            usize::try_from(dim).map_err(|_| corrupt("ddp_ledger.dim", "too large"))?,
+        )
+        .map_err(|e| corrupt("ddp_ledger", e.to_string()))?;
+        Ok(DdpCharge { round: from_sql("ddp_ledger.round", self.round)?, event })
+    }
+
+    /// The columns of `charge`, in [`DDP_COLUMNS`] order without the hash.
+    fn of(charge: &DdpCharge) -> Result<Self, StoreError> {
+        let e = &charge.event;
+        Ok(Self {
+            round: to_sql("ddp_ledger round", charge.round)?,
+            q: e.q(),
+            l2: e.l2(),
+            l1: e.l1(),
+            device_var: e.device_var(),
+            shares: count_to_sql("ddp_ledger shares", e.n_survivors())?,
+            dim: count_to_sql("ddp_ledger dim", e.dim())?,
+        })
+    }
+}
+
+/// The columns of `ddp_ledger`, in the order both backends read and write them.
+const DDP_COLUMNS: &str = "round, q, l2, l1, device_var, shares, dim, hash";
+
+/// A ledger row as stored (of either table), before any check of its hash.
 struct LedgerRow {
+    charge: Charge,
+    hash: Option<Vec<u8>>,
+}
+
+/// A central `ledger` row's charge; the values are checked when the ledger is rebuilt.
+fn central_charge(
     round: i64,
     q: f64,
     noise_multiplier: f64,
     clip_bits_noise: Option<f64>,
-    hash: Option<Vec<u8>>,
+) -> Result<LedgerEntry, StoreError> {
+    Ok(LedgerEntry { round: from_sql("ledger.round", round)?, q, noise_multiplier, clip_bits_noise })
+}
+
+/// Both tables' rows in round order; a round in both is refused.
+fn merge_rows(mut rows: Vec<LedgerRow>) -> Result<Vec<LedgerRow>, StoreError> {
+    rows.sort_by_key(|r| r.charge.round());
+    for pair in rows.windows(2) {
+        if pair[1].charge.round() == pair[0].charge.round() {
+            return Err(corrupt(
+                "ledger",
+                format!("round {} is charged in both ledgers", pair[0].charge.round()),
+            ));
+        }
+    }
+    Ok(rows)
 }
 
 /// Recomputes both hash chains from their rows; the first row whose stored hash differs is
 /// [`ChainReport::broken`].
 fn chain_report(ledger: Vec<LedgerRow>, budget: &[BudgetRow]) -> Result<ChainReport, StoreError> {
+    let ledger = merge_rows(ledger)?;
     let mut broken = None;
     let mut ledger_hashes = Vec::with_capacity(ledger.len());
     let mut prev = CHAIN_START;
     for row in ledger {
-        let entry = LedgerEntry {
-            round: from_sql("ledger.round", row.round)?,
-            q: row.q,
-            noise_multiplier: row.noise_multiplier,
-            clip_bits_noise: row.clip_bits_noise,
-        };
-        let hash = chain_hash(&prev, &entry.canonical_bytes());
+        let hash = chain_hash(&prev, &row.charge.canonical_bytes());
         if broken.is_none() && row.hash.as_deref() != Some(hash.as_slice()) {
-            broken = Some(ChainBreak::Ledger { round: entry.round });
+            broken = Some(ChainBreak::Ledger { round: row.charge.round() });
         }
         ledger_hashes.push(hash);
         prev = hash;
@@ -807,18 +933,22 @@ fn chain_report(ledger: Vec<LedgerRow>, budget: &[BudgetRow]) -> Result<ChainRep
 /// recorded round if that is later than the checkpoint's next round.
 fn resume_state(
     ckpt: LoadedCheckpoint,
-    entries: Vec<LedgerEntry>,
+    charges: Vec<LedgerRow>,
     last_round: Option<i64>,
 ) -> Result<CoordinatorState, StoreError> {
-    let ledger = Ledger::from_entries(entries).map_err(|e| corrupt("ledger", e.to_string()))?;
-    if let Some(last) = ledger.entries().last()
-        && last.round >= ckpt.next_round
+    let charges: Vec<Charge> = merge_rows(charges)?.into_iter().map(|r| r.charge).collect();
+    if let Some(last) = charges.last()
+        && last.round() >= ckpt.next_round
     {
         return Err(StoreError::Inconsistent(format!(
             "the ledger charges round {} but checkpoint {} resumes at round {}",
-            last.round, ckpt.version, ckpt.next_round
+            last.round(),
+            ckpt.version,
+            ckpt.next_round
         )));
     }
+    let (central, ddp) = split_charges(&charges);
+    let ledger = Ledger::from_parts(central, ddp).map_err(|e| corrupt("ledger", e.to_string()))?;
     let next_round = match last_round {
         Some(r) => ckpt.next_round.max(from_sql("rounds.round", r)?.saturating_add(1)),
         None => ckpt.next_round,
@@ -833,21 +963,25 @@ fn resume_state(
     })
 }
 
-/// Checks that the ledger stored is a prefix of `entries`, bit for bit.
-fn check_prefix(stored: &[LedgerEntry], entries: &[LedgerEntry]) -> Result<(), StoreError> {
+/// The charges of `ledger` not stored yet, after checking that the ledger stored (`stored`,
+/// both tables in round order) is a prefix of it, bit for bit; with the hash the chain
+/// continues from.
+fn new_charges(stored: &[LedgerRow], ledger: &Ledger) -> Result<(Vec<Charge>, [u8; 32]), StoreError> {
+    let all = charges_of(ledger.entries(), ledger.ddp_entries())?;
     for (k, old) in stored.iter().enumerate() {
-        // Bitwise: a charge read back must be exactly the charge made.
-        let same = entries.get(k).is_some_and(|new| {
-            new.round == old.round
-                && new.q.to_bits() == old.q.to_bits()
-                && new.noise_multiplier.to_bits() == old.noise_multiplier.to_bits()
-                && new.clip_bits_noise.map(f64::to_bits) == old.clip_bits_noise.map(f64::to_bits)
-        });
-        if !same {
-            return Err(StoreError::LedgerMismatch { round: old.round });
+        if !all.get(k).is_some_and(|new| new.same_bits(&old.charge)) {
+            return Err(StoreError::LedgerMismatch { round: old.charge.round() });
         }
     }
-    Ok(())
+    let prev = match stored.last() {
+        None => CHAIN_START,
+        Some(row) => row
+            .hash
+            .as_deref()
+            .and_then(|h| <[u8; 32]>::try_from(h).ok())
+            .ok_or_else(|| corrupt("ledger.hash", "the newest row has no valid hash"))?,
+    };
+    Ok((all[stored.len()..].to_vec(), prev))
 }
 
 /// The budget row [`Store::set_budget`] appends after `last` (the newest row), with its
@@ -1001,7 +1135,7 @@ impl Checkpoint {
         let parts = state.server.parts();
         ServerState::from_parts(parts)?;
         check_server_lengths(&parts, shape).map_err(invalid)?;
-        check_ledger(state.ledger.entries(), state.next_round)?;
+        check_ledger(&state.ledger, state.next_round)?;
         let (optimizer, lr, momentum, beta1, beta2, eps) = match parts.optimizer {
             ServerOptimizer::Sgd { lr, momentum } => ("sgd", lr, Some(momentum), None, None, None),
             ServerOptimizer::Adam { lr, beta1, beta2, eps } => {
@@ -1053,20 +1187,24 @@ fn check_server_lengths(parts: &ServerStateParts<'_>, shape: ModelShape) -> Resu
     Ok(())
 }
 
-/// Ledger entries are valid events, in strictly increasing rounds, all before `next_round`.
-fn check_ledger(entries: &[LedgerEntry], next_round: u64) -> Result<(), StoreError> {
-    Ledger::from_entries(entries.to_vec())?;
-    for pair in entries.windows(2) {
-        if pair[1].round <= pair[0].round {
-            return Err(invalid(format!("ledger rounds are not increasing at round {}", pair[1].round)));
+/// The ledger's charges are valid events, in strictly increasing rounds (each round charged
+/// once, in either table), all before `next_round`.
+fn check_ledger(ledger: &Ledger, next_round: u64) -> Result<(), StoreError> {
+    Ledger::from_parts(ledger.entries().to_vec(), ledger.ddp_entries().to_vec())?;
+    for list in [
+        ledger.entries().iter().map(|e| e.round).collect::<Vec<_>>(),
+        ledger.ddp_entries().iter().map(|c| c.round).collect(),
+    ] {
+        if let Some(pair) = list.windows(2).find(|p| p[1] <= p[0]) {
+            return Err(invalid(format!("ledger rounds are not increasing at round {}", pair[1])));
         }
     }
-    if let Some(last) = entries.last()
-        && last.round >= next_round
+    if let Some(last) = charges_of(ledger.entries(), ledger.ddp_entries())?.last()
+        && last.round() >= next_round
     {
         return Err(invalid(format!(
             "the ledger charges round {} but the next round is {next_round}",
-            last.round
+            last.round()
         )));
     }
     Ok(())

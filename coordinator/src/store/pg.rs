@@ -22,7 +22,7 @@ use std::fmt::Write as _;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use fedrec_shared::ledger::{LedgerEntry, PrivacyPolicy};
+use fedrec_shared::ledger::{Ledger, PrivacyPolicy};
 use fedrec_shared::round::{AbandonReason, CoordinatorState, RoundStats};
 use postgres::error::SqlState;
 use postgres::{Client, NoTls, Transaction};
@@ -31,13 +31,31 @@ use super::*;
 use crate::auth::DeviceId;
 
 /// The schema version this build writes in `fedrec_meta`, and the newest it can read.
-pub const PG_SCHEMA_VERSION: u32 = 1;
+pub const PG_SCHEMA_VERSION: u32 = 2;
 
 /// The advisory lock key the leader holds (`fedrec` in ASCII, as a number).
 pub const LEADER_LOCK: i64 = 0x6665_6472_6563;
 
 /// The advisory lock key held (per transaction) while the schema is created or upgraded.
 const MIGRATION_LOCK: i64 = LEADER_LOCK + 1;
+
+/// Migration `i` takes the schema from version `i` to `i + 1` (version 1 creates it).
+const MIGRATIONS: [&str; PG_SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2];
+
+/// Version 2 (issue 12): the charges of distributed-noise rounds, chained with `ledger`.
+const SCHEMA_V2: &str = "
+CREATE TABLE ddp_ledger (
+    round      BIGINT PRIMARY KEY CHECK (round >= 0),
+    q          DOUBLE PRECISION NOT NULL,
+    l2         DOUBLE PRECISION NOT NULL,
+    l1         DOUBLE PRECISION NOT NULL,
+    device_var DOUBLE PRECISION NOT NULL,
+    shares     BIGINT NOT NULL CHECK (shares >= 1),
+    dim        BIGINT NOT NULL CHECK (dim >= 1),
+    hash       BYTEA NOT NULL
+);
+COMMENT ON TABLE ddp_ledger IS 'One charge per committed distributed-noise round (docs/ddp.md); one hash chain with ledger, in round order';
+";
 
 const SCHEMA_V1: &str = "
 CREATE TABLE fedrec_meta (
@@ -161,7 +179,7 @@ impl Drop for PgStore {
 pub(super) struct PgCommit {
     ckpt: Checkpoint,
     row: RoundRow,
-    entries: Vec<LedgerEntry>,
+    ledger: Ledger,
     detail: String,
 }
 
@@ -237,7 +255,7 @@ impl PgStore {
         let ckpt = Checkpoint::of(state)?;
         let at = to_sql("at_ms", at_ms)?;
         let keep = self.options.keep_checkpoints;
-        let entries = state.ledger.entries().to_vec();
+        let ledger = state.ledger.clone();
         let (version, next_round) = (state.version, state.next_round);
         self.with(move |c| {
             let mut tx = c.transaction()?;
@@ -248,7 +266,7 @@ impl PgStore {
                     "the store already holds checkpoints; save_initial is for a fresh store".into(),
                 ));
             }
-            let n_new = sync_ledger(&mut tx, &entries)?;
+            let n_new = sync_ledger(&mut tx, &ledger)?;
             insert_checkpoint(&mut tx, &ckpt, None, at)?;
             let n_pruned = prune(&mut tx, keep)?;
             let detail = format!(
@@ -275,7 +293,7 @@ impl PgStore {
         Ok(PgCommit {
             ckpt: Checkpoint::of(state)?,
             row: RoundRow::of(stats, state.version, None, at_ms)?,
-            entries: state.ledger.entries().to_vec(),
+            ledger: state.ledger.clone(),
             detail: round_detail(stats, state.version),
         })
     }
@@ -284,10 +302,10 @@ impl PgStore {
     pub(super) fn write_commit(&self, commit: PgCommit) -> Result<(), StoreError> {
         let keep = self.options.keep_checkpoints;
         self.with(move |c| {
-            let PgCommit { ckpt, row, entries, mut detail } = commit;
+            let PgCommit { ckpt, row, ledger, mut detail } = commit;
             let mut tx = c.transaction()?;
             insert_round(&mut tx, &row)?;
-            let n_new = sync_ledger(&mut tx, &entries)?;
+            let n_new = sync_ledger(&mut tx, &ledger)?;
             let newest: Option<i64> =
                 tx.query_one("SELECT max(model_version) FROM checkpoints", &[])?.try_get(0)?;
             if let Some(newest) = newest
@@ -333,10 +351,10 @@ impl PgStore {
             let row = tx.query_opt("SELECT * FROM checkpoints ORDER BY model_version DESC LIMIT 1", &[])?;
             let Some(row) = row else { return Ok(None) };
             let ckpt = read_checkpoint(&row)?.decode()?;
-            let entries = read_ledger(&mut tx)?;
+            let charges = read_ledger(&mut tx)?;
             let last_round: Option<i64> = tx.query_one("SELECT max(round) FROM rounds", &[])?.try_get(0)?;
             tx.commit()?;
-            resume_state(ckpt, entries, last_round).map(Some)
+            resume_state(ckpt, charges, last_round).map(Some)
         })
     }
 
@@ -389,22 +407,7 @@ impl PgStore {
         self.with(|c| {
             let mut tx =
                 c.build_transaction().isolation_level(postgres::IsolationLevel::RepeatableRead).start()?;
-            let ledger = tx
-                .query(
-                    "SELECT round, q, noise_multiplier, clip_bits_noise, hash FROM ledger ORDER BY round",
-                    &[],
-                )?
-                .iter()
-                .map(|r| {
-                    Ok(LedgerRow {
-                        round: r.try_get(0)?,
-                        q: r.try_get(1)?,
-                        noise_multiplier: r.try_get(2)?,
-                        clip_bits_noise: r.try_get(3)?,
-                        hash: r.try_get(4)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, StoreError>>()?;
+            let ledger = read_ledger(&mut tx)?;
             let budget = tx
                 .query(&format!("SELECT {BUDGET_COLUMNS} FROM budget ORDER BY seq"), &[])?
                 .iter()
@@ -424,7 +427,7 @@ impl PgStore {
                    (SELECT max(round) FROM rounds),
                    (SELECT max(model_version) FROM checkpoints),
                    (SELECT count(*) FROM checkpoints),
-                   (SELECT count(*) FROM ledger),
+                   (SELECT count(*) FROM ledger) + (SELECT count(*) FROM ddp_ledger),
                    (SELECT count(*) FROM devices WHERE revoked_at_ms IS NULL),
                    (SELECT count(*) FROM devices WHERE revoked_at_ms IS NOT NULL)",
                 &[],
@@ -554,9 +557,22 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
         if found > PG_SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew { found, supported: PG_SCHEMA_VERSION });
         }
+        if found == PG_SCHEMA_VERSION {
+            return Ok(());
+        }
+        for migration in MIGRATIONS.iter().skip(found as usize) {
+            tx.batch_execute(migration)?;
+        }
+        tx.execute(
+            "UPDATE fedrec_meta SET value = $1 WHERE key = 'schema_version'",
+            &[&i64::from(PG_SCHEMA_VERSION)],
+        )?;
+        tx.commit()?;
         return Ok(());
     }
-    tx.batch_execute(SCHEMA_V1)?;
+    for migration in MIGRATIONS {
+        tx.batch_execute(migration)?;
+    }
     tx.execute(
         "INSERT INTO fedrec_meta (key, value) VALUES ('schema_version', $1)",
         &[&i64::from(PG_SCHEMA_VERSION)],
@@ -641,55 +657,57 @@ fn prune(tx: &mut Transaction<'_>, keep: NonZeroUsize) -> Result<u64, StoreError
     )?)
 }
 
-fn read_ledger(tx: &mut Transaction<'_>) -> Result<Vec<LedgerEntry>, StoreError> {
-    tx.query("SELECT round, q, noise_multiplier, clip_bits_noise FROM ledger ORDER BY round", &[])?
-        .iter()
-        .map(|r| {
-            Ok(LedgerEntry {
-                round: from_sql("ledger.round", r.try_get(0)?)?,
-                q: r.try_get(1)?,
-                noise_multiplier: r.try_get(2)?,
-                clip_bits_noise: r.try_get(3)?,
-            })
-        })
-        .collect()
+/// Every charge stored, both tables, in round order, with its stored hash.
+fn read_ledger(tx: &mut Transaction<'_>) -> Result<Vec<LedgerRow>, StoreError> {
+    let mut rows = Vec::new();
+    for r in
+        tx.query("SELECT round, q, noise_multiplier, clip_bits_noise, hash FROM ledger ORDER BY round", &[])?
+    {
+        let charge = central_charge(r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)?;
+        rows.push(LedgerRow { charge: Charge::Central(charge), hash: r.try_get(4)? });
+    }
+    for r in tx.query(&format!("SELECT {DDP_COLUMNS} FROM ddp_ledger ORDER BY round"), &[])? {
+        let row = DdpRow {
+            round: r.try_get(0)?,
+            q: r.try_get(1)?,
+            l2: r.try_get(2)?,
+            l1: r.try_get(3)?,
+            device_var: r.try_get(4)?,
+            shares: r.try_get(5)?,
+            dim: r.try_get(6)?,
+        };
+        rows.push(LedgerRow { charge: Charge::Distributed(row.decode()?), hash: r.try_get(7)? });
+    }
+    merge_rows(rows)
 }
 
-/// Checks that the stored ledger is a prefix of `entries` and appends the rest, extending
-/// the hash chain; returns how many entries it appended. The ledger is locked for the
-/// transaction, so that two writers cannot both extend the same chain head.
-fn sync_ledger(tx: &mut Transaction<'_>, entries: &[LedgerEntry]) -> Result<usize, StoreError> {
-    tx.execute("LOCK TABLE ledger IN EXCLUSIVE MODE", &[])?;
+/// Checks that the stored ledger is a prefix of `ledger` and appends the rest, each charge to
+/// its table, extending the one hash chain; returns how many charges it appended. Both
+/// ledger tables are locked for the transaction, so that two writers cannot both extend the
+/// same chain head.
+fn sync_ledger(tx: &mut Transaction<'_>, ledger: &Ledger) -> Result<usize, StoreError> {
+    tx.batch_execute("LOCK TABLE ledger, ddp_ledger IN EXCLUSIVE MODE")?;
     let stored = read_ledger(tx)?;
-    check_prefix(&stored, entries)?;
-    let new = &entries[stored.len()..];
-    if new.is_empty() {
-        return Ok(0);
-    }
-    let last: Option<Vec<u8>> = tx
-        .query_opt("SELECT hash FROM ledger ORDER BY round DESC LIMIT 1", &[])?
-        .map(|r| r.try_get(0))
-        .transpose()?;
-    let mut prev = match last {
-        None => CHAIN_START,
-        Some(hash) => <[u8; 32]>::try_from(hash.as_slice())
-            .map_err(|_| corrupt("ledger.hash", "the newest row has no valid hash"))?,
-    };
-    let stmt = tx.prepare(
-        "INSERT INTO ledger (round, q, noise_multiplier, clip_bits_noise, hash) VALUES ($1, $2, $3, $4, $5)",
-    )?;
-    for e in new {
-        let hash = chain_hash(&prev, &e.canonical_bytes());
-        tx.execute(
-            &stmt,
-            &[
-                &to_sql("ledger round", e.round)?,
-                &e.q,
-                &e.noise_multiplier,
-                &e.clip_bits_noise,
-                &hash.as_slice(),
-            ],
-        )?;
+    let (new, mut prev) = new_charges(&stored, ledger)?;
+    for charge in &new {
+        let hash = chain_hash(&prev, &charge.canonical_bytes());
+        match charge {
+            Charge::Central(e) => {
+                tx.execute(
+                    "INSERT INTO ledger (round, q, noise_multiplier, clip_bits_noise, hash) VALUES ($1, $2, $3, $4, $5)",
+                    &[&to_sql("ledger round", e.round)?, &e.q, &e.noise_multiplier, &e.clip_bits_noise, &hash.as_slice()],
+                )?;
+            }
+            Charge::Distributed(c) => {
+                let r = DdpRow::of(c)?;
+                tx.execute(
+                    &format!(
+                        "INSERT INTO ddp_ledger ({DDP_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                    ),
+                    &[&r.round, &r.q, &r.l2, &r.l1, &r.device_var, &r.shares, &r.dim, &hash.as_slice()],
+                )?;
+            }
+        }
         prev = hash;
     }
     Ok(new.len())

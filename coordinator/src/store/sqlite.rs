@@ -5,7 +5,7 @@ use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Duration;
 
-use fedrec_shared::ledger::{LedgerEntry, PrivacyPolicy};
+use fedrec_shared::ledger::{Ledger, PrivacyPolicy};
 use fedrec_shared::round::{AbandonReason, CoordinatorState, RoundStats};
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
@@ -17,7 +17,30 @@ use crate::auth::DeviceId;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Migration `i` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+
+/// Version 3 (issue 12): the charges of distributed-noise rounds. One hash chain runs through
+/// `ledger` and `ddp_ledger` in round order; a round is charged in one of them at most.
+const SCHEMA_V3: &str = "
+-- One charge per committed round with distributed noise (docs/ddp.md): the distributed
+-- accountant's event. Append-only, never pruned.
+CREATE TABLE ddp_ledger (
+    round      INTEGER PRIMARY KEY CHECK (round >= 0),
+    -- Poisson sampling probability of the round.
+    q          REAL NOT NULL,
+    -- The rounded sensitivities (L2 and L1) of one device's scaled, rounded update.
+    l2         REAL NOT NULL,
+    l1         REAL NOT NULL,
+    -- sigma_dev^2: each device's discrete Gaussian variance per coordinate.
+    device_var REAL NOT NULL,
+    -- The noise shares charged (min_reports: the fewest a round commits with).
+    shares     INTEGER NOT NULL CHECK (shares >= 1),
+    -- The padded (power-of-two) dimension.
+    dim        INTEGER NOT NULL CHECK (dim >= 1),
+    -- SHA-256(previous charge's hash, of either ledger table || canonical bytes of this row).
+    hash       BLOB NOT NULL
+) STRICT;
+";
 
 /// Version 2 (issue 10): round counts may be NULL (rounds with noise store none), the ledger
 /// gets its hash chain (filled in for existing rows by [`migrate`]), and the budget its table.
@@ -230,7 +253,7 @@ impl SqliteStore {
                 "the store already holds checkpoints; save_initial is for a fresh store".into(),
             ));
         }
-        let n_new = sync_ledger(&tx, state.ledger.entries())?;
+        let n_new = sync_ledger(&tx, &state.ledger)?;
         insert_checkpoint(&tx, &ckpt, None, at)?;
         let n_pruned = prune(&tx, self.options.keep_checkpoints)?;
         let detail = format!(
@@ -261,7 +284,7 @@ impl SqliteStore {
         let round = to_sql("round", stats.round)?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         insert_round(&tx, &row)?;
-        let n_new = sync_ledger(&tx, state.ledger.entries())?;
+        let n_new = sync_ledger(&tx, &state.ledger)?;
         let newest: Option<i64> =
             tx.query_row("SELECT max(model_version) FROM checkpoints", [], |r| r.get(0))?;
         if let Some(newest) = newest
@@ -314,11 +337,11 @@ impl SqliteStore {
             .optional()?;
         let Some(row) = row else { return Ok(None) };
         let ckpt = row.map_err(|e| read_error("checkpoint", e))?.decode()?;
-        let entries = read_ledger(&tx)?;
+        let charges = read_ledger(&tx)?;
         let last_round: Option<i64> = tx
             .query_row("SELECT max(round) FROM rounds", [], |r| r.get(0))
             .map_err(|e| read_error("rounds", e))?;
-        resume_state(ckpt, entries, last_round).map(Some)
+        resume_state(ckpt, charges, last_round).map(Some)
     }
 
     /// The budget in force (the newest `budget` row), if one was ever set.
@@ -369,21 +392,7 @@ impl SqliteStore {
     /// them with the stored hashes; the first row that differs is [`ChainReport::broken`].
     pub(super) fn verify_chain(&self) -> Result<ChainReport, StoreError> {
         let tx = self.conn.unchecked_transaction()?;
-        let ledger: Vec<LedgerRow> = {
-            let mut stmt = tx.prepare(
-                "SELECT round, q, noise_multiplier, clip_bits_noise, hash FROM ledger ORDER BY round",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                Ok(LedgerRow {
-                    round: r.get(0)?,
-                    q: r.get(1)?,
-                    noise_multiplier: r.get(2)?,
-                    clip_bits_noise: r.get(3)?,
-                    hash: r.get(4)?,
-                })
-            })?;
-            rows.map(|row| row.map_err(|e| read_error("ledger", e))).collect::<Result<_, _>>()?
-        };
+        let ledger = read_ledger(&tx)?;
         let budget: Vec<BudgetRow> = {
             let mut stmt = tx.prepare(&format!("SELECT {BUDGET_COLUMNS} FROM budget ORDER BY seq"))?;
             let rows = stmt.query_map([], |r| Ok(BudgetRow::read(r)))?;
@@ -412,7 +421,8 @@ impl SqliteStore {
                 "checkpoints.model_version",
             )?,
             n_checkpoints: count("SELECT count(*) FROM checkpoints", "checkpoints")?,
-            n_ledger_entries: count("SELECT count(*) FROM ledger", "ledger")?,
+            n_ledger_entries: count("SELECT count(*) FROM ledger", "ledger")?
+                + count("SELECT count(*) FROM ddp_ledger", "ddp_ledger")?,
             n_devices_enrolled: count("SELECT count(*) FROM devices WHERE revoked_at_ms IS NULL", "devices")?,
             n_devices_revoked: count(
                 "SELECT count(*) FROM devices WHERE revoked_at_ms IS NOT NULL",
@@ -526,13 +536,12 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     if found < 2 {
         // The chain of a store written before version 2 attests to what it held when upgraded.
-        let entries = read_ledger(&tx)?;
         let mut prev = CHAIN_START;
-        for e in &entries {
-            let hash = chain_hash(&prev, &e.canonical_bytes());
+        for row in read_ledger(&tx)? {
+            let hash = chain_hash(&prev, &row.charge.canonical_bytes());
             tx.execute(
                 "UPDATE ledger SET hash = ?2 WHERE round = ?1",
-                params![to_sql("ledger round", e.round)?, hash.as_slice()],
+                params![to_sql("ledger round", row.charge.round())?, hash.as_slice()],
             )?;
             prev = hash;
         }
@@ -598,49 +607,76 @@ fn prune(tx: &Transaction<'_>, keep: NonZeroUsize) -> Result<usize, StoreError> 
     Ok(n)
 }
 
-fn read_ledger(tx: &Transaction<'_>) -> Result<Vec<LedgerEntry>, StoreError> {
+/// Every charge stored, both tables, in round order, with its stored hash.
+fn read_ledger(tx: &Transaction<'_>) -> Result<Vec<LedgerRow>, StoreError> {
+    let mut rows = Vec::new();
     let mut stmt =
-        tx.prepare("SELECT round, q, noise_multiplier, clip_bits_noise FROM ledger ORDER BY round")?;
-    let rows = stmt.query_map([], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)?, r.get::<_, f64>(2)?, r.get::<_, Option<f64>>(3)?))
+        tx.prepare("SELECT round, q, noise_multiplier, clip_bits_noise, hash FROM ledger ORDER BY round")?;
+    let central = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, f64>(1)?,
+            r.get::<_, f64>(2)?,
+            r.get::<_, Option<f64>>(3)?,
+            r.get(4)?,
+        ))
     })?;
-    rows.map(|row| {
-        let (round, q, noise_multiplier, clip_bits_noise) = row.map_err(|e| read_error("ledger", e))?;
-        Ok(LedgerEntry { round: from_sql("ledger.round", round)?, q, noise_multiplier, clip_bits_noise })
-    })
-    .collect()
+    for row in central {
+        let (round, q, z, zb, hash) = row.map_err(|e| read_error("ledger", e))?;
+        rows.push(LedgerRow { charge: Charge::Central(central_charge(round, q, z, zb)?), hash });
+    }
+    let mut stmt = tx.prepare(&format!("SELECT {DDP_COLUMNS} FROM ddp_ledger ORDER BY round"))?;
+    let ddp = stmt.query_map([], |r| {
+        Ok((
+            DdpRow {
+                round: r.get(0)?,
+                q: r.get(1)?,
+                l2: r.get(2)?,
+                l1: r.get(3)?,
+                device_var: r.get(4)?,
+                shares: r.get(5)?,
+                dim: r.get(6)?,
+            },
+            r.get(7)?,
+        ))
+    })?;
+    for row in ddp {
+        let (row, hash) = row.map_err(|e| read_error("ddp_ledger", e))?;
+        rows.push(LedgerRow { charge: Charge::Distributed(row.decode()?), hash });
+    }
+    merge_rows(rows)
 }
 
-/// Checks that the stored ledger is a prefix of `entries` and appends the rest; returns how
-/// many entries it appended.
-fn sync_ledger(tx: &Transaction<'_>, entries: &[LedgerEntry]) -> Result<usize, StoreError> {
+/// Checks that the stored ledger is a prefix of `ledger` and appends the rest, each charge to
+/// its table, extending the one hash chain; returns how many charges it appended.
+fn sync_ledger(tx: &Transaction<'_>, ledger: &Ledger) -> Result<usize, StoreError> {
     let stored = read_ledger(tx)?;
-    check_prefix(&stored, entries)?;
-    let new = &entries[stored.len()..];
-    if new.is_empty() {
-        return Ok(0);
-    }
-    let last: Option<Option<Vec<u8>>> =
-        tx.query_row("SELECT hash FROM ledger ORDER BY round DESC LIMIT 1", [], |r| r.get(0)).optional()?;
-    let mut prev = match last {
-        None => CHAIN_START,
-        Some(hash) => hash
-            .as_deref()
-            .and_then(|h| <[u8; 32]>::try_from(h).ok())
-            .ok_or_else(|| corrupt("ledger.hash", "the newest row has no valid hash"))?,
-    };
-    let mut stmt = tx.prepare(
-        "INSERT INTO ledger (round, q, noise_multiplier, clip_bits_noise, hash) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?;
-    for e in new {
-        let hash = chain_hash(&prev, &e.canonical_bytes());
-        stmt.execute(params![
-            to_sql("ledger round", e.round)?,
-            e.q,
-            e.noise_multiplier,
-            e.clip_bits_noise,
-            hash.as_slice()
-        ])?;
+    let (new, mut prev) = new_charges(&stored, ledger)?;
+    for charge in &new {
+        let hash = chain_hash(&prev, &charge.canonical_bytes());
+        match charge {
+            Charge::Central(e) => {
+                tx.execute(
+                    "INSERT INTO ledger (round, q, noise_multiplier, clip_bits_noise, hash) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        to_sql("ledger round", e.round)?,
+                        e.q,
+                        e.noise_multiplier,
+                        e.clip_bits_noise,
+                        hash.as_slice()
+                    ],
+                )?;
+            }
+            Charge::Distributed(c) => {
+                let r = DdpRow::of(c)?;
+                tx.execute(
+                    &format!(
+                        "INSERT INTO ddp_ledger ({DDP_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                    ),
+                    params![r.round, r.q, r.l2, r.l1, r.device_var, r.shares, r.dim, hash.as_slice()],
+                )?;
+            }
+        }
         prev = hash;
     }
     Ok(new.len())
