@@ -684,7 +684,7 @@ pub fn tune(base: &RunConfig, p: &TuneParams) -> anyhow::Result<TuneReport> {
     let data = UserData::from_split(&split, base.objective, threshold);
     let mut cfg = base.clone();
     best.config.apply(&mut cfg);
-    cfg.calibrate(data.train.len()).context("calibrating the noise of the final run")?;
+    cfg.calibrate_for(data.train.len(), data.n_items).context("calibrating the noise of the final run")?;
     eprintln!("final run on the full training set: {}", serde_json::to_string(&best.config)?);
     let res = federation::run(&data, &cfg, |_| {})?;
     let test = MetricsRecord::from(res.metrics);
@@ -1228,7 +1228,7 @@ impl<R: Rng + Send + Sync> Search<'_, R> {
         // its full length, so it is scored at its end only.
         cfg.eval_every = if self.early_stop { (cfg.rounds / 12).max(1) } else { 0 };
         let mut best: Option<(usize, MetricsRecord)> = None;
-        let outcome = cfg.calibrate(self.data.train.len()).and_then(|()| {
+        let outcome = cfg.calibrate_for(self.data.train.len(), self.data.n_items).and_then(|()| {
             federation::run(self.data, &cfg, |rec| {
                 if let Some(m) = rec.metrics {
                     let better = best.is_none_or(|(_, b)| self.metric.loss(&m) < self.metric.loss(&b));
