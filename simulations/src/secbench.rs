@@ -14,11 +14,12 @@ use std::time::{Duration, Instant as WallClock};
 
 use anyhow::{Context, bail};
 use fedrec_shared::danger;
+use fedrec_shared::ddp;
 use fedrec_shared::privacy::discrete::Grid;
-use fedrec_shared::round::secure::{DeviceSecAgg, SecurePolicy, ServerSecAgg};
+use fedrec_shared::round::secure::{DeviceSecAgg, DistributedPolicy, SecurePolicy, ServerSecAgg};
 use fedrec_shared::round::{
     ClientId, ClientMessage, EncryptedShare, MaskedInputRequest, ServerMessage, ShareKeysRequest, Task,
-    TaskPrivacy, UnmaskRequest, UnmaskShares,
+    TaskPrivacy, UnmaskRequest, UnmaskShares, distributed_params,
 };
 use fedrec_shared::secagg::encode;
 use fedrec_shared::train::{local_update, reconstruct, validate_ratings};
@@ -28,7 +29,7 @@ use fedrec_shared::{Rating, RoundModel};
 use rand::Rng;
 use serde::Serialize;
 
-use crate::federation::{self, AggregationKind, RunConfig, UserData};
+use crate::federation::{self, AggregationKind, MechanismKind, RunConfig, UserData};
 
 /// What to measure: every cohort size with every dropout rate, `repeat` rounds each.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,6 +105,31 @@ pub struct SecRun {
     pub coordinator_unmask_ms: f64,
     /// Wall time of the whole measured round, in seconds.
     pub wall_seconds: f64,
+    /// Distributed noise (`--mechanism distributed`): what the device's encoding costs.
+    pub distributed: Option<DdpCost>,
+}
+
+/// What distributed noise adds on the device (`docs/ddp.md`), measured in a round with
+/// `--mechanism distributed`: the rotation, scaling, conditional rounding, the noise share and
+/// the wrap ([`ddp::encode`], the function the device's share-keys step calls), timed alone
+/// on the round's parameters, and the masked input's size against the central secure round's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DdpCost {
+    /// Ring width `b` of the noised words.
+    pub bits: u32,
+    /// Coordinates of the update (`d`).
+    pub dim: usize,
+    /// Padded dimension `D` (the next power of two): words in the masked input.
+    pub padded_dim: usize,
+    /// Median over the devices that encoded of the time of [`ddp::encode`], in ms.
+    pub encode_ms_median: f64,
+    /// 95th percentile (nearest rank) of the same.
+    pub encode_ms_p95: f64,
+    /// Bytes of the `MaskedInput` frame with distributed noise (`D` words).
+    pub masked_input_bytes: usize,
+    /// Bytes of the `MaskedInput` frame of a central secure round on the same model (`d`
+    /// words, plus the clip bit when asked for, at 4 bytes each: a ring of at most 32 bits).
+    pub central_masked_input_bytes: usize,
 }
 
 /// The medians over the repetitions of one (cohort, dropout): one row of the summary table.
@@ -223,6 +249,10 @@ struct Device<'a> {
     up: usize,
     down: usize,
     plain_up: usize,
+    /// Distributed noise: the clipped update (dense), kept to time [`ddp::encode`] alone once
+    /// the round's parameters are known, and that time in ms.
+    dense: Option<Vec<f32>>,
+    ddp_encode_ms: Option<f64>,
 }
 
 /// What every device of a round shares: the model, the run, the secure grid, the check-in.
@@ -232,6 +262,8 @@ struct Shared<'m> {
     grid: Grid,
     clip_bit: bool,
     check_in: CheckIn,
+    /// Distributed noise: the task's privacy declaration the devices derive the noise from.
+    ddp: Option<TaskPrivacy>,
 }
 
 fn frame_len_request(msg: &ClientMessage, check_in: &CheckIn) -> anyhow::Result<usize> {
@@ -270,11 +302,29 @@ impl Device<'_> {
             return Ok(None);
         }
         let t0 = WallClock::now();
-        let encoded = encode::encode(&update, &sh.grid, within_bound, &mut self.rng)
-            .context("encoding an update for secure aggregation")?;
+        let (sec, cipher_public, mask_public) = match sh.ddp {
+            // Distributed noise: the device holds its update until share-keys brings the
+            // round's seed, and encodes it then (timed in step 1, and alone in `ddp_encode_ms`).
+            Some(privacy) => {
+                let dense = update.vector().to_dense();
+                self.dense = Some(dense.clone());
+                DeviceSecAgg::new_distributed(
+                    0,
+                    dense,
+                    privacy,
+                    sh.cfg.clip_norm,
+                    SecurePolicy::default(),
+                    DistributedPolicy::default(),
+                    &mut self.rng,
+                )
+            }
+            None => {
+                let encoded = encode::encode(&update, &sh.grid, within_bound, &mut self.rng)
+                    .context("encoding an update for secure aggregation")?;
+                DeviceSecAgg::new(0, encoded, sh.grid, sh.clip_bit, SecurePolicy::default(), &mut self.rng)
+            }
+        };
         drop(update);
-        let (sec, cipher_public, mask_public) =
-            DeviceSecAgg::new(0, encoded, sh.grid, sh.clip_bit, SecurePolicy::default(), &mut self.rng);
         self.step_ms[0] = millis(t0);
         self.steps = 1;
         self.sec = Some(sec);
@@ -430,7 +480,10 @@ fn one_round(
     let clip_bit = cfg.adaptive_clip;
     let n_users = data.train.len();
     let task_frame = |aggregation| -> anyhow::Result<usize> {
-        let c = RunConfig { aggregation, ..cfg.clone() };
+        // A plain round's task has central noise (distributed noise needs a masked sum).
+        let mechanism =
+            if aggregation == AggregationKind::Plain { MechanismKind::Central } else { cfg.mechanism };
+        let c = RunConfig { aggregation, mechanism, ..cfg.clone() };
         let config = federation::coordinator_config(&c, n_users)?;
         let task = Task {
             round: 0,
@@ -444,6 +497,14 @@ fn one_round(
     };
     let plain_task = task_frame(AggregationKind::Plain)?;
     let secure_task = task_frame(AggregationKind::Secure)?;
+    let distributed = cfg.mechanism == MechanismKind::Distributed;
+    // Distributed noise: the task's declaration, as the coordinator would send it.
+    let ddp_privacy = if distributed {
+        let c = RunConfig { aggregation: AggregationKind::Secure, ..cfg.clone() };
+        Some(TaskPrivacy::from_config(&federation::coordinator_config(&c, n_users)?, cfg.clip_norm))
+    } else {
+        None
+    };
     let ack = frame_len_response(&ServerMessage::Ack { round: 0 })?;
     let check_in = CheckIn {
         token: Vec::new(),
@@ -451,7 +512,7 @@ fn one_round(
         capabilities: 0,
         cached_model_version: None,
     };
-    let sh = Shared { model: &model, cfg, grid, clip_bit, check_in };
+    let sh = Shared { model: &model, cfg, grid, clip_bit, check_in, ddp: ddp_privacy };
 
     // Reproducible per (seed, cohort, dropout, repetition).
     let mut rng = danger::seeded_rng(
@@ -468,6 +529,8 @@ fn one_round(
                 ratings: &data.train[users[d % users.len()]],
                 vanish_at,
                 rng: Box::new(danger::seeded_device_rng(rng.random())),
+                dense: None,
+                ddp_encode_ms: None,
                 sec: None,
                 inbox: None,
                 status: Status::Active,
@@ -481,8 +544,14 @@ fn one_round(
         })
         .collect();
     let mut coord_rng = danger::seeded_rng(rng.random());
-    let mut server =
-        ServerSecAgg::new(0, layout.len(), grid, clip_bit, cfg.secagg_dropout, cfg.secagg_corrupt);
+    let mut server = match &sh.ddp {
+        Some(privacy) => {
+            let template = distributed_params(privacy, cfg.clip_norm, layout.len(), cfg.bits, [0; 32])
+                .context("distributed noise for this run (--bits, --noise-multiplier / --epsilon)")?;
+            ServerSecAgg::new_distributed(0, template, cfg.secagg_dropout, cfg.secagg_corrupt)
+        }
+        None => ServerSecAgg::new(0, layout.len(), grid, clip_bit, cfg.secagg_dropout, cfg.secagg_corrupt),
+    };
     let mut timed = Timed { total: Duration::ZERO };
     let threads = cfg.threads.max(1);
 
@@ -511,6 +580,18 @@ fn one_round(
             }
         };
         setup = server.setup();
+        if let Some(params) = server.ddp_params().cloned() {
+            // The encoding alone, on the round's parameters: the device's extra work.
+            let params = &params;
+            par_map(&mut devices, threads, |d| {
+                if let Some(dense) = d.dense.take() {
+                    let t0 = WallClock::now();
+                    ddp::encode(&dense, params, &mut d.rng).context("encoding with distributed noise")?;
+                    d.ddp_encode_ms = Some(millis(t0));
+                }
+                Ok(())
+            })?;
+        }
         for (id, req) in requests {
             devices[id as usize].inbox = Some(Inbox::Share(req));
         }
@@ -554,6 +635,7 @@ fn one_round(
         })?;
     }
     let (n_shared, n_masked, n_unmasked) = (server.n_shared(), server.n_masked(), server.n_unmasked());
+    let server_ddp = server.ddp_params().map(|p| (p.bits(), p.padded_dim()));
     if abort.is_none() {
         let t0 = WallClock::now();
         let finished = timed.run(|| server.finish());
@@ -574,6 +656,27 @@ fn one_round(
     let plain_up = mean(&devices.iter().map(|d| d.plain_up).collect::<Vec<_>>());
     let plain_down = (plain_task + ack) as f64;
     let setup_n = setup.map_or(0, |s| s.n as usize);
+    let distributed = match server_ddp {
+        Some((bits, padded_dim)) => {
+            let encode_ms: Vec<f64> = devices.iter().filter_map(|d| d.ddp_encode_ms).collect();
+            let words =
+                |n: usize| ClientMessage::MaskedInput { round: 0, words: vec![u64::MAX >> (64 - bits); n] };
+            let central_len = layout.len() + usize::from(clip_bit);
+            Some(DdpCost {
+                bits,
+                dim: layout.len(),
+                padded_dim,
+                encode_ms_median: median(&encode_ms),
+                encode_ms_p95: quantile(&encode_ms, 0.95),
+                masked_input_bytes: frame_len_request(&words(padded_dim), &sh.check_in)?,
+                central_masked_input_bytes: frame_len_request(
+                    &ClientMessage::MaskedInput { round: 0, words: vec![u64::from(u32::MAX); central_len] },
+                    &sh.check_in,
+                )?,
+            })
+        }
+        None => None,
+    };
     Ok(SecRun {
         cohort,
         repetition,
@@ -603,6 +706,7 @@ fn one_round(
         coordinator_ms: timed.total.as_secs_f64() * 1e3,
         coordinator_unmask_ms: unmask_ms,
         wall_seconds: wall.elapsed().as_secs_f64(),
+        distributed,
     })
 }
 
@@ -762,6 +866,18 @@ pub fn cli(
             r.coordinator_unmask_ms,
             r.wall_seconds
         );
+        if let Some(c) = &r.distributed {
+            eprintln!(
+                "  distributed noise, {} bits: encode (rotation, rounding, noise, wrap) {:.2} ms (p95 {:.2}) per device; \
+                 masked input {} B ({} words) vs {} B central",
+                c.bits,
+                c.encode_ms_median,
+                c.encode_ms_p95,
+                c.masked_input_bytes,
+                c.padded_dim,
+                c.central_masked_input_bytes
+            );
+        }
     })?;
     print!("{}", table(&report));
     if let Some(path) = json {

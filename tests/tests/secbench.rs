@@ -128,3 +128,62 @@ fn secure_bench_reports_the_cost_of_a_completed_round_per_dropout() {
         assert_eq!(row["completed_rounds"], 1);
     }
 }
+
+/// Issue 12: with `--mechanism distributed` the bench runs the devices' distributed encoding
+/// (the round completes) and reports its cost: the encoding alone per device, `D` the next
+/// power of two of the update's length, and the masked input's frame of `D` words against the
+/// central round's `d`.
+#[test]
+fn distributed_bench_reports_the_encoding_cost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ratings = dir.path().join("gen.tsv");
+    write_tsv(&ratings, &low_rank_ratings(40, 30, 3, 8, 0.2, 5)).expect("write ratings");
+    let out = dir.path().join("ddp.json");
+    fedrec_sim_ok(
+        dir.path(),
+        &[
+            "bench",
+            "--aggregation",
+            "secure",
+            "--mechanism",
+            "distributed",
+            "--bits",
+            "16",
+            "--noise-multiplier",
+            "1.0",
+            "--clip",
+            "fixed",
+            "--ratings",
+            str_path(&ratings),
+            "--dim",
+            "4",
+            "--segments",
+            "3",
+            "--clients-per-round",
+            "12",
+            "--dropouts",
+            "0",
+            "--threads",
+            "2",
+            "--json",
+            str_path(&out),
+        ],
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("written")).expect("the report is JSON");
+    let runs = report["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 1);
+    let run = &runs[0];
+    assert_eq!(run["completed"], true, "{run}");
+    let c = &run["distributed"];
+    assert_eq!(c["bits"], 16, "{c}");
+    let dim = count(c, "dim");
+    let padded = count(c, "padded_dim");
+    assert!(padded.is_power_of_two() && padded >= dim && padded < 2 * dim, "{c}");
+    assert!(num(c, "encode_ms_median") > 0.0, "{c}");
+    let (ddp_bytes, central_bytes) = (count(c, "masked_input_bytes"), count(c, "central_masked_input_bytes"));
+    // Both frames carry 4-byte words: they differ by the padding's words (and at most a few
+    // bytes of length prefix).
+    let extra = ddp_bytes as i64 - central_bytes as i64 - 4 * (padded as i64 - dim as i64);
+    assert!(extra.abs() <= 3, "{c}");
+}
