@@ -1,7 +1,10 @@
 //! The global model the coordinator trains (item embeddings, item biases, global mean, segment centroids) and its layout as one flat update vector.
 
+pub mod compact;
+pub mod subset;
+
 use std::ops::Range;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use ndarray::{Array1, Array2};
 use rand::Rng;
@@ -9,6 +12,8 @@ use rand_distr::{Distribution, Normal};
 
 use crate::error::ParamError;
 use crate::linalg;
+use compact::{DownloadEncoding, Int8Rows};
+use subset::ItemSubset;
 
 /// The dimensions of a model: every party must agree on them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +219,24 @@ impl GlobalModel {
         &self.factors_slice()[item * d..(item + 1) * d]
     }
 
+    /// The model restricted to `items` (ascending, in range): their factor rows and biases,
+    /// the global mean and the centroids.
+    pub fn select_items(&self, items: &[u32]) -> Self {
+        let d = self.item_factors.ncols();
+        let mut factors = Vec::with_capacity(items.len() * d);
+        for &i in items {
+            factors.extend_from_slice(self.item_row(i as usize));
+        }
+        let bias = items.iter().map(|&i| self.item_bias[i as usize]).collect::<Vec<_>>();
+        Self {
+            item_factors: Array2::from_shape_vec((items.len(), d), factors)
+                .expect("one row of d factors per selected item"),
+            item_bias: Array1::from_vec(bias),
+            global_mean: self.global_mean,
+            centroids: self.centroids.clone(),
+        }
+    }
+
     /// Index and squared distance of the centroid nearest to `u`.
     pub fn nearest_segment(&self, u: &[f32]) -> (usize, f32) {
         let d = self.centroids.ncols();
@@ -234,15 +257,120 @@ impl GlobalModel {
 pub struct RoundModel {
     /// Monotone model version; devices cache by it.
     pub version: u64,
-    /// The parameters.
+    /// The parameters: the whole model, or, in a round that trains an item subset, the
+    /// subset's rows (row `k` is item `subset.items()[k]`), as the device decoded them.
     pub model: GlobalModel,
     gramian: OnceLock<Vec<f64>>,
+    subset: Option<Arc<ItemSubset>>,
+    int8: Option<Arc<Int8Rows>>,
+    reference: Option<Arc<RoundModel>>,
 }
 
 impl RoundModel {
     /// Wraps a model; derived quantities are computed on first use, once per version.
     pub fn new(version: u64, model: GlobalModel) -> Self {
-        Self { version, model, gramian: OnceLock::new() }
+        Self { version, model, gramian: OnceLock::new(), subset: None, int8: None, reference: None }
+    }
+
+    /// What the devices of one round get from the global model `full` at `version`: the rows
+    /// of `subset` (all rows without one), encoded as `encoding` says. With
+    /// [`DownloadEncoding::Int8`] the item factors are rounded stochastically with `rng` and
+    /// [`RoundModel::model`] holds exactly what a device decodes.
+    pub fn for_round<R: Rng + ?Sized>(
+        version: u64,
+        full: &GlobalModel,
+        subset: Option<ItemSubset>,
+        encoding: DownloadEncoding,
+        rng: &mut R,
+    ) -> Self {
+        let mut model = match &subset {
+            Some(s) => full.select_items(s.items()),
+            None => full.clone(),
+        };
+        let int8 = match encoding {
+            DownloadEncoding::F32 => None,
+            DownloadEncoding::Int8 => {
+                let rows = Int8Rows::encode(model.factors_slice(), model.item_factors.ncols(), rng);
+                let decoded = rows.decode();
+                model.item_factors = Array2::from_shape_vec(model.item_factors.raw_dim(), decoded)
+                    .expect("decoding keeps the shape");
+                Some(Arc::new(rows))
+            }
+        };
+        Self { version, model, gramian: OnceLock::new(), subset: subset.map(Arc::new), int8, reference: None }
+    }
+
+    /// A round model as a device decodes it: `model` holds the subset's rows when `subset` is
+    /// given (their numbers must agree), and `int8`, if given, is the factors' encoding.
+    pub fn from_parts(
+        version: u64,
+        model: GlobalModel,
+        subset: Option<ItemSubset>,
+        int8: Option<Int8Rows>,
+    ) -> Result<Self, ParamError> {
+        if let Some(s) = &subset
+            && s.len() != model.shape().n_items
+        {
+            return Err(ParamError::new(
+                "items_per_round",
+                format!("the subset has {} items, the model {} rows", s.len(), model.shape().n_items),
+            ));
+        }
+        Ok(Self {
+            version,
+            model,
+            gramian: OnceLock::new(),
+            subset: subset.map(Arc::new),
+            int8: int8.map(Arc::new),
+            reference: None,
+        })
+    }
+
+    /// Marks an in-place change of [`RoundModel::model`]: the model is now `version`, and what
+    /// was derived from the old parameters (the Gramian) is dropped. For the coordinator's own
+    /// global model (no subset, no compact encoding).
+    pub fn advance(&mut self, version: u64) {
+        self.version = version;
+        self.gramian = OnceLock::new();
+        self.subset = None;
+        self.int8 = None;
+        self.reference = None;
+    }
+
+    /// This subset round's model together with the device's cached model of the whole
+    /// catalogue, which the device then reconstructs its user vector from (all its
+    /// interactions) before it computes the update over the subset. Never sent: on a device it
+    /// is the model it already holds (the SDK keeps the last full model for offline
+    /// recommendations); in a simulation, the coordinator's current model.
+    pub fn with_reference(mut self, cached: Arc<RoundModel>) -> Self {
+        self.reference = Some(cached);
+        self
+    }
+
+    /// The device's cached full model, when the user vector is reconstructed from it.
+    pub fn reference(&self) -> Option<&RoundModel> {
+        self.reference.as_deref()
+    }
+
+    /// The round's item subset, when the round trains one ([`RoundModel::model`] then holds
+    /// only its rows).
+    pub fn subset(&self) -> Option<&ItemSubset> {
+        self.subset.as_deref()
+    }
+
+    /// The 8-bit encoding of the item factors, when the round downloads them so.
+    pub fn int8_factors(&self) -> Option<&Int8Rows> {
+        self.int8.as_deref()
+    }
+
+    /// How the round's model is downloaded.
+    pub fn encoding(&self) -> DownloadEncoding {
+        if self.int8.is_some() { DownloadEncoding::Int8 } else { DownloadEncoding::F32 }
+    }
+
+    /// The catalogue size: the subset's catalogue, or the model's rows.
+    pub fn n_catalogue_items(&self) -> usize {
+        self.subset.as_ref().map_or(self.model.shape().n_items, |s| s.n_items())
     }
 
     /// `VᵀV` as a full row-major `d × d` matrix.

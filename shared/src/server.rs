@@ -202,30 +202,69 @@ impl ServerState {
         denominator: f64,
         centroids: &CentroidPolicy,
     ) {
+        self.apply_rows(model, noised, denominator, centroids, None);
+    }
+
+    /// [`ServerState::apply`] for a round that trained the item subset `items` (ascending):
+    /// `noised` is laid out over those items only, and only their rows (their factors,
+    /// biases and optimizer moments) and the global mean move; every other item keeps its
+    /// parameters and moments (lazy updates). `None` is every item.
+    pub fn apply_rows(
+        &mut self,
+        model: &mut GlobalModel,
+        noised: &NoisedSum,
+        denominator: f64,
+        centroids: &CentroidPolicy,
+        items: Option<&[u32]>,
+    ) {
         let layout = *noised.layout();
         let sum = noised.as_slice();
         let scale = (1.0 / denominator.max(1.0)) as f32;
         let grad = &sum[layout.trainable()];
-        let n_fac = layout.item_factors().len();
-        let n_items = layout.shape().n_items;
+        let d = layout.shape().dim;
+        let n_rows = layout.shape().n_items;
+        let n_full = model.item_factors.nrows();
+        let n_fac_full = n_full * d;
+        // The optimizer state's index of gradient coordinate `j`.
+        let full_index = |j: usize| -> usize {
+            match items {
+                None => j,
+                Some(items) if j < n_rows * d => items[j / d] as usize * d + j % d,
+                Some(items) if j < n_rows * d + n_rows => n_fac_full + items[j - n_rows * d] as usize,
+                Some(_) => n_fac_full + n_full,
+            }
+        };
+        if items.is_some_and(|it| it.len() != n_rows || it.iter().any(|&i| i as usize >= n_full))
+            || (items.is_none() && n_rows != n_full)
+        {
+            // A sum that does not fit the model moves nothing (the round machine never builds one).
+            return;
+        }
         self.step += 1;
-        // Parameters in layout order: factors, biases, mean. Update each slice in place.
         let factors = model.item_factors.as_slice_mut().expect("item factors are kept in standard layout");
         let bias = model.item_bias.as_slice_mut().expect("item biases are contiguous");
-        let mean = std::slice::from_mut(&mut model.global_mean);
-        let parts: [(&mut [f32], std::ops::Range<usize>); 3] = [
-            (factors, 0..n_fac),
-            (bias, n_fac..n_fac + n_items),
-            (mean, n_fac + n_items..n_fac + n_items + 1),
-        ];
+        let param = |factors: &mut [f32],
+                     bias: &mut [f32],
+                     mean: &mut f32,
+                     idx: usize,
+                     f: &mut dyn FnMut(&mut f32)| {
+            if idx < n_fac_full {
+                f(&mut factors[idx]);
+            } else if idx < n_fac_full + n_full {
+                f(&mut bias[idx - n_fac_full]);
+            } else {
+                f(mean);
+            }
+        };
+        let mean = &mut model.global_mean;
         match self.optimizer {
             ServerOptimizer::Sgd { lr, momentum } => {
-                for (params, range) in parts {
-                    let m = &mut self.m[range.clone()];
-                    for ((p, mi), &g) in params.iter_mut().zip(m).zip(&grad[range]) {
-                        *mi = momentum * *mi + g * scale;
-                        *p -= lr * *mi;
-                    }
+                for (j, &g) in grad.iter().enumerate() {
+                    let idx = full_index(j);
+                    let mi = &mut self.m[idx];
+                    *mi = momentum * *mi + g * scale;
+                    let step = lr * *mi;
+                    param(factors, bias, mean, idx, &mut |p| *p -= step);
                 }
             }
             ServerOptimizer::Adam { lr, beta1, beta2, eps } => {
@@ -233,15 +272,15 @@ impl ServerState {
                 let bc1 = 1.0 - beta1.powi(t);
                 let bc2 = 1.0 - beta2.powi(t);
                 let step_size = lr * bc2.sqrt() / bc1;
-                for (params, range) in parts {
-                    let m = &mut self.m[range.clone()];
-                    let v = &mut self.v[range.clone()];
-                    for (((p, mi), vi), &g) in params.iter_mut().zip(m).zip(v).zip(&grad[range]) {
-                        let g = g * scale;
-                        *mi = beta1 * *mi + (1.0 - beta1) * g;
-                        *vi = beta2 * *vi + (1.0 - beta2) * g * g;
-                        *p -= step_size * *mi / (vi.sqrt() + eps);
-                    }
+                for (j, &g) in grad.iter().enumerate() {
+                    let idx = full_index(j);
+                    let g = g * scale;
+                    let mi = &mut self.m[idx];
+                    let vi = &mut self.v[idx];
+                    *mi = beta1 * *mi + (1.0 - beta1) * g;
+                    *vi = beta2 * *vi + (1.0 - beta2) * g * g;
+                    let step = step_size * *mi / (vi.sqrt() + eps);
+                    param(factors, bias, mean, idx, &mut |p| *p -= step);
                 }
             }
         }

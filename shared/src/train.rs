@@ -131,10 +131,8 @@ pub fn validate_ratings(
     n_items: usize,
     objective: &Objective,
 ) -> Result<(), LocalDataError> {
-    let mut seen = vec![false; n_items];
     for r in ratings {
-        let i = r.item as usize;
-        if i >= n_items {
+        if r.item as usize >= n_items {
             return Err(LocalDataError::ItemOutOfRange { item: r.item, n_items });
         }
         if !r.value.is_finite() {
@@ -143,11 +141,30 @@ pub fn validate_ratings(
         if matches!(objective, Objective::Implicit { .. }) && r.value < 0.0 {
             return Err(LocalDataError::NegativeStrength);
         }
-        if std::mem::replace(&mut seen[i], true) {
-            return Err(LocalDataError::DuplicateItem(r.item));
-        }
     }
-    Ok(())
+    // Sorting the device's own items costs O(r log r), not a pass over the catalogue.
+    let mut items: Vec<u32> = ratings.iter().map(|r| r.item).collect();
+    items.sort_unstable();
+    match items.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(LocalDataError::DuplicateItem(w[0])),
+        None => Ok(()),
+    }
+}
+
+/// The interactions a round's model can see: all of them, or, in a round that trains an item
+/// subset, those with items in the subset, renumbered to the subset's rows. The others stay
+/// on the device unused this round (the round reconstructs the user vector from the subset:
+/// the loss restricted to `S_t`).
+pub fn round_ratings<'r>(model: &RoundModel, ratings: &'r [Rating]) -> std::borrow::Cow<'r, [Rating]> {
+    match model.subset() {
+        None => std::borrow::Cow::Borrowed(ratings),
+        Some(s) => std::borrow::Cow::Owned(
+            ratings
+                .iter()
+                .filter_map(|r| s.position(r.item).map(|k| Rating { item: k as u32, value: r.value }))
+                .collect(),
+        ),
+    }
 }
 
 /// Reconstructs the user vector (and bias) that minimises the local loss for the current

@@ -9,7 +9,9 @@ use super::{Aggregation, ClientMessage, Instant, Mechanism, ServerMessage};
 use crate::error::{ParamError, SolveError, UpdateError};
 use crate::model::RoundModel;
 use crate::privacy::discrete::Grid;
-use crate::train::{LocalDataError, Rating, UserState, local_update, reconstruct, validate_ratings};
+use crate::train::{
+    LocalDataError, Rating, UserState, local_update, reconstruct, round_ratings, validate_ratings,
+};
 use crate::update::ClippedUpdate;
 
 /// Why a device could not take part (its own failure, never the coordinator's input crashing it).
@@ -217,9 +219,19 @@ impl<'a> ClientRound<'a> {
         if !(task.clip_norm.is_finite() && task.clip_norm > 0.0) {
             return Err(ParamError { name: "clip_norm", reason: "must be finite and > 0".into() }.into());
         }
-        validate_ratings(self.ratings, model.model.shape().n_items, &task.train.objective)?;
-        let user = reconstruct(model, self.ratings, &task.train)?;
-        let update = local_update(model, self.ratings, &user, &task.train);
+        validate_ratings(self.ratings, model.n_catalogue_items(), &task.train.objective)?;
+        // In a round that trains an item subset, the model holds its rows only: the update is
+        // dense over the subset whatever items the device has.
+        let ratings = round_ratings(model, self.ratings);
+        // The user vector from every interaction when the device holds a model of the whole
+        // catalogue (of the same catalogue size), else from the round's rows alone.
+        let user = match model.reference() {
+            Some(full) if model.subset().is_some_and(|s| s.n_items() == full.model.shape().n_items) => {
+                reconstruct(full, self.ratings, &task.train)?
+            }
+            _ => reconstruct(model, &ratings, &task.train)?,
+        };
+        let update = local_update(model, &ratings, &user, &task.train);
         self.user = Some(user);
         Ok(ClippedUpdate::clip(update, task.clip_norm)?)
     }

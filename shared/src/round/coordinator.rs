@@ -12,7 +12,9 @@ use crate::aggregate::{Aggregator, NoisedSum};
 use crate::ddp::{DdpEvent, DdpValidParams};
 use crate::error::{ParamError, Rejection};
 use crate::ledger::{DdpCharge, Ledger, LedgerEntry, PrivacyPolicy};
-use crate::model::{GlobalModel, RoundModel, UpdateLayout};
+use crate::model::compact::DownloadEncoding;
+use crate::model::subset::ItemSubset;
+use crate::model::{GlobalModel, ModelShape, RoundModel, UpdateLayout};
 use crate::privacy::PrivacyError;
 use crate::privacy::discrete::Grid;
 use crate::server::{CentroidPolicy, ServerOptimizer, ServerState};
@@ -536,6 +538,8 @@ struct Round {
     /// inputs unmasked).
     n_reported: usize,
     clip_norm: f32,
+    /// What this round's devices get: the model, or its item subset's rows, as downloaded.
+    served: Arc<RoundModel>,
     /// Sum of the devices' "within the bound" bits (adaptive clipping only).
     n_unclipped: usize,
     rejected: Vec<(&'static str, usize)>,
@@ -576,6 +580,13 @@ pub struct Coordinator<R> {
     /// Distributed noise: the round's parameters with a zero seed (for the charge and the
     /// secure phases, which draw the real seed).
     ddp_template: Option<DdpValidParams>,
+    /// Items each round trains (0: every item); see [`Coordinator::set_items_per_round`].
+    items_per_round: usize,
+    /// How rounds' models are downloaded; see [`Coordinator::set_download_encoding`].
+    download: DownloadEncoding,
+    /// Subset rounds: devices reconstruct from their cached full model; see
+    /// [`Coordinator::set_simulated_cache`].
+    simulated_cache: bool,
 }
 
 impl<R: Rng + CryptoRng> Coordinator<R> {
@@ -600,16 +611,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         }
         let server = ServerState::new(config.optimizer, layout.trainable().len());
         let clip_norm = config.clip_norm;
-        let ddp_template = match config.secure.and_then(|sa| sa.distributed) {
-            None => None,
-            Some(dn) => {
-                let privacy = TaskPrivacy::from_config(&config, clip_norm);
-                let params = super::distributed_params(&privacy, clip_norm, layout.len(), dn.bits, [0; 32])
-                    .and_then(crate::ddp::DdpParams::validate)
-                    .map_err(|e| ParamError::new("bits", format!("distributed noise: {e}")))?;
-                Some(params)
-            }
-        };
+        let ddp_template = Self::ddp_template_for(&config, clip_norm, layout.len())?;
         Ok(Self {
             config,
             layout,
@@ -626,7 +628,89 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             defer_unmask: false,
             unmask_job: None,
             ddp_template,
+            items_per_round: 0,
+            download: DownloadEncoding::F32,
+            simulated_cache: false,
         })
+    }
+
+    fn ddp_template_for(
+        config: &CoordinatorConfig,
+        clip_norm: f32,
+        len: usize,
+    ) -> Result<Option<DdpValidParams>, ParamError> {
+        match config.secure.and_then(|sa| sa.distributed) {
+            None => Ok(None),
+            Some(dn) => {
+                let privacy = TaskPrivacy::from_config(config, clip_norm);
+                let params = super::distributed_params(&privacy, clip_norm, len, dn.bits, [0; 32])
+                    .and_then(crate::ddp::DdpParams::validate)
+                    .map_err(|e| ParamError::new("bits", format!("distributed noise: {e}")))?;
+                Ok(Some(params))
+            }
+        }
+    }
+
+    /// Every later round trains `k` items drawn from public randomness (a fresh 32-byte seed
+    /// per round from this machine's generator, sent with the task, see
+    /// [`crate::model::subset`]); each device downloads their rows and uploads densely over
+    /// them, the sum and its noise cover the `k · (d + 1)` item coordinates plus the mean and the
+    /// centroid statistics, and the server step moves only those rows. `0`, or `k` at least
+    /// the catalogue, trains every item (the default). The sensitivity is unchanged: each
+    /// upload is still clipped to `C` as a whole. Refused while a round is open.
+    pub fn set_items_per_round(&mut self, k: usize) -> Result<(), ParamError> {
+        if let Some(r) = &self.round {
+            return Err(ParamError::new("items_per_round", format!("round {} is open", r.idx)));
+        }
+        let n_items = self.layout.shape().n_items;
+        let k = if k >= n_items { 0 } else { k };
+        let len = if k == 0 {
+            self.layout.len()
+        } else {
+            ModelShape { n_items: k, ..self.layout.shape() }.layout().len()
+        };
+        let grid = match self.config.secure {
+            None => Grid::for_sum(self.config.clip_norm, len),
+            Some(_) => Grid::for_secure_sum(self.config.clip_norm, len),
+        };
+        grid.and_then(|grid| grid.noise(f64::from(self.config.noise_multiplier)))
+            .map_err(|e| ParamError::new("noise_multiplier", e.to_string()))?;
+        self.ddp_template = Self::ddp_template_for(&self.config, self.clip_norm, len)?;
+        self.items_per_round = k;
+        Ok(())
+    }
+
+    /// For simulations of subset rounds: each device is handed the current full model as its
+    /// cached model ([`RoundModel::with_reference`]) and reconstructs its user vector from all
+    /// its interactions; the update still covers the subset only. This models a device whose
+    /// cache is fresh (on a real device, the model it holds, which may be older); nothing of it
+    /// goes on the wire.
+    pub fn set_simulated_cache(&mut self, on: bool) {
+        self.simulated_cache = on;
+    }
+
+    /// The items each round trains (0: every item).
+    pub fn items_per_round(&self) -> usize {
+        self.items_per_round
+    }
+
+    /// How later rounds' models are downloaded (default [`DownloadEncoding::F32`]). With
+    /// [`DownloadEncoding::Int8`] the coordinator rounds the factors stochastically once per
+    /// round, and every device of the round trains on exactly the decoded values.
+    pub fn set_download_encoding(&mut self, encoding: DownloadEncoding) {
+        self.download = encoding;
+    }
+
+    /// The layout of the uploads of the open round (or of the next one): the model's, or over
+    /// the round's item subset. A server decodes uploads and masked inputs with it.
+    pub fn upload_layout(&self) -> UpdateLayout {
+        match &self.round {
+            Some(r) => r.served.model.shape().layout(),
+            None if self.items_per_round > 0 => {
+                ModelShape { n_items: self.items_per_round, ..self.layout.shape() }.layout()
+            }
+            None => self.layout,
+        }
     }
 
     /// Divides the noise of every later release by `divisor` without changing what the
@@ -778,8 +862,38 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
                 });
             }
         }
+        // The model this round's devices get: the item subset's rows (from a fresh public
+        // seed), encoded for download. Neither: the model itself, shared.
+        let subset = if self.items_per_round > 0 {
+            let mut seed = [0u8; 32];
+            self.rng.fill(&mut seed);
+            Some(
+                ItemSubset::draw(self.layout.shape().n_items, self.items_per_round, seed)
+                    .expect("items_per_round is checked against the catalogue when set"),
+            )
+        } else {
+            None
+        };
+        let served = if subset.is_none() && self.download == DownloadEncoding::F32 {
+            Arc::clone(&self.model)
+        } else {
+            let with_cache = self.simulated_cache && subset.is_some();
+            let m = RoundModel::for_round(
+                self.model.version,
+                &self.model.model,
+                subset,
+                self.download,
+                &mut self.rng,
+            );
+            Arc::new(if with_cache { m.with_reference(Arc::clone(&self.model)) } else { m })
+        };
+        let layout = served.model.shape().layout();
         let combine = match (self.config.secure, &self.ddp_template) {
-            (None, _) => Combine::Plain(Aggregator::new(self.layout, self.clip_norm)),
+            // Without noise the exact sum is released: no grid to round onto.
+            (None, _) if !self.is_private() => {
+                Combine::Plain(Aggregator::without_noise(layout, self.clip_norm))
+            }
+            (None, _) => Combine::Plain(Aggregator::new(layout, self.clip_norm)),
             (Some(sa), Some(template)) => Combine::Secure(Box::new(ServerSecAgg::new_distributed(
                 idx,
                 *template.params(),
@@ -788,11 +902,11 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             ))),
             (Some(sa), None) => {
                 let grid =
-                    Grid::for_secure_sum(self.clip_norm, self.layout.len()).map_err(StartError::Encoding)?;
+                    Grid::for_secure_sum(self.clip_norm, layout.len()).map_err(StartError::Encoding)?;
                 let clip_bit = self.config.adaptive_clip.is_some();
                 Combine::Secure(Box::new(ServerSecAgg::new(
                     idx,
-                    self.layout.len(),
+                    layout.len(),
                     grid,
                     clip_bit,
                     sa.dropout,
@@ -811,6 +925,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             combine,
             n_reported: 0,
             clip_norm: self.clip_norm,
+            served,
             n_unclipped: 0,
             rejected: Vec::new(),
         });
@@ -923,7 +1038,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
             Some(Participant::Selected) if may_report => {
                 let task = round_task(&self.config, round);
                 self.outbox
-                    .push_back((client, ServerMessage::Selected { task, model: Arc::clone(&self.model) }));
+                    .push_back((client, ServerMessage::Selected { task, model: Arc::clone(&round.served) }));
                 return;
             }
             Some(Participant::Reported) => {
@@ -950,7 +1065,7 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         round.participants.insert(client, Participant::Selected);
         round.n_selected += 1;
         let task = round_task(&self.config, round);
-        self.outbox.push_back((client, ServerMessage::Selected { task, model: Arc::clone(&self.model) }));
+        self.outbox.push_back((client, ServerMessage::Selected { task, model: Arc::clone(&round.served) }));
         if let Selection::FirstCome { cohort } = self.config.selection
             && round.n_selected >= cohort
         {
@@ -1139,8 +1254,9 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
     pub fn complete_unmask(&mut self, now: Instant, result: UnmaskResult) {
         let private = self.is_private();
         let phase_window = self.config.secure.map_or(Duration::ZERO, |sa| sa.phase_window);
-        let (layout, adaptive) = (self.layout, self.config.adaptive_clip.is_some());
+        let adaptive = self.config.adaptive_clip.is_some();
         let Some(round) = self.round.as_mut() else { return };
+        let layout = round.served.model.shape().layout();
         if round.idx != result.round || !matches!(round.combine, Combine::Unmasking) {
             return;
         }
@@ -1271,10 +1387,25 @@ impl<R: Rng + CryptoRng> Coordinator<R> {
         if let Some(charge) = self.round_ddp_charge(round.idx) {
             self.ledger.record_ddp(charge);
         }
-        let mut model = self.model.model.clone();
-        self.server.apply(&mut model, &noised, denominator, &self.config.centroids);
+        let items = round.served.subset().map(|s| s.items().to_vec());
+        // The round's served model may be the global model itself: let it go, so that the
+        // step can update the model in place when nobody else holds it (no copy of a large
+        // catalogue per round).
+        drop(round.served);
         let new_version = self.model.version + 1;
-        self.model = Arc::new(RoundModel::new(new_version, model));
+        match Arc::get_mut(&mut self.model) {
+            Some(current) => {
+                let centroids = &self.config.centroids;
+                self.server.apply_rows(&mut current.model, &noised, denominator, centroids, items.as_deref());
+                current.advance(new_version);
+            }
+            None => {
+                let mut model = self.model.model.clone();
+                let centroids = &self.config.centroids;
+                self.server.apply_rows(&mut model, &noised, denominator, centroids, items.as_deref());
+                self.model = Arc::new(RoundModel::new(new_version, model));
+            }
+        }
         stats.denominator = denominator;
         stats.noise_std = noised.noise_std();
         self.events.push_back(CoordinatorEvent::RoundCommitted { stats, new_version });

@@ -221,6 +221,7 @@ impl Limits {
             7 => Some(self.share_keys()),
             8 => Some(self.sealed_pairs()),
             9 => Some(self.unmask()),
+            10 => Some(self.task),
             _ => None,
         }
     }

@@ -6,11 +6,13 @@ use std::time::Duration;
 use super::WireError;
 use super::messages::{
     AdvertiseKeys, CheckIn, EncryptedShares, ErrorCode, MAX_NEIGHBOURS, MaskedInput, NONCE_LEN, Request,
-    Response, SEALED_PAIR_LEN, UnmaskShares, Upload, WireAggregation, WireMechanism, WireModel,
-    WireNeighbour, WireObjective, WirePrivacy, WireRevealedShare, WireSealedPair, WireSelection,
-    WireShareKeys, WireTask, WireTrainParams,
+    Response, SEALED_PAIR_LEN, UnmaskShares, Upload, WireAggregation, WireCompactModel, WireCompactTask,
+    WireFactors, WireMechanism, WireModel, WireNeighbour, WireObjective, WirePrivacy, WireRevealedShare,
+    WireSealedPair, WireSelection, WireShareKeys, WireSubset, WireTask, WireTrainParams,
 };
 use crate::error::{Rejection, UpdateError};
+use crate::model::compact::Int8Rows;
+use crate::model::subset::ItemSubset;
 use crate::model::{GlobalModel, ModelShape, RoundModel, UpdateLayout};
 use crate::round::secure::RevealedShare;
 use crate::round::{
@@ -555,6 +557,115 @@ impl WireTask {
     }
 }
 
+impl WireCompactModel {
+    /// The wire form of a round's model: its factors as it encoded them.
+    pub fn from_round(m: &RoundModel) -> Self {
+        let shape = m.model.shape();
+        let factors = match m.int8_factors() {
+            Some(rows) => WireFactors::Int8 {
+                codes: rows.codes().iter().map(|&q| q as u8).collect(),
+                scales: rows.scales().to_vec(),
+            },
+            None => WireFactors::F32(m.model.item_factors.iter().copied().collect()),
+        };
+        Self {
+            version: m.version,
+            n_rows: shape.n_items as u64,
+            dim: shape.dim as u64,
+            n_segments: shape.n_segments as u64,
+            factors,
+            item_bias: m.model.item_bias.iter().copied().collect(),
+            global_mean: m.model.global_mean,
+            centroids: m.model.centroids.iter().copied().collect(),
+        }
+    }
+
+    /// The round model, checked: the shape, every length, finite values and scales, and, with
+    /// a subset, that it has one row per item of the subset redrawn from its seed.
+    pub fn into_round(self, subset: Option<WireSubset>) -> Result<RoundModel, WireError> {
+        let shape = ModelShape {
+            n_items: to_usize("n_rows", self.n_rows)?,
+            dim: to_usize("dim", self.dim)?,
+            n_segments: to_usize("n_segments", self.n_segments)?,
+        };
+        shape.validate().map_err(|e| WireError::Invalid(format!("model shape: {e}")))?;
+        let subset = match subset {
+            None => None,
+            Some(s) => {
+                let n_items = to_usize("n_items", s.n_items)?;
+                // The device recomputes the subset; the catalogue bound keeps that cheap.
+                if n_items > MAX_CATALOGUE {
+                    return Err(WireError::Invalid(format!(
+                        "a catalogue of {n_items} items, at most {MAX_CATALOGUE}"
+                    )));
+                }
+                Some(
+                    ItemSubset::draw(n_items, shape.n_items, s.seed)
+                        .map_err(|e| WireError::Invalid(format!("item subset: {e}")))?,
+                )
+            }
+        };
+        let (factors, int8) = match self.factors {
+            WireFactors::F32(v) => (v, None),
+            WireFactors::Int8 { codes, scales } => {
+                let codes = codes.into_iter().map(|b| b as i8).collect();
+                let rows = Int8Rows::from_parts(shape.dim, codes, scales)
+                    .ok_or_else(|| WireError::Invalid("model: 8-bit factors do not fit the shape".into()))?;
+                (rows.decode(), Some(rows))
+            }
+        };
+        let model = GlobalModel::from_flat(shape, factors, self.item_bias, self.global_mean, self.centroids)
+            .map_err(|e| WireError::Invalid(format!("model: {e}")))?;
+        RoundModel::from_parts(self.version, model, subset, int8)
+            .map_err(|e| WireError::Invalid(format!("model: {e}")))
+    }
+}
+
+/// The largest catalogue a subset task may name (a device redraws the subset over it).
+pub const MAX_CATALOGUE: usize = 1 << 28;
+
+impl WireCompactTask {
+    /// The wire form of `task` on the round model `model` (with its subset, if any).
+    pub fn new(task: &Task, model: &RoundModel) -> Self {
+        let mut wire_task = WireTask::new(task, model, Some(model.version));
+        wire_task.model = None;
+        Self {
+            task: wire_task,
+            subset: model.subset().map(|s| WireSubset { n_items: s.n_items() as u64, seed: s.seed() }),
+            model: WireCompactModel::from_round(model),
+        }
+    }
+
+    /// The device machine's `Selected` message, checked (see [`WireCompactModel::into_round`]).
+    pub fn into_server_message(self) -> Result<ServerMessage, WireError> {
+        if self.task.model.is_some() {
+            return Err(WireError::Invalid("a compact task carries its model outside the task".into()));
+        }
+        if self.model.version != self.task.model_version {
+            return Err(WireError::Invalid(format!(
+                "task is for model version {} but carries version {}",
+                self.task.model_version, self.model.version
+            )));
+        }
+        let model = Arc::new(self.model.into_round(self.subset)?);
+        self.task.into_server_message(Some(&model))
+    }
+}
+
+impl Response {
+    /// The task response for a device holding `cached_model_version`: a [`Response::Task`],
+    /// or, for a round that trains an item subset or downloads a compact model, a
+    /// [`Response::CompactTask`] (always with its model: a cached full model is not the
+    /// round's).
+    pub fn task(task: &Task, model: &RoundModel, cached_model_version: Option<u64>) -> Response {
+        if model.subset().is_some() || model.int8_factors().is_some() {
+            Response::CompactTask(WireCompactTask::new(task, model))
+        } else {
+            Response::Task(WireTask::new(task, model, cached_model_version))
+        }
+    }
+}
+
 /// A response as the device's driver sees it: a message for its round machine, or an error
 /// code for the driver itself to act on (back off, re-enroll, report).
 #[derive(Debug, Clone)]
@@ -589,9 +700,7 @@ impl Response {
         retry_after: Duration,
     ) -> Response {
         match msg {
-            ServerMessage::Selected { task, model } => {
-                Response::Task(WireTask::new(task, model, cached_model_version))
-            }
+            ServerMessage::Selected { task, model } => Response::task(task, model, cached_model_version),
             ServerMessage::NotSelected { round } => Response::NotSelected {
                 round: *round,
                 retry_after_ms: u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
@@ -636,6 +745,7 @@ impl Response {
     pub fn into_inbound(self, cached: Option<&Arc<RoundModel>>) -> Result<Inbound, WireError> {
         Ok(Inbound::Message(match self {
             Response::Task(task) => task.into_server_message(cached)?,
+            Response::CompactTask(task) => task.into_server_message()?,
             Response::NotSelected { round, .. } => ServerMessage::NotSelected { round },
             Response::Ack { round } => ServerMessage::Ack { round },
             Response::Error { code, message, .. } => return Ok(Inbound::Error { code, message }),

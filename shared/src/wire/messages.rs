@@ -296,6 +296,66 @@ pub struct WireTask {
     pub model: Option<WireModel>,
 }
 
+/// A task of a round that trains an item subset or downloads a compact model
+/// ([`Response::CompactTask`]): the task, the public subset and the model always with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireCompactTask {
+    /// The task; its `model` is `None` (the model is below).
+    pub task: WireTask,
+    /// The round's item subset, when it trains one: the device redraws it from the seed.
+    pub subset: Option<WireSubset>,
+    /// The round's model: the subset's rows, or every row.
+    pub model: WireCompactModel,
+}
+
+/// A round's item subset as public parameters (`fedrec_shared::model::subset`): `K` is the
+/// model's row count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireSubset {
+    /// The catalogue size `n`.
+    pub n_items: u64,
+    /// The round's public seed.
+    pub seed: [u8; SEED_LEN],
+}
+
+/// A round's model with its item factors in a compact form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireCompactModel {
+    /// The global model version it was taken from.
+    pub version: u64,
+    /// Rows (items of the subset, or of the catalogue).
+    pub n_rows: u64,
+    /// Embedding dimension.
+    pub dim: u64,
+    /// Number of segments.
+    pub n_segments: u64,
+    /// Item factors, row-major `n_rows × dim`.
+    pub factors: WireFactors,
+    /// Item biases, `n_rows` values.
+    #[serde(with = "f32_array")]
+    pub item_bias: Vec<f32>,
+    /// Global mean.
+    pub global_mean: f32,
+    /// Segment centroids, row-major `n_segments × dim`.
+    #[serde(with = "f32_array")]
+    pub centroids: Vec<f32>,
+}
+
+/// Item factors on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WireFactors {
+    /// Index 0: `f32` values.
+    F32(#[serde(with = "f32_array")] Vec<f32>),
+    /// Index 1: 8-bit codes (two's complement bytes) and one `f32` scale per row.
+    Int8 {
+        /// The codes, row-major.
+        codes: Vec<u8>,
+        /// One scale per row.
+        #[serde(with = "f32_array")]
+        scales: Vec<f32>,
+    },
+}
+
 /// A round's privacy mechanism, as a `u16` on the wire. Codes are stable; a code this side
 /// does not know decodes as [`WireMechanism::Unknown`] with its number, so that a device can
 /// refuse a mechanism it does not know instead of failing to read the task.
@@ -468,6 +528,9 @@ pub enum Response {
         #[serde(with = "bounded_list")]
         survivors: Vec<u32>,
     },
+    /// Index 10: the device is selected for a round that trains an item subset or downloads a
+    /// compact model; the model is always included.
+    CompactTask(WireCompactTask),
 }
 
 /// A neighbour's index in the cohort and its two public keys.

@@ -113,9 +113,9 @@ pub use convert::Inbound;
 pub use messages::{
     AdvertiseKeys, CheckIn, EncryptedShares, ErrorCode, MAX_ERROR_MESSAGE_LEN, MAX_NEIGHBOURS,
     MAX_SDK_VERSION_LEN, MAX_TOKEN_LEN, MaskedInput, NONCE_LEN, PUBLIC_KEY_LEN, Request, Response,
-    SEALED_PAIR_LEN, SEED_LEN, SHARE_LEN, UnmaskShares, Upload, WireAggregation, WireMechanism, WireModel,
-    WireNeighbour, WireObjective, WirePrivacy, WireRevealedShare, WireSealedPair, WireSelection,
-    WireShareKeys, WireTask, WireTrainParams,
+    SEALED_PAIR_LEN, SEED_LEN, SHARE_LEN, UnmaskShares, Upload, WireAggregation, WireCompactModel,
+    WireCompactTask, WireFactors, WireMechanism, WireModel, WireNeighbour, WireObjective, WirePrivacy,
+    WireRevealedShare, WireSealedPair, WireSelection, WireShareKeys, WireSubset, WireTask, WireTrainParams,
 };
 
 use crate::error::UpdateError;
