@@ -629,7 +629,12 @@ impl Device {
                 let retry_after = response.retry_after().unwrap_or_default();
                 return Ok(Some(Participation::NotSelected { retry_after }));
             }
-            if let Response::Task(task) = &response {
+            let offered = match &response {
+                Response::Task(task) => Some(task),
+                Response::CompactTask(compact) => Some(&compact.task),
+                _ => None,
+            };
+            if let Some(task) = offered {
                 // The policy decides before the model is decoded or anything is trained.
                 let offer = TaskOffer {
                     round: task.round,
@@ -644,9 +649,27 @@ impl Device {
             match response.into_inbound(self.cached.as_ref())? {
                 Inbound::Message(msg) => {
                     if let ServerMessage::Selected { model, task } = &msg {
-                        self.cached = Some(Arc::clone(model));
+                        // A round's item subset is not the catalogue: the cached full model
+                        // (for offline recommendations) stays.
+                        if model.subset().is_none() {
+                            self.cached = Some(Arc::clone(model));
+                        }
                         self.task_params = Some(task.train);
                     }
+                    // A subset round: the device reconstructs its user vector from the full
+                    // model it holds (all its interactions), as the simulator's `--reconstruct
+                    // cache` does; without one, from the round's rows.
+                    let msg = match (msg, &self.cached) {
+                        (ServerMessage::Selected { model, task }, Some(cached))
+                            if model
+                                .subset()
+                                .is_some_and(|s| s.n_items() == cached.model.shape().n_items) =>
+                        {
+                            let model = Arc::new((*model).clone().with_reference(Arc::clone(cached)));
+                            ServerMessage::Selected { model, task }
+                        }
+                        (msg, _) => msg,
+                    };
                     // Training runs here, on the caller's task: a device trains one small
                     // user at a time.
                     round.handle_message(now(), msg);
