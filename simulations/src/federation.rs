@@ -7,6 +7,7 @@ use fedrec_shared::danger;
 use fedrec_shared::eval::{EvalConfig, Metrics, ReconstructionScorer, evaluate};
 use fedrec_shared::harness::{Federation, HarnessConfig, RoundReport};
 use fedrec_shared::ledger::{DdpCharge, Ledger, PrivacyBudget, PrivacyPolicy};
+use fedrec_shared::model::compact::DownloadEncoding;
 use fedrec_shared::privacy::{self, AccountantKind};
 use fedrec_shared::round::{
     AdaptiveClip, Coordinator, CoordinatorConfig, CoordinatorEvent, DistributedNoise, SecureAggregation,
@@ -170,6 +171,59 @@ pub struct RunConfig {
     pub mechanism: MechanismKind,
     /// Distributed noise: bits per coordinate of the ring.
     pub bits: u32,
+    /// Items each round trains, drawn from public randomness (`--items-per-round`): `None`
+    /// chooses automatically ([`auto_items_per_round`]), `Some(0)` trains every item.
+    pub items_per_round: Option<usize>,
+    /// How rounds' models are downloaded (`--download`).
+    pub download: DownloadKind,
+    /// Subset rounds: what the device reconstructs its user vector from (`--reconstruct`).
+    pub reconstruct: ReconstructFrom,
+}
+
+/// What a device of a subset round reconstructs its user vector from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ReconstructFrom {
+    /// The round's rows and the interactions with them (the loss restricted to the subset).
+    Subset,
+    /// The device's cached model of the whole catalogue and all its interactions (simulated
+    /// as a fresh cache: the coordinator's current model).
+    Cache,
+}
+
+/// How rounds' models are downloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DownloadKind {
+    /// Every parameter as `f32`.
+    F32,
+    /// Item factors as 8-bit codes with a scale per row, stochastic rounding.
+    Int8,
+}
+
+impl From<DownloadKind> for DownloadEncoding {
+    fn from(d: DownloadKind) -> Self {
+        match d {
+            DownloadKind::F32 => DownloadEncoding::F32,
+            DownloadKind::Int8 => DownloadEncoding::Int8,
+        }
+    }
+}
+
+/// Most bytes a dense `f32` upload may take before rounds train item subsets automatically.
+pub const AUTO_SUBSET_UPLOAD_BYTES: usize = 1_000_000;
+/// Items per round chosen automatically for catalogues above [`AUTO_SUBSET_UPLOAD_BYTES`].
+pub const AUTO_ITEMS_PER_ROUND: usize = 4096;
+
+/// The items per round chosen when none is given: every item (0) while a dense `f32` upload of
+/// the item side (`n_items · (dim + 1) · 4` bytes) fits in [`AUTO_SUBSET_UPLOAD_BYTES`], else
+/// [`AUTO_ITEMS_PER_ROUND`] (see the README for how it was chosen).
+pub fn auto_items_per_round(n_items: usize, dim: usize) -> usize {
+    if n_items.saturating_mul(dim + 1).saturating_mul(4) <= AUTO_SUBSET_UPLOAD_BYTES {
+        0
+    } else {
+        AUTO_ITEMS_PER_ROUND.min(n_items)
+    }
 }
 
 impl RunConfig {
@@ -214,6 +268,9 @@ impl RunConfig {
                 secagg_corrupt: 0.05,
                 mechanism: MechanismKind::Central,
                 bits: 16,
+                items_per_round: None,
+                download: DownloadKind::F32,
+                reconstruct: ReconstructFrom::Subset,
             },
             ObjectiveKind::Implicit => Self {
                 objective,
@@ -394,6 +451,15 @@ pub struct PrivacySpend {
 }
 
 impl RunConfig {
+    /// The items each round of a model of `n_items` trains (0: every item).
+    pub fn items_per_round_for(&self, n_items: usize) -> usize {
+        // Automatic subsets only in process: the QUIC server does not serve them yet.
+        let auto =
+            if self.transport == Transport::Inproc { auto_items_per_round(n_items, self.dim) } else { 0 };
+        let k = self.items_per_round.unwrap_or(auto);
+        if k >= n_items { 0 } else { k }
+    }
+
     /// Poisson sampling probability of a run with noise: the cohort over the population.
     pub fn sampling_probability(&self, n_users: usize) -> f64 {
         (self.clients_per_round as f64 / n_users.max(1) as f64).min(1.0)
@@ -438,7 +504,12 @@ impl RunConfig {
         let cfg = RunConfig { noise_multiplier: z, epsilon: None, ..self.clone() };
         let config = coordinator_config(&cfg, n_users)?;
         let privacy = TaskPrivacy::from_config(&config, cfg.clip_norm);
-        let layout = ModelShape { n_items, dim: self.dim, n_segments: self.n_segments }.layout();
+        // The upload covers the round's item subset when rounds train one.
+        let rows = match self.items_per_round_for(n_items) {
+            0 => n_items,
+            k => k,
+        };
+        let layout = ModelShape { n_items: rows, dim: self.dim, n_segments: self.n_segments }.layout();
         Ok(distributed_params(&privacy, cfg.clip_norm, layout.len(), self.bits, [0; 32])?)
     }
 
@@ -756,6 +827,14 @@ pub fn run_until(
         clock = WallClock::now();
         flow
     };
+    if cfg.transport == Transport::Quic
+        && (cfg.items_per_round_for(data.n_items) > 0 || cfg.download != DownloadKind::F32)
+    {
+        anyhow::bail!(
+            "item subsets and compact downloads run in process only for now (the QUIC server does not serve them yet): \
+             use --transport inproc, or --items-per-round 0 --download f32"
+        );
+    }
     let finished = match cfg.transport {
         Transport::Inproc => run_inproc(data, cfg, config, model, record)?,
         Transport::Quic => crate::quic::run_rounds(data, cfg, config, model, record)?,
@@ -820,7 +899,10 @@ fn run_inproc(
     model: GlobalModel,
     mut on_round: impl FnMut(RoundView<'_>) -> ControlFlow<()>,
 ) -> anyhow::Result<Finished> {
-    let coordinator = Coordinator::new(config, model, danger::seeded_rng(coordinator_seed(cfg)))?;
+    let mut coordinator = Coordinator::new(config, model, danger::seeded_rng(coordinator_seed(cfg)))?;
+    coordinator.set_items_per_round(cfg.items_per_round_for(data.n_items))?;
+    coordinator.set_download_encoding(cfg.download.into());
+    coordinator.set_simulated_cache(cfg.reconstruct == ReconstructFrom::Cache);
     let harness = HarnessConfig { dropout: cfg.dropout, n_threads: cfg.threads, ..HarnessConfig::default() };
     let mut fed = Federation::new(coordinator, &data.train, harness, danger::seeded_rng(harness_seed(cfg)));
     fed.run_rounds_until(cfg.rounds, |report, coordinator| {
@@ -830,4 +912,49 @@ fn run_inproc(
         model: (**fed.coordinator.model()).clone(),
         n_charged: fed.coordinator.ledger().entries().len() + fed.coordinator.ledger().ddp_entries().len(),
     })
+}
+
+/// What one device of a run moves per round, in bytes of protocol v2 frames' payloads as the
+/// wire codec encodes them: the task with the round's model (down) and the plain upload (up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct WireBytes {
+    /// The task response with its model (what a device without a cached model downloads).
+    pub down: usize,
+    /// The plain upload of a clipped update.
+    pub up: usize,
+}
+
+/// Measures [`WireBytes`] on the real machines: a coordinator of `cfg` opens one round, the
+/// first user with data checks in and trains, and both messages go through the wire encoder.
+/// Plain aggregation (a secure round uploads masked words instead: see `bench --aggregation secure`).
+pub fn wire_bytes(data: &UserData, cfg: &RunConfig) -> anyhow::Result<WireBytes> {
+    use fedrec_shared::round::{ClientMessage, ClientRound, Instant, ServerMessage};
+    use fedrec_shared::wire::{self, Request, Response, Upload};
+    let model = initial_model(data, cfg)?;
+    let mut config = coordinator_config(
+        &RunConfig { noise_multiplier: 0.0, epsilon: None, ..cfg.clone() },
+        data.train.len(),
+    )?;
+    config.secure = None;
+    config.selection = Selection::FirstCome { cohort: 1 };
+    config.privacy = None;
+    let mut coordinator = Coordinator::new(config, model, danger::seeded_rng(coordinator_seed(cfg)))?;
+    coordinator.set_items_per_round(cfg.items_per_round_for(data.n_items))?;
+    coordinator.set_download_encoding(cfg.download.into());
+    let now = Instant::ZERO;
+    coordinator.start_round(now)?;
+    coordinator.handle_message(now, 0, ClientMessage::CheckIn);
+    let Some((_, msg @ ServerMessage::Selected { .. })) = coordinator.poll_transmit() else {
+        anyhow::bail!("the coordinator did not select the one device");
+    };
+    let down = wire::encode(&Response::from_server_message(&msg, None, Duration::ZERO))?.len();
+    let ratings = data.train.iter().find(|r| !r.is_empty()).map_or(&[][..], |r| &r[..]);
+    let mut device = ClientRound::new(ratings, Instant::from_micros(u64::MAX));
+    device.handle_message(now, msg);
+    let _check_in = device.poll_transmit();
+    let Some(ClientMessage::Upload { round, update, within_bound }) = device.poll_transmit() else {
+        anyhow::bail!("the device did not upload: {:?}", device.outcome());
+    };
+    let up = wire::encode(&Request::Upload(Upload::new(round, &update, within_bound, [0; 16])))?.len();
+    Ok(WireBytes { down, up })
 }
