@@ -692,7 +692,7 @@ impl Reply {
             Response::Task(task) => Some(task.round),
             _ => None,
         };
-        Self { answer: Answer::Response(response), misbehaved: false, task_round }
+        Self { answer: Answer::Response(Box::new(response)), misbehaved: false, task_round }
     }
 
     /// A task for `round`, sent as the shared `frame`.
@@ -703,12 +703,12 @@ impl Reply {
     /// A refusal, a strike if [`is_misbehaviour`] says so for its code.
     fn refused(response: Response) -> Self {
         let misbehaved = matches!(&response, Response::Error { code, .. } if is_misbehaviour(*code));
-        Self { answer: Answer::Response(response), misbehaved, task_round: None }
+        Self { answer: Answer::Response(Box::new(response)), misbehaved, task_round: None }
     }
 
     /// A refusal that is a strike.
     fn strike(response: Response) -> Self {
-        Self { answer: Answer::Response(response), misbehaved: true, task_round: None }
+        Self { answer: Answer::Response(Box::new(response)), misbehaved: true, task_round: None }
     }
 }
 
@@ -719,7 +719,7 @@ enum Answer {
     /// closes, and the stream waits for it (the owner resolves this, streams never see it).
     Park(ClientId),
     /// A response to encode.
-    Response(Response),
+    Response(Box<Response>),
     /// A response already encoded and shared with every other device it goes to (a task: one
     /// copy of the model per round, whatever the number of devices).
     Frame(Bytes),
@@ -1002,7 +1002,7 @@ async fn serve_stream(
                 Err(_) => return,
             }
         }
-        Answer::Response(response) => match wire::encode(&response) {
+        Answer::Response(response) => match wire::encode(&*response) {
             Ok(frame) => Bytes::from(frame),
             Err(_) => return,
         },
@@ -1534,7 +1534,7 @@ impl Owner {
                     Answer::Park(client) => {
                         Reply { answer: Answer::Park(client), misbehaved: false, task_round: None }
                     }
-                    Answer::Response(response) => Reply::refused(response),
+                    Answer::Response(response) => Reply::refused(*response),
                     Answer::Frame(_) => {
                         Reply::ok(Response::error(ErrorCode::Internal, "a task in answer to an upload"))
                     }

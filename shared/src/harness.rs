@@ -11,14 +11,14 @@ use rand_chacha::ChaCha12Rng;
 use crate::round::secure::SecurePolicy;
 use crate::round::{
     ClientId, ClientMessage, ClientOutcome, ClientRound, Coordinator, CoordinatorEvent, Instant, RoundPhase,
-    ServerMessage, Task,
+    ServerMessage,
 };
 use crate::train::Rating;
-use crate::update::ClippedUpdate;
 
 /// What a crafted device uploads when it is given `task`: `(crafted device index, task)` to
-/// an update within the task's clip norm, or `None` to stay silent.
-pub type Craft<'a> = &'a (dyn Fn(usize, &Task) -> Option<ClippedUpdate> + Sync);
+/// an update within the task's clip norm, or `None` to stay silent (the device's
+/// [`crate::round::CraftedUpdate`]).
+pub type Craft<'a> = crate::round::CraftedUpdate<'a>;
 
 /// Devices that send a crafted update instead of training (see [`Federation::with_crafted`]).
 struct Crafted<'a> {
@@ -211,15 +211,16 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
         let give_up = self.now.saturating_add(Duration::from_secs(24 * 3600));
         let n_devices = self.devices.len();
         let secure = self.coordinator.is_secure();
-        // Canaries craft plain uploads; a secure round has no place for them.
-        let n_crafted = if secure { 0 } else { self.crafted.as_ref().map_or(0, |c| c.n) };
+        // In a plain round canaries upload directly; in a secure round each runs the device's
+        // protocol with its crafted update (masking, distributed noise).
+        let n_crafted = self.crafted.as_ref().map_or(0, |c| c.n);
         let mut order: Vec<usize> = (0..n_devices + n_crafted).collect();
         order.shuffle(&mut self.rng);
         // Check-in. A selected device's task is held back so that training runs in parallel.
         let mut selected: Vec<(ClientRound<'a>, ClientId, ServerMessage)> = Vec::new();
         let mut crafted_uploads: Vec<(ClientId, ClientMessage)> = Vec::new();
         for &idx in &order {
-            if let Some(crafted) = self.crafted.as_ref().filter(|_| idx >= n_devices) {
+            if let Some(crafted) = self.crafted.as_ref().filter(|_| !secure && idx >= n_devices) {
                 let id = idx as ClientId;
                 self.coordinator.handle_message(self.now, id, ClientMessage::CheckIn);
                 while let Some((_, msg)) = self.coordinator.poll_transmit() {
@@ -234,13 +235,19 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
                 continue;
             }
             let mut client = if secure {
+                let canary = self.crafted.as_ref().filter(|_| idx >= n_devices);
+                let ratings: &'a [Rating] = if canary.is_some() { &[] } else { &self.devices[idx] };
                 // Seeded from the harness: a simulated round is reproducible.
-                ClientRound::with_rng(
-                    &self.devices[idx],
+                let client = ClientRound::with_rng(
+                    ratings,
                     give_up,
                     crate::danger::seeded_device_rng(self.device_rng.random()),
                 )
-                .with_secure_policy(self.secure_policy)
+                .with_secure_policy(self.secure_policy);
+                match canary {
+                    Some(c) => client.with_crafted_update(c.craft, idx - n_devices),
+                    None => client,
+                }
             } else {
                 // Plain rounds draw nothing on the device (and keep the harness's stream as it was).
                 ClientRound::new(&self.devices[idx], give_up)

@@ -4,7 +4,10 @@
 //! direction `cᵢ` (Rademacher signs, unit norm, drawn from a seeded RNG) over the item-side
 //! coordinates of the update (item factors and item biases), and when it is selected it
 //! uploads `cᵢ · C` — the largest update the clip norm allows — through the same message path
-//! as a trained update ([`Federation::with_crafted`]). Each canary takes part independently
+//! as a trained update ([`Federation::with_crafted`]): a plain upload, or with
+//! `--aggregation secure` the device's own secure-aggregation protocol, and with
+//! `--mechanism distributed` its distributed-noise encoding and noise share
+//! ([`fedrec_shared::round::ClientRound::with_crafted_update`]). Each canary takes part independently
 //! with probability ½: those are the secret bits `Sᵢ` of one-run auditing. The real
 //! coordinator machine runs the rounds, with its real selection, noise and server step.
 //!
@@ -291,24 +294,16 @@ pub fn run(data: &UserData, cfg: &RunConfig, audit: &AuditConfig) -> anyhow::Res
     if cfg.epsilon.is_none() && cfg.noise_multiplier <= 0.0 {
         bail!("an audit needs a private run: give --epsilon or --noise-multiplier");
     }
-    if cfg.mechanism == crate::federation::MechanismKind::Distributed {
+    if audit.weaken_noise.is_some() && cfg.mechanism == crate::federation::MechanismKind::Distributed {
         bail!(
-            "the audit's canaries upload crafted plain updates through the shared harness, and a \
-             distributed round takes only masked inputs: auditing --mechanism distributed needs canaries \
-             that run the secure protocol with their crafted update (a change to the harness's crafted \
-             devices, not made yet)"
-        );
-    }
-    if cfg.aggregation == crate::federation::AggregationKind::Secure {
-        bail!(
-            "the audit's canaries upload crafted plain updates: run it with --aggregation plain (secure \
-             aggregation does not change what the released models reveal, which is what the audit measures)"
+            "--danger-weaken-noise divides the coordinator's noise, and with --mechanism distributed the \
+             coordinator adds none (the devices do): weaken a central run instead"
         );
     }
     // Every canary is part of the public population, whether it takes part or not.
     let population = data.train.len() + m;
     let mut cfg = cfg.clone();
-    cfg.calibrate(population).context("calibrating the noise to --epsilon")?;
+    cfg.calibrate_for(population, data.n_items).context("calibrating the noise to --epsilon")?;
     let audit_seed = cfg.seed ^ 0xa0d1_7ca4_a41e_5eed;
     let mut bits = danger::seeded_rng(audit_seed);
     let included: Vec<bool> = (0..m).map(|_| bits.random_bool(0.5)).collect();
@@ -328,12 +323,18 @@ pub fn run(data: &UserData, cfg: &RunConfig, audit: &AuditConfig) -> anyhow::Res
     if audit.weaken_noise.is_some() {
         danger::weaken_release_noise(&mut coordinator, divisor)?;
     }
+    // With distributed noise the devices' shares are calibrated for the whole population
+    // checking in, so every canary takes part: an excluded one (Sᵢ = 0) uploads a zero update,
+    // adding its noise share and nothing of its direction. Otherwise only the included ones.
+    let distributed = cfg.mechanism == crate::federation::MechanismKind::Distributed;
+    let n_crafted = if distributed { m } else { members.len() };
     let craft = |j: usize, task: &Task| -> Option<ClippedUpdate> {
-        let i = *members.get(j)?;
+        let i = if distributed { j } else { *members.get(j)? };
+        let scale = if included[i] { task.clip_norm } else { 0.0 };
         let c = canary_direction(audit_seed, i, dim);
         let mut dense = vec![0.0f32; layout.len()];
         for (x, &ci) in dense.iter_mut().zip(&c) {
-            *x = ci * task.clip_norm;
+            *x = ci * scale;
         }
         let v = UpdateVector::from_dense(layout, &dense).ok()?;
         ClippedUpdate::clip(v, task.clip_norm).ok()
@@ -341,12 +342,12 @@ pub fn run(data: &UserData, cfg: &RunConfig, audit: &AuditConfig) -> anyhow::Res
     let harness = HarnessConfig { dropout: cfg.dropout, n_threads: cfg.threads, ..HarnessConfig::default() };
     let mut fed =
         Federation::new(coordinator, &data.train, harness, danger::seeded_rng(cfg.seed.wrapping_add(1)))
-            .with_crafted(members.len(), &craft);
+            .with_crafted(n_crafted, &craft);
     fed.run_rounds(cfg.rounds, |_, _| {});
     let after = item_side(&fed.coordinator.model().model);
     let ledger = fed.coordinator.ledger();
     let epsilon = ledger.epsilon(cfg.delta, cfg.accountant.into())?;
-    let rounds_charged = ledger.entries().len();
+    let rounds_charged = ledger.entries().len() + ledger.ddp_entries().len();
 
     // The server descends along the sum: the canaries' trace is in θ₀ − θ_T.
     let observed: Vec<f64> = before.iter().zip(&after).map(|(&b, &a)| f64::from(b) - f64::from(a)).collect();

@@ -84,32 +84,81 @@ fn audit_bound_stays_below_epsilon_on_the_real_mechanism_and_catches_weakened_no
     assert!(est(&real) < 3.0 && est(&weak) > 10.0, "estimates {} {}", est(&real), est(&weak));
 }
 
-/// The canaries upload crafted plain updates: an audit asked to run with secure aggregation
-/// refuses, naming the option, instead of silently running without canaries.
+/// Issue 12: `audit --mechanism distributed`: the canaries run the devices' secure protocol
+/// with distributed noise (their crafted update rotated, rounded, noised and masked like any
+/// device's). At ε = 2 the one-run lower bound stays below the accountant's ε; at ε = 64 (little
+/// noise) the same audit finds the canaries, which shows they did reach the released model
+/// through the distributed path (an audit whose canaries were dropped would find nothing).
 #[test]
-fn an_audit_with_secure_aggregation_is_refused() {
+fn a_distributed_audit_stays_below_epsilon_and_sees_its_canaries() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let args = [
-        "audit",
-        "--dataset",
-        "synthetic",
-        "--users",
-        "50",
-        "--items",
-        "200",
-        "--rounds",
-        "1",
-        "--canaries",
-        "10",
-        "--epsilon",
-        "2",
-        "--delta",
-        "1e-5",
-        "--aggregation",
-        "secure",
-    ];
-    let out = fedrec_tests::fedrec_sim(dir.path(), &args);
-    assert!(!out.status.success());
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(said.contains("--aggregation plain"), "{said}");
+    let run = |name: &str, epsilon: &str| -> Value {
+        let out = dir.path().join(format!("{name}.json"));
+        let args = [
+            "audit",
+            "--dataset",
+            "synthetic",
+            "--users",
+            "30",
+            "--items",
+            "200",
+            "--dim",
+            "8",
+            "--segments",
+            "2",
+            "--rounds",
+            "1",
+            "--clients-per-round",
+            "330",
+            "--canaries",
+            "300",
+            "--epsilon",
+            epsilon,
+            "--delta",
+            "1e-5",
+            "--aggregation",
+            "secure",
+            "--mechanism",
+            "distributed",
+            "--bits",
+            "20",
+            "--dropout",
+            "0",
+            "--optimizer",
+            "sgd",
+            "--momentum",
+            "0",
+            "--server-lr",
+            "1",
+            "--clip",
+            "fixed",
+            "--clip-norm",
+            "1",
+            "--eval-users",
+            "10",
+            "--threads",
+            "2",
+            "--seed",
+            "7",
+            "--json",
+            out.to_str().expect("utf-8 path"),
+        ];
+        fedrec_sim_ok(dir.path(), &args);
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("report written")).expect("valid JSON")
+    };
+    let private = run("eps2", "2");
+    let loose = run("eps64", "64");
+    for (rep, eps) in [(&private, 2.0), (&loose, 64.0)] {
+        assert!(
+            num(&rep["epsilon"]) <= eps * 1.001,
+            "the ledger's ε {} within the target {eps}",
+            rep["epsilon"]
+        );
+        assert_eq!(rep["audit"]["rounds_charged"], 1, "{rep}");
+    }
+    let lb = num(&private["epsilon_lower_bound"]);
+    assert!(lb < num(&private["epsilon"]), "lower bound {lb} above the accountant's ε");
+    let lb_loose = num(&loose["epsilon_lower_bound"]);
+    assert!(lb_loose > 1.0, "at ε = 64 the canaries are found: lower bound {lb_loose}");
+    assert!(num(&loose["audit"]["canary_cosine_mu"]) > num(&private["audit"]["canary_cosine_mu"]));
 }

@@ -33,6 +33,25 @@ pub enum ClientError {
     /// The update could not be encoded for secure aggregation.
     #[error("secure aggregation encoding: {0}")]
     Encoding(String),
+    /// A crafted device ([`ClientRound::with_crafted_update`]) had no update for the task.
+    #[error("the crafted device has no update for this task")]
+    Crafted,
+}
+
+/// What a crafted device sends instead of its trained update, given its index among the
+/// crafted devices and the task (see [`ClientRound::with_crafted_update`]).
+pub type CraftedUpdate<'a> = &'a (dyn Fn(usize, &super::Task) -> Option<ClippedUpdate> + Sync);
+
+/// A crafted device's update source and index.
+struct Crafted<'a> {
+    craft: CraftedUpdate<'a>,
+    index: usize,
+}
+
+impl std::fmt::Debug for Crafted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Crafted").field("index", &self.index).finish_non_exhaustive()
+    }
 }
 
 /// How a device's round ended.
@@ -96,6 +115,7 @@ pub struct ClientRound<'a> {
     rng: Option<ChaCha20Rng>,
     secure_policy: SecurePolicy,
     noise_policy: DistributedPolicy,
+    crafted: Option<Crafted<'a>>,
 }
 
 impl<'a> ClientRound<'a> {
@@ -112,7 +132,20 @@ impl<'a> ClientRound<'a> {
             rng: None,
             secure_policy: SecurePolicy::default(),
             noise_policy: DistributedPolicy::default(),
+            crafted: None,
         }
+    }
+
+    /// Sends `craft(index, task)` instead of training: the canary devices of a privacy audit
+    /// (`fedrec-sim audit`), which upload an update of their choosing, as any device could (the
+    /// coordinator cannot tell where an update comes from). The update is still a
+    /// [`ClippedUpdate`] (norm at most the task's clip norm) and takes the device's own path:
+    /// a plain upload, or secure aggregation's masking with distributed noise's encoding and
+    /// noise share. `None` from `craft` ends the round for this device
+    /// ([`ClientError::Crafted`]; nothing is sent).
+    pub fn with_crafted_update(mut self, craft: CraftedUpdate<'a>, index: usize) -> Self {
+        self.crafted = Some(Crafted { craft, index });
+        self
     }
 
     /// [`ClientRound::new`] with the generator of the device's secure-aggregation secrets (keys,
@@ -218,6 +251,9 @@ impl<'a> ClientRound<'a> {
         task.train.validate()?;
         if !(task.clip_norm.is_finite() && task.clip_norm > 0.0) {
             return Err(ParamError { name: "clip_norm", reason: "must be finite and > 0".into() }.into());
+        }
+        if let Some(c) = &self.crafted {
+            return (c.craft)(c.index, task).ok_or(ClientError::Crafted);
         }
         validate_ratings(self.ratings, model.n_catalogue_items(), &task.train.objective)?;
         // In a round that trains an item subset, the model holds its rows only: the update is

@@ -18,7 +18,7 @@ pub mod secure;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use client::{ClientError, ClientOutcome, ClientRound};
+pub use client::{ClientError, ClientOutcome, ClientRound, CraftedUpdate};
 pub use coordinator::{
     AbandonReason, AdaptiveClip, Coordinator, CoordinatorConfig, CoordinatorEvent, CoordinatorState,
     DistributedNoise, RoundPhase, RoundStats, SecureAggregation, Selection, StartError, UnmaskJob,
