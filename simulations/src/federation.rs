@@ -210,8 +210,11 @@ impl From<DownloadKind> for DownloadEncoding {
     }
 }
 
-/// Most bytes a dense `f32` upload may take before rounds train item subsets automatically.
-pub const AUTO_SUBSET_UPLOAD_BYTES: usize = 1_000_000;
+/// Most bytes a dense `f32` upload may take before rounds train item subsets automatically:
+/// 8 MB, so that catalogues up to about 60,000 items at d = 32 keep the dense update (and its
+/// accuracy per round; a subset round needs many more rounds, see the README) unless
+/// `--items-per-round` asks, and 100,000 items and more get subsets.
+pub const AUTO_SUBSET_UPLOAD_BYTES: usize = 8_000_000;
 /// Items per round chosen automatically for catalogues above [`AUTO_SUBSET_UPLOAD_BYTES`].
 pub const AUTO_ITEMS_PER_ROUND: usize = 4096;
 
