@@ -287,6 +287,24 @@ mod tests {
         assert_eq!(out.n_updates(), 3);
     }
 
+    /// A sum kept without a grid releases exactly without noise and refuses (fails closed to
+    /// zeros) a release with noise: it never adds noise to something it did not round.
+    #[test]
+    fn a_sum_without_noise_keeps_no_grid_and_refuses_noise() {
+        let layout = ModelShape { n_items: 2, dim: 1, n_segments: 1 }.layout();
+        let mut agg = Aggregator::without_noise(layout, 10.0);
+        for k in 0..3 {
+            let v = UpdateVector::from_dense(layout, &[0.25 * k as f32; 7]).expect("length");
+            agg.add(&ClippedUpdate::clip(v, 10.0).expect("finite")).expect("same shape");
+        }
+        let mut rng = danger::seeded_rng(2);
+        assert_eq!(agg.clone().release(0.0, &mut rng).as_slice(), &[0.75; 7]);
+        assert!(agg.clone().release_checked(1.0, &mut rng).is_err());
+        let out = agg.release(1.0, &mut rng);
+        assert!(out.as_slice().iter().all(|&x| x == 0.0));
+        assert_eq!(out.noise_std(), f32::INFINITY);
+    }
+
     #[test]
     fn rejects_wrong_shape_and_looser_bound() {
         let layout = ModelShape { n_items: 1, dim: 1, n_segments: 1 }.layout();
