@@ -1785,8 +1785,11 @@ fn malformed_secure_messages_are_refused() {
     assert!(wire::decode_request(&words(&[4, 1, 0, 0, 0]), &l).is_ok());
     assert!(wire::decode_request(&words(&[8, 1, 0, 0, 0, 0, 0, 0, 0]), &l).is_ok());
     assert!(wire::decode_request(&words(&[4]), &l).is_ok(), "no words");
+    assert!(wire::decode_request(&words(&[1, 1, 0, 0, 0]), &l).is_ok(), "four 1-byte words");
+    assert!(wire::decode_request(&words(&[2, 1, 0, 0, 0]), &l).is_ok(), "two 2-byte words");
+    assert!(malformed(wire::decode_request(&words(&[2, 1, 0, 0]), &l)), "3 bytes of width 2");
     assert!(malformed(wire::decode_request(&words(&[]), &l)), "no width byte");
-    for width in [0u8, 1, 2, 3, 5, 7, 9, 16, 255] {
+    for width in [0u8, 3, 5, 6, 7, 9, 16, 255] {
         assert!(
             malformed(wire::decode_request(&words(&[width, 1, 0, 0, 0, 0, 0, 0, 0]), &l)),
             "width {width}"
@@ -2067,4 +2070,29 @@ fn a_secure_round_runs_over_the_wire() {
     let want: Vec<i64> =
         (0..d).map(|j| (0..n).filter(|&i| i != dropped).map(|i| encoded[i][j]).sum()).collect();
     assert_eq!((sum, count), (want, n - 1));
+}
+
+/// Masked words take the narrowest width every word fits (known answers): one byte up to
+/// `2^8`, two up to `2^16` (distributed noise's 16-bit ring: half the bytes of a 32-bit ring),
+/// four up to `2^32`, else eight; each round-trips.
+#[test]
+fn masked_words_take_the_narrowest_width() {
+    let l = roomy();
+    for (words, width, body) in [
+        (vec![0u64, 0xff], 1u8, vec![0x00, 0xff]),
+        (vec![0x1234, 0xffff], 2, vec![0x34, 0x12, 0xff, 0xff]),
+        (vec![0x1_0000], 4, vec![0x00, 0x00, 0x01, 0x00]),
+        (vec![1 << 32], 8, vec![0, 0, 0, 0, 1, 0, 0, 0]),
+        (vec![], 1, vec![]),
+    ] {
+        let req = Request::MaskedInput(MaskedInput { round: 1, words: words.clone(), nonce: [7; 16] });
+        let frame = wire::encode(&req).expect("encodes");
+        let mut string = vec![width];
+        string.extend(&body);
+        let mut expected = varint(string.len() as u64);
+        expected.extend(&string);
+        assert!(frame.windows(expected.len()).any(|w| w == expected.as_slice()), "{words:?}: {frame:?}");
+        let payload = &frame[wire::LEN_PREFIX..];
+        assert_eq!(wire::decode_request(payload, &l).expect("decodes"), req, "{words:?}");
+    }
 }

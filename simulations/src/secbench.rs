@@ -125,7 +125,8 @@ pub struct DdpCost {
     pub encode_ms_median: f64,
     /// 95th percentile (nearest rank) of the same.
     pub encode_ms_p95: f64,
-    /// Bytes of the `MaskedInput` frame with distributed noise (`D` words).
+    /// Bytes of the `MaskedInput` frame with distributed noise (`D` words, in the narrowest
+    /// width the ring needs: 2 bytes for up to 16 bits).
     pub masked_input_bytes: usize,
     /// Bytes of the `MaskedInput` frame of a central secure round on the same model (`d`
     /// words, plus the clip bit when asked for, at 4 bytes each: a ring of at most 32 bits).

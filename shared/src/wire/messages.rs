@@ -123,10 +123,11 @@ pub struct EncryptedShares {
 
 /// Secure aggregation, phase 2: a device's masked input, as fixed-width little-endian words.
 ///
-/// The words are uniform modulo `2^bits` (varints would not shrink them): each takes 4 bytes
-/// when every word fits 32 bits, which is always the case when the round's `bits ≤ 32`, and 8
-/// bytes otherwise. The width depends only on the masked words, which are uniform whatever the
-/// update, so it reveals nothing about the update. Whether every word is below `2^bits` is the
+/// The words are uniform modulo `2^bits` (varints would not shrink them): each takes the
+/// narrowest of 1, 2, 4 and 8 bytes that every word fits — in practice `⌈bits/8⌉` rounded up
+/// to a power of two (2 bytes for distributed noise's 16-bit ring, 4 for a 25-bit central
+/// ring). The width depends only on the masked words, which are uniform whatever the update,
+/// so it reveals nothing about the update. Whether every word is below `2^bits` is the
 /// coordinator machine's check (it knows the round's `bits`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MaskedInput {
@@ -895,17 +896,21 @@ mod fixed_bytes {
     }
 }
 
-/// Masked words as a postcard byte string: one width byte `w` (4 or 8), then each word as `w`
-/// little-endian bytes. The encoder takes 4 when every word fits 32 bits. The decoder sees the
-/// bytes before it allocates, and refuses another width or a length that is not `1 + w·d`.
+/// Masked words as a postcard byte string: one width byte `w` (1, 2, 4 or 8), then each word as
+/// `w` little-endian bytes. The encoder takes the narrowest width every word fits (2 bytes for a
+/// 16-bit ring). The decoder sees the bytes before it allocates, and refuses another width or a
+/// length that is not `1 + w·d`.
 mod word_array {
     use serde::de::{Deserializer, Error, Visitor};
     use serde::ser::Serializer;
     use std::fmt;
 
+    /// The word widths, in bytes, narrowest first.
+    const WIDTHS: [usize; 4] = [1, 2, 4, 8];
+
     pub(super) fn serialize<S: Serializer>(v: &[u64], s: S) -> Result<S::Ok, S::Error> {
-        let narrow = v.iter().all(|&w| u32::try_from(w).is_ok());
-        let width = if narrow { 4 } else { 8 };
+        let max = v.iter().copied().max().unwrap_or(0);
+        let width = WIDTHS.into_iter().find(|&w| w == 8 || max >> (8 * w) == 0).unwrap_or(8);
         let mut bytes = Vec::with_capacity(1 + v.len() * width);
         bytes.push(width as u8);
         for &w in v {
@@ -919,15 +924,15 @@ mod word_array {
         impl Visitor<'_> for Words {
             type Value = Vec<u64>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a width byte (4 or 8), then little-endian words of that width")
+                f.write_str("a width byte (1, 2, 4 or 8), then little-endian words of that width")
             }
             fn visit_bytes<E: Error>(self, b: &[u8]) -> Result<Vec<u64>, E> {
                 let Some((&width, words)) = b.split_first() else {
                     return Err(E::custom("masked words without a width byte"));
                 };
                 let width = usize::from(width);
-                if width != 4 && width != 8 {
-                    return Err(E::custom(format_args!("word width {width}, must be 4 or 8")));
+                if !WIDTHS.contains(&width) {
+                    return Err(E::custom(format_args!("word width {width}, must be 1, 2, 4 or 8")));
                 }
                 if !words.len().is_multiple_of(width) {
                     return Err(E::custom("masked words length is not a multiple of the width"));

@@ -49,10 +49,10 @@
 //! | `Unmask` | 9 | `round` u64, `dropped` list of u32, `survivors` list of u32, ≤ [`MAX_NEIGHBOURS`] in both together |
 //!
 //! A **word array** (the masked input of secure aggregation) is a byte string: one width byte
-//! `w`, 4 or 8, then each word as `w` little-endian bytes, so its varint length is `1 + w·d`.
-//! The encoder writes `w = 4` when every word fits 32 bits (always, when the round's ring has
-//! `bits ≤ 32`) and 8 otherwise; the decoder refuses any other width and a length that is not
-//! `1 + w·d`. The words are uniform modulo `2^bits`, so varints would not shrink them, and the
+//! `w` (1, 2, 4 or 8), then each word as `w` little-endian bytes, so its varint length is
+//! `1 + w·d`. The encoder writes the narrowest width every word fits (a ring of `bits` bits:
+//! 1 byte up to 8 bits, 2 up to 16 — distributed noise's usual ring —, 4 up to 32, else 8);
+//! the decoder refuses any other width and a length that is not `1 + w·d`. The words are uniform modulo `2^bits`, so varints would not shrink them, and the
 //! width reveals nothing about the update. The secure-aggregation requests carry no token:
 //! like an upload, they are accepted only on a connection whose check-in was verified, and
 //! their nonce feeds the coordinator's replay guard ([`Request::nonce`]).
