@@ -449,7 +449,7 @@ pub struct TrialRecord {
     pub trial: usize,
     /// Which sampled configuration (the same across the rungs it was promoted to); 0 is the base configuration.
     pub config_id: usize,
-    /// Hyperband bracket, from 0.
+    /// Hyperband bracket, from 1; bracket 0 is the starting configuration's full-length trial.
     pub bracket: usize,
     /// Rung within the bracket, from 0.
     pub rung: usize,
@@ -484,7 +484,7 @@ pub struct SearchInfo {
     pub eta: usize,
     /// Trials at once.
     pub jobs: usize,
-    /// Brackets started.
+    /// Brackets started (the starting configuration's trial counts as bracket 0).
     pub brackets: usize,
     /// Seconds the search took.
     pub search_seconds: f64,
@@ -520,6 +520,43 @@ pub struct FinalRecord {
     pub train_seconds: f64,
 }
 
+/// One finalist re-scored on the second validation split.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinalistRecord {
+    /// The trial the configuration comes from (0: the starting configuration).
+    pub trial: usize,
+    /// Its sampled configuration.
+    pub config_id: usize,
+    /// The optimised metric on the first validation split (the search's).
+    pub validation_metric: f64,
+    /// The optimised metric on the second validation split (absent when the run failed).
+    pub second_validation_metric: Option<f64>,
+    /// Every metric on the second validation split.
+    pub second_validation: Option<MetricsRecord>,
+    /// Wall seconds of the run.
+    pub seconds: f64,
+    /// Why the run failed, if it did.
+    pub error: Option<String>,
+}
+
+/// The confirmation: the best few configurations of the search and the starting one,
+/// trained again on a second validation split (the same rule, another seed) and chosen by
+/// the mean of their two validation values. The first split's best is optimistic (it won
+/// among many noisy trials); the second split is independent of that choice.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfirmationInfo {
+    /// Seed of the second validation split.
+    pub seed: u64,
+    /// Interactions the finalists train on.
+    pub n_train: usize,
+    /// Interactions they are scored on.
+    pub n_validation: usize,
+    /// The finalists, the starting configuration first.
+    pub finalists: Vec<FinalistRecord>,
+    /// The trial chosen.
+    pub chosen_trial: usize,
+}
+
 /// The reference a tuned model must beat clearly.
 #[derive(Debug, Clone, Serialize)]
 pub struct BaselineRecord {
@@ -548,6 +585,9 @@ pub struct TuneReport {
     pub search: SearchInfo,
     /// Every trial.
     pub trials: Vec<TrialRecord>,
+    /// The confirmation of the finalists on a second validation split (absent with a
+    /// temporal split, whose validation split has one form only, or when one configuration finished).
+    pub confirmation: Option<ConfirmationInfo>,
     /// The chosen configuration.
     pub best: BestRecord,
     /// The chosen configuration on the test set.
@@ -612,6 +652,13 @@ pub fn tune(base: &RunConfig, p: &TuneParams) -> anyhow::Result<TuneReport> {
         );
     }
     let val_data = UserData::from_split(&val, base.objective, threshold);
+    // The second validation split of the confirmation: another seed, so it only exists for
+    // the random rule (the temporal rule gives the same split whatever the seed).
+    let second_seed = p.val_seed.wrapping_add(1);
+    let second = (p.split == SplitKind::Random)
+        .then(|| validation_split(&split, p.val_fraction, p.split, second_seed))
+        .filter(|v| !v.test.is_empty())
+        .map(|v| (v.train.len(), v.test.len(), UserData::from_split(&v, base.objective, threshold)));
     let validation = ValidationInfo {
         split: p.split.as_str().to_owned(),
         fraction: p.val_fraction,
@@ -646,6 +693,8 @@ pub fn tune(base: &RunConfig, p: &TuneParams) -> anyhow::Result<TuneReport> {
         next_config_id: 0,
         rng: danger::seeded_rng(base.seed ^ 0x7e57_7e57),
         early_stop: base.epsilon.is_none(),
+        local_search: false,
+        reserve_runs: if second.is_some() { 1.0 + (FINALISTS + 1) as f64 / jobs as f64 } else { 1.0 },
     };
     let brackets = search.hyperband(max_rounds, min_rounds, p.eta);
     let search_seconds = search.start.elapsed().as_secs_f64();
@@ -667,8 +716,45 @@ pub fn tune(base: &RunConfig, p: &TuneParams) -> anyhow::Result<TuneReport> {
         let why = trials.iter().find_map(|t| t.error.clone()).unwrap_or_else(|| "no trial ran".to_owned());
         bail!("no trial finished: {why}");
     };
+    let confirmation = match &second {
+        Some((n_train, n_validation, data)) => {
+            confirm(base, data, &trials, metric, jobs).map(|(finalists, chosen)| ConfirmationInfo {
+                seed: second_seed,
+                n_train: *n_train,
+                n_validation: *n_validation,
+                finalists,
+                chosen_trial: chosen,
+            })
+        }
+        None => None,
+    };
+    if let Some(c) = &confirmation
+        && let Some(t) = trials.iter().find(|t| t.trial == c.chosen_trial)
+        && let Some(m) = t.validation
+    {
+        best = BestRecord {
+            trial: t.trial,
+            config: t.params.clone(),
+            validation_metric: metric.value(&m),
+            validation: m,
+        };
+    }
+    let confirmed = confirmation.as_ref().map_or(String::new(), |c| {
+        let mean = c
+            .finalists
+            .iter()
+            .find(|f| f.trial == c.chosen_trial)
+            .and_then(|f| f.second_validation_metric.map(|v| (v + f.validation_metric) / 2.0));
+        format!(
+            "; chosen among {} finalists by the mean over two validation splits (seeds {}, {}): {}",
+            c.finalists.len(),
+            p.val_seed,
+            c.seed,
+            mean.map_or_else(|| "—".to_owned(), |m| format!("{m:.4}"))
+        )
+    });
     best.config.comment = Some(format!(
-        "fedrec-sim tune: trial {} of {}, validation {} {:.4} on {} ({} split, validation fraction {}, seed {})",
+        "fedrec-sim tune: trial {} of {}, validation {} {:.4} on {} ({} split, validation fraction {}, seed {}){confirmed}",
         best.trial,
         trials.len(),
         metric.label(),
@@ -711,11 +797,99 @@ pub fn tune(base: &RunConfig, p: &TuneParams) -> anyhow::Result<TuneReport> {
             fixed: p.fixed.clone(),
         },
         trials,
+        confirmation,
         best,
         final_run,
         baseline,
         wall_seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// How many of the search's best configurations (besides the starting one) the confirmation
+/// trains again on the second validation split.
+const FINALISTS: usize = 3;
+
+/// The confirmation: the starting configuration's trial and the trials of the [`FINALISTS`]
+/// best other configurations (each at its best trial), trained again with their chosen rounds
+/// on `second` and scored at the end. Returns the finalists and the chosen trial: the lowest
+/// mean loss over the two validation splits, ties going to the earlier trial (the starting
+/// configuration first). `None` when fewer than two configurations finished.
+fn confirm(
+    base: &RunConfig,
+    second: &UserData,
+    trials: &[TrialRecord],
+    metric: TuneMetric,
+    jobs: usize,
+) -> Option<(Vec<FinalistRecord>, usize)> {
+    // Each configuration's best trial.
+    let mut best_of: Vec<(f64, &TrialRecord)> = Vec::new();
+    for t in trials {
+        let Some(m) = t.validation else { continue };
+        let loss = metric.loss(&m);
+        match best_of.iter_mut().find(|(_, b)| b.config_id == t.config_id) {
+            Some(slot) if loss < slot.0 => *slot = (loss, t),
+            Some(_) => {}
+            None => best_of.push((loss, t)),
+        }
+    }
+    best_of.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.trial.cmp(&b.1.trial)));
+    let start = best_of.iter().find(|(_, t)| t.config_id == 0).map(|&(_, t)| t);
+    let others = best_of.iter().filter(|(_, t)| t.config_id != 0).take(FINALISTS).map(|&(_, t)| t);
+    let finalists: Vec<&TrialRecord> = start.into_iter().chain(others).collect();
+    if finalists.len() < 2 {
+        return None;
+    }
+    let workers = jobs.min(finalists.len()).max(1);
+    let threads = (base.threads / workers).max(1);
+    let next = AtomicUsize::new(0);
+    let records: Vec<Mutex<Option<FinalistRecord>>> = finalists.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(t) = finalists.get(k) else { break };
+                    let t0 = Instant::now();
+                    let mut cfg = base.clone();
+                    t.params.apply(&mut cfg);
+                    cfg.threads = threads;
+                    cfg.eval_every = 0;
+                    let outcome = cfg
+                        .calibrate_for(second.train.len(), second.n_items)
+                        .and_then(|()| federation::run(second, &cfg, |_| {}));
+                    let (second_validation, error) = match outcome {
+                        Ok(res) => (Some(MetricsRecord::from(res.metrics)), None),
+                        Err(e) => (None, Some(format!("{e:#}"))),
+                    };
+                    let rec = FinalistRecord {
+                        trial: t.trial,
+                        config_id: t.config_id,
+                        validation_metric: t.validation_metric.unwrap_or(f64::NAN),
+                        second_validation_metric: second_validation.map(|m| metric.value(&m)),
+                        second_validation,
+                        seconds: t0.elapsed().as_secs_f64(),
+                        error,
+                    };
+                    *records[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(rec);
+                }
+            });
+        }
+    });
+    let records: Vec<FinalistRecord> =
+        records.into_iter().filter_map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
+    let score = |f: &FinalistRecord| -> f64 {
+        let (Some(m), Some(t)) = (f.second_validation, finalists.iter().find(|t| t.trial == f.trial)) else {
+            return f64::INFINITY;
+        };
+        t.validation.map_or(f64::INFINITY, |v| (metric.loss(&v) + metric.loss(&m)) / 2.0)
+    };
+    let chosen = records
+        .iter()
+        .map(|f| (score(f), f.trial))
+        .filter(|(s, _)| s.is_finite())
+        .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))?
+        .1;
+    Some((records, chosen))
 }
 
 /// Loads the data and splits off the test set exactly as `run` does (same seed, same rule).
@@ -809,6 +983,24 @@ fn print_summary(rep: &TuneReport) {
             c.training.server_lr.unwrap_or(f32::NAN),
             c.federation.clients_per_round.unwrap_or(0),
         );
+    }
+    if let Some(c) = &rep.confirmation {
+        println!(
+            "  finalists on the second validation split (seed {}), chosen by the mean of the two:",
+            c.seed
+        );
+        for f in &c.finalists {
+            let second = f.second_validation_metric;
+            println!(
+                "    #{:<4} {label} {:.4} / {}  mean {}{}{}",
+                f.trial,
+                f.validation_metric,
+                second.map_or_else(|| "failed".to_owned(), |v| format!("{v:.4}")),
+                second.map_or_else(|| "—".to_owned(), |v| format!("{:.4}", (v + f.validation_metric) / 2.0)),
+                if f.config_id == 0 { "  (starting configuration)" } else { "" },
+                if f.trial == c.chosen_trial { "  ← chosen" } else { "" },
+            );
+        }
     }
     let b = &rep.baseline;
     print!(
@@ -1032,6 +1224,11 @@ struct Search<'a, R> {
     next_config_id: usize,
     rng: R,
     early_stop: bool,
+    /// Full-length runs to leave time for after the search, in units of one run on all
+    /// threads: the final run, and the confirmation's finalists when there is one.
+    reserve_runs: f64,
+    /// Whether half the new configurations are drawn around the best so far.
+    local_search: bool,
 }
 
 /// A configuration taking part in a bracket.
@@ -1047,22 +1244,41 @@ impl<R: Rng + Send + Sync> Search<'_, R> {
             || self.max_trials.is_some_and(|m| self.launched.load(Ordering::Relaxed) >= m)
     }
 
-    /// Hyperband brackets, from the most exploratory down to plain random search, repeated
-    /// until the budget or the trial cap ends the search. Returns the brackets started.
+    /// The starting configuration at full length (trial 0, bracket 0), then Hyperband
+    /// brackets (from 1), from the most exploratory down to plain random search, repeated
+    /// until the budget or the trial cap ends the search. Returns the brackets started,
+    /// the starting configuration's counted as one.
+    ///
+    /// The starting configuration runs first and always at `max_rounds`: it is always a
+    /// candidate with its best checkpoint, so the search never returns a configuration that
+    /// does worse on validation than the one it started from, whatever the budget.
     fn hyperband(&mut self, max_rounds: usize, min_rounds: usize, eta: usize) -> usize {
+        let start = self.next_candidate();
+        self.run_rung(std::slice::from_ref(&start), 0, 0, max_rounds);
         let mut s_max = 0;
         while min_rounds * eta.pow(s_max as u32 + 1) <= max_rounds {
             s_max += 1;
         }
-        let mut bracket = 0;
+        let shortest = (max_rounds / eta.pow(s_max as u32)).max(1);
+        let mut bracket = 1;
         while !self.stopped() {
-            let s = s_max - bracket % (s_max + 1);
+            let s = s_max - (bracket - 1) % (s_max + 1);
             let n = ((s_max + 1) as f64 / (s + 1) as f64 * eta.pow(s as u32) as f64).ceil() as usize;
+            // The first bracket explores the whole space; local draws around the best start
+            // after it (the starting configuration alone would pull them to the defaults).
+            self.local_search = bracket > 1;
             let mut candidates: Vec<Candidate> = (0..n).map(|_| self.next_candidate()).collect();
             for rung in 0..=s {
                 let rounds =
                     if rung == s { max_rounds } else { (max_rounds / eta.pow((s - rung) as u32)).max(1) };
-                let results = self.run_rung(&candidates, bracket, rung, rounds);
+                let Some(results) = self.run_rung(&candidates, bracket, rung, rounds) else {
+                    // Nothing of this rung fits what is left. At the cheapest rounds nothing
+                    // will; a longer rung ends only its bracket, and cheaper trials may follow.
+                    if rounds <= shortest {
+                        self.out_of_time.store(true, Ordering::Relaxed);
+                    }
+                    break;
+                };
                 if rung == s || self.stopped() {
                     break;
                 }
@@ -1073,15 +1289,7 @@ impl<R: Rng + Send + Sync> Search<'_, R> {
                     .collect();
                 done.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.config_id.cmp(&b.1.config_id)));
                 let keep = (candidates.len() / eta).max(1);
-                // The base configuration always goes on to full length: short rungs favour fast
-                // learning rates, and the tuned result should never lose to the starting point
-                // on validation for want of rounds.
-                candidates = done
-                    .into_iter()
-                    .enumerate()
-                    .filter(|(rank, (_, c))| *rank < keep || c.config_id == 0)
-                    .map(|(_, (_, c))| c)
-                    .collect();
+                candidates = done.into_iter().take(keep).map(|(_, c)| c).collect();
                 if candidates.is_empty() {
                     break;
                 }
@@ -1091,8 +1299,8 @@ impl<R: Rng + Send + Sync> Search<'_, R> {
         bracket
     }
 
-    /// The next configuration: the base first, then a random draw or, half the time once
-    /// something has finished, a neighbour of the best so far.
+    /// The next configuration: the base first, then a random draw or, half the time after
+    /// the first bracket, a neighbour of the best so far.
     fn next_candidate(&mut self) -> Candidate {
         let config_id = self.next_config_id;
         self.next_config_id += 1;
@@ -1103,7 +1311,9 @@ impl<R: Rng + Send + Sync> Search<'_, R> {
         } else {
             let best = self.best_config();
             match best {
-                Some(b) if self.rng.random_bool(0.5) => self.space.perturb(&b, &mut self.rng),
+                Some(b) if self.local_search && self.rng.random_bool(0.5) => {
+                    self.space.perturb(&b, &mut self.rng)
+                }
                 _ => self.space.sample(self.base, &mut self.rng),
             }
         };
@@ -1124,14 +1334,14 @@ impl<R: Rng + Send + Sync> Search<'_, R> {
     }
 
     /// Runs one rung's trials, `jobs` at a time. Returns each candidate's loss (`None`: not
-    /// run, or failed).
+    /// run, or failed), or `None` when the rung had trials to run and none fitted the budget.
     fn run_rung(
         &self,
         candidates: &[Candidate],
         bracket: usize,
         rung: usize,
         rounds: usize,
-    ) -> Vec<Option<f64>> {
+    ) -> Option<Vec<Option<f64>>> {
         // Trial numbers and the trial cap are settled before anything runs, so they do not
         // depend on which worker finishes first.
         let first = self.launched.load(Ordering::Relaxed);
@@ -1175,12 +1385,11 @@ impl<R: Rng + Send + Sync> Search<'_, R> {
                 });
             }
         });
-        // A trial skipped for time leaves a gap in the numbering; when a whole rung is
-        // skipped, nothing fits any more.
+        // A trial skipped for time leaves a gap in the numbering.
         if allowed > 0 && ran.load(Ordering::Relaxed) == 0 {
-            self.out_of_time.store(true, Ordering::Relaxed);
+            return None;
         }
-        results.into_iter().map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).collect()
+        Some(results.into_iter().map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).collect())
     }
 
     fn best_value(&self) -> Option<f64> {
@@ -1207,10 +1416,11 @@ impl<R: Rng + Send + Sync> Search<'_, R> {
             return false;
         }
         let cost = self.cost.lock().unwrap_or_else(|e| e.into_inner());
-        // Room for the final run too, estimated as this configuration at full length.
+        // Room for the final run (and the confirmation) too, estimated as this configuration
+        // at full length.
         let mut final_run = cfg.clone();
         final_run.rounds = final_run.rounds.max(self.base.rounds);
-        cost.estimate(cfg) + cost.estimate(&final_run) < left
+        cost.estimate(cfg) + self.reserve_runs * cost.estimate(&final_run) < left
     }
 
     /// One federation of the validation data; its score is the best checkpoint.

@@ -1,5 +1,6 @@
 //! `fedrec_sim::tune` as a library (issue 14): tuning under distributed noise calibrates
-//! with the model's size.
+//! with the model's size, and the search never returns a configuration that does worse on
+//! validation than the configuration it started from.
 
 use std::time::Duration;
 
@@ -64,3 +65,63 @@ fn tune_calibrates_distributed_noise_for_the_model_size() {
     assert!(rep.final_run.test.rmse.is_some_and(f64::is_finite));
 }
 
+/// The starting configuration is trial 0 and trains for the longest trials' rounds, so the
+/// configuration tune returns is never worse on validation than it, even when the trial cap
+/// stops the search after a few short trials. (Before: the starting configuration was the
+/// first of the first bracket, at its shortest rounds.)
+#[test]
+fn the_starting_configuration_runs_at_full_length_and_is_never_beaten_on_validation() {
+    let base = small_base(ObjectiveKind::Explicit);
+    let p = params(source(120, 60, 11), 27, 4);
+    let rep = tune(&base, &p).expect("tune runs");
+    let first = &rep.trials[0];
+    assert_eq!(first.config_id, 0, "trial 0 is the starting configuration");
+    assert_eq!(first.rounds, 27, "the starting configuration trains for --max-rounds");
+    assert!(first.error.is_none(), "{:?}", first.error);
+    let start = first.validation_metric.expect("the starting configuration is scored");
+    assert!(rep.trials[1..].iter().all(|t| t.config_id != 0), "the starting configuration runs once");
+    assert!(
+        rep.best.validation_metric <= start,
+        "tune returned validation RMSE {} worse than the starting configuration's {start}",
+        rep.best.validation_metric
+    );
+}
+
+/// With a random split the finalists (the starting configuration and the best others) are
+/// trained again on a second validation split, and the one with the best mean of the two
+/// validation values is returned; the final run trains exactly that configuration.
+#[test]
+fn the_finalists_are_confirmed_on_a_second_validation_split() {
+    let base = small_base(ObjectiveKind::Implicit);
+    let p = params(source(120, 60, 13), 27, 8);
+    let rep = tune(&base, &p).expect("tune runs");
+    let c = rep.confirmation.as_ref().expect("a random split has a confirmation");
+    assert_eq!(c.seed, p.val_seed + 1);
+    assert_eq!(c.finalists[0].config_id, 0, "the starting configuration is a finalist");
+    assert!(c.finalists.len() >= 2 && c.finalists.len() <= 4, "{} finalists", c.finalists.len());
+    // Recall@20: higher is better; the chosen one has the highest mean of the two splits.
+    let mean = |f: &fedrec_sim::tune::FinalistRecord| {
+        f.second_validation_metric.map_or(f64::NEG_INFINITY, |v| (v + f.validation_metric) / 2.0)
+    };
+    let chosen =
+        c.finalists.iter().find(|f| f.trial == c.chosen_trial).expect("the chosen one is a finalist");
+    for f in &c.finalists {
+        assert!(f.error.is_none(), "{:?}", f.error);
+        assert!(
+            mean(f) <= mean(chosen),
+            "trial {} has a better mean than the chosen {}",
+            f.trial,
+            chosen.trial
+        );
+    }
+    assert_eq!(rep.best.trial, c.chosen_trial, "the chosen finalist is the best");
+    let mut cfg = base.clone();
+    rep.best.config.apply(&mut cfg);
+    assert_eq!(rep.final_run.config.l2_user, cfg.l2_user);
+    assert_eq!(rep.final_run.config.rounds, cfg.rounds);
+
+    // The temporal rule has one validation split only: nothing to confirm on.
+    let temporal = TuneParams { split: SplitKind::Temporal, ..params(source(120, 60, 13), 27, 4) };
+    let rep = tune(&base, &temporal).expect("tune runs");
+    assert!(rep.confirmation.is_none());
+}
