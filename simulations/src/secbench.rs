@@ -501,8 +501,12 @@ fn one_round(
     let distributed = cfg.mechanism == MechanismKind::Distributed;
     // Distributed noise: the task's declaration, as the coordinator would send it.
     let ddp_privacy = if distributed {
-        let c = RunConfig { aggregation: AggregationKind::Secure, ..cfg.clone() };
-        Some(TaskPrivacy::from_config(&federation::coordinator_config(&c, n_users)?, cfg.clip_norm))
+        // Calibrated for this cohort: the round's expected size is the measured cohort.
+        let c = RunConfig { aggregation: AggregationKind::Secure, clients_per_round: cohort, ..cfg.clone() };
+        Some(TaskPrivacy::from_config(
+            &federation::coordinator_config(&c, n_users.max(cohort))?,
+            cfg.clip_norm,
+        ))
     } else {
         None
     };
