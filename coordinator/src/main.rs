@@ -865,6 +865,8 @@ fn serve(dir: &Path) -> Result<()> {
     cfg.read_timeout = std::time::Duration::from_millis(limits.read_timeout_ms);
     cfg.max_upload_memory = limits.max_upload_memory();
     cfg.eligibility = file.eligibility();
+    cfg.items_per_round = file.items_per_round().with_context(|| format!("in {}", config_path.display()))?;
+    cfg.download = file.download().with_context(|| format!("in {}", config_path.display()))?;
 
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {

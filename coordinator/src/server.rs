@@ -58,13 +58,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use fedrec_shared::model::compact::DownloadEncoding;
 use fedrec_shared::round::{
     ClientId, ClientMessage, Coordinator, CoordinatorConfig, CoordinatorEvent, Instant, ServerMessage,
     StartError, Task, UnmaskResult,
 };
-use fedrec_shared::wire::{
-    self, ALPN, CheckIn, ErrorCode, LEN_PREFIX, Limits, Request, Response, WireError, WireTask,
-};
+use fedrec_shared::wire::{self, ALPN, CheckIn, ErrorCode, LEN_PREFIX, Limits, Request, Response, WireError};
 use fedrec_shared::{GlobalModel, ParamError, RoundModel};
 use quinn::crypto::rustls::QuicServerConfig;
 use rand::SeedableRng;
@@ -215,6 +214,13 @@ pub struct ServeConfig {
     /// out instead of overflowing the socket and the CPU. Past half of it, peers must first
     /// prove their address (a stateless QUIC Retry), so spoofed sources hold at most half.
     pub max_concurrent_handshakes: usize,
+    /// Items each round trains (`[model] items_per_round`; 0 = every item): a subset drawn
+    /// from the round's public seed, the download and the upload over its rows only
+    /// ([`Coordinator::set_items_per_round`]).
+    pub items_per_round: usize,
+    /// How the round's model is downloaded (`[model] download`): `f32`, or 8-bit item factors
+    /// with a scale per row ([`Coordinator::set_download_encoding`]).
+    pub download: DownloadEncoding,
     /// Seed of the coordinator's RNG; `None` (always, outside simulations) draws it from the
     /// operating system. Set only through [`crate::danger::seed_coordinator_rng`].
     pub(crate) insecure_seed: Option<u64>,
@@ -256,6 +262,8 @@ impl ServeConfig {
             max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
             max_upload_memory: DEFAULT_MAX_UPLOAD_MEMORY,
             max_concurrent_handshakes: DEFAULT_MAX_CONCURRENT_HANDSHAKES,
+            items_per_round: 0,
+            download: DownloadEncoding::F32,
             insecure_seed: None,
         }
     }
@@ -363,6 +371,8 @@ impl Server {
                 }
             },
         };
+        coordinator.set_items_per_round(cfg.items_per_round)?;
+        coordinator.set_download_encoding(cfg.download);
         // Unmasking a secure round (rebuilding secrets, recomputing masks) runs on the blocking
         // pool, not on the owner task that answers every device.
         coordinator.set_deferred_unmask(true);
@@ -1508,7 +1518,8 @@ impl Owner {
                 if let Some(observer) = &self.observer {
                     (observer.0)(device.get(), &request);
                 }
-                let layout = self.coordinator.model().model.shape().layout();
+                // The round's uploads cover its item subset when it trains one.
+                let layout = self.coordinator.upload_layout();
                 let converted = match request {
                     Request::Upload(upload) => {
                         upload.into_client_message(&layout, self.coordinator.clip_norm())
@@ -1618,7 +1629,8 @@ impl TaskFrames {
         if let Some(frame) = slot {
             return Ok(frame.clone());
         }
-        let response = Response::Task(WireTask::new(task, model, cached_model_version));
+        // A subset round's rows (or 8-bit rows) go as a compact task, always with its model.
+        let response = Response::task(task, model, cached_model_version);
         let frame = Bytes::from(wire::encode(&response)?);
         *slot = Some(frame.clone());
         Ok(frame)

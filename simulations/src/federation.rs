@@ -456,10 +456,7 @@ pub struct PrivacySpend {
 impl RunConfig {
     /// The items each round of a model of `n_items` trains (0: every item).
     pub fn items_per_round_for(&self, n_items: usize) -> usize {
-        // Automatic subsets only in process: the QUIC server does not serve them yet.
-        let auto =
-            if self.transport == Transport::Inproc { auto_items_per_round(n_items, self.dim) } else { 0 };
-        let k = self.items_per_round.unwrap_or(auto);
+        let k = self.items_per_round.unwrap_or_else(|| auto_items_per_round(n_items, self.dim));
         if k >= n_items { 0 } else { k }
     }
 
@@ -830,14 +827,6 @@ pub fn run_until(
         clock = WallClock::now();
         flow
     };
-    if cfg.transport == Transport::Quic
-        && (cfg.items_per_round_for(data.n_items) > 0 || cfg.download != DownloadKind::F32)
-    {
-        anyhow::bail!(
-            "item subsets and compact downloads run in process only for now (the QUIC server does not serve them yet): \
-             use --transport inproc, or --items-per-round 0 --download f32"
-        );
-    }
     let finished = match cfg.transport {
         Transport::Inproc => run_inproc(data, cfg, config, model, record)?,
         Transport::Quic => crate::quic::run_rounds(data, cfg, config, model, record)?,

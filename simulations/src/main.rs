@@ -347,6 +347,18 @@ struct RunArgs {
     /// Embedding dimension.
     #[arg(long)]
     dim: Option<usize>,
+    /// Items each round trains, drawn from public randomness; 0 trains every item (default:
+    /// every item while a dense f32 upload fits in 8 MB, else 4096).
+    #[arg(long)]
+    items_per_round: Option<usize>,
+    /// How rounds' models are downloaded: f32, or int8 (8-bit factors with a scale per row,
+    /// stochastic rounding).
+    #[arg(long, value_enum, default_value = "f32")]
+    download: fedrec_sim::federation::DownloadKind,
+    /// Subset rounds: reconstruct the user vector from the round's rows (subset) or from the
+    /// device's cached full model, simulated fresh (cache; in process only).
+    #[arg(long, value_enum, default_value = "subset")]
+    reconstruct: fedrec_sim::federation::ReconstructFrom,
     /// Number of user segments.
     #[arg(long)]
     segments: Option<usize>,
@@ -506,6 +518,9 @@ impl RunArgs {
             c.bits = bits;
         }
         c.transport = self.transport;
+        c.items_per_round = self.items_per_round;
+        c.download = self.download;
+        c.reconstruct = self.reconstruct;
         c.epsilon = self.epsilon;
         c.clip_count_noise = self.clip_count_noise;
         if let Some(a) = self.accountant {
@@ -801,6 +816,18 @@ fn bench(args: &BenchArgs) -> Result<()> {
     secs.sort_by(f64::total_cmp);
     let median = secs[secs.len() / 2];
     let updates = runs[0].1;
+    let bytes = federation::wire_bytes(&users, &cfg).context("measuring the wire bytes per device")?;
+    println!(
+        "per device and round: {} bytes down (task and model, {:?}), {} bytes up; {} items per round of {}",
+        bytes.down,
+        cfg.download,
+        bytes.up,
+        match cfg.items_per_round_for(users.n_items) {
+            0 => users.n_items,
+            k => k,
+        },
+        users.n_items
+    );
     println!(
         "median {median:.3} s of training for {updates} client updates ({:.0} updates/s; {} threads; {} rounds × {} clients; d = {}; {:?})",
         updates as f64 / median,
@@ -824,6 +851,10 @@ fn bench(args: &BenchArgs) -> Result<()> {
             })).collect::<Vec<_>>(),
             "median_train_seconds": median,
             "median_client_updates_per_second": updates as f64 / median.max(1e-9),
+            "client_updates_per_second": updates as f64 / median.max(1e-9),
+            "bytes_down_per_device": bytes.down,
+            "bytes_up_per_device": bytes.up,
+            "items_per_round": cfg.items_per_round_for(users.n_items),
         });
         report::write_json(path, &rep)?;
     }

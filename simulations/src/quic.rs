@@ -441,6 +441,14 @@ fn check_supported(cfg: &RunConfig) -> anyhow::Result<()> {
              use --transport inproc"
         );
     }
+    if cfg.reconstruct == crate::federation::ReconstructFrom::Cache
+        && cfg.items_per_round.is_some_and(|k| k > 0)
+    {
+        bail!(
+            "--reconstruct cache simulates a fresh full model on every device, which devices over QUIC do not \
+             hold (they reconstruct from the round's rows): use --transport inproc, or --reconstruct subset"
+        );
+    }
     Ok(())
 }
 
@@ -460,6 +468,9 @@ pub(crate) fn run_rounds(
     let shape = model.shape();
     let (tokens, verifier) = enroll(data.train.len())?;
     let mut serve = ServeConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), config, model, verifier);
+    // Item subsets and the download encoding, as the in-process coordinator has them.
+    serve.items_per_round = cfg.items_per_round_for(data.n_items);
+    serve.download = cfg.download.into();
     // The next round opens at once, before any later request: check-ins never race it.
     serve.round_gap = Duration::ZERO;
     // Devices take part as often as the run selects them, as in process.
