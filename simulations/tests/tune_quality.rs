@@ -125,3 +125,16 @@ fn the_finalists_are_confirmed_on_a_second_validation_split() {
     let rep = tune(&base, &temporal).expect("tune runs");
     assert!(rep.confirmation.is_none());
 }
+
+/// The preset the README recommends for non-private explicit studies reads as a configuration
+/// file and sets what it says.
+#[test]
+fn the_explicit_nonprivate_preset_reads() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("presets/explicit-nonprivate.json");
+    let file = fedrec_sim::tune::ConfigFile::read(&path).expect("the preset is a valid configuration file");
+    let mut cfg = RunConfig::defaults(ObjectiveKind::Explicit);
+    file.apply(&mut cfg);
+    assert_eq!((cfg.dim, cfg.rounds), (64, 180));
+    assert_eq!(file.objective(), Some(ObjectiveKind::Explicit));
+    assert_eq!(file.clip_norm(), Some(7.0));
+}
