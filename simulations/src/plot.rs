@@ -57,8 +57,9 @@ pub fn learning_curves(path: &Path, title: &str, history: &[RoundRecord]) -> any
 /// Reads one metric of a point.
 type MetricOf = fn(&crate::federation::MetricsRecord) -> Option<f64>;
 
-/// Draws utility against ε (log scale), one panel per metric; the non-private run is a
-/// dashed horizontal line.
+/// Draws utility against ε (log scale), one panel per metric and one line per mechanism
+/// (central, and distributed noise at each bit width, with a legend); the non-private run is
+/// a dashed horizontal line.
 pub fn frontier(path: &Path, rep: &crate::report::SweepReport) -> anyhow::Result<()> {
     let private: Vec<&crate::report::SweepPoint> =
         rep.points.iter().filter(|p| p.target_epsilon.is_some()).collect();
@@ -85,11 +86,33 @@ pub fn frontier(path: &Path, rep: &crate::report::SweepReport) -> anyhow::Result
         );
         let root = root.titled(&title, ("sans-serif", 18))?;
         let areas = root.split_evenly((1, panels.len()));
+        // One series per mechanism, in the order the sweep ran them.
+        let mut series: Vec<(String, Vec<&crate::report::SweepPoint>)> = Vec::new();
+        for p in &private {
+            let label = match p.config.mechanism {
+                crate::federation::MechanismKind::Central => "central".to_owned(),
+                crate::federation::MechanismKind::Distributed => {
+                    format!("distributed, {} bits", p.config.bits)
+                }
+            };
+            match series.iter_mut().find(|(l, _)| *l == label) {
+                Some((_, pts)) => pts.push(p),
+                None => series.push((label, vec![p])),
+            }
+        }
+        let colours = [BLUE, GREEN, MAGENTA, BLACK, CYAN];
         for (area, (name, get)) in areas.iter().zip(&panels) {
-            let pts: Vec<(f64, f64)> =
-                private.iter().filter_map(|p| Some((p.target_epsilon?, get(&p.metrics)?))).collect();
+            let lines: Vec<(&str, Vec<(f64, f64)>)> = series
+                .iter()
+                .map(|(label, pts)| {
+                    let mut xy: Vec<(f64, f64)> =
+                        pts.iter().filter_map(|p| Some((p.target_epsilon?, get(&p.metrics)?))).collect();
+                    xy.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    (label.as_str(), xy)
+                })
+                .collect();
             let refv = reference.and_then(|p| get(&p.metrics));
-            let ys: Vec<f64> = pts.iter().map(|p| p.1).chain(refv).collect();
+            let ys: Vec<f64> = lines.iter().flat_map(|(_, xy)| xy.iter().map(|p| p.1)).chain(refv).collect();
             let (lo, hi) =
                 ys.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| (a.min(y), b.max(y)));
             let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
@@ -107,8 +130,24 @@ pub fn frontier(path: &Path, rep: &crate::report::SweepReport) -> anyhow::Result
                 .x_label_formatter(&|x| format!("{x}"))
                 .y_label_formatter(&|y| format!("{y:.3}"))
                 .draw()?;
-            chart.draw_series(LineSeries::new(pts.iter().copied(), BLUE.stroke_width(2)))?;
-            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, BLUE.filled())))?;
+            for (k, (label, xy)) in lines.iter().enumerate() {
+                let colour = colours[k % colours.len()];
+                chart
+                    .draw_series(LineSeries::new(xy.iter().copied(), colour.stroke_width(2)))?
+                    .label(*label)
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
+                    });
+                chart.draw_series(xy.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
+            }
+            if lines.len() > 1 {
+                chart
+                    .configure_series_labels()
+                    .position(SeriesLabelPosition::LowerRight)
+                    .background_style(WHITE.mix(0.8))
+                    .border_style(BLACK)
+                    .draw()?;
+            }
             if let Some(r) = refv {
                 chart.draw_series(DashedLineSeries::new(
                     vec![(e_lo, r), (e_hi, r)],

@@ -158,6 +158,42 @@ fn sweep_writes_one_point_per_epsilon_with_table_json_csv_and_plot() {
     assert!(std::fs::read_to_string(&svg).expect("svg").contains("<svg"));
 }
 
+/// Issue 12: a sweep with `--distributed-bits` plots one line per mechanism, with a legend.
+#[test]
+fn a_distributed_sweep_plots_one_line_per_mechanism() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("gen.tsv");
+    write_tsv(&data, &low_rank_ratings(200, 30, 3, 8, 0.2, 6)).expect("write ratings");
+    let svg = dir.path().join("d.svg");
+    fedrec_sim_ok(
+        dir.path(),
+        &[
+            "sweep",
+            "--ratings",
+            "gen.tsv",
+            "--rounds",
+            "3",
+            "--clients-per-round",
+            "40",
+            "--dim",
+            "4",
+            "--aggregation",
+            "secure",
+            "--clip",
+            "fixed",
+            "--epsilons",
+            "8,inf",
+            "--distributed-bits",
+            "16",
+            "--quiet",
+            "--plot",
+            svg.to_str().expect("utf-8"),
+        ],
+    );
+    let text = std::fs::read_to_string(&svg).expect("svg");
+    assert!(text.contains("central") && text.contains("distributed, 16 bits"), "a legend per mechanism");
+}
+
 #[test]
 fn bad_privacy_arguments_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
