@@ -963,17 +963,17 @@ fn resume_state(
     })
 }
 
-/// The charges of `ledger` not stored yet, after checking that the ledger stored (`stored`,
-/// both tables in round order) is a prefix of it, bit for bit; with the hash the chain
-/// continues from.
-fn new_charges(stored: &[LedgerRow], ledger: &Ledger) -> Result<(Vec<Charge>, [u8; 32]), StoreError> {
+/// The charges of `ledger` not stored yet, each with its hash in the chain, after checking
+/// that the ledger stored (`stored`, both tables in round order) is a prefix of it, bit for
+/// bit ([`StoreError::LedgerMismatch`] otherwise).
+fn charges_to_append(stored: &[LedgerRow], ledger: &Ledger) -> Result<Vec<(Charge, [u8; 32])>, StoreError> {
     let all = charges_of(ledger.entries(), ledger.ddp_entries())?;
     for (k, old) in stored.iter().enumerate() {
         if !all.get(k).is_some_and(|new| new.same_bits(&old.charge)) {
             return Err(StoreError::LedgerMismatch { round: old.charge.round() });
         }
     }
-    let prev = match stored.last() {
+    let mut prev = match stored.last() {
         None => CHAIN_START,
         Some(row) => row
             .hash
@@ -981,7 +981,13 @@ fn new_charges(stored: &[LedgerRow], ledger: &Ledger) -> Result<(Vec<Charge>, [u
             .and_then(|h| <[u8; 32]>::try_from(h).ok())
             .ok_or_else(|| corrupt("ledger.hash", "the newest row has no valid hash"))?,
     };
-    Ok((all[stored.len()..].to_vec(), prev))
+    Ok(all[stored.len()..]
+        .iter()
+        .map(|&charge| {
+            prev = chain_hash(&prev, &charge.canonical_bytes());
+            (charge, prev)
+        })
+        .collect())
 }
 
 /// The budget row [`Store::set_budget`] appends after `last` (the newest row), with its

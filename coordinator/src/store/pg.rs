@@ -688,9 +688,8 @@ fn read_ledger(tx: &mut Transaction<'_>) -> Result<Vec<LedgerRow>, StoreError> {
 fn sync_ledger(tx: &mut Transaction<'_>, ledger: &Ledger) -> Result<usize, StoreError> {
     tx.batch_execute("LOCK TABLE ledger, ddp_ledger IN EXCLUSIVE MODE")?;
     let stored = read_ledger(tx)?;
-    let (new, mut prev) = new_charges(&stored, ledger)?;
-    for charge in &new {
-        let hash = chain_hash(&prev, &charge.canonical_bytes());
+    let new = charges_to_append(&stored, ledger)?;
+    for (charge, hash) in &new {
         match charge {
             Charge::Central(e) => {
                 tx.execute(
@@ -708,7 +707,6 @@ fn sync_ledger(tx: &mut Transaction<'_>, ledger: &Ledger) -> Result<usize, Store
                 )?;
             }
         }
-        prev = hash;
     }
     Ok(new.len())
 }

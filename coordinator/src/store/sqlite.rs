@@ -651,9 +651,8 @@ fn read_ledger(tx: &Transaction<'_>) -> Result<Vec<LedgerRow>, StoreError> {
 /// its table, extending the one hash chain; returns how many charges it appended.
 fn sync_ledger(tx: &Transaction<'_>, ledger: &Ledger) -> Result<usize, StoreError> {
     let stored = read_ledger(tx)?;
-    let (new, mut prev) = new_charges(&stored, ledger)?;
-    for charge in &new {
-        let hash = chain_hash(&prev, &charge.canonical_bytes());
+    let new = charges_to_append(&stored, ledger)?;
+    for (charge, hash) in &new {
         match charge {
             Charge::Central(e) => {
                 tx.execute(
@@ -677,7 +676,6 @@ fn sync_ledger(tx: &Transaction<'_>, ledger: &Ledger) -> Result<usize, StoreErro
                 )?;
             }
         }
-        prev = hash;
     }
     Ok(new.len())
 }
