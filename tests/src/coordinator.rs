@@ -18,6 +18,10 @@ pub struct CoordinatorDir {
     dir: PathBuf,
 }
 
+/// The `fedrec.toml` edits from the template's distributed noise to central noise.
+pub const CENTRAL_NOISE: [(&str, &str); 2] =
+    [("mechanism = \"distributed\"", "mechanism = \"central\""), ("\nbits = 16\n", "\n# bits = 16\n")];
+
 impl CoordinatorDir {
     /// The directory at `dir`, as it is (nothing is run).
     pub fn new(dir: impl Into<PathBuf>) -> CoordinatorDir {
@@ -36,10 +40,7 @@ impl CoordinatorDir {
         ]);
         // The template's distributed noise needs secure rounds with noise; these tests vary
         // both, so they start from central noise (the template itself is checked in `config.rs`).
-        state.edit_config(&[
-            ("mechanism = \"distributed\"", "mechanism = \"central\""),
-            ("\nbits = 16\n", "\n# bits = 16\n"),
-        ]);
+        state.edit_config(&CENTRAL_NOISE);
         state.edit_config(edits);
         state
     }

@@ -98,9 +98,8 @@ async fn raising_the_budget_without_the_command_is_refused() {
 
     // Noise off while a budget exists: refused. (Central noise: the template's distributed
     // noise refuses a zero multiplier earlier, naming its own key.)
+    state.edit_config(&fedrec_tests::coordinator::CENTRAL_NOISE);
     state.edit_config(&[
-        ("mechanism = \"distributed\"", "mechanism = \"central\""),
-        ("\nbits = 16\n", "\n# bits = 16\n"),
         ("noise_multiplier = 1.0", "noise_multiplier = 0.0"),
         ("epsilon = 16.0", "# epsilon = 16.0"),
         ("delta = 1e-6", "# delta = 1e-6"),
