@@ -673,6 +673,13 @@ impl Device {
                     // Training runs here, on the caller's task: a device trains one small
                     // user at a time.
                     round.handle_message(now(), msg);
+                    // A distributed round's exact price is known now (share-keys): the record
+                    // is topped up to it before the shares go out, or the round ends here.
+                    if let Some(charge) = round.take_distributed_charge()
+                        && let Err(reason) = gate.reprice(&charge)
+                    {
+                        return Ok(Some(Participation::PolicyRefused { round: charge.round, reason }));
+                    }
                 }
                 Inbound::Finished { model_version, model } => {
                     match model {

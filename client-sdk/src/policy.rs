@@ -23,12 +23,24 @@
 //! conservative direction). A round without noise charges ε = ∞: the device has then lost
 //! its guarantee, and a policy with any finite limit admits nothing more. The record keeps
 //! the composition (one RDP value per order) and the last [`MAX_RECORD_ENTRIES`] rounds.
+//!
+//! A distributed-noise round (`docs/ddp.md`) is priced twice. At admission its bit width is
+//! not yet known, so it is charged as central noise of its multiplier. At share-keys the
+//! round's parameters fix the grid, and the device prices the exact event it is about to
+//! join — the distributed discrete Gaussian with the rounding's inflated sensitivity and the
+//! fewest survivors the round may commit with ([`DistributedCharge`]); its RDP is at least
+//! the central one at every order, and [`PrivacyPolicy::reprice`] tops the record up to it
+//! (order by order, the maximum of both curves) or refuses the round before any of the
+//! device's shares or masked input leaves it ([`TaskGate::reprice`]). Fractional orders are
+//! charged the DDGauss value at the next integer (an upper bound: see
+//! [`fedrec_shared::ddp::accountant::rdp_at_orders`]).
 
 use std::collections::VecDeque;
 
+use fedrec_shared::ddp::accountant::rdp_at_orders;
 use fedrec_shared::privacy;
 use fedrec_shared::privacy::rdp::{self, DEFAULT_ORDERS};
-use fedrec_shared::round::secure::{DistributedPolicy, SecurePolicy};
+use fedrec_shared::round::secure::{DistributedCharge, DistributedPolicy, SecurePolicy};
 use fedrec_shared::round::{Aggregation, Mechanism, TaskPrivacy, TaskSelection};
 
 /// Most rounds the record lists individually (the composition covers every round).
@@ -240,6 +252,60 @@ impl PrivacyPolicy {
     }
 }
 
+impl PrivacyPolicy {
+    /// Prices a distributed-noise round at share-keys: the increment that raises the round's
+    /// admitted charge (recorded in `record` under `charge.round`; none counts as nothing
+    /// charged yet) to the exact DDGauss event, order by order. Refuses with
+    /// [`RefusalReason::EpsilonTooHigh`] or [`RefusalReason::DeviceBudgetSpent`] when the
+    /// repriced round breaks the policy's limits; the record is not changed here (see
+    /// [`PrivacyRecord::top_up`]). Priced against the round's admitted charge: once per round
+    /// (the driver takes the charge once); a second top-up of the same round charges its
+    /// increment again (the conservative direction).
+    pub fn reprice(
+        &self,
+        charge: &DistributedCharge,
+        record: &PrivacyRecord,
+    ) -> Result<TopUp, RefusalReason> {
+        let admitted = record
+            .entry(charge.round)
+            .map_or_else(|| vec![0.0; DEFAULT_ORDERS.len()], |e| privacy::round_rdp(e.q, e.noise_multiplier));
+        let exact = rdp_at_orders(&charge.event, &DEFAULT_ORDERS);
+        // `a` may be ∞ (a round charged without noise): nothing to add then.
+        let increment: Vec<f64> =
+            admitted.iter().zip(&exact).map(|(&a, &x)| if x > a { x - a } else { 0.0 }).collect();
+        let round_rdp: Vec<f64> = admitted.iter().zip(&increment).map(|(a, i)| a + i).collect();
+        let epsilon = epsilon_at(&round_rdp, self.delta);
+        if epsilon > self.max_epsilon_per_round {
+            return Err(RefusalReason::EpsilonTooHigh);
+        }
+        let total: Vec<f64> = record.rdp.iter().zip(&increment).map(|(a, b)| a + b).collect();
+        let total_epsilon = epsilon_at(&total, self.delta);
+        if total_epsilon > self.max_total_epsilon {
+            return Err(RefusalReason::DeviceBudgetSpent);
+        }
+        Ok(TopUp {
+            round: charge.round,
+            epsilon,
+            total_epsilon,
+            increment,
+            admitted: record.entry(charge.round).is_some(),
+        })
+    }
+}
+
+/// What [`PrivacyPolicy::reprice`] adds to a round's charge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopUp {
+    /// The round.
+    pub round: u64,
+    /// The round's own ε at the policy's δ after the top-up.
+    pub epsilon: f64,
+    /// The device's ε after the top-up, at the policy's δ.
+    pub total_epsilon: f64,
+    increment: Vec<f64>,
+    admitted: bool,
+}
+
 /// The cohort a task promises: `q · population` for a Poisson round that declares its
 /// population, else its `min_reports`.
 fn cohort(task: &TaskPrivacy) -> f64 {
@@ -340,6 +406,26 @@ impl PrivacyRecord {
         });
     }
 
+    /// Adds a repriced round's increment ([`PrivacyPolicy::reprice`]); the round's entry
+    /// then shows its repriced ε. A round that was never admitted is added as a new round.
+    pub fn top_up(&mut self, top_up: &TopUp) {
+        for (total, r) in self.rdp.iter_mut().zip(&top_up.increment) {
+            *total += r;
+        }
+        match self.entries.iter_mut().rev().find(|e| e.round == top_up.round) {
+            Some(entry) => entry.epsilon = top_up.epsilon,
+            None if !top_up.admitted => self.n_rounds = self.n_rounds.saturating_add(1),
+            // Admitted, but its entry has been dropped from the list since: the composition
+            // above is what counts.
+            None => {}
+        }
+    }
+
+    /// The entry of `round`, if the list still holds it.
+    pub fn entry(&self, round: u64) -> Option<&RecordEntry> {
+        self.entries.iter().rev().find(|e| e.round == round)
+    }
+
     /// The device's own ε at `delta` (∞ after a round without noise).
     pub fn epsilon(&self, delta: f64) -> f64 {
         epsilon_at(&self.rdp, delta)
@@ -389,6 +475,12 @@ pub trait TaskGate {
     fn distributed_policy(&self) -> DistributedPolicy {
         DistributedPolicy::default()
     }
+
+    /// Tops the record up to a distributed round's exact price, known at share-keys, or
+    /// refuses the round (before the device's shares leave it). The default records nothing.
+    fn reprice(&mut self, _charge: &DistributedCharge) -> Result<(), RefusalReason> {
+        Ok(())
+    }
 }
 
 /// Admits everything and records nothing: a device driven without a policy (the default of
@@ -424,6 +516,12 @@ impl TaskGate for PolicyGate {
     fn admit(&mut self, offer: &TaskOffer) -> Result<(), RefusalReason> {
         let charge = self.policy.admit(&offer.privacy, &self.record)?;
         self.record.charge(&charge, offer.round, offer.model_version, now_s());
+        Ok(())
+    }
+
+    fn reprice(&mut self, charge: &DistributedCharge) -> Result<(), RefusalReason> {
+        let top_up = self.policy.reprice(charge, &self.record)?;
+        self.record.top_up(&top_up);
         Ok(())
     }
 }
@@ -506,6 +604,80 @@ mod tests {
         let events = [fedrec_shared::privacy::PrivacyEvent::new(0.01, 2.0, admitted).expect("valid")];
         let want = rdp::epsilon(&events, p.delta).expect("accountant");
         assert!((last - want).abs() < 1e-9 * want.max(1.0), "{last} vs {want}");
+    }
+
+    /// A distributed event of one round at `q`: `n` shares of variance `var` (grid units) and
+    /// rounded sensitivity `l2` in `dim` coordinates — DDGauss noise multiplier `l2/√(n var)`.
+    fn ddgauss(round: u64, q: f64, l2: f64, n: usize, var: f64) -> DistributedCharge {
+        let event = fedrec_shared::ddp::DdpEvent::from_parts(q, 1, l2, l2 * 8.0, var, n, 64).expect("valid");
+        DistributedCharge { round, event }
+    }
+
+    #[test]
+    fn a_distributed_round_is_topped_up_to_its_exact_price_before_its_shares_leave() {
+        let p = PrivacyPolicy::production();
+        let task =
+            TaskPrivacy { mechanism: Mechanism::DistributedDiscreteGaussian, ..noised(0.01, 2.0, 100_000) };
+        let mut r = PrivacyRecord::default();
+        let admitted = p.admit(&task, &r).expect("admitted");
+        r.charge(&admitted, 5, 1, 0);
+        let before = r.clone();
+        // Rounding inflated the sensitivity: 10 shares of variance 250 (σ_t = 50) against
+        // Δ₂ = 30 is a noise multiplier of 5/3, below the declared 2.
+        let charge = ddgauss(5, 0.01, 30.0, 10, 250.0);
+        let top_up = p.reprice(&charge, &r).expect("within the limits");
+        assert_eq!(r, before, "pricing alone changes nothing");
+        assert!(top_up.epsilon > admitted.epsilon, "{} vs {}", top_up.epsilon, admitted.epsilon);
+        r.top_up(&top_up);
+        // Order by order, the record holds the larger of the central and the exact curve.
+        let central = privacy::round_rdp(0.01, 2.0);
+        let exact = rdp_at_orders(&charge.event, &DEFAULT_ORDERS);
+        for ((got, c), x) in r.rdp().iter().zip(&central).zip(&exact) {
+            assert!((got - c.max(*x)).abs() <= 1e-12 * got.max(1.0), "{got} vs max({c}, {x})");
+        }
+        assert!((r.epsilon(p.delta) - top_up.total_epsilon).abs() < 1e-12);
+        assert_eq!((r.n_rounds(), r.entry(5).map(|e| e.epsilon)), (1, Some(top_up.epsilon)));
+        // The exact event alone (never cheaper than the central price of its own multiplier).
+        let alone = epsilon_at(&exact, p.delta);
+        assert!(top_up.epsilon >= alone && alone > epsilon_at(&privacy::round_rdp(0.01, 5.0 / 3.0), p.delta));
+
+        // More noise than declared adds nothing.
+        let quieter = p.reprice(&ddgauss(5, 0.01, 10.0, 10, 250.0), &r).expect("within the limits");
+        let mut same = r.clone();
+        same.top_up(&quieter);
+        assert_eq!(same.rdp(), r.rdp());
+    }
+
+    #[test]
+    fn a_distributed_round_over_the_device_limits_is_refused_at_share_keys() {
+        let task =
+            TaskPrivacy { mechanism: Mechanism::DistributedDiscreteGaussian, ..noised(0.01, 2.0, 100_000) };
+        let charge = ddgauss(5, 0.01, 30.0, 10, 250.0);
+        let open = PrivacyPolicy::production();
+        let mut r = PrivacyRecord::default();
+        let admitted = open.admit(&task, &r).expect("admitted");
+        r.charge(&admitted, 5, 1, 0);
+        let exact = open.reprice(&charge, &r).expect("within the limits");
+        // Limits between the central and the exact price: admitted, then refused.
+        let mid = (admitted.epsilon + exact.epsilon) / 2.0;
+        let per_round = PrivacyPolicy { max_epsilon_per_round: mid, ..open };
+        assert!(per_round.admit(&task, &PrivacyRecord::default()).is_ok());
+        assert_eq!(per_round.reprice(&charge, &r).err(), Some(RefusalReason::EpsilonTooHigh));
+        let total = (admitted.total_epsilon + exact.total_epsilon) / 2.0;
+        let device = PrivacyPolicy { max_total_epsilon: total, ..open };
+        assert!(device.admit(&task, &PrivacyRecord::default()).is_ok());
+        assert_eq!(device.reprice(&charge, &r).err(), Some(RefusalReason::DeviceBudgetSpent));
+        // A round that was never admitted is added whole.
+        let mut fresh = PrivacyRecord::default();
+        let whole = open.reprice(&charge, &fresh).expect("within the limits");
+        fresh.top_up(&whole);
+        assert_eq!(fresh.n_rounds(), 1);
+        assert!(
+            (fresh.epsilon(open.delta)
+                - epsilon_at(&rdp_at_orders(&charge.event, &DEFAULT_ORDERS), open.delta))
+            .abs()
+                < 1e-12
+        );
     }
 
     #[test]

@@ -52,7 +52,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use fedrec_shared::round::ClientOutcome;
-use fedrec_shared::round::secure::{DistributedPolicy, SecurePolicy};
+use fedrec_shared::round::secure::{DistributedCharge, DistributedPolicy, SecurePolicy};
 use fedrec_shared::train::reconstruct;
 use fedrec_shared::wire::ErrorCode;
 use fedrec_shared::{ModelShape, Objective, Rating, RoundModel, TrainParams, UserState};
@@ -859,8 +859,29 @@ impl TaskGate for SdkGate<'_> {
             inner.update(|c| c.privacy.charge(&charge, offer.round, offer.model_version, now))?;
             Ok(Ok(()))
         });
+        self.settle(outcome)
+    }
+
+    fn reprice(&mut self, charge: &DistributedCharge) -> Result<(), RefusalReason> {
+        // Persisted before the device's shares leave it, like the admission charge.
+        let outcome = self.sdk.with(|inner, s| {
+            let top_up = match s.policy.reprice(charge, &inner.contents.privacy) {
+                Ok(top_up) => top_up,
+                Err(reason) => return Ok(Err(reason)),
+            };
+            inner.update(|c| c.privacy.top_up(&top_up))?;
+            Ok(Ok(()))
+        });
+        self.settle(outcome)
+    }
+}
+
+impl SdkGate<'_> {
+    /// A gate decision, or a failed write kept for [`Sdk::participate`] (which refuses the
+    /// round: nothing further is sent).
+    fn settle(&mut self, outcome: Result<Result<(), RefusalReason>, SdkError>) -> Result<(), RefusalReason> {
         match outcome {
-            Ok(admitted) => admitted,
+            Ok(decision) => decision,
             Err(e) => {
                 self.failure = Some(e);
                 // Any reason: the failure is what the caller sees.

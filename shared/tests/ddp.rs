@@ -396,6 +396,33 @@ fn distributed_epsilon_tends_to_central_from_above() {
     }
 }
 
+/// The device's record keeps dp-accounting's orders (fractional below 11, up to 1024): the
+/// distributed curve on them is the integer curve at `⌈α⌉`, so exact at integer orders, never
+/// below the true curve at fractional ones (checked where the truth is known: one share
+/// without sampling is `α/(2z²)`), and non-decreasing in the order, as Rényi divergence is.
+#[test]
+fn the_distributed_curve_on_the_devices_orders_bounds_it_from_above() {
+    use fedrec_shared::privacy::rdp::DEFAULT_ORDERS;
+    let z: f64 = 1.3;
+    let l2 = 1000.0;
+    let one = DdpEvent::from_parts(1.0, 1, l2, l2 * 30.0, (z * l2) * (z * l2), 1, 1024).expect("valid");
+    let sampled = DdpEvent::from_parts(0.01, 1, 40.0, 400.0, 16.0, 100, 4096).expect("valid");
+    for event in [one, sampled] {
+        let curve = accountant::rdp_at_orders(&event, &DEFAULT_ORDERS);
+        assert_eq!(curve.len(), DEFAULT_ORDERS.len());
+        for (&a, &v) in DEFAULT_ORDERS.iter().zip(&curve) {
+            let at_ceil = accountant::rdp_round(&event, (a.ceil() as u32).max(2));
+            assert_eq!(v, at_ceil, "α {a}");
+            if event.q() == 1.0 {
+                assert!(v >= a / (2.0 * z * z) * (1.0 - 1e-12), "α {a}: {v} below the truth");
+            }
+        }
+        assert!(curve.windows(2).all(|w| w[0] <= w[1]), "not monotone in the order");
+    }
+    let bad = accountant::rdp_at_orders(&sampled, &[0.5, f64::NAN, f64::INFINITY]);
+    assert!(bad.iter().all(|v| v.is_infinite()), "{bad:?}");
+}
+
 /// Small per-device noise makes τ large and the charge much higher than the central one with
 /// the same total variance: the accountant sees the sum is not a discrete Gaussian.
 #[test]

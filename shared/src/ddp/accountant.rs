@@ -183,7 +183,11 @@ pub fn tau(device_var: f64, n: usize) -> f64 {
 
 /// The RDP of one round without sampling at order `alpha > 1` (DDGauss Proposition 14).
 pub fn rdp_unsampled(event: &DdpEvent, alpha: f64) -> f64 {
-    let tau = event.tau();
+    unsampled(event, alpha, event.tau())
+}
+
+/// [`rdp_unsampled`] with the event's `τ` computed once (it sums `n' − 1` terms).
+fn unsampled(event: &DdpEvent, alpha: f64, tau: f64) -> f64 {
     let d = event.dim as f64;
     let s = event.l2_scale();
     let s1 = event.l1 / event.total_sigma();
@@ -197,7 +201,8 @@ pub fn rdp_unsampled(event: &DdpEvent, alpha: f64) -> f64 {
 /// Wang's Theorem 5 and [`rdp_unsampled`].
 pub fn rdp_round(event: &DdpEvent, alpha: u32) -> f64 {
     let a = f64::from(alpha);
-    let eps = |order: u32| rdp_unsampled(event, f64::from(order));
+    let tau = event.tau();
+    let eps = |order: u32| unsampled(event, f64::from(order), tau);
     let q = event.q;
     if q == 0.0 {
         return 0.0;
@@ -220,6 +225,26 @@ pub fn rdp_round(event: &DdpEvent, alpha: u32) -> f64 {
     let max = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let sampled = (max + terms.iter().map(|t| (t - max).exp()).sum::<f64>().ln()) / (a - 1.0);
     sampled.min(eps(alpha))
+}
+
+/// One round of `event` (its `steps` ignored) as an RDP curve over any `orders ≥ 1`, for a
+/// record kept on another grid (the device's, over
+/// [`crate::privacy::rdp::DEFAULT_ORDERS`]): order `α` is charged [`rdp_round`] at `⌈α⌉` (at
+/// least 2). Rényi divergence does not decrease with the order (van Erven & Harremoës 2014,
+/// Theorem 3), so the value at `⌈α⌉` bounds the one at `α`: the curve is an upper bound,
+/// exact at integer orders. Infinite for an order that is not finite or below 1.
+pub fn rdp_at_orders(event: &DdpEvent, orders: &[f64]) -> Vec<f64> {
+    orders
+        .iter()
+        .map(|&alpha| {
+            if !(alpha >= 1.0 && alpha.is_finite()) || alpha > f64::from(u32::MAX) {
+                return f64::INFINITY;
+            }
+            // In range: 1 ≤ ⌈α⌉ ≤ u32::MAX.
+            let order = (alpha.ceil() as u32).max(2);
+            rdp_round(event, order)
+        })
+        .collect()
 }
 
 /// The RDP curve over [`ORDERS`] of the composition of `events`.

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 
 use rand_chacha::ChaCha20Rng;
 
-use super::secure::{DeviceSecAgg, DistributedPolicy, SecurePolicy, SecureRefusal};
+use super::secure::{DeviceSecAgg, DistributedCharge, DistributedPolicy, SecurePolicy, SecureRefusal};
 use super::{Aggregation, ClientMessage, Instant, Mechanism, ServerMessage};
 use crate::error::{ParamError, SolveError, UpdateError};
 use crate::model::RoundModel;
@@ -116,6 +116,8 @@ pub struct ClientRound<'a> {
     secure_policy: SecurePolicy,
     noise_policy: DistributedPolicy,
     crafted: Option<Crafted<'a>>,
+    /// The distributed charge fixed at share-keys, until the driver takes it.
+    charge: Option<DistributedCharge>,
 }
 
 impl<'a> ClientRound<'a> {
@@ -133,6 +135,7 @@ impl<'a> ClientRound<'a> {
             secure_policy: SecurePolicy::default(),
             noise_policy: DistributedPolicy::default(),
             crafted: None,
+            charge: None,
         }
     }
 
@@ -332,6 +335,7 @@ impl<'a> ClientRound<'a> {
                 }
                 let rng = self.rng.as_mut().ok_or(SecureRefusal::Protocol("no generator"))?;
                 let shares = secagg.share_keys(req, rng)?;
+                self.charge = secagg.distributed_event().map(|event| DistributedCharge { round, event });
                 ClientMessage::EncryptedShares { round, shares }
             }
             ServerMessage::MaskedInputRequest(req) => {
@@ -359,6 +363,14 @@ impl<'a> ClientRound<'a> {
             self.state = State::Done(ClientOutcome::TimedOut);
             self.outbox.clear();
         }
+    }
+
+    /// The price of a distributed-noise round, once share-keys has fixed it — taken once, by
+    /// the driver, before it sends the device's shares (the next
+    /// [`ClientRound::poll_transmit`]): a driver that keeps a privacy record tops it up to this
+    /// charge, or stops here (nothing that depends on the update has left the device yet).
+    pub fn take_distributed_charge(&mut self) -> Option<DistributedCharge> {
+        self.charge.take()
     }
 
     /// The next message to send, if any.

@@ -25,8 +25,8 @@ pub use coordinator::{
     UnmaskResult, effective_noise_multiplier,
 };
 pub use secure::{
-    DistributedPolicy, EncryptedShare, MaskedInputRequest, NeighbourKeys, SecAggSetup, ShareKeysRequest,
-    UnmaskRequest, UnmaskShares,
+    DistributedCharge, DistributedPolicy, EncryptedShare, MaskedInputRequest, NeighbourKeys, SecAggSetup,
+    ShareKeysRequest, UnmaskRequest, UnmaskShares,
 };
 
 use crate::model::RoundModel;

@@ -162,6 +162,20 @@ pub struct DistributedPolicy {
     pub min_noise_multiplier: f64,
 }
 
+/// What a distributed-noise round costs the device, known only at share-keys (when the
+/// round's bit width fixes the grid): the exact DDGauss event ([`crate::ddp::DdpEvent`]) with
+/// the fewest survivors the round may commit with. A task is admitted — and charged — before
+/// training at the central price of its noise multiplier; the driver then tops the device's
+/// record up to this event (or refuses) before the device's shares leave it (see
+/// [`crate::round::ClientRound::take_distributed_charge`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DistributedCharge {
+    /// The round.
+    pub round: u64,
+    /// The event: one round, the task's sampling probability, `min_reports` noise shares.
+    pub event: crate::ddp::DdpEvent,
+}
+
 /// Why a device stopped in a secure round (it sent nothing further).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -250,6 +264,8 @@ struct DeviceDdp {
     clip_norm: f32,
     policy: DistributedPolicy,
     words: Option<Zeroizing<Vec<u64>>>,
+    /// What the round costs the device, once its parameters are known (share-keys).
+    charge: Option<crate::ddp::DdpEvent>,
 }
 
 /// One device's secrets and progress in a secure round (Bonawitz et al. 2017, rounds 0–3).
@@ -344,6 +360,7 @@ impl DeviceSecAgg {
             clip_norm,
             policy: noise_policy,
             words: None,
+            charge: None,
         });
         (state, c, s)
     }
@@ -369,10 +386,22 @@ impl DeviceSecAgg {
         if effective.is_nan() || effective < dd.policy.min_noise_multiplier {
             return Err(refuse("the effective noise multiplier is below the device's minimum"));
         }
+        // The device's own price of the round: the exact distributed event with the fewest
+        // survivors the round may commit with (`min_reports` shares: the least noise), at the
+        // task's sampling probability. More survivors only add noise.
+        let charge = crate::ddp::DdpEvent::new(&params, p.min_reports, dd.privacy.sampling_probability(), 1)
+            .map_err(|_| refuse("the round's parameters give no distributed charge"))?;
         let words =
             ddp::encode(&dd.update, &params, rng).map_err(|_| refuse("the update cannot be encoded"))?;
         dd.words = Some(Zeroizing::new(words));
+        dd.charge = Some(charge);
         Ok(())
+    }
+
+    /// The round's distributed-noise event as this device prices it, once share-keys fixed
+    /// the parameters ([`DistributedCharge`]); `None` without distributed noise or before.
+    pub fn distributed_event(&self) -> Option<crate::ddp::DdpEvent> {
+        self.ddp.as_ref().and_then(|dd| dd.charge)
     }
 
     /// Phase 1 (round 1, ShareKeys): checks the cohort and parameters against the policy and
