@@ -232,6 +232,9 @@ require_idle = false
 # backend = "postgres"
 # url = "postgres://fedrec@db.internal:5432/fedrec"   # no password here
 # password_env = "FEDREC_PG_PASSWORD"                 # or password_file = "pg.password"
+# tls = "require"          # default: "require" unless the host is loopback or a Unix socket
+# ca_file = "pg-ca.pem"    # the CA that signed the server's certificate; default: the system's
+# An existing SQLite store moves with `fedrec-coordinator migrate --dir . --to <url>`.
 "#;
 
 /// Why the configuration file cannot be used.

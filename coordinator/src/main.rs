@@ -144,6 +144,33 @@ enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// Copy the directory's SQLite store into an empty PostgreSQL database in one
+    /// transaction, check the copy (chain head, resume state, counts), and print the [store]
+    /// lines that switch fedrec.toml to it. Stop `serve` first; the SQLite file is only read.
+    Migrate(MigrateArgs),
+}
+
+/// `migrate`: the target database, given as the `[store]` keys it prints.
+#[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    /// The state directory (its store must be SQLite).
+    #[arg(long)]
+    dir: PathBuf,
+    /// The PostgreSQL database (as store.url: no password in it).
+    #[arg(long, value_name = "URL")]
+    to: String,
+    /// The environment variable holding the password (as store.password_env).
+    #[arg(long, value_name = "VAR")]
+    password_env: Option<String>,
+    /// A file whose first line is the password, relative to --dir (as store.password_file).
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// TLS to the server (as store.tls; default: require unless the host is loopback).
+    #[arg(long, value_parser = ["require", "disable"])]
+    tls: Option<String>,
+    /// The CA certificates to trust (PEM), relative to --dir (as store.ca_file).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -206,6 +233,7 @@ fn main() -> Result<()> {
         Command::Serve { dir } => serve(&dir),
         Command::Status { dir } => status(&dir),
         Command::Rules { command } => rules(command),
+        Command::Migrate(args) => migrate(&args),
     }
 }
 
@@ -1043,6 +1071,74 @@ fn rules(command: RulesCommand) -> Result<()> {
             open_store(&dir)?;
             println!("{}", rules::hex(&rules::SigningKey::load_or_create(&dir)?.public_key()));
         }
+    }
+    Ok(())
+}
+
+/// `migrate`: SQLite to an empty PostgreSQL database, checked, then the lines to switch.
+fn migrate(args: &MigrateArgs) -> Result<()> {
+    use fedrec_coordinator::store::{TlsMode, migrate_sqlite_to_postgres};
+    let dir = &args.dir;
+    let StoreLocation::Sqlite(sqlite) = store_location(dir)? else {
+        bail!("the store of {} is already PostgreSQL ([store] in {CONFIG_FILE})", dir.display());
+    };
+    if !sqlite.is_file() {
+        bail!("{} does not exist: nothing to migrate", sqlite.display());
+    }
+    let section = StoreSection {
+        backend: BackendKind::Postgres,
+        url: Some(args.to.clone()),
+        password_env: args.password_env.clone(),
+        password_file: args.password_file.clone(),
+        tls: args.tls.as_deref().map(|t| if t == "disable" { TlsMode::Disable } else { TlsMode::Require }),
+        ca_file: args.ca_file.clone(),
+    };
+    let StoreLocation::Postgres(target) = section.location(dir, Path::new(STORE_FILE))? else {
+        bail!("--to must name a PostgreSQL database");
+    };
+    let report = migrate_sqlite_to_postgres(&sqlite, &target)
+        .with_context(|| format!("cannot migrate {} to PostgreSQL", sqlite.display()))?;
+    let s = &report.status;
+    println!(
+        "copied {} into PostgreSQL in one transaction (tls = {})",
+        sqlite.display(),
+        target.tls_mode().as_str()
+    );
+    println!(
+        "rows: {} rounds ({} committed, {} abandoned), {} checkpoints, {} ledger charges, {} budget rows, \
+         {} audit lines, {} devices ({} revoked)",
+        s.n_rounds_committed + s.n_rounds_abandoned,
+        s.n_rounds_committed,
+        s.n_rounds_abandoned,
+        s.n_checkpoints,
+        s.n_ledger_entries,
+        report.n_budget_rows,
+        report.n_audit_lines,
+        s.n_devices_enrolled + s.n_devices_revoked,
+        s.n_devices_revoked
+    );
+    println!("ledger head: {} (equal in SQLite and PostgreSQL)", head_hex(&report.head));
+    match report.next_round {
+        Some(r) => println!("serve resumes at round {r}"),
+        None => println!("serve starts from a fresh model (the store held no checkpoint)"),
+    }
+    println!(
+        "{} was only read. To switch, stop serve and put this in {}:",
+        sqlite.display(),
+        dir.join(CONFIG_FILE).display()
+    );
+    let quote = |v: &str| toml::Value::String(v.to_owned()).to_string();
+    let path = |p: &Path| quote(&p.to_string_lossy());
+    println!("[store]\nbackend = \"postgres\"\nurl = {}", quote(&args.to));
+    if let Some(v) = &args.password_env {
+        println!("password_env = {}", quote(v));
+    }
+    if let Some(p) = &args.password_file {
+        println!("password_file = {}", path(p));
+    }
+    println!("tls = \"{}\"", target.tls_mode().as_str());
+    if let Some(p) = &args.ca_file {
+        println!("ca_file = {}", path(p));
     }
     Ok(())
 }

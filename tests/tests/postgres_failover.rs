@@ -28,6 +28,8 @@ fn pg_section(pg: &PgServer, dir: &Path, url: &str) -> StoreSection {
         url: Some(url.to_owned()),
         password_env: None,
         password_file: Some(PathBuf::from("pg.password")),
+        tls: None,
+        ca_file: None,
     }
 }
 
@@ -188,6 +190,8 @@ fn the_store_section_names_the_key_it_refuses() {
         url: url.map(str::to_owned),
         password_env: None,
         password_file: None,
+        tls: None,
+        ca_file: None,
     };
     assert!(err(pg(None)).starts_with("store.url: required"), "{}", err(pg(None)));
     let with_password = err(pg(Some("postgres://fedrec:secret@127.0.0.1/fedrec")));

@@ -4,6 +4,9 @@
 //! same tables and keep the same guarantees; the checks of what is written and read back live
 //! here, once. `[store]` in `fedrec.toml` ([`StoreSection`]) picks one. With PostgreSQL, any
 //! number of `serve` processes share the database and one of them leads ([`Store::lead`]).
+//! The connection to PostgreSQL is TLS with the server's certificate verified, or plaintext
+//! ([`TlsMode`], `store.tls`); [`migrate_sqlite_to_postgres`] moves a SQLite store into an
+//! empty PostgreSQL database.
 //!
 //! # Guarantees
 //!
@@ -68,8 +71,11 @@ use fedrec_shared::{GlobalModel, ModelShape, ParamError};
 
 use crate::auth::DeviceId;
 
+mod migrate;
 mod pg;
 mod sqlite;
+
+pub use migrate::{MigrationReport, migrate_sqlite_to_postgres};
 
 /// The schema version this build writes, and the newest it can read.
 pub const SCHEMA_VERSION: u32 = 3;
@@ -102,9 +108,32 @@ pub enum StoreError {
     /// SQLite failed (I/O, locking, a constraint, or a file that is not a database).
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// PostgreSQL failed (connection, authentication, a constraint, a lost session).
+    /// PostgreSQL failed (authentication, a constraint, a lost session).
     #[error("postgres: {0}")]
     Postgres(#[from] ::postgres::Error),
+    /// No session could be opened with the PostgreSQL server: unreachable, the TLS handshake
+    /// failed (a certificate not signed by a trusted CA, or issued for another name), or the
+    /// server refused the connection (for instance plaintext where `pg_hba.conf` has only
+    /// `hostssl` lines, or a wrong password).
+    #[error("cannot connect to PostgreSQL (store.tls = \"{}\"): {}", tls.as_str(), with_causes(error))]
+    PostgresConnect {
+        /// The TLS mode of the attempt.
+        tls: TlsMode,
+        /// What the client said (its causes are part of the message: a TLS failure's reason
+        /// is one).
+        error: ::postgres::Error,
+    },
+    /// `migrate` refuses a database that already holds coordinator state; nothing was
+    /// written.
+    #[error(
+        "the target database is not empty: table {table} holds {rows} rows; migrate only into an empty database"
+    )]
+    TargetNotEmpty {
+        /// A table that holds rows.
+        table: String,
+        /// How many.
+        rows: u64,
+    },
     /// The file holds a value that cannot be what the store wrote: a blob of the wrong
     /// length, a shape that does not fit, a non-finite value, an unknown optimizer.
     #[error("corrupt database: {what}: {reason}")]
@@ -169,6 +198,17 @@ impl From<PrivacyError> for StoreError {
     }
 }
 
+/// `error`, then each of its causes, separated by `: `.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let _ = write!(text, ": {c}");
+        cause = c.source();
+    }
+    text
+}
+
 fn corrupt(what: impl Into<String>, reason: impl Into<String>) -> StoreError {
     StoreError::Corrupt { what: what.into(), reason: reason.into() }
 }
@@ -184,6 +224,8 @@ fn invalid(reason: impl Into<String>) -> StoreError {
 /// backend = "postgres"                         # or "sqlite" (the default)
 /// url = "postgres://fedrec@db.internal/fedrec" # no password in the URL
 /// password_env = "FEDREC_PG_PASSWORD"          # or password_file = "pg.password"
+/// tls = "require"                              # the default for a host that is not loopback
+/// ca_file = "pg-ca.pem"                        # the CA to trust; the system's roots without it
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -199,6 +241,48 @@ pub struct StoreSection {
     /// PostgreSQL only: a file whose first line is the password (relative to the state
     /// directory).
     pub password_file: Option<PathBuf>,
+    /// PostgreSQL only: TLS to the server. Absent: [`TlsMode::Disable`] when every host of
+    /// `url` is a loopback address, `localhost` or a Unix socket (the traffic never leaves the
+    /// machine), [`TlsMode::Require`] otherwise.
+    pub tls: Option<TlsMode>,
+    /// PostgreSQL only, with `tls = "require"`: a PEM file of the CA certificates to trust
+    /// (relative to the state directory). Absent: the operating system's roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `store.tls`: whether the connection to PostgreSQL is encrypted. There is no mode that
+/// encrypts without checking the server's certificate, and none that falls back to plaintext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TlsMode {
+    /// Plaintext (the server's `pg_hba.conf` must allow `host` connections).
+    Disable,
+    /// TLS 1.3 (rustls, ring), the server's certificate verified against `store.ca_file` or
+    /// the system's roots and its name against the host of `url`; no plaintext fallback.
+    Require,
+}
+
+impl TlsMode {
+    /// The word `fedrec.toml` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Disable => "disable",
+            TlsMode::Require => "require",
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TlsMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let word = String::deserialize(d)?;
+        match word.as_str() {
+            "disable" => Ok(TlsMode::Disable),
+            "require" => Ok(TlsMode::Require),
+            other => Err(serde::de::Error::custom(format!(
+                "store.tls: expected \"disable\" or \"require\", found {other:?}"
+            ))),
+        }
+    }
 }
 
 /// `store.backend`.
@@ -235,7 +319,104 @@ pub enum StoreLocation {
     /// A SQLite file.
     Sqlite(PathBuf),
     /// A PostgreSQL database.
-    Postgres(Box<::postgres::Config>),
+    Postgres(Box<PgTarget>),
+}
+
+/// A PostgreSQL database and how to reach it: the connection settings and the TLS
+/// configuration (with its trusted roots loaded).
+#[derive(Clone)]
+pub struct PgTarget {
+    config: ::postgres::Config,
+    tls: PgTls,
+}
+
+#[derive(Clone)]
+enum PgTls {
+    Disable,
+    Require(std::sync::Arc<rustls::ClientConfig>),
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The configuration's own `Debug` redacts the password.
+        f.debug_struct("PgTarget").field("config", &self.config).field("tls", &self.tls_mode()).finish()
+    }
+}
+
+impl PgTarget {
+    /// The connection settings (host, port, user, database, timeouts).
+    pub fn config(&self) -> &::postgres::Config {
+        &self.config
+    }
+
+    /// Whether the connection uses TLS.
+    pub fn tls_mode(&self) -> TlsMode {
+        match self.tls {
+            PgTls::Disable => TlsMode::Disable,
+            PgTls::Require(_) => TlsMode::Require,
+        }
+    }
+}
+
+/// Whether every host of `config` is on this machine: a loopback address, `localhost`, or a
+/// Unix socket.
+fn is_local(config: &::postgres::Config) -> bool {
+    use ::postgres::config::Host;
+    let hosts = config.get_hosts();
+    let addrs = config.get_hostaddrs();
+    (!hosts.is_empty() || !addrs.is_empty())
+        && hosts.iter().all(|h| match h {
+            Host::Unix(_) => true,
+            Host::Tcp(name) => {
+                name.eq_ignore_ascii_case("localhost")
+                    || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            }
+        })
+        && addrs.iter().all(|a| a.is_loopback())
+}
+
+/// The rustls configuration for `store.tls = "require"`: TLS 1.3 over ring, the roots of
+/// `ca_file` (PEM) or else the system's, no client certificate.
+fn tls_config(dir: &Path, ca_file: Option<&Path>) -> Result<rustls::ClientConfig, StoreConfigError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(file) => {
+            let path = dir.join(file);
+            let certs = CertificateDer::pem_file_iter(&path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| config_error("ca_file", format!("cannot read {}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(config_error("ca_file", format!("{} holds no PEM certificate", path.display())));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| {
+                    config_error("ca_file", format!("{}: not a usable CA certificate: {e}", path.display()))
+                })?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (n_added, _) = roots.add_parsable_certificates(found.certs);
+            if n_added == 0 {
+                let why = found.errors.first().map(|e| format!(" ({e})")).unwrap_or_default();
+                return Err(config_error(
+                    "ca_file",
+                    format!(
+                        "not set, and the system has no CA certificates to trust{why}; name the CA of the PostgreSQL server's certificate here"
+                    ),
+                ));
+            }
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| config_error("tls", format!("no TLS version is available: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
 }
 
 impl StoreSection {
@@ -248,6 +429,8 @@ impl StoreSection {
                     ("url", self.url.is_some()),
                     ("password_env", self.password_env.is_some()),
                     ("password_file", self.password_file.is_some()),
+                    ("tls", self.tls.is_some()),
+                    ("ca_file", self.ca_file.is_some()),
                 ] {
                     if set {
                         return Err(config_error(key, "only for backend = \"postgres\""));
@@ -300,7 +483,45 @@ impl StoreSection {
                 // A leader whose host vanishes without closing its socket loses the lock when
                 // the server's keepalives give up on it; ours notice a dead server.
                 config.keepalives(true).keepalives_idle(std::time::Duration::from_secs(10));
-                Ok(StoreLocation::Postgres(Box::new(config)))
+                let tls = self.pg_tls(dir, &mut config)?;
+                Ok(StoreLocation::Postgres(Box::new(PgTarget { config, tls })))
+            }
+        }
+    }
+}
+
+impl StoreSection {
+    /// Resolves `tls` and `ca_file` and sets the URL's `sslmode` to match: `store.tls`
+    /// decides, so an `sslmode` in the URL is refused (`prefer`, the client's default, cannot
+    /// be told from an absent one and is replaced: it would fall back to plaintext).
+    fn pg_tls(&self, dir: &Path, config: &mut ::postgres::Config) -> Result<PgTls, StoreConfigError> {
+        use ::postgres::config::{Host, SslMode};
+        if config.get_ssl_mode() != SslMode::Prefer {
+            return Err(config_error(
+                "url",
+                "sets sslmode; set store.tls = \"require\" or \"disable\" instead",
+            ));
+        }
+        let unix = config.get_hosts().iter().any(|h| matches!(h, Host::Unix(_)));
+        let mode = self.tls.unwrap_or(if is_local(config) { TlsMode::Disable } else { TlsMode::Require });
+        match mode {
+            TlsMode::Disable => {
+                if self.ca_file.is_some() {
+                    return Err(config_error("ca_file", "only with store.tls = \"require\""));
+                }
+                config.ssl_mode(SslMode::Disable);
+                Ok(PgTls::Disable)
+            }
+            TlsMode::Require => {
+                if unix {
+                    return Err(config_error(
+                        "tls",
+                        "\"require\" cannot apply to a Unix socket host in store.url (PostgreSQL has no TLS there); connect over TCP or set \"disable\"",
+                    ));
+                }
+                let tls = tls_config(dir, self.ca_file.as_deref())?;
+                config.ssl_mode(SslMode::Require);
+                Ok(PgTls::Require(std::sync::Arc::new(tls)))
             }
         }
     }
@@ -372,8 +593,8 @@ impl Store {
 
     /// Connects to a PostgreSQL database and creates the schema if it has none (a newer
     /// schema is refused). The session does not lead until [`Store::lead`].
-    pub fn open_postgres(config: &::postgres::Config, options: StoreOptions) -> Result<Self, StoreError> {
-        Ok(Self { backend: Backend::Postgres(Box::new(pg::PgStore::connect(config, options)?)) })
+    pub fn open_postgres(target: &PgTarget, options: StoreOptions) -> Result<Self, StoreError> {
+        Ok(Self { backend: Backend::Postgres(Box::new(pg::PgStore::connect(target, options)?)) })
     }
 
     /// Opens the store at `location`.
@@ -700,6 +921,7 @@ fn accountant_label(kind: AccountantKind) -> &'static str {
 }
 
 /// A budget row as stored, before any check.
+#[derive(Debug, Clone, PartialEq)]
 struct BudgetRow {
     seq: i64,
     set_at_ms: i64,
@@ -872,6 +1094,7 @@ impl DdpRow {
 const DDP_COLUMNS: &str = "round, q, l2, l1, device_var, shares, dim, hash";
 
 /// A ledger row as stored (of either table), before any check of its hash.
+#[derive(Debug, Clone, PartialEq)]
 struct LedgerRow {
     charge: Charge,
     hash: Option<Vec<u8>>,
@@ -1217,6 +1440,7 @@ fn check_ledger(ledger: &Ledger, next_round: u64) -> Result<(), StoreError> {
 }
 
 /// A checkpoint row as read, before any check.
+#[derive(Debug, Clone, PartialEq)]
 struct CheckpointRow {
     model_version: i64,
     next_round: i64,
@@ -1327,6 +1551,7 @@ impl CheckpointRow {
 }
 
 /// A `rounds` row as written.
+#[derive(Debug, Clone, PartialEq)]
 struct RoundRow {
     round: i64,
     model_version: i64,

@@ -10,6 +10,15 @@
 //! it stops with an error rather than run beside a new leader. The round index is the primary
 //! key of `rounds` and of `ledger`: a round written twice fails, it is never charged twice.
 //!
+//! # TLS
+//!
+//! With `store.tls = "require"` the session is TLS 1.3 through rustls (ring provider) by the
+//! `tokio-postgres-rustls` adapter: the server's certificate must chain to `store.ca_file`'s
+//! roots (or the system's) and name the host of `store.url`, else the connection fails
+//! ([`StoreError::PostgresConnect`]); `sslmode` is `require`, never `prefer`, so there is no
+//! fallback to plaintext. SCRAM authentication binds to the TLS channel when the server offers
+//! it (`tls-server-end-point`).
+//!
 //! # Calls from async code
 //!
 //! The `postgres` client drives its socket with its own small tokio runtime, which cannot be
@@ -26,6 +35,8 @@ use fedrec_shared::ledger::{Ledger, PrivacyPolicy};
 use fedrec_shared::round::{AbandonReason, CoordinatorState, RoundStats};
 use postgres::error::SqlState;
 use postgres::{Client, NoTls, Transaction};
+use rustls::ClientConfig;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::*;
 use crate::auth::DeviceId;
@@ -191,14 +202,82 @@ impl std::fmt::Debug for PgCommit {
 
 impl PgStore {
     /// Connects and creates or checks the schema.
-    pub(super) fn connect(config: &postgres::Config, options: StoreOptions) -> Result<Self, StoreError> {
-        let config = config.clone();
+    pub(super) fn connect(target: &PgTarget, options: StoreOptions) -> Result<Self, StoreError> {
         let client = off_runtime(move || -> Result<Client, StoreError> {
-            let mut client = config.connect(NoTls)?;
+            let mut client = open_session(target)?;
             migrate(&mut client)?;
             Ok(client)
         })?;
         Ok(Self { client: std::sync::Mutex::new(Some(client)), options, leader: false })
+    }
+
+    /// Copies `snapshot` into the database `target`, which must hold no coordinator state,
+    /// in one transaction: the schema is created if absent, every table is locked and checked
+    /// empty ([`StoreError::TargetNotEmpty`] otherwise), the rows are inserted, and the
+    /// transaction commits only if they read back equal to `snapshot`.
+    pub(super) fn import(target: &PgTarget, snapshot: &migrate::Snapshot) -> Result<(), StoreError> {
+        // Checked before anything is sent: what cannot be read back is not written.
+        let ledger = snapshot.ledger()?;
+        let checkpoints = snapshot
+            .checkpoints
+            .iter()
+            .map(|c| Checkpoint::from_row(&c.row))
+            .collect::<Result<Vec<_>, _>>()?;
+        off_runtime(move || {
+            let mut client = open_session(target)?;
+            let mut tx = client.transaction()?;
+            ensure_schema(&mut tx)?;
+            tx.batch_execute(&format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", DATA_TABLES.join(", ")))?;
+            for table in DATA_TABLES {
+                let n: i64 = tx.query_one(&format!("SELECT count(*) FROM {table}"), &[])?.try_get(0)?;
+                if n != 0 {
+                    return Err(StoreError::TargetNotEmpty {
+                        table: table.to_owned(),
+                        rows: u64::try_from(n).unwrap_or(0),
+                    });
+                }
+            }
+            for row in &snapshot.rounds {
+                insert_round(&mut tx, row)?;
+            }
+            for (stored, ckpt) in snapshot.checkpoints.iter().zip(&checkpoints) {
+                insert_checkpoint(&mut tx, ckpt, stored.round, stored.saved_at_ms)?;
+            }
+            sync_ledger(&mut tx, &ledger)?;
+            for row in &snapshot.budget {
+                insert_budget(&mut tx, row)?;
+            }
+            for line in &snapshot.audit {
+                tx.execute(
+                    "INSERT INTO audit_log (id, at_ms, event, detail) OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4)",
+                    &[&to_sql("audit_log.id", line.id)?, &to_sql("audit_log.at_ms", line.at_ms)?, &line.event, &line.detail],
+                )?;
+            }
+            // The next line written gets the id after the last copied one.
+            tx.execute(
+                "SELECT setval(pg_get_serial_sequence('audit_log', 'id'), max(id)) FROM audit_log HAVING count(*) > 0",
+                &[],
+            )?;
+            for d in &snapshot.devices {
+                tx.execute(
+                    "INSERT INTO devices (device_id, enrolled_at_ms, revoked_at_ms, label) VALUES ($1, $2, $3, $4)",
+                    &[
+                        &d.device_id.to_i64_bits(),
+                        &to_sql("devices.enrolled_at_ms", d.enrolled_at_ms)?,
+                        &d.revoked_at_ms.map(|t| to_sql("devices.revoked_at_ms", t)).transpose()?,
+                        &d.label,
+                    ],
+                )?;
+            }
+            let back = snapshot_of(&mut tx)?;
+            if let Some(table) = first_difference(snapshot, &back) {
+                return Err(StoreError::Inconsistent(format!(
+                    "the copy of table {table} does not read back equal to the source; nothing was written"
+                )));
+            }
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     fn with<R: Send>(
@@ -385,18 +464,7 @@ impl PgStore {
                 .map(|r| read_budget(&r))
                 .transpose()?;
             let (row, event, detail) = plan_budget(last.as_ref(), policy, reason, at)?;
-            tx.execute(
-                &format!("INSERT INTO budget ({BUDGET_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"),
-                &[
-                    &row.seq,
-                    &row.set_at_ms,
-                    &row.epsilon,
-                    &row.delta,
-                    &row.accountant,
-                    &row.reason,
-                    &row.hash,
-                ],
-            )?;
+            insert_budget(&mut tx, &row)?;
             audit(&mut tx, at, event, &detail)?;
             tx.commit()?;
             Ok(())
@@ -541,10 +609,117 @@ impl PgStore {
     }
 }
 
+/// The tables that hold coordinator state (all but `fedrec_meta`), parents before children.
+const DATA_TABLES: [&str; 7] =
+    ["rounds", "checkpoints", "ledger", "ddp_ledger", "budget", "audit_log", "devices"];
+
+/// Opens a session with the TLS `target` asks for; a failure says which mode was tried.
+fn open_session(target: &PgTarget) -> Result<Client, StoreError> {
+    let connected = match &target.tls {
+        PgTls::Disable => target.config.connect(NoTls),
+        PgTls::Require(tls) => target.config.connect(MakeRustlsConnect::new(ClientConfig::clone(tls))),
+    };
+    connected.map_err(|error| StoreError::PostgresConnect { tls: target.tls_mode(), error })
+}
+
+/// Every row of the coordinator's tables, read in `tx`.
+fn snapshot_of(tx: &mut Transaction<'_>) -> Result<migrate::Snapshot, StoreError> {
+    let rounds = tx
+        .query(
+            "SELECT round, model_version, committed_at_ms, n_checked_in, n_selected, n_reported,
+                n_dropped, noise_std, clip_norm, unclipped_fraction, outcome, abandon_reason
+             FROM rounds ORDER BY round",
+            &[],
+        )?
+        .iter()
+        .map(|r| {
+            let outcome: String = r.try_get(10)?;
+            let reason: Option<String> = r.try_get(11)?;
+            RoundRow::stored(
+                r.try_get(0)?,
+                r.try_get(1)?,
+                r.try_get(2)?,
+                [r.try_get(3)?, r.try_get(4)?, r.try_get(5)?, r.try_get(6)?],
+                r.try_get(7)?,
+                r.try_get(8)?,
+                r.try_get(9)?,
+                &outcome,
+                reason.as_deref(),
+            )
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let checkpoints = tx
+        .query("SELECT * FROM checkpoints ORDER BY model_version", &[])?
+        .iter()
+        .map(|r| {
+            Ok(migrate::StoredCheckpoint {
+                round: r.try_get("round")?,
+                saved_at_ms: r.try_get("saved_at_ms")?,
+                row: read_checkpoint(r)?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let ledger = read_ledger(tx)?;
+    let budget = tx
+        .query(&format!("SELECT {BUDGET_COLUMNS} FROM budget ORDER BY seq"), &[])?
+        .iter()
+        .map(read_budget)
+        .collect::<Result<Vec<_>, _>>()?;
+    let audit = tx
+        .query("SELECT id, at_ms, event, detail FROM audit_log ORDER BY id", &[])?
+        .iter()
+        .map(|r| {
+            Ok(AuditRecord {
+                id: from_sql("audit_log.id", r.try_get(0)?)?,
+                at_ms: from_sql("audit_log.at_ms", r.try_get(1)?)?,
+                event: r.try_get(2)?,
+                detail: r.try_get(3)?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let devices = tx
+        .query("SELECT device_id, enrolled_at_ms, revoked_at_ms, label FROM devices ORDER BY device_id", &[])?
+        .iter()
+        .map(|r| read_device(r)?.decode())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(migrate::Snapshot { rounds, checkpoints, ledger, budget, audit, devices })
+}
+
+/// The first table whose rows differ between two snapshots.
+fn first_difference(a: &migrate::Snapshot, b: &migrate::Snapshot) -> Option<&'static str> {
+    [
+        ("rounds", a.rounds == b.rounds),
+        ("checkpoints", a.checkpoints == b.checkpoints),
+        ("ledger", a.ledger == b.ledger),
+        ("budget", a.budget == b.budget),
+        ("audit_log", a.audit == b.audit),
+        ("devices", a.devices == b.devices),
+    ]
+    .into_iter()
+    .find(|(_, same)| !same)
+    .map(|(table, _)| table)
+}
+
+fn insert_budget(tx: &mut Transaction<'_>, row: &BudgetRow) -> Result<(), StoreError> {
+    tx.execute(
+        &format!("INSERT INTO budget ({BUDGET_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"),
+        &[&row.seq, &row.set_at_ms, &row.epsilon, &row.delta, &row.accountant, &row.reason, &row.hash],
+    )?;
+    Ok(())
+}
+
 /// Creates the schema in an empty database, or checks the version of an existing one. Two
 /// processes starting at once take turns on an advisory transaction lock.
 fn migrate(client: &mut Client) -> Result<(), StoreError> {
     let mut tx = client.transaction()?;
+    if ensure_schema(&mut tx)? {
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// [`migrate`] inside `tx`; whether it changed anything (to commit).
+fn ensure_schema(tx: &mut Transaction<'_>) -> Result<bool, StoreError> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
     let exists: bool = tx.query_one("SELECT to_regclass('fedrec_meta') IS NOT NULL", &[])?.try_get(0)?;
     if exists {
@@ -558,7 +733,7 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
             return Err(StoreError::SchemaTooNew { found, supported: PG_SCHEMA_VERSION });
         }
         if found == PG_SCHEMA_VERSION {
-            return Ok(());
+            return Ok(false);
         }
         for migration in MIGRATIONS.iter().skip(found as usize) {
             tx.batch_execute(migration)?;
@@ -567,8 +742,7 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
             "UPDATE fedrec_meta SET value = $1 WHERE key = 'schema_version'",
             &[&i64::from(PG_SCHEMA_VERSION)],
         )?;
-        tx.commit()?;
-        return Ok(());
+        return Ok(true);
     }
     for migration in MIGRATIONS {
         tx.batch_execute(migration)?;
@@ -577,8 +751,7 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
         "INSERT INTO fedrec_meta (key, value) VALUES ('schema_version', $1)",
         &[&i64::from(PG_SCHEMA_VERSION)],
     )?;
-    tx.commit()?;
-    Ok(())
+    Ok(true)
 }
 
 fn insert_round(tx: &mut Transaction<'_>, r: &RoundRow) -> Result<(), StoreError> {

@@ -236,6 +236,90 @@ impl SqliteStore {
         Ok(Self { conn, options })
     }
 
+    /// Opens the database at `path` read-only, to copy it: nothing is migrated, so its schema
+    /// must be [`SCHEMA_VERSION`] (an older one is upgraded by opening it once the usual way,
+    /// e.g. with `fedrec-coordinator status`).
+    pub(super) fn open_read_only(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.pragma_update(None, "trusted_schema", false)?;
+        let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let found =
+            u32::try_from(found).map_err(|_| corrupt("schema_version", format!("negative ({found})")))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew { found, supported: SCHEMA_VERSION });
+        }
+        if found < SCHEMA_VERSION {
+            return Err(StoreError::Inconsistent(format!(
+                "the SQLite store has schema version {found}, this coordinator writes {SCHEMA_VERSION}; \
+                 open it once with this version (e.g. `fedrec-coordinator status`) to upgrade it, then copy it"
+            )));
+        }
+        Ok(Self { conn, options: StoreOptions::default() })
+    }
+
+    /// Every row, in one read transaction.
+    pub(super) fn snapshot(&self) -> Result<migrate::Snapshot, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let rounds = {
+            let mut stmt = tx.prepare(
+                "SELECT round, model_version, committed_at_ms, n_checked_in, n_selected, n_reported,
+                    n_dropped, noise_std, clip_norm, unclipped_fraction, outcome, abandon_reason
+                 FROM rounds ORDER BY round",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    (r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?),
+                    [r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?],
+                    (r.get::<_, f64>(7)?, r.get::<_, f64>(8)?, r.get::<_, Option<f64>>(9)?),
+                    (r.get::<_, String>(10)?, r.get::<_, Option<String>>(11)?),
+                ))
+            })?;
+            rows.map(|row| {
+                let ((round, version, at), counts, (noise, clip, unclipped), (outcome, reason)) =
+                    row.map_err(|e| read_error("rounds", e))?;
+                RoundRow::stored(
+                    round,
+                    version,
+                    at,
+                    counts,
+                    noise,
+                    clip,
+                    unclipped,
+                    &outcome,
+                    reason.as_deref(),
+                )
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?
+        };
+        let checkpoints = {
+            let mut stmt = tx.prepare("SELECT * FROM checkpoints ORDER BY model_version")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, Option<i64>>("round")?,
+                    r.get::<_, i64>("saved_at_ms")?,
+                    CheckpointRow::read(r)?,
+                ))
+            })?;
+            rows.map(|row| {
+                let (round, saved_at_ms, row) = row.map_err(|e| read_error("checkpoints", e))?;
+                Ok(migrate::StoredCheckpoint { round, saved_at_ms, row })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?
+        };
+        let ledger = read_ledger(&tx)?;
+        let budget: Vec<BudgetRow> = {
+            let mut stmt = tx.prepare(&format!("SELECT {BUDGET_COLUMNS} FROM budget ORDER BY seq"))?;
+            let rows = stmt.query_map([], |r| Ok(BudgetRow::read(r)))?;
+            rows.map(|row| row?.map_err(|e| read_error("budget", e))).collect::<Result<_, StoreError>>()?
+        };
+        let audit = self.audit_log(usize::MAX)?;
+        let devices = self.list_devices()?;
+        tx.commit()?;
+        Ok(migrate::Snapshot { rounds, checkpoints, ledger, budget, audit, devices })
+    }
+
     /// The options the store was opened with.
     pub(super) fn options(&self) -> StoreOptions {
         self.options
