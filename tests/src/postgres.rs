@@ -1,4 +1,4 @@
-//! A throw-away PostgreSQL server for the tests: `initdb` into a fresh directory, started with `pg_ctl` on a free loopback port (as `nobody` when the tests run as root, which PostgreSQL refuses), stopped and deleted when dropped.
+//! A throw-away PostgreSQL server for the tests: `initdb` into a fresh directory, started with `pg_ctl` on a free loopback port (as `nobody` when the tests run as root, which PostgreSQL refuses), optionally with TLS only, stopped and deleted when dropped.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -24,6 +24,28 @@ impl PgServer {
     /// Starts a server, or says why it cannot: PostgreSQL is not installed, or the tests run
     /// as root and there is no unprivileged user to run it as.
     pub fn start() -> Result<PgServer, String> {
+        PgServer::start_inner(None)
+    }
+
+    /// Starts a server that accepts TCP connections over TLS only (`ssl = on`, `hostssl`
+    /// lines and no `host` line in `pg_hba.conf`), with the certificate chain `cert_pem` and
+    /// its private key `key_pem`.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<PgServer, String> {
+        PgServer::start_inner(Some((cert_pem, key_pem)))
+    }
+
+    /// [`PgServer::start_tls`], or prints why the test `name` is skipped and returns `None`.
+    pub fn start_tls_or_skip(name: &str, cert_pem: &str, key_pem: &str) -> Option<PgServer> {
+        match PgServer::start_tls(cert_pem, key_pem) {
+            Ok(server) => Some(server),
+            Err(why) => {
+                eprintln!("SKIPPED {name}: no PostgreSQL server can run here: {why}");
+                None
+            }
+        }
+    }
+
+    fn start_inner(tls: Option<(&str, &str)>) -> Result<PgServer, String> {
         let bin = find_bin().ok_or_else(|| {
             "PostgreSQL is not installed (no initdb in /usr/local/bin or /usr/lib/postgresql/*/bin; \
              `bash .ci/postgres` installs it)"
@@ -39,14 +61,41 @@ impl PgServer {
         std::fs::create_dir_all(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
         let password = format!("pw-{}-{}", std::process::id(), crate::unix_ms());
         let server = PgServer { root, bin, port: 0, run_as, password };
+        if let Some((cert, key)) = tls {
+            // Written before `prepare` hands the directory to the server's user: the key
+            // must belong to it and be readable by it alone.
+            let write = |name: &str, text: &str, mode: u32| -> Result<(), String> {
+                use std::os::unix::fs::PermissionsExt as _;
+                let path = server.root.join(name);
+                std::fs::write(&path, text).map_err(|e| format!("cannot write {name}: {e}"))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| format!("cannot chmod {name}: {e}"))
+            };
+            write("server.crt", cert, 0o644)?;
+            write("server.key", key, 0o600)?;
+        }
         server.prepare()?;
+        if tls.is_some() {
+            // TCP over TLS only: a plaintext connection finds no line and is refused.
+            let hba = "local all all scram-sha-256\n\
+                       hostssl all all 127.0.0.1/32 scram-sha-256\n\
+                       hostssl all all ::1/128 scram-sha-256\n";
+            std::fs::write(server.root.join("data").join("pg_hba.conf"), hba)
+                .map_err(|e| format!("cannot write pg_hba.conf: {e}"))?;
+        }
         let mut server = server;
         server.port = free_port()?;
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=40",
             server.port,
             server.root.display()
         );
+        if tls.is_some() {
+            let root = server.root.display();
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={root}/server.crt -c ssl_key_file={root}/server.key"
+            ));
+        }
         let log = server.root.join("server.log");
         let data = server.root.join("data");
         let out = server.pg(
@@ -93,6 +142,8 @@ impl PgServer {
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER, "-d", "postgres", "-c"])
             .arg(format!("CREATE DATABASE {name}"))
             .env("PGPASSWORD", &self.password)
+            // Encrypted (unverified) on a TLS-only server, plaintext otherwise.
+            .env("PGSSLMODE", "prefer")
             .output()
             .map_err(|e| format!("cannot run {}: {e}", psql.display()))?;
         if !out.status.success() {
