@@ -232,15 +232,7 @@ impl PrivacyPolicy {
         }
         let q = task.sampling_probability();
         let round_rdp = privacy::round_rdp(q, sigma);
-        let epsilon = epsilon_at(&round_rdp, self.delta);
-        if epsilon > self.max_epsilon_per_round {
-            return Err(RefusalReason::EpsilonTooHigh);
-        }
-        let total: Vec<f64> = record.rdp.iter().zip(&round_rdp).map(|(a, b)| a + b).collect();
-        let total_epsilon = epsilon_at(&total, self.delta);
-        if total_epsilon > self.max_total_epsilon {
-            return Err(RefusalReason::DeviceBudgetSpent);
-        }
+        let (epsilon, total_epsilon) = self.within_limits(&round_rdp, &round_rdp, record)?;
         Ok(Charge {
             q,
             noise_multiplier: sigma,
@@ -274,15 +266,7 @@ impl PrivacyPolicy {
         let increment: Vec<f64> =
             admitted.iter().zip(&exact).map(|(&a, &x)| if x > a { x - a } else { 0.0 }).collect();
         let round_rdp: Vec<f64> = admitted.iter().zip(&increment).map(|(a, i)| a + i).collect();
-        let epsilon = epsilon_at(&round_rdp, self.delta);
-        if epsilon > self.max_epsilon_per_round {
-            return Err(RefusalReason::EpsilonTooHigh);
-        }
-        let total: Vec<f64> = record.rdp.iter().zip(&increment).map(|(a, b)| a + b).collect();
-        let total_epsilon = epsilon_at(&total, self.delta);
-        if total_epsilon > self.max_total_epsilon {
-            return Err(RefusalReason::DeviceBudgetSpent);
-        }
+        let (epsilon, total_epsilon) = self.within_limits(&round_rdp, &increment, record)?;
         Ok(TopUp {
             round: charge.round,
             epsilon,
@@ -290,6 +274,28 @@ impl PrivacyPolicy {
             increment,
             admitted: record.entry(charge.round).is_some(),
         })
+    }
+}
+
+impl PrivacyPolicy {
+    /// The round's ε (from its whole curve `round_rdp`) and the device's ε once `added` joins
+    /// `record`, both at the policy's δ; or the limit they break, per round first.
+    fn within_limits(
+        &self,
+        round_rdp: &[f64],
+        added: &[f64],
+        record: &PrivacyRecord,
+    ) -> Result<(f64, f64), RefusalReason> {
+        let epsilon = epsilon_at(round_rdp, self.delta);
+        if epsilon > self.max_epsilon_per_round {
+            return Err(RefusalReason::EpsilonTooHigh);
+        }
+        let total: Vec<f64> = record.rdp.iter().zip(added).map(|(a, b)| a + b).collect();
+        let total_epsilon = epsilon_at(&total, self.delta);
+        if total_epsilon > self.max_total_epsilon {
+            return Err(RefusalReason::DeviceBudgetSpent);
+        }
+        Ok((epsilon, total_epsilon))
     }
 }
 
