@@ -42,7 +42,9 @@ const MAX_STEPS_PER_CLIP: f64 = 1_099_511_627_776.0;
 /// sampler's limit).
 const MAX_DEVICE_SIGMA: f64 = 1_073_741_824.0;
 
-/// Relative margin on `σ²` in the choice of `γ`, for the sampler's rounding of `σ_dev²` up.
+/// Relative margin on `σ²` in the choice of `γ`, for the sampler's rounding of `σ_dev²` up onto
+/// multiples of `1/4096` (an absolute error: relative at most `2⁻¹⁰` at the smallest allowed
+/// `σ_dev = ½`, which this margin covers).
 const SIGMA_SQ_MARGIN: f64 = 1.0 / 1024.0;
 
 /// Relative margin on `Δ₂` for the `f64` arithmetic of `⌊Δ₂²⌋`.
