@@ -70,12 +70,13 @@ n_segments = 8
 factor_std = 0.1
 global_mean = 0.0      # 0 for implicit feedback; a prior such as 3.5 for explicit ratings
 centroid_scale = 0.001
-# Items each round trains (0 = every item). Large catalogues: a subset of this many items,
-# drawn from the round's public seed (never from any device's data), so that each device's
-# download and upload are items_per_round x (dim + 1) x 4 bytes instead of n_items x ...;
-# each item then trains in a fraction items_per_round / n_items of the rounds: plan more
-# rounds (the README's "Large catalogues" has the measured trade).
-items_per_round = 0
+# Items each round trains. Large catalogues: a subset of this many items, drawn from the
+# round's public seed (never from any device's data), so that each device's download and
+# upload are items_per_round x (dim + 1) x 4 bytes instead of n_items x ...; each item then
+# trains in a fraction items_per_round / n_items of the rounds: plan more rounds (the
+# README's "Large catalogues" has the measured trade). Left out: every item while a dense
+# upload fits in 8 MB (n_items x (dim + 1) x 4 bytes), else 4096. 0 = every item, always.
+# items_per_round = 4096
 # The round's model download: "f32", or "int8" (item factors as 8-bit codes with one scale
 # per row, unbiased stochastic rounding; about 3.5x smaller at dim 32).
 download = "f32"
@@ -369,9 +370,9 @@ pub struct ModelSection {
     pub global_mean: f32,
     /// Norm of the initial centroids.
     pub centroid_scale: f32,
-    /// Items each round trains (0 or absent: every item).
-    #[serde(default)]
-    pub items_per_round: usize,
+    /// Items each round trains (0: every item; absent: the automatic choice,
+    /// [`fedrec_shared::model::subset::auto_items_per_round`]).
+    pub items_per_round: Option<usize>,
     /// The round's model download: `f32` (absent) or `int8`.
     pub download: Option<String>,
 }
@@ -524,9 +525,16 @@ impl FileConfig {
         ModelShape { n_items: self.model.n_items, dim: self.model.dim, n_segments: self.model.n_segments }
     }
 
-    /// Items each round trains (0: every item), checked against the catalogue.
+    /// Items each round trains (0: every item), checked against the catalogue; absent, the
+    /// automatic choice for the catalogue's size
+    /// ([`fedrec_shared::model::subset::auto_items_per_round`]).
     pub fn items_per_round(&self) -> Result<usize, ConfigError> {
-        let k = self.model.items_per_round;
+        let Some(k) = self.model.items_per_round else {
+            return Ok(fedrec_shared::model::subset::auto_items_per_round(
+                self.model.n_items,
+                self.model.dim,
+            ));
+        };
         if k > self.model.n_items {
             return Err(invalid(
                 "model.items_per_round",
@@ -1114,15 +1122,25 @@ mod tests {
             (cfg.items_per_round().expect("valid"), cfg.download().expect("valid")),
             (0, DownloadEncoding::F32)
         );
+        // Left out, as in the template: every item while a dense upload fits in 8 MB (1000
+        // items), a subset of 4096 above (100,000 items × 32: 13.2 MB); 0 always every item.
+        let large = template_with(&[("n_items = 1000", "n_items = 100000"), ("dim = 16", "dim = 32")]);
+        assert_eq!(large.items_per_round().expect("valid"), 4096);
+        let dense = template_with(&[
+            ("n_items = 1000", "n_items = 100000"),
+            ("dim = 16", "dim = 32"),
+            ("# items_per_round = 4096", "items_per_round = 0"),
+        ]);
+        assert_eq!(dense.items_per_round().expect("valid"), 0);
         let cfg = template_with(&[
-            ("items_per_round = 0", "items_per_round = 64"),
+            ("# items_per_round = 4096", "items_per_round = 64"),
             ("download = \"f32\"", "download = \"int8\""),
         ]);
         assert_eq!(
             (cfg.items_per_round().expect("valid"), cfg.download().expect("valid")),
             (64, DownloadEncoding::Int8)
         );
-        let err = template_with(&[("items_per_round = 0", "items_per_round = 1001")])
+        let err = template_with(&[("# items_per_round = 4096", "items_per_round = 1001")])
             .items_per_round()
             .expect_err("too many");
         assert!(err.to_string().contains("model.items_per_round"), "{err}");

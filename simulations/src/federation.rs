@@ -210,24 +210,10 @@ impl From<DownloadKind> for DownloadEncoding {
     }
 }
 
-/// Most bytes a dense `f32` upload may take before rounds train item subsets automatically:
-/// 8 MB, so that catalogues up to about 60,000 items at d = 32 keep the dense update (and its
-/// accuracy per round; a subset round needs many more rounds, see the README) unless
-/// `--items-per-round` asks, and 100,000 items and more get subsets.
-pub const AUTO_SUBSET_UPLOAD_BYTES: usize = 8_000_000;
-/// Items per round chosen automatically for catalogues above [`AUTO_SUBSET_UPLOAD_BYTES`].
-pub const AUTO_ITEMS_PER_ROUND: usize = 4096;
-
-/// The items per round chosen when none is given: every item (0) while a dense `f32` upload of
-/// the item side (`n_items · (dim + 1) · 4` bytes) fits in [`AUTO_SUBSET_UPLOAD_BYTES`], else
-/// [`AUTO_ITEMS_PER_ROUND`] (see the README for how it was chosen).
-pub fn auto_items_per_round(n_items: usize, dim: usize) -> usize {
-    if n_items.saturating_mul(dim + 1).saturating_mul(4) <= AUTO_SUBSET_UPLOAD_BYTES {
-        0
-    } else {
-        AUTO_ITEMS_PER_ROUND.min(n_items)
-    }
-}
+/// The automatic choice of items per round, shared with the coordinator's `fedrec.toml`.
+pub use fedrec_shared::model::subset::{
+    AUTO_ITEMS_PER_ROUND, AUTO_SUBSET_UPLOAD_BYTES, auto_items_per_round,
+};
 
 impl RunConfig {
     /// The tuned defaults for an objective (see the README for how they were chosen).

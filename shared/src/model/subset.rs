@@ -116,6 +116,28 @@ impl KeyStream {
     }
 }
 
+/// Most bytes a dense `f32` upload of the item side may take before rounds train item subsets
+/// when no size is configured: 8 MB, so that catalogues up to about 60,000 items at d = 32 keep
+/// the dense update (and its accuracy per round: a subset round needs about `n/K` times the
+/// rounds, see the README's "Large catalogues"), and 100,000 items and more get subsets.
+pub const AUTO_SUBSET_UPLOAD_BYTES: usize = 8_000_000;
+
+/// Items per round chosen for catalogues above [`AUTO_SUBSET_UPLOAD_BYTES`]: about 0.5 MB each
+/// way per device and round at d = 32.
+pub const AUTO_ITEMS_PER_ROUND: usize = 4096;
+
+/// The items per round when none is configured — the coordinator's `[model] items_per_round`
+/// left out, the simulator's `--items-per-round` not given: every item (0) while a dense `f32`
+/// upload of the item side (`n_items · (dim + 1) · 4` bytes) fits in
+/// [`AUTO_SUBSET_UPLOAD_BYTES`], else [`AUTO_ITEMS_PER_ROUND`] (at most the catalogue).
+pub fn auto_items_per_round(n_items: usize, dim: usize) -> usize {
+    if n_items.saturating_mul(dim.saturating_add(1)).saturating_mul(4) <= AUTO_SUBSET_UPLOAD_BYTES {
+        0
+    } else {
+        AUTO_ITEMS_PER_ROUND.min(n_items)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
