@@ -1,7 +1,7 @@
 //! A deterministic in-memory federation: the real [`Coordinator`] and [`ClientRound`] machines wired together on a simulated clock, with dropouts. Tests and the simulator both drive rounds through it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, mpsc};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
@@ -37,7 +37,8 @@ impl std::fmt::Debug for Crafted<'_> {
 pub struct HarnessConfig {
     /// Probability that a selected device vanishes before uploading.
     pub dropout: f64,
-    /// Worker threads that run the devices' training steps.
+    /// Threads that run the devices' training steps: the round loop's own thread and
+    /// `n_threads − 1` workers.
     pub n_threads: usize,
     /// Simulated one-way latency of every message.
     pub latency: Duration,
@@ -71,10 +72,142 @@ type Job<'a> = (usize, ClientRound<'a>, ClientId, ServerMessage, Instant);
 /// A finished job.
 type Done<'a> = (usize, ClientRound<'a>, ClientId);
 
-/// The worker pool's two ends, as the round loop sees them.
+/// The devices' work: a queue of jobs that the workers and the round loop's own thread take
+/// from, and the finished jobs. A round queues all its jobs at once, so a thread waits and
+/// wakes about once per round, not once per device (on two cores, a wake-up per device cost
+/// as much as a tenth of the run).
 struct Pool<'a> {
-    jobs: mpsc::Sender<Job<'a>>,
-    done: mpsc::Receiver<Done<'a>>,
+    state: Mutex<PoolState<'a>>,
+    /// Workers wait here for jobs (or for the pool to close).
+    work: Condvar,
+    /// The round loop waits here for finished jobs.
+    done: Condvar,
+}
+
+struct PoolState<'a> {
+    queue: VecDeque<Job<'a>>,
+    finished: Vec<Done<'a>>,
+    /// Jobs a worker has taken and not finished.
+    running: usize,
+    idle_workers: usize,
+    loop_waiting: bool,
+    closed: bool,
+    /// A job panicked on a worker: its result will never come.
+    panicked: bool,
+}
+
+impl<'a> Pool<'a> {
+    fn new() -> Self {
+        let state = PoolState {
+            queue: VecDeque::new(),
+            finished: Vec::new(),
+            running: 0,
+            idle_workers: 0,
+            loop_waiting: false,
+            closed: false,
+            panicked: false,
+        };
+        Self { state: Mutex::new(state), work: Condvar::new(), done: Condvar::new() }
+    }
+
+    /// The state. No code panics while holding the lock, so a poisoned lock's state is sound.
+    fn lock(&self) -> MutexGuard<'_, PoolState<'a>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues jobs.
+    fn submit(&self, jobs: impl IntoIterator<Item = Job<'a>>) {
+        let mut st = self.lock();
+        st.queue.extend(jobs);
+        if st.idle_workers > 0 {
+            self.work.notify_all();
+        }
+    }
+
+    /// A worker's loop: runs queued jobs until the pool closes.
+    fn work(&self) {
+        let mut st = self.lock();
+        loop {
+            if let Some(job) = st.queue.pop_front() {
+                st.running += 1;
+                drop(st);
+                let guard = PanicGuard(self);
+                let done = run_job(job);
+                std::mem::forget(guard);
+                st = self.lock();
+                st.running -= 1;
+                st.finished.push(done);
+                if st.loop_waiting {
+                    self.done.notify_one();
+                }
+                continue;
+            }
+            if st.closed {
+                return;
+            }
+            st.idle_workers += 1;
+            st = self.work.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st.idle_workers -= 1;
+        }
+    }
+
+    /// For the round loop: moves the finished jobs into `out`; if none has finished, runs a
+    /// queued job on this thread, or else waits for a running one. Returns `false` when no
+    /// job is queued, running or finished.
+    fn collect(&self, out: &mut Vec<Done<'a>>) -> bool {
+        let mut st = self.lock();
+        loop {
+            if !st.finished.is_empty() {
+                out.append(&mut st.finished);
+                return true;
+            }
+            if let Some(job) = st.queue.pop_front() {
+                drop(st);
+                out.push(run_job(job));
+                return true;
+            }
+            if st.running == 0 {
+                return false;
+            }
+            assert!(!st.panicked, "a device's step panicked on a worker thread");
+            st.loop_waiting = true;
+            st = self.done.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st.loop_waiting = false;
+        }
+    }
+
+    /// Ends the workers' loops once the queue is empty.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.work.notify_all();
+    }
+}
+
+/// Tells the round loop when a job panics on a worker (instead of leaving it waiting).
+struct PanicGuard<'p, 'a>(&'p Pool<'a>);
+
+impl Drop for PanicGuard<'_, '_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.panicked = true;
+        self.0.done.notify_all();
+    }
+}
+
+/// Closes the pool when the round loop ends, even by a panic (the scope then joins the workers).
+struct CloseOnDrop<'p, 'a>(&'p Pool<'a>);
+
+impl Drop for CloseOnDrop<'_, '_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// A device's step: it handles the message it was given.
+fn run_job(job: Job<'_>) -> Done<'_> {
+    let (k, mut client, id, msg, now) = job;
+    client.handle_message(now, msg);
+    (k, client, id)
 }
 
 /// N devices, each with its own interactions, and one coordinator.
@@ -92,6 +225,11 @@ pub struct Federation<'a, R> {
     /// harness's generator, so that a secure run checks devices in and drops them exactly as
     /// a plain run of the same seed does.
     device_rng: ChaCha12Rng,
+    /// A round's selected devices, kept between rounds so that their memory is reused
+    /// rather than allocated (and faulted in) afresh every round.
+    selected: Vec<(ClientRound<'a>, ClientId, ServerMessage)>,
+    /// The same for the devices as they finish training, in selection order.
+    slots: Vec<Option<(ClientRound<'a>, ClientId)>>,
 }
 
 impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
@@ -114,6 +252,8 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
             crafted: None,
             secure_policy: SecurePolicy::default(),
             device_rng,
+            selected: Vec::new(),
+            slots: Vec::new(),
         }
     }
 
@@ -145,8 +285,9 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
     }
 
     /// Runs `n_rounds` rounds, calling `on_round` after each with its report and the
-    /// coordinator. The devices' training runs on worker threads that live for all the
-    /// rounds (a pool per call, not per round: fresh threads would fault in fresh memory).
+    /// coordinator. The devices' training runs on this thread and worker threads that live
+    /// for all the rounds (a pool per call, not per round: fresh threads would fault in fresh
+    /// memory).
     pub fn run_rounds(&mut self, n_rounds: usize, mut on_round: impl FnMut(&RoundReport, &Coordinator<R>)) {
         self.run_rounds_until(n_rounds, |report, coordinator| {
             on_round(report, coordinator);
@@ -163,30 +304,14 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
         mut on_round: impl FnMut(&RoundReport, &Coordinator<R>) -> std::ops::ControlFlow<()>,
     ) -> usize {
         let mut n_run = 0;
-        let n_threads = self.config.n_threads.max(1);
+        let n_workers = self.config.n_threads.max(1) - 1;
+        let pool = Pool::new();
         std::thread::scope(|s| {
-            let (job_tx, job_rx) = mpsc::channel::<Job<'a>>();
-            let job_rx = Arc::new(Mutex::new(job_rx));
-            let (done_tx, done_rx) = mpsc::channel::<Done<'a>>();
-            for _ in 0..n_threads {
-                let (rx, tx) = (Arc::clone(&job_rx), done_tx.clone());
-                s.spawn(move || {
-                    loop {
-                        // The lock is held only to take a job, not to run it.
-                        let job = match rx.lock() {
-                            Ok(guard) => guard.recv(),
-                            Err(_) => return,
-                        };
-                        let Ok((k, mut client, id, msg, now)) = job else { return };
-                        client.handle_message(now, msg);
-                        if tx.send((k, client, id)).is_err() {
-                            return;
-                        }
-                    }
-                });
+            for _ in 0..n_workers {
+                s.spawn(|| pool.work());
             }
-            drop(done_tx);
-            let pool = Pool { jobs: job_tx, done: done_rx };
+            // Closing the pool (also if a round panics) lets the workers finish.
+            let _close = CloseOnDrop(&pool);
             for _ in 0..n_rounds {
                 let report = self.round(&pool);
                 n_run += 1;
@@ -194,7 +319,6 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
                     break;
                 }
             }
-            // Dropping the pool closes the job queue: the workers finish.
         });
         n_run
     }
@@ -217,7 +341,8 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
         let mut order: Vec<usize> = (0..n_devices + n_crafted).collect();
         order.shuffle(&mut self.rng);
         // Check-in. A selected device's task is held back so that training runs in parallel.
-        let mut selected: Vec<(ClientRound<'a>, ClientId, ServerMessage)> = Vec::new();
+        let mut selected = std::mem::take(&mut self.selected);
+        selected.clear();
         let mut crafted_uploads: Vec<(ClientId, ClientMessage)> = Vec::new();
         for &idx in &order {
             if let Some(crafted) = self.crafted.as_ref().filter(|_| !secure && idx >= n_devices) {
@@ -282,18 +407,21 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
         let task_time = self.now.saturating_add(lat);
         let upload_time = task_time.saturating_add(lat);
         let n_sel = selected.len();
-        for (k, (client, id, msg)) in selected.into_iter().enumerate() {
-            if pool.jobs.send((k, client, id, msg, task_time)).is_err() {
-                break;
-            }
-        }
+        pool.submit(
+            selected.drain(..).enumerate().map(|(k, (client, id, msg))| (k, client, id, msg, task_time)),
+        );
+        self.selected = selected;
         // Uploads reach the coordinator strictly in selection order, as they finish, so the
         // sum (and the run) is deterministic while aggregation overlaps training.
-        let mut slots: Vec<Option<(ClientRound<'a>, ClientId)>> = (0..n_sel).map(|_| None).collect();
+        let mut slots = std::mem::take(&mut self.slots);
+        slots.clear();
+        slots.resize_with(n_sel, || None);
         let mut next = 0;
-        for _ in 0..n_sel {
-            let Ok((k, client, id)) = pool.done.recv() else { break };
-            slots[k] = Some((client, id));
+        let mut finished = Vec::new();
+        while next < n_sel && pool.collect(&mut finished) {
+            for (k, client, id) in finished.drain(..) {
+                slots[k] = Some((client, id));
+            }
             while next < n_sel {
                 let Some((client, id)) = slots[next].as_mut() else { break };
                 if !vanish[next] {
@@ -309,9 +437,12 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
         }
         self.now = upload_time;
         report.n_vanished = vanish.iter().filter(|&&v| v).count();
-        let mut selected: Vec<(ClientRound<'a>, ClientId)> = slots.into_iter().flatten().collect();
-        let index: HashMap<ClientId, usize> =
-            selected.iter().enumerate().filter(|&(k, _)| !vanish[k]).map(|(k, (_, id))| (*id, k)).collect();
+        let index: HashMap<ClientId, usize> = slots
+            .iter()
+            .enumerate()
+            .filter(|&(k, _)| !vanish[k])
+            .filter_map(|(k, slot)| slot.as_ref().map(|(_, id)| (*id, k)))
+            .collect();
         // Let deadlines pass while the round waits for missing devices.
         while self.coordinator.current_round().is_some() {
             match self.coordinator.poll_timeout() {
@@ -324,11 +455,11 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
         }
         self.now = self.now.saturating_add(lat);
         while let Some((to, msg)) = self.coordinator.poll_transmit() {
-            if let Some(&k) = index.get(&to) {
-                selected[k].0.handle_message(self.now, msg);
+            if let Some((client, _)) = index.get(&to).and_then(|&k| slots[k].as_mut()) {
+                client.handle_message(self.now, msg);
             }
         }
-        for (client, _) in &selected {
+        for (client, _) in slots.iter().flatten() {
             match client.outcome() {
                 Some(ClientOutcome::Completed { was_clipped, .. }) => {
                     report.n_completed += 1;
@@ -338,6 +469,8 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
                 _ => {}
             }
         }
+        slots.clear();
+        self.slots = slots;
         while let Some(ev) = self.coordinator.poll_event() {
             if matches!(ev, CoordinatorEvent::RoundCommitted { .. } | CoordinatorEvent::RoundAbandoned { .. })
             {
@@ -380,16 +513,16 @@ impl<'a, R: Rng + CryptoRng> Federation<'a, R> {
         loop {
             if !wave.is_empty() {
                 self.now = self.now.saturating_add(lat);
-                let n_jobs = wave.len();
-                for (k, msg) in wave.drain(..) {
-                    let Some((client, id)) = slots[k].take() else { continue };
-                    if pool.jobs.send((k, client, id, msg, self.now)).is_err() {
-                        return report;
+                let now = self.now;
+                pool.submit(
+                    wave.drain(..)
+                        .filter_map(|(k, msg)| slots[k].take().map(|(client, id)| (k, client, id, msg, now))),
+                );
+                let mut finished = Vec::new();
+                while pool.collect(&mut finished) {
+                    for (k, client, id) in finished.drain(..) {
+                        slots[k] = Some((client, id));
                     }
-                }
-                for _ in 0..n_jobs {
-                    let Ok((k, client, id)) = pool.done.recv() else { return report };
-                    slots[k] = Some((client, id));
                 }
                 self.now = self.now.saturating_add(lat);
                 for (k, slot) in slots.iter_mut().enumerate() {
