@@ -13,16 +13,26 @@ use crate::error::SolveError;
 /// objective (`w_a = c − 1` on top of a Gramian, `w_b = c · p`). Rows are buffered (scaled
 /// by `√w_a`) and the lower triangle of `A` is formed at solve time from dot products of
 /// the buffered columns, which vectorises far better than rank-one updates.
+///
+/// Every entry of `A` is one [`dot_f64`] of two columns (lane `l` sums the observations
+/// `≡ l (mod 8)` in order), whichever way it is computed, so the solution does not depend
+/// on the number of observations choosing one kernel or the other.
 #[derive(Debug, Clone)]
 pub struct NormalEquations {
     n: usize,
+    /// Row stride of `rows`: `n` rounded up to a multiple of [`BLOCK`], padded with zeros.
+    stride: usize,
     /// Row-major `n × n`; only the lower triangle is read.
     a: Vec<f64>,
     b: Vec<f64>,
-    /// Buffered rows, `m × n`, each scaled by `√w_a`.
+    /// Buffered rows, `m × stride`, each scaled by `√w_a`.
     rows: Vec<f64>,
     with_bias: bool,
 }
+
+/// Columns of `A` computed together by the row kernel ([`add_gram_rows`]): one 256-bit
+/// vector of `f64`.
+const BLOCK: usize = 4;
 
 impl NormalEquations {
     /// Empty system for `dim` features, plus one bias unknown if `with_bias`.
@@ -33,7 +43,15 @@ impl NormalEquations {
     /// Empty system with room for `n_obs` observations.
     pub fn with_capacity(dim: usize, with_bias: bool, n_obs: usize) -> Self {
         let n = dim + usize::from(with_bias);
-        Self { n, a: vec![0.0; n * n], b: vec![0.0; n], rows: Vec::with_capacity(n_obs * n), with_bias }
+        let stride = n.div_ceil(BLOCK) * BLOCK;
+        Self {
+            n,
+            stride,
+            a: vec![0.0; n * n],
+            b: vec![0.0; n],
+            rows: Vec::with_capacity(n_obs * stride),
+            with_bias,
+        }
     }
 
     /// Number of unknowns (features plus the bias, if any).
@@ -69,20 +87,20 @@ impl NormalEquations {
             self.b[self.n - 1] += w_b;
             self.rows.push(s);
         }
+        self.rows.extend(std::iter::repeat_n(0.0, self.stride - self.n));
     }
 
     /// Solves `(A + diag(ridge)) x = b`, with `ridge[i]` added to the `i`-th diagonal entry.
     pub fn solve(mut self, ridge: &[f64]) -> Result<Vec<f64>, SolveError> {
         assert_eq!(ridge.len(), self.n, "one ridge term per unknown");
         let n = self.n;
-        let m = self.rows.len() / n.max(1);
-        if m > 0 {
-            // Columns of the buffered rows, contiguous, so that A[r][c] is one dot product.
-            let mut cols = vec![0.0f64; n * m];
-            for (i, row) in self.rows.chunks_exact(n).enumerate() {
-                for (k, &v) in row.iter().enumerate() {
-                    cols[k * m + i] = v;
-                }
+        let m = self.rows.len() / self.stride.max(1);
+        if m > 0 && !add_gram_rows(&mut self.a, &self.rows, n, self.stride) {
+            // No row kernel for this width: columns of the buffered rows, contiguous, so
+            // that A[r][c] is one dot product.
+            let mut cols = Vec::with_capacity(n * m);
+            for k in 0..n {
+                cols.extend(self.rows.chunks_exact(self.stride).map(|row| row[k]));
             }
             for r in 0..n {
                 let cr = &cols[r * m..(r + 1) * m];
@@ -96,6 +114,68 @@ impl NormalEquations {
         }
         cholesky_solve_in_place(&mut self.a, &mut self.b, n)?;
         Ok(self.b)
+    }
+}
+
+/// Adds to the lower triangle of the row-major `n × n` matrix `a` the dot products of the
+/// columns of `rows` (row-major, `stride` a multiple of [`BLOCK`], at least `n`), each
+/// exactly as [`dot_f64`] of the two columns computes it.
+///
+/// For a block of [`BLOCK`] adjacent columns the products of one observation are adjacent
+/// in its row, so one vector multiply and add serves the block; and the eight lanes' sums
+/// and the remainder, which [`dot_f64`] adds up one entry at a time, are added a block at
+/// a time. The row length is a constant of the kernel, so that the loops need no bounds
+/// checks; `false` if `stride` has no kernel.
+fn add_gram_rows(a: &mut [f64], rows: &[f64], n: usize, stride: usize) -> bool {
+    macro_rules! dispatch {
+        ($($s:literal)*) => {
+            match stride {
+                $($s => add_gram_rows_of::<$s>(a, rows.as_chunks::<$s>().0, n),)*
+                _ => return false,
+            }
+        };
+    }
+    dispatch!(4 8 12 16 20 24 28 32 36 40 44 48 52 56 60 64 68);
+    true
+}
+
+/// [`add_gram_rows`] for rows of `S` values.
+fn add_gram_rows_of<const S: usize>(a: &mut [f64], rows: &[[f64; S]], n: usize) {
+    assert!(n <= S && S.is_multiple_of(BLOCK));
+    let (main, rest) = rows.split_at(rows.len() - rows.len() % 8);
+    let main = main.as_chunks::<8>().0;
+    // The sum of no values, which `Iterator::sum` (and so `dot_f64`) starts from.
+    let zero: f64 = std::iter::empty::<f64>().sum();
+    for r in 0..n {
+        for c in (0..=r).step_by(BLOCK) {
+            let mut acc = [[0.0f64; BLOCK]; 8];
+            for chunk in main {
+                for (acc, row) in acc.iter_mut().zip(chunk) {
+                    let (x, y) = (row[r], &row[c..c + BLOCK]);
+                    for (s, &v) in acc.iter_mut().zip(y) {
+                        *s += x * v;
+                    }
+                }
+            }
+            let mut sum = [zero; BLOCK];
+            for lane in &acc {
+                for (s, &v) in sum.iter_mut().zip(lane) {
+                    *s += v;
+                }
+            }
+            let mut tail = [zero; BLOCK];
+            for row in rest {
+                let (x, y) = (row[r], &row[c..c + BLOCK]);
+                for (t, &v) in tail.iter_mut().zip(y) {
+                    *t += x * v;
+                }
+            }
+            // Entries past the diagonal (or past column n − 1) are not wanted.
+            let out = &mut a[r * n + c..r * n + (r + 1)];
+            for ((o, s), t) in out.iter_mut().zip(sum).zip(tail) {
+                *o += s + t;
+            }
+        }
     }
 }
 
@@ -241,6 +321,108 @@ mod tests {
         let mut a = vec![1.0, 0.0, 2.0, 1.0];
         let mut b = vec![1.0, 1.0];
         assert_eq!(cholesky_solve_in_place(&mut a, &mut b, 2), Err(SolveError::NotPositiveDefinite));
+    }
+
+    /// The solver as first written: one eight-lane dot product per entry of `A` (the
+    /// Cholesky factor's too), from the columns of the unpadded `m × n` rows.
+    fn reference_solve(
+        rows: &[f64],
+        n: usize,
+        mut a: Vec<f64>,
+        mut b: Vec<f64>,
+        ridge: &[f64],
+    ) -> Option<Vec<f64>> {
+        let col = |k: usize| -> Vec<f64> { rows.chunks_exact(n).map(|row| row[k]).collect() };
+        for r in 0..n {
+            for c in 0..=r {
+                a[r * n + c] += reference_dot(&col(r), &col(c));
+            }
+        }
+        for (i, r) in ridge.iter().enumerate() {
+            a[i * n + i] += r;
+        }
+        for j in 0..n {
+            let d = a[j * n + j] - reference_dot(&a[j * n..j * n + j], &a[j * n..j * n + j]);
+            if d.is_nan() || d <= 0.0 || !d.is_finite() {
+                return None;
+            }
+            let d = d.sqrt();
+            a[j * n + j] = d;
+            for i in j + 1..n {
+                let s = reference_dot(&a[i * n..i * n + j], &a[j * n..j * n + j]);
+                a[i * n + j] = (a[i * n + j] - s) / d;
+            }
+        }
+        for i in 0..n {
+            let s = b[i] - reference_dot(&a[i * n..i * n + i], &b[..i]);
+            b[i] = s / a[i * n + i];
+        }
+        for i in (0..n).rev() {
+            let mut s = b[i];
+            for k in i + 1..n {
+                s -= a[k * n + i] * b[k];
+            }
+            b[i] = s / a[i * n + i];
+        }
+        Some(b)
+    }
+
+    /// The eight-lane dot product as first written.
+    fn reference_dot(a: &[f64], b: &[f64]) -> f64 {
+        let mut acc = [0.0f64; 8];
+        let ca = a.chunks_exact(8);
+        let cb = b.chunks_exact(8);
+        let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+        for (x, y) in ca.zip(cb) {
+            for l in 0..8 {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        acc.iter().sum::<f64>() + tail
+    }
+
+    /// Both Gramian kernels (rows for widths up to 68, columns beyond) give every entry bit
+    /// for bit as one dot product at a time did, zeros' signs included.
+    #[test]
+    fn solve_is_bit_identical_to_one_dot_product_per_entry() {
+        use rand::Rng;
+        let mut rng = crate::danger::seeded_rng(7);
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut n_checked = 0;
+        for dim in [1usize, 3, 4, 7, 8, 9, 16, 31, 32, 33, 40, 67, 70] {
+            for with_bias in [false, true] {
+                for n_obs in [0usize, 1, 5, 8, 13, 64, 85, 203] {
+                    let mut ne = NormalEquations::with_capacity(dim, with_bias, n_obs);
+                    if rng.random_bool(0.5) {
+                        let m: Vec<f32> = (0..3 * dim).map(|_| rng.random::<f32>() - 0.5).collect();
+                        ne.add_matrix(&gramian(&m, dim));
+                    }
+                    for _ in 0..n_obs {
+                        // Some zero rows and zero weights, so that signed zeros meet.
+                        let zero_row = rng.random_bool(0.1);
+                        let x: Vec<f32> = (0..dim)
+                            .map(|_| if zero_row { -0.0 } else { rng.random::<f32>() - 0.5 })
+                            .collect();
+                        let w_a = if rng.random_bool(0.1) { 0.0 } else { rng.random_range(0.0..3.0) };
+                        ne.add(&x, w_a, rng.random_range(-2.0..5.0));
+                    }
+                    let n = ne.n_unknowns();
+                    let ridge: Vec<f64> = (0..n).map(|_| rng.random_range(1e-3..2.0)).collect();
+                    let rows: Vec<f64> =
+                        ne.rows.chunks_exact(ne.stride).flat_map(|row| &row[..n]).copied().collect();
+                    let expected = reference_solve(&rows, n, ne.a.clone(), ne.b.clone(), &ridge)
+                        .expect("a ridge makes the system definite");
+                    let got = ne.solve(&ridge).expect("a ridge makes the system definite");
+                    assert_eq!(
+                        bits(&got),
+                        bits(&expected),
+                        "dim {dim}, bias {with_bias}, {n_obs} observations"
+                    );
+                    n_checked += 1;
+                }
+            }
+        }
+        assert_eq!(n_checked, 13 * 2 * 8);
     }
 
     #[test]
