@@ -34,6 +34,16 @@ pub struct NormalEquations {
 /// vector of `f64`.
 const BLOCK: usize = 4;
 
+/// The largest row buffer a thread keeps for its next system (4 MiB).
+const MAX_KEPT_ROWS: usize = 1 << 19;
+
+thread_local! {
+    /// The row buffer of the last system this thread solved, for the next one. A device with
+    /// a few hundred ratings needs a buffer large enough that the allocator maps it afresh,
+    /// and faulting in those zero-filled pages for every device cost more than its solve.
+    static SPARE_ROWS: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 impl NormalEquations {
     /// Empty system for `dim` features, plus one bias unknown if `with_bias`.
     pub fn new(dim: usize, with_bias: bool) -> Self {
@@ -44,14 +54,10 @@ impl NormalEquations {
     pub fn with_capacity(dim: usize, with_bias: bool, n_obs: usize) -> Self {
         let n = dim + usize::from(with_bias);
         let stride = n.div_ceil(BLOCK) * BLOCK;
-        Self {
-            n,
-            stride,
-            a: vec![0.0; n * n],
-            b: vec![0.0; n],
-            rows: Vec::with_capacity(n_obs * stride),
-            with_bias,
-        }
+        let mut rows = SPARE_ROWS.with(std::cell::Cell::take);
+        rows.clear();
+        rows.reserve(n_obs * stride);
+        Self { n, stride, a: vec![0.0; n * n], b: vec![0.0; n], rows, with_bias }
     }
 
     /// Number of unknowns (features plus the bias, if any).
@@ -108,6 +114,9 @@ impl NormalEquations {
                     self.a[r * n + c] += dot_f64(cr, &cols[c * m..(c + 1) * m]);
                 }
             }
+        }
+        if self.rows.capacity() <= MAX_KEPT_ROWS {
+            SPARE_ROWS.with(|spare| spare.set(std::mem::take(&mut self.rows)));
         }
         for (i, r) in ridge.iter().enumerate() {
             self.a[i * n + i] += r;
