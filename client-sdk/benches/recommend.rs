@@ -56,6 +56,7 @@ fn recommend_top20(c: &mut Criterion) {
         l2_user_bias: 0.1,
         l2_item: 0.01,
         l2_item_bias: 0.01,
+        user_support_exponent: 0.0,
     };
     let mut group = c.benchmark_group("recommend_top20");
     for n_items in [1682, 100_000] {

@@ -18,7 +18,14 @@ const OBJECTIVES: [(&str, Objective); 2] =
     [("implicit", Objective::Implicit { alpha: 10.0 }), ("explicit", Objective::Explicit)];
 
 fn params(objective: Objective) -> TrainParams {
-    TrainParams { objective, l2_user: 0.1, l2_user_bias: 0.1, l2_item: 0.01, l2_item_bias: 0.01 }
+    TrainParams {
+        objective,
+        l2_user: 0.1,
+        l2_user_bias: 0.1,
+        l2_item: 0.01,
+        l2_item_bias: 0.01,
+        user_support_exponent: 0.0,
+    }
 }
 
 fn model() -> RoundModel {

@@ -357,7 +357,7 @@ pub fn explain(
     }
     // The right-hand side is x̃_i (weight 0 in A), so the solve gives y = A⁻¹ x̃_i.
     ne.add(m.item_row(item as usize), 0.0, 1.0);
-    let mut ridge = vec![f64::from(params.l2_user); ne.n_unknowns()];
+    let mut ridge = vec![params.user_ridge(consumed.len()); ne.n_unknowns()];
     if with_bias {
         // As in `reconstruct`, so that the decomposition is of the same solve.
         ridge[m.item_factors.ncols()] = f64::from(params.l2_user_bias).max(1e-9);

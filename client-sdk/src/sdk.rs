@@ -144,6 +144,7 @@ impl SdkConfig {
                 l2_user_bias: 0.1,
                 l2_item: 0.01,
                 l2_item_bias: 0.01,
+                user_support_exponent: 0.0,
             },
             coordinator: None,
             rules_public_key: None,
@@ -743,6 +744,7 @@ impl Sdk {
                 json!({
                     "objective": objective, "alpha": alpha, "l2_user": t.l2_user,
                     "l2_user_bias": t.l2_user_bias, "l2_item": t.l2_item, "l2_item_bias": t.l2_item_bias,
+                    "user_support_exponent": t.user_support_exponent,
                 })
             });
             let policy = &s.policy;

@@ -66,7 +66,8 @@
 //! Schema 3 adds the device's own privacy record ([`crate::policy::PrivacyRecord`]): the
 //! rounds it contributed to and their composed charge. It is sealed like everything else,
 //! and rollback detection also keeps an older (smaller) record from being put back. A store
-//! of schema 1 or 2 opens with an empty record.
+//! of schema 1 or 2 opens with an empty record. Schema 4 adds the training parameters'
+//! `user_support_exponent` (older stores: 0).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -100,7 +101,7 @@ pub const GENERATION_MAGIC: [u8; 8] = *b"FEDRECGN";
 /// The envelope format this SDK writes (and the newest it reads).
 pub const FORMAT_VERSION: u16 = 1;
 /// The payload schema this SDK writes (and the newest it reads).
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 /// The largest [`GENERATION_FILE`] read (it is 48 bytes).
 const GENERATION_FILE_CAP: u64 = 256;
 /// Length of the plaintext header (the associated data).
@@ -638,6 +639,9 @@ fn open_sealed(key: &LessSafeKey, file: &mut [u8], magic: &[u8; 8]) -> Result<Ve
 
 /// Encodes `c` as a payload of the current schema: `u32` schema version, then the body.
 ///
+/// Body of schema 4: the body of schema 3, then, when it has training parameters, their
+/// `f32 user_support_exponent` (schemas 1–3 read as 0).
+///
 /// Body of schema 3: the body of schema 2, then the privacy record:
 ///
 /// ```text
@@ -726,6 +730,9 @@ pub fn encode(c: &Contents, generation: u64) -> Vec<u8> {
         out.extend_from_slice(&e.epsilon.to_le_bytes());
         out.extend_from_slice(&e.time_s.to_le_bytes());
     }
+    if let Some(t) = &c.train {
+        put_f32s(&mut out, &[t.user_support_exponent]);
+    }
     out
 }
 
@@ -754,14 +761,20 @@ pub fn migrate(from: u32, body: &[u8]) -> Result<(Contents, u64), StoreError> {
     let mut r = Reader(body);
     let (contents, generation) = match from {
         1 => (decode_v1(&mut r)?, 0),
-        2 | 3 => {
+        2..=4 => {
             let generation = r.u64()?;
             if generation == 0 {
                 return Err(StoreError::Invalid("generation"));
             }
             let mut contents = decode_v1(&mut r)?;
-            if from == 3 {
+            if from >= 3 {
                 contents.privacy = decode_record(&mut r)?;
+            }
+            if from >= 4
+                && let Some(t) = contents.train.as_mut()
+            {
+                t.user_support_exponent = r.f32()?;
+                t.validate().map_err(|_| StoreError::Invalid("training parameters"))?;
             }
             (contents, generation)
         }
@@ -856,7 +869,7 @@ fn decode_v1(r: &mut Reader<'_>) -> Result<Contents, StoreError> {
             1 => Objective::Implicit { alpha },
             _ => return Err(StoreError::Invalid("training objective")),
         };
-        let t = TrainParams { objective, l2_user, l2_user_bias, l2_item, l2_item_bias };
+        let t = TrainParams { objective, l2_user, l2_user_bias, l2_item, l2_item_bias, user_support_exponent: 0.0 };
         t.validate().map_err(|_| StoreError::Invalid("training parameters"))?;
         Some(t)
     } else {
@@ -950,6 +963,7 @@ mod tests {
                 l2_user_bias: 0.0,
                 l2_item: 0.01,
                 l2_item_bias: 0.0,
+                user_support_exponent: 0.0,
             }),
             privacy: PrivacyRecord::default(),
         };
@@ -991,7 +1005,8 @@ mod tests {
         assert_eq!(decode(&bytes).err(), Some(StoreError::Invalid("schema version")));
     }
 
-    /// Bytes of the privacy record at the end of a schema 3 payload of `c`.
+    /// Bytes of the privacy record at the end of a schema 3 payload of `c` (and of a schema 4
+    /// one without training parameters).
     fn record_len(c: &Contents) -> usize {
         8 + 4 + 8 * c.privacy.rdp().len() + 4 + 52 * c.privacy.entries().len()
     }
@@ -1049,6 +1064,33 @@ mod tests {
         let rdp_at = bytes.len() - record_len(&c) + 12;
         bytes[rdp_at..rdp_at + 8].copy_from_slice(&f64::NAN.to_le_bytes());
         assert_eq!(decode(&bytes).err(), Some(StoreError::Invalid("privacy record")));
+    }
+
+    #[test]
+    fn the_user_support_exponent_round_trips_and_older_schemas_read_zero() {
+        let mut c = with_record();
+        c.train = Some(TrainParams {
+            objective: Objective::Implicit { alpha: 2.0 },
+            l2_user: 0.5,
+            l2_user_bias: 0.0,
+            l2_item: 0.1,
+            l2_item_bias: 0.0,
+            user_support_exponent: 0.75,
+        });
+        let v4 = encode(&c, 5);
+        let (d, g) = decode(&v4).expect("schema 4 decodes");
+        assert_eq!((g, d.train), (5, c.train));
+        // Schema 3 is schema 4 without the exponent: it opens with 0.
+        let mut v3 = 3u32.to_le_bytes().to_vec();
+        v3.extend_from_slice(&v4[4..v4.len() - 4]);
+        let (d3, _) = decode(&v3).expect("schema 3 decodes");
+        assert_eq!(d3.train.map(|t| t.user_support_exponent), Some(0.0));
+        assert_eq!(d3.privacy, c.privacy);
+        // An exponent out of range is refused, never used.
+        let mut bad = v4.clone();
+        let at = bad.len() - 4;
+        bad[at..].copy_from_slice(&3.0f32.to_le_bytes());
+        assert_eq!(decode(&bad).err(), Some(StoreError::Invalid("training parameters")));
     }
 
     #[test]

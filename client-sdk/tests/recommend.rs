@@ -298,7 +298,14 @@ fn segment_reports_the_nearest_centroid_and_its_distance() {
 }
 
 fn params(objective: Objective) -> TrainParams {
-    TrainParams { objective, l2_user: 0.1, l2_user_bias: 0.1, l2_item: 0.01, l2_item_bias: 0.01 }
+    TrainParams {
+        objective,
+        l2_user: 0.1,
+        l2_user_bias: 0.1,
+        l2_item: 0.01,
+        l2_item_bias: 0.01,
+        user_support_exponent: 0.0,
+    }
 }
 
 #[test]

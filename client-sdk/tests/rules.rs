@@ -461,7 +461,7 @@ fn fetch_messages_round_trip_on_the_wire_and_hide_the_token() {
     let limits = Limits::for_shape(&ModelShape { n_items: 1, dim: 1, n_segments: 1 });
     let fetch = Request::FetchRules(FetchRules { token: vec![0xab; 40], have_version: Some(3) });
     let frame = wire::encode(&fetch).expect("encodes");
-    assert_eq!(&frame[LEN_PREFIX..LEN_PREFIX + 2], [2, 2], "version 2, request index 2");
+    assert_eq!(&frame[LEN_PREFIX..LEN_PREFIX + 2], [3, 2], "version 3, request index 2");
     assert_eq!(wire::decode_request(&frame[LEN_PREFIX..], &limits), Ok(fetch.clone()));
     assert!(!format!("{fetch:?}").contains("171"), "Debug shows no token byte");
     let too_long = Request::FetchRules(FetchRules { token: vec![0; 513], have_version: None });
@@ -474,7 +474,7 @@ fn fetch_messages_round_trip_on_the_wire_and_hide_the_token() {
     {
         let response = Response::Rules(answer);
         let frame = wire::encode(&response).expect("encodes");
-        assert_eq!(&frame[LEN_PREFIX..LEN_PREFIX + 2], [2, 5], "version 2, response index 5");
+        assert_eq!(&frame[LEN_PREFIX..LEN_PREFIX + 2], [3, 5], "version 3, response index 5");
         assert_eq!(wire::decode_response(&frame[LEN_PREFIX..], &limits), Ok(response.clone()));
         assert!(response.into_inbound(None).is_err(), "a rules answer is not a round message");
     }

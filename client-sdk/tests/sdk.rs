@@ -260,6 +260,7 @@ impl Coordinator {
             l2_user_bias: 0.1,
             l2_item: 0.01,
             l2_item_bias: 0.01,
+            user_support_exponent: 0.0,
         };
         let coordinator = CoordinatorConfig {
             train,

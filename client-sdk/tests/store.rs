@@ -256,10 +256,10 @@ fn a_hand_written_v1_store_opens() {
 #[test]
 fn a_newer_schema_or_format_is_unsupported_not_garbage() {
     let dir = tempfile::tempdir().expect("a temp dir");
-    let newer_schema = seal_by_hand(1, &v1_payload(4));
+    let newer_schema = seal_by_hand(1, &v1_payload(5));
     std::fs::write(store_path(dir.path()), &newer_schema).expect("write");
-    let err = Sdk::open(config(dir.path())).expect_err("schema 4 is unknown");
-    assert_eq!(err, SdkError::UnsupportedVersion { found: 4, supported: 3 });
+    let err = Sdk::open(config(dir.path())).expect_err("schema 5 is unknown");
+    assert_eq!(err, SdkError::UnsupportedVersion { found: 5, supported: 4 });
     assert_eq!(store_bytes(dir.path()), newer_schema);
 
     let newer_format = seal_by_hand(2, &v1_payload(1));

@@ -43,6 +43,7 @@ fn config(adam: bool, min_reports: usize) -> CoordinatorConfig {
             l2_user_bias: 0.1,
             l2_item: 0.01,
             l2_item_bias: 0.01,
+            user_support_exponent: 0.0,
         },
         optimizer: if adam {
             ServerOptimizer::adam(0.05)

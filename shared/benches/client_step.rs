@@ -18,7 +18,14 @@ const SHAPE: ModelShape = ModelShape { n_items: 1682, dim: 32, n_segments: 8 };
 const CLIP: f32 = 1.0;
 
 fn params(objective: Objective) -> TrainParams {
-    TrainParams { objective, l2_user: 0.1, l2_user_bias: 0.1, l2_item: 0.01, l2_item_bias: 0.01 }
+    TrainParams {
+        objective,
+        l2_user: 0.1,
+        l2_user_bias: 0.1,
+        l2_item: 0.01,
+        l2_item_bias: 0.01,
+        user_support_exponent: 0.0,
+    }
 }
 
 const OBJECTIVES: [(&str, Objective); 2] =

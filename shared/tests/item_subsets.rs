@@ -28,6 +28,7 @@ const IMPLICIT: TrainParams = TrainParams {
     l2_user_bias: 0.0,
     l2_item: 0.01,
     l2_item_bias: 0.0,
+    user_support_exponent: 0.0,
 };
 
 const PERMISSIVE: SecurePolicy = SecurePolicy { min_cohort: 1, corrupt: 0.0, log2_security: -40.0 };

@@ -17,6 +17,7 @@ const EXPLICIT: TrainParams = TrainParams {
     l2_user_bias: 0.05,
     l2_item: 0.02,
     l2_item_bias: 0.03,
+    user_support_exponent: 0.0,
 };
 
 const IMPLICIT: TrainParams = TrainParams {
@@ -25,6 +26,7 @@ const IMPLICIT: TrainParams = TrainParams {
     l2_user_bias: 0.0,
     l2_item: 0.02,
     l2_item_bias: 0.0,
+    user_support_exponent: 0.0,
 };
 
 /// A random model with non-trivial biases, mean and centroids.
@@ -73,7 +75,7 @@ fn dot64(a: &[f64], b: &[f64]) -> f64 {
 
 /// The local loss of the module documentation, written out independently and entirely in `f64`.
 fn loss_f64(m: &GlobalModel, ratings: &[Rating], u: &[f64], bu: f64, p: &TrainParams) -> f64 {
-    let mut loss = 0.5 * f64::from(p.l2_user) * dot64(u, u);
+    let mut loss = 0.5 * ridge_f64(p, ratings) * dot64(u, u);
     match p.objective {
         Objective::Explicit => {
             loss += 0.5 * f64::from(p.l2_user_bias) * bu * bu;
@@ -112,7 +114,7 @@ fn user_grad_f64(
     bu: f64,
     p: &TrainParams,
 ) -> (Vec<f64>, f64) {
-    let mut g: Vec<f64> = u.iter().map(|&x| f64::from(p.l2_user) * x).collect();
+    let mut g: Vec<f64> = u.iter().map(|&x| ridge_f64(p, ratings) * x).collect();
     let mut gb = 0.0;
     match p.objective {
         Objective::Explicit => {
@@ -149,7 +151,7 @@ fn user_grad_f64(
 }
 
 fn hessian_bound(m: &GlobalModel, ratings: &[Rating], p: &TrainParams) -> f64 {
-    let mut bound = f64::from(p.l2_user) + f64::from(p.l2_user_bias);
+    let mut bound = ridge_f64(p, ratings) + f64::from(p.l2_user_bias);
     match p.objective {
         Objective::Explicit => {
             for r in ratings {
@@ -191,8 +193,52 @@ fn gradient_descent(m: &GlobalModel, ratings: &[Rating], p: &TrainParams) -> (Ve
     panic!("gradient descent did not converge");
 }
 
-fn both() -> [TrainParams; 2] {
-    [EXPLICIT, IMPLICIT]
+/// The user ridge, written from its definition: `λ_u · max(n, 1)^ν` for `n` interactions.
+fn ridge_f64(p: &TrainParams, ratings: &[Rating]) -> f64 {
+    f64::from(p.l2_user) * (ratings.len().max(1) as f64).powf(f64::from(p.user_support_exponent))
+}
+
+/// Both objectives, each with the same ridge for every user and with one scaled to the
+/// user's support (`ν = 0.5`, and ALS-WR's `ν = 1` with a smaller `λ_u`).
+fn both() -> [TrainParams; 6] {
+    let scaled =
+        |p: TrainParams, nu: f32, l2: f32| TrainParams { user_support_exponent: nu, l2_user: l2, ..p };
+    [
+        EXPLICIT,
+        IMPLICIT,
+        scaled(EXPLICIT, 0.5, 0.05),
+        scaled(IMPLICIT, 0.5, 0.05),
+        scaled(EXPLICIT, 1.0, 0.02),
+        scaled(IMPLICIT, 1.0, 0.02),
+    ]
+}
+
+/// The support exponent is the ridge's only dependence on the user: with `ν = 1` the solve is
+/// the one of `ν = 0` with `λ_u · n`, and exponents outside `[0, 2]` (or NaN) are refused.
+#[test]
+fn the_support_scaled_ridge_is_the_plain_ridge_times_the_support() {
+    let model = random_model(3);
+    let rm = RoundModel::new(0, model);
+    for base in [EXPLICIT, IMPLICIT] {
+        let ratings = random_ratings(77, 9, &base);
+        let scaled = TrainParams { user_support_exponent: 1.0, ..base };
+        let plain = TrainParams { l2_user: base.l2_user * 9.0, ..base };
+        assert!((scaled.user_ridge(9) - plain.user_ridge(9)).abs() < 1e-6 * plain.user_ridge(9));
+        assert_eq!(ratings.len(), 9);
+        let a = reconstruct(&rm, &ratings, &scaled).expect("definite");
+        let b = reconstruct(&rm, &ratings, &plain).expect("definite");
+        for (x, y) in a.factors.iter().zip(&b.factors) {
+            assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+        }
+        assert_ne!(a, reconstruct(&rm, &ratings, &base).expect("definite"), "the exponent changes the solve");
+        // A user with no interactions gets λ_u (n counts as 1).
+        assert_eq!(scaled.user_ridge(0), f64::from(base.l2_user));
+        for bad in [-0.1, 2.5, f32::NAN] {
+            let p = TrainParams { user_support_exponent: bad, ..base };
+            let err = p.validate().expect_err("out of range");
+            assert!(err.to_string().contains("user_support_exponent"), "{err}");
+        }
+    }
 }
 
 #[test]

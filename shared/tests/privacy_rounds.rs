@@ -27,6 +27,7 @@ const EXPLICIT: TrainParams = TrainParams {
     l2_user_bias: 0.1,
     l2_item: 0.01,
     l2_item_bias: 0.01,
+    user_support_exponent: 0.0,
 };
 
 const SHAPE: ModelShape = ModelShape { n_items: 10, dim: 2, n_segments: 2 };

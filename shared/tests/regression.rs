@@ -16,7 +16,14 @@ use fedrec_shared::update::{ClippedUpdate, UpdateVector};
 use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, Rating, RoundModel, TrainParams};
 
 fn params(objective: Objective) -> TrainParams {
-    TrainParams { objective, l2_user: 0.1, l2_user_bias: 0.1, l2_item: 0.01, l2_item_bias: 0.01 }
+    TrainParams {
+        objective,
+        l2_user: 0.1,
+        l2_user_bias: 0.1,
+        l2_item: 0.01,
+        l2_item_bias: 0.01,
+        user_support_exponent: 0.0,
+    }
 }
 
 fn config(train: TrainParams, selection: Selection, noise_multiplier: f32) -> CoordinatorConfig {

@@ -26,6 +26,7 @@ const EXPLICIT: TrainParams = TrainParams {
     l2_user_bias: 0.1,
     l2_item: 0.01,
     l2_item_bias: 0.01,
+    user_support_exponent: 0.0,
 };
 
 /// The expected population the test rounds declare (Poisson with noise divides by `q` times it).

@@ -32,6 +32,7 @@ const EXPLICIT: TrainParams = TrainParams {
     l2_user_bias: 0.1,
     l2_item: 0.01,
     l2_item_bias: 0.01,
+    user_support_exponent: 0.0,
 };
 
 /// A device policy that accepts tiny cohorts and assumes no collusion: the module-level tests

@@ -30,12 +30,16 @@ use proptest::prelude::*;
 
 const SHAPE: ModelShape = ModelShape { n_items: 6, dim: 2, n_segments: 2 };
 
+/// The protocol version as the one varint byte that starts every payload.
+const V: u8 = 3;
+
 const EXPLICIT: TrainParams = TrainParams {
     objective: Objective::Explicit,
     l2_user: 0.5,
     l2_user_bias: 0.1,
     l2_item: 0.01,
     l2_item_bias: 0.01,
+    user_support_exponent: 0.5,
 };
 
 fn model(shape: ModelShape, seed: u64) -> GlobalModel {
@@ -306,6 +310,7 @@ fn known_answer_messages() -> Vec<(&'static str, Result<Request, Response>)> {
         l2_user_bias: 0.0,
         l2_item: 0.0,
         l2_item_bias: 0.0,
+        user_support_exponent: 0.75,
     };
     let task = WireTask {
         round: 2,
@@ -527,8 +532,9 @@ fn hex(b: &[u8]) -> String {
 
 #[test]
 fn protocol_constants() {
-    assert_eq!(PROTOCOL_VERSION, 2);
-    assert_eq!(wire::ALPN, b"fedrec/2");
+    assert_eq!(PROTOCOL_VERSION, 3);
+    assert_eq!(u16::from(V), PROTOCOL_VERSION);
+    assert_eq!(wire::ALPN, b"fedrec/3");
     assert_eq!((CHECK_IN_LIMIT, RESPONSE_LIMIT), (4096, 1024));
     let l = Limits::for_shape(&ModelShape { n_items: 1000, dim: 16, n_segments: 8 });
     let layout_len = 1000 * 16 + 1000 + 1 + 8 * 16 + 8;
@@ -563,7 +569,7 @@ fn each_message_kind_has_its_own_limit() {
     // when the frame fits the largest request (a big model's upload).
     let big = Limits::for_shape(&ModelShape { n_items: 10_000, dim: 8, n_segments: 4 });
     let mut p = vec![0u8; CHECK_IN_LIMIT + 1];
-    p[0] = 2; // version
+    p[0] = 3; // version
     p[1] = 0; // CheckIn
     assert_eq!(
         wire::decode_request(&p, &big),
@@ -571,7 +577,7 @@ fn each_message_kind_has_its_own_limit() {
     );
     // The same for responses that are not tasks.
     let mut p = vec![0u8; RESPONSE_LIMIT + 1];
-    p[0] = 2;
+    p[0] = 3;
     p[1] = 2; // Ack
     assert_eq!(
         wire::decode_response(&p, &big),
@@ -683,24 +689,24 @@ fn a_tiny_frame_claiming_a_huge_length_allocates_nothing_and_fails() {
     // or out of memory) instead of returning an error.
     let l = limits();
     for claim in [1u64 << 20, 1 << 40, 1 << 62, u64::MAX >> 1, u64::MAX] {
-        let mut token = vec![2, 0];
+        let mut token = vec![V, 0];
         token.extend(varint(claim));
         assert!(matches!(wire::decode_request(&token, &l), Err(WireError::Malformed(_))), "token {claim}");
 
-        let mut sdk = vec![2, 0, 0];
+        let mut sdk = vec![V, 0, 0];
         sdk.extend(varint(claim));
         assert!(
             matches!(wire::decode_request(&sdk, &l), Err(WireError::Malformed(_))),
             "sdk_version {claim}"
         );
 
-        let mut update = vec![2, 1, 0];
+        let mut update = vec![V, 1, 0];
         update.extend(varint(claim));
         update.extend([0; 8]);
         assert!(matches!(wire::decode_request(&update, &l), Err(WireError::Malformed(_))), "update {claim}");
 
         // A task's model factors.
-        let mut factors = vec![2, 0, 0, 0, 0];
+        let mut factors = vec![V, 0, 0, 0, 0];
         factors.extend([0; 16]);
         factors.extend([0; 4]);
         factors.extend([0, 0, 1, 0, 1, 1, 1]);
@@ -710,7 +716,7 @@ fn a_tiny_frame_claiming_a_huge_length_allocates_nothing_and_fails() {
             "factors {claim}"
         );
 
-        let mut message = vec![2, 3, 1];
+        let mut message = vec![V, 3, 1];
         message.extend(varint(claim));
         assert!(
             matches!(wire::decode_response(&message, &l), Err(WireError::Malformed(_))),
@@ -718,7 +724,7 @@ fn a_tiny_frame_claiming_a_huge_length_allocates_nothing_and_fails() {
         );
     }
     // A length that is there but not a whole number of floats.
-    let mut p = vec![2, 1, 0, 3, 0, 0, 0, 0];
+    let mut p = vec![V, 1, 0, 3, 0, 0, 0, 0];
     p.extend([0; 16]);
     assert!(matches!(wire::decode_request(&p, &l), Err(WireError::Malformed(_))));
 }
@@ -726,20 +732,20 @@ fn a_tiny_frame_claiming_a_huge_length_allocates_nothing_and_fails() {
 #[test]
 fn the_version_is_read_first() {
     let l = limits();
-    let v2 = payload(&Request::CheckIn(check_in(None)));
-    for version in [0u16, 1, 3, 300, u16::MAX] {
-        // Another version's body need not parse as v2.
+    let v3 = payload(&Request::CheckIn(check_in(None)));
+    for version in [0u16, 1, 2, 4, 300, u16::MAX] {
+        // Another version's body need not parse as v3.
         let mut p = varint(u64::from(version));
         p.extend([0xff; 40]);
-        let want = WireError::VersionMismatch { got: version, expected: 2 };
+        let want = WireError::VersionMismatch { got: version, expected: 3 };
         assert_eq!(wire::decode_request(&p, &l), Err(want.clone()));
         assert_eq!(wire::decode_response(&p, &l), Err(want.clone()));
-        // A v2 body under another version number is refused just the same.
+        // A v3 body under another version number is refused just the same.
         let mut p = varint(u64::from(version));
-        p.extend(&v2[1..]);
+        p.extend(&v3[1..]);
         assert_eq!(wire::decode_request(&p, &l), Err(want));
     }
-    assert_eq!(WireError::VersionMismatch { got: 1, expected: 2 }.code(), ErrorCode::VersionMismatch);
+    assert_eq!(WireError::VersionMismatch { got: 2, expected: 3 }.code(), ErrorCode::VersionMismatch);
 }
 
 #[test]
@@ -747,10 +753,10 @@ fn malformed_payloads_are_refused() {
     let l = limits();
     let malformed = |r: Result<Request, WireError>| matches!(r, Err(WireError::Malformed(_)));
     assert!(malformed(wire::decode_request(&[], &l)));
-    assert!(malformed(wire::decode_request(&[2], &l)));
-    assert!(malformed(wire::decode_request(&[2, 7], &l)), "no request has variant index 7");
-    assert!(matches!(wire::decode_response(&[2, 10], &l), Err(WireError::Malformed(_))), "nor response 10");
-    assert!(matches!(wire::decode_response(&[2, 6], &l), Err(WireError::Malformed(_))), "a truncated one");
+    assert!(malformed(wire::decode_request(&[V], &l)));
+    assert!(malformed(wire::decode_request(&[V, 7], &l)), "no request has variant index 7");
+    assert!(matches!(wire::decode_response(&[V, 10], &l), Err(WireError::Malformed(_))), "nor response 10");
+    assert!(matches!(wire::decode_response(&[V, 6], &l), Err(WireError::Malformed(_))), "a truncated one");
     let mut p = payload(&Request::CheckIn(check_in(None)));
     p.push(0);
     assert!(malformed(wire::decode_request(&p, &l)), "trailing bytes");
@@ -765,7 +771,7 @@ fn malformed_payloads_are_refused() {
     up[bit] = 2;
     assert!(malformed(wire::decode_request(&up, &l)));
     // Not UTF-8.
-    let mut p = vec![2, 0, 0, 2, 0xc3, 0x28, 0, 0];
+    let mut p = vec![V, 0, 0, 2, 0xc3, 0x28, 0, 0];
     assert!(malformed(wire::decode_request(&p, &l)));
     p[4] = b'o';
     p[5] = b'k';
@@ -780,7 +786,7 @@ fn over_long_fields_are_refused_by_both_sides() {
     let long_sdk = CheckIn { sdk_version: "x".repeat(MAX_SDK_VERSION_LEN + 1), ..check_in(None) };
     assert!(matches!(wire::encode(&Request::CheckIn(long_sdk)), Err(WireError::Invalid(_))));
     // Hand-built, since the encoder refuses it.
-    let mut p = vec![2, 0];
+    let mut p = vec![V, 0];
     p.extend(varint(MAX_TOKEN_LEN as u64 + 1));
     p.extend(vec![0u8; MAX_TOKEN_LEN + 1]);
     p.extend([0, 0, 0]);
@@ -797,7 +803,7 @@ fn over_long_fields_are_refused_by_both_sides() {
         retry_after_ms: None,
     };
     assert!(matches!(wire::encode(&long), Err(WireError::Invalid(_))));
-    let mut p = vec![2, 3, 14];
+    let mut p = vec![V, 3, 14];
     p.extend(varint(MAX_ERROR_MESSAGE_LEN as u64 + 1));
     p.extend(vec![b'x'; MAX_ERROR_MESSAGE_LEN + 1]);
     p.push(0);
@@ -1012,7 +1018,7 @@ fn every_rejection_has_an_error_code() {
     }
     assert_eq!(ErrorCode::from(999), ErrorCode::Unknown);
     // An unknown code from a newer peer still decodes.
-    let mut p = vec![2, 3];
+    let mut p = vec![V, 3];
     p.extend(varint(999));
     p.extend([2, b'h', b'i', 0]);
     assert_eq!(
@@ -1276,6 +1282,7 @@ fn any_task() -> impl Strategy<Value = WireTask> {
                         l2_user_bias: l2[1],
                         l2_item: l2[2],
                         l2_item_bias: l2[3],
+                        user_support_exponent: 0.0,
                     },
                     clip_norm,
                     report_clip_bit,
@@ -1410,7 +1417,7 @@ proptest! {
         kind in 0u8..10,
         body in prop::collection::vec(any::<u8>(), 0..600),
     ) {
-        let mut bytes = vec![2, kind];
+        let mut bytes = vec![V, kind];
         bytes.extend(body);
         decode_everything(&bytes);
     }
@@ -1511,7 +1518,7 @@ fn a_finished_federation_hands_over_its_final_model() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Secure aggregation (protocol v2)
+// Secure aggregation (protocol v2 and later)
 
 /// A model shape the size of ML-100K's (1,682 items, 32 dimensions, 8 segments; 55,771 values).
 const ML_100K: ModelShape = ModelShape { n_items: 1682, dim: 32, n_segments: 8 };
@@ -1679,7 +1686,7 @@ fn oversize_secure_messages_are_refused_per_kind() {
     ];
     for (is_request, kind, limit) in kinds {
         let mut p = vec![0u8; limit + 1];
-        p[0] = 2;
+        p[0] = 3;
         p[1] = kind;
         let want = Err(WireError::TooLarge { len: limit + 1, limit });
         if is_request {
@@ -1750,13 +1757,13 @@ fn too_many_neighbours_are_refused_by_both_sides() {
     }
     // Hand-built, since the encoder refuses them: the decoder refuses them too (a list
     // beyond MAX_NEIGHBOURS + 1 already while reading it, a longer one by its size).
-    let mut p = vec![2, 9, 0];
+    let mut p = vec![V, 9, 0];
     p.extend(varint(600));
     p.extend(vec![1; 600]);
     p.extend(varint(MAX_NEIGHBOURS as u64 + 1 - 600));
     p.extend(vec![2; MAX_NEIGHBOURS + 1 - 600]);
     assert!(matches!(wire::decode_response(&p, &l), Err(WireError::Invalid(_))));
-    let mut p = vec![2, 4, 0];
+    let mut p = vec![V, 4, 0];
     p.extend(varint(MAX_NEIGHBOURS as u64 + 1));
     for _ in 0..=MAX_NEIGHBOURS {
         p.extend([0, SEALED_PAIR_LEN as u8]);
@@ -1764,7 +1771,7 @@ fn too_many_neighbours_are_refused_by_both_sides() {
     }
     p.extend([0; 16]);
     assert!(matches!(wire::decode_request(&p, &l), Err(WireError::Invalid(_))));
-    let mut p = vec![2, 8, 0];
+    let mut p = vec![V, 8, 0];
     p.extend(varint(MAX_NEIGHBOURS as u64 + 2));
     p.extend([0; 64]);
     assert!(matches!(wire::decode_response(&p, &l), Err(WireError::Malformed(_))));
@@ -1776,7 +1783,7 @@ fn malformed_secure_messages_are_refused() {
     let malformed = |r: Result<Request, WireError>| matches!(r, Err(WireError::Malformed(_)));
     // Masked words: version, MaskedInput, round 1, then the byte string, then the nonce.
     let words = |bytes: &[u8]| {
-        let mut p = vec![2, 5, 1];
+        let mut p = vec![V, 5, 1];
         p.extend(varint(bytes.len() as u64));
         p.extend(bytes);
         p.extend([0; 16]);
@@ -1813,21 +1820,21 @@ fn malformed_secure_messages_are_refused() {
         let resp = Response::MaskedInputRequest { round: 0, shares: bad };
         assert!(matches!(wire::encode(&resp), Err(WireError::Invalid(_))));
         assert!(matches!(resp.into_inbound(None), Err(WireError::Invalid(_))), "{len}");
-        let mut p = vec![2, 4, 0, 1, 1];
+        let mut p = vec![V, 4, 0, 1, 1];
         p.extend(varint(len as u64));
         p.extend(vec![0; len]);
         p.extend([0; 16]);
         assert!(matches!(wire::decode_request(&p, &l), Err(WireError::Invalid(_))), "{len}");
-        let mut p = vec![2, 8, 0, 1, 1];
+        let mut p = vec![V, 8, 0, 1, 1];
         p.extend(varint(len as u64));
         p.extend(vec![0; len]);
         assert!(matches!(wire::decode_response(&p, &l), Err(WireError::Invalid(_))), "{len}");
     }
     // A revealed share cut short, and keys cut short.
-    let mut p = vec![2, 6, 0, 1, 0];
+    let mut p = vec![V, 6, 0, 1, 0];
     p.extend([0; SHARE_LEN - 1]);
     assert!(malformed(wire::decode_request(&p, &l)));
-    let mut p = vec![2, 3, 0];
+    let mut p = vec![V, 3, 0];
     p.extend([0; 32 + 31 + 16]);
     assert!(malformed(wire::decode_request(&p, &l)));
     // Trailing bytes after a secure message.
@@ -1846,13 +1853,13 @@ fn a_huge_secure_list_count_allocates_nothing_and_fails() {
     // Were a list count or a length used to pre-allocate, this would abort instead of failing.
     let l = limits();
     for claim in [1u64 << 20, 1 << 40, u64::MAX >> 1, u64::MAX] {
-        for prefix in [vec![2u8, 4, 0], vec![2, 6, 0], vec![2, 6, 0, 0]] {
+        for prefix in [vec![V, 4, 0], vec![V, 6, 0], vec![V, 6, 0, 0]] {
             let mut p = prefix.clone();
             p.extend(varint(claim));
             p.extend([0; 8]);
             assert!(wire::decode_request(&p, &l).is_err(), "{prefix:?} {claim}");
         }
-        for prefix in [vec![2u8, 7, 0], vec![2, 8, 0], vec![2, 9, 0], vec![2, 9, 0, 0]] {
+        for prefix in [vec![V, 7, 0], vec![V, 8, 0], vec![V, 9, 0], vec![V, 9, 0, 0]] {
             let mut p = prefix.clone();
             if prefix[1] == 7 {
                 p.extend([0; 32 + 5]);
@@ -1861,7 +1868,7 @@ fn a_huge_secure_list_count_allocates_nothing_and_fails() {
             p.extend([0; 8]);
             assert!(wire::decode_response(&p, &l).is_err(), "{prefix:?} {claim}");
         }
-        let mut p = vec![2, 5, 0];
+        let mut p = vec![V, 5, 0];
         p.extend(varint(claim));
         p.extend([4, 0, 0, 0, 0]);
         assert!(malformed(&wire::decode_request(&p, &l)), "words {claim}");
@@ -1872,23 +1879,29 @@ fn a_huge_secure_list_count_allocates_nothing_and_fails() {
 }
 
 #[test]
-fn a_v1_peer_is_told_version_mismatch() {
-    // A v1 check-in, byte for byte as a v1 device sends it (the first known answer of v1).
+fn older_peers_are_told_version_mismatch() {
+    // A v1 check-in, byte for byte as a v1 device sends it (the first known answer of v1); a
+    // v2 check-in differs only in its version byte.
     let v1_check_in = [0x01, 0x00, 0x03, b't', b'o', b'k', 0x03, b'1', b'.', b'0', 0x00, 0x01, 0xac, 0x02];
     let l = limits();
-    let want = Err(WireError::VersionMismatch { got: 1, expected: 2 });
-    assert_eq!(wire::decode_request(&v1_check_in, &l), want);
-    // A v1 ack, as a v2 device would receive it from a v1 coordinator.
-    assert_eq!(wire::decode_response(&[0x01, 0x02, 0x05], &l), want.map(|_: Request| unreachable!()));
-    // The same v1 check-in as a v2 payload decodes: only the version changed.
-    let mut v2 = v1_check_in;
-    v2[0] = 2;
-    assert!(matches!(wire::decode_request(&v2, &l), Ok(Request::CheckIn(_))));
-    // The coordinator answers with this code; the ALPN says the version too (TLS refuses a
-    // v1 peer before any payload: `tests/tests/coordinator_hardening.rs`).
-    assert_eq!(WireError::VersionMismatch { got: 1, expected: 2 }.code(), ErrorCode::VersionMismatch);
+    for old in [1u8, 2] {
+        let mut check_in = v1_check_in;
+        check_in[0] = old;
+        let want = Err(WireError::VersionMismatch { got: u16::from(old), expected: 3 });
+        assert_eq!(wire::decode_request(&check_in, &l), want);
+        // An ack, as a v3 device would receive it from an older coordinator.
+        assert_eq!(wire::decode_response(&[old, 0x02, 0x05], &l), want.map(|_: Request| unreachable!()));
+    }
+    // The same check-in as a v3 payload decodes: its layout did not change.
+    let mut v3 = v1_check_in;
+    v3[0] = 3;
+    assert!(matches!(wire::decode_request(&v3, &l), Ok(Request::CheckIn(_))));
+    // The coordinator answers with this code; the ALPN says the version too (TLS refuses an
+    // older peer before any payload: `tests/tests/coordinator_hardening.rs`).
+    assert_eq!(WireError::VersionMismatch { got: 2, expected: 3 }.code(), ErrorCode::VersionMismatch);
     assert_eq!(wire::ALPN, format!("fedrec/{PROTOCOL_VERSION}").as_bytes());
     assert_ne!(wire::ALPN, b"fedrec/1");
+    assert_ne!(wire::ALPN, b"fedrec/2");
 }
 
 #[test]

@@ -113,6 +113,9 @@ pub struct RunConfig {
     pub l2_item: f32,
     /// L2 on touched item biases.
     pub l2_item_bias: f32,
+    /// `ν`: the user ridge is `l2_user · n^ν` for a user with `n` interactions
+    /// ([`TrainParams::user_support_exponent`]).
+    pub user_support_exponent: f32,
     /// Server optimizer.
     pub optimizer: OptimizerKind,
     /// Server learning rate.
@@ -231,6 +234,7 @@ impl RunConfig {
                 l2_user_bias: 5.0,
                 l2_item: 0.3,
                 l2_item_bias: 0.02,
+                user_support_exponent: 0.0,
                 optimizer: OptimizerKind::Adam,
                 server_lr: 0.01,
                 momentum: 0.9,
@@ -285,6 +289,7 @@ impl RunConfig {
             l2_user_bias: self.l2_user_bias,
             l2_item: self.l2_item,
             l2_item_bias: self.l2_item_bias,
+            user_support_exponent: self.user_support_exponent,
         }
     }
 }

@@ -365,6 +365,9 @@ struct RunArgs {
     /// Ridge on user vectors.
     #[arg(long)]
     l2_user: Option<f32>,
+    /// How the user ridge grows with the user's interactions n: l2_user · n^ν, ν in [0, 2] (0: the same for every user; 1: ALS-WR)
+    #[arg(long)]
+    user_support_exponent: Option<f32>,
     /// Ridge on user biases.
     #[arg(long)]
     l2_user_bias: Option<f32>,
@@ -506,7 +509,7 @@ impl RunArgs {
         }
         set!(rounds => rounds, clients_per_round => clients_per_round, dim => dim, segments => n_segments,
              l2_user => l2_user, l2_user_bias => l2_user_bias, l2_item => l2_item, l2_item_bias => l2_item_bias,
-             alpha => alpha, server_lr => server_lr, momentum => momentum, clip_norm => clip_norm,
+             user_support_exponent => user_support_exponent, alpha => alpha, server_lr => server_lr, momentum => momentum, clip_norm => clip_norm,
              noise_multiplier => noise_multiplier, dropout => dropout, init_std => init_std,
              eval_every => eval_every, eval_users => eval_users, threads => threads,
              delta => delta, target_quantile => target_quantile, clip_lr => clip_learning_rate,
@@ -1100,6 +1103,7 @@ fn tune_cmd(args: &TuneArgs) -> Result<()> {
     let given = [
         (r.dim.is_some(), Param::Dim),
         (r.l2_user.is_some(), Param::L2User),
+        (r.user_support_exponent.is_some(), Param::UserSupportExponent),
         (r.l2_user_bias.is_some(), Param::L2UserBias),
         (r.l2_item.is_some(), Param::L2Item),
         (r.l2_item_bias.is_some(), Param::L2ItemBias),

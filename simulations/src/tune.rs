@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use fedrec_shared::danger;
 use fedrec_shared::eval::evaluate;
+use fedrec_shared::{Rating, danger};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
@@ -175,6 +175,9 @@ pub struct TrainingKeys {
     /// L2 on item biases (`--l2-item-bias`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l2_item_bias: Option<f32>,
+    /// How the user ridge grows with the user's support (`--user-support-exponent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_support_exponent: Option<f32>,
     /// `adam` or `sgd` (`--optimizer`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub optimizer: Option<FileOptimizer>,
@@ -235,6 +238,7 @@ impl ConfigFile {
                 l2_user_bias: Some(cfg.l2_user_bias),
                 l2_item: Some(cfg.l2_item),
                 l2_item_bias: Some(cfg.l2_item_bias),
+                user_support_exponent: Some(cfg.user_support_exponent),
                 optimizer: Some(cfg.optimizer.into()),
                 server_lr: Some(cfg.server_lr),
                 momentum: (cfg.optimizer == OptimizerKind::Sgd).then_some(cfg.momentum),
@@ -266,7 +270,8 @@ impl ConfigFile {
         }
         set!(m.dim => dim, m.n_segments => n_segments, m.factor_std => init_std,
              t.implicit_alpha => alpha, t.l2_user => l2_user, t.l2_user_bias => l2_user_bias,
-             t.l2_item => l2_item, t.l2_item_bias => l2_item_bias, t.optimizer => optimizer,
+             t.l2_item => l2_item, t.l2_item_bias => l2_item_bias,
+             t.user_support_exponent => user_support_exponent, t.optimizer => optimizer,
              t.server_lr => server_lr, t.momentum => momentum,
              f.rounds => rounds, f.clients_per_round => clients_per_round, f.clip_norm => clip_norm);
     }
@@ -297,6 +302,9 @@ impl ConfigFile {
             if v.is_some_and(|x| !(x.is_finite() && x >= 0.0)) {
                 return Err((key, "must be a finite number ≥ 0"));
             }
+        }
+        if t.user_support_exponent.is_some_and(|x| !(0.0..=2.0).contains(&x)) {
+            return Err(("training.user_support_exponent", "must be in [0, 2]"));
         }
         for (key, v) in
             [("training.server_lr", t.server_lr), ("federation.clip_norm", self.federation.clip_norm)]
@@ -370,6 +378,9 @@ pub enum Param {
     Dim,
     /// `l2_user`.
     L2User,
+    /// `user_support_exponent` (sampled from {0, ½, 1}; the sampled `l2_user` is then the
+    /// ridge of a user with the median support).
+    UserSupportExponent,
     /// `l2_user_bias` (explicit only).
     L2UserBias,
     /// `l2_item`.
@@ -675,7 +686,7 @@ pub fn tune(base: &RunConfig, p: &TuneParams) -> anyhow::Result<TuneReport> {
     let max_rounds = p.max_rounds.unwrap_or(2 * base.rounds).max(1);
     let min_rounds = p.min_rounds.unwrap_or(max_rounds / (p.eta * p.eta)).clamp(1, max_rounds);
     let jobs = p.jobs.unwrap_or(base.threads).max(1);
-    let space = Space::new(base, val_data.train.len(), &p.fixed);
+    let space = Space::new(base, &val_data.train, &p.fixed);
     let mut search = Search {
         data: &val_data,
         metric,
@@ -972,12 +983,13 @@ fn print_summary(rep: &TuneReport) {
     for t in ranked.iter().take(5) {
         let c = &t.params;
         println!(
-            "    #{:<4} {label} {:.4} at round {:>4}  d {:>3}  l2_user {:.3}  l2_item {:.4}  {:?} lr {:.4}  clients {}",
+            "    #{:<4} {label} {:.4} at round {:>4}  d {:>3}  l2_user {:.3} · n^{}  l2_item {:.4}  {:?} lr {:.4}  clients {}",
             t.trial,
             t.validation_metric.unwrap_or(f64::NAN),
             t.best_round,
             c.model.dim.unwrap_or(0),
             c.training.l2_user.unwrap_or(f32::NAN),
+            c.training.user_support_exponent.unwrap_or(0.0),
             c.training.l2_item.unwrap_or(f32::NAN),
             c.training.optimizer.unwrap_or(FileOptimizer::Adam),
             c.training.server_lr.unwrap_or(f32::NAN),
@@ -1070,15 +1082,46 @@ struct Space {
     n_users: usize,
     fixed: Vec<Param>,
     adaptive_clip: bool,
+    /// The median number of training interactions per user: with a support exponent `ν`, the
+    /// sampled `l2_user` is the ridge of this user, `l2_user · median^ν`.
+    median_support: f64,
 }
 
 const DIMS: [usize; 5] = [8, 16, 32, 64, 128];
 const CLIENTS: [usize; 4] = [50, 100, 200, 400];
 const MOMENTA: [f32; 4] = [0.0, 0.5, 0.9, 0.95];
+/// The support exponents the search tries: none, the square root, ALS-WR's linear one.
+const SUPPORT_EXPONENTS: [f32; 3] = [0.0, 0.5, 1.0];
 
 impl Space {
-    fn new(base: &RunConfig, n_users: usize, fixed: &[Param]) -> Self {
-        Self { objective: base.objective, n_users, fixed: fixed.to_vec(), adaptive_clip: base.adaptive_clip }
+    fn new(base: &RunConfig, train: &[Vec<Rating>], fixed: &[Param]) -> Self {
+        let mut support: Vec<usize> = train.iter().map(Vec::len).collect();
+        support.sort_unstable();
+        let median_support = support.get(support.len() / 2).map_or(1.0, |&n| n.max(1) as f64);
+        Self {
+            objective: base.objective,
+            n_users: train.len(),
+            fixed: fixed.to_vec(),
+            adaptive_clip: base.adaptive_clip,
+            median_support,
+        }
+    }
+
+    /// `median^ν`: what `l2_user` is multiplied by for the median user.
+    fn support_scale(&self, nu: f32) -> f32 {
+        self.median_support.powf(f64::from(nu)) as f32
+    }
+
+    /// The log-uniform range of a continuous parameter in `c`'s units: `l2_user`'s range is
+    /// that of the median user's ridge, divided by [`Space::support_scale`] of `c`'s exponent.
+    fn range_for(&self, p: Param, c: &RunConfig) -> (f32, f32) {
+        let (lo, hi) = self.range(p, c.optimizer);
+        if p == Param::L2User {
+            let scale = self.support_scale(c.user_support_exponent);
+            (lo / scale, hi / scale)
+        } else {
+            (lo, hi)
+        }
     }
 
     /// Whether the search varies `p`.
@@ -1087,6 +1130,8 @@ impl Space {
             Param::L2UserBias | Param::L2ItemBias => self.objective == ObjectiveKind::Explicit,
             Param::Alpha => self.objective == ObjectiveKind::Implicit,
             Param::ClipNorm => !self.adaptive_clip,
+            // The exponent rescales the user ridge: searched only with it.
+            Param::UserSupportExponent => !self.fixed.contains(&Param::L2User),
             _ => true,
         };
         applies && !self.fixed.contains(&p)
@@ -1107,7 +1152,11 @@ impl Space {
             Param::ServerLr => (0.005, 3.0),
             Param::ClipNorm => (0.3, 300.0),
             Param::InitStd => (0.01, 0.5),
-            Param::Dim | Param::Optimizer | Param::Momentum | Param::ClientsPerRound => (1.0, 1.0),
+            Param::Dim
+            | Param::Optimizer
+            | Param::Momentum
+            | Param::ClientsPerRound
+            | Param::UserSupportExponent => (1.0, 1.0),
         }
     }
 
@@ -1126,7 +1175,11 @@ impl Space {
             Param::ServerLr => Some(&mut c.server_lr),
             Param::ClipNorm => Some(&mut c.clip_norm),
             Param::InitStd => Some(&mut c.init_std),
-            Param::Dim | Param::Optimizer | Param::Momentum | Param::ClientsPerRound => None,
+            Param::Dim
+            | Param::Optimizer
+            | Param::Momentum
+            | Param::ClientsPerRound
+            | Param::UserSupportExponent => None,
         }
     }
 
@@ -1158,9 +1211,12 @@ impl Space {
         if self.free(Param::Momentum) && c.optimizer == OptimizerKind::Sgd {
             c.momentum = MOMENTA[rng.random_range(0..MOMENTA.len())];
         }
+        if self.free(Param::UserSupportExponent) {
+            c.user_support_exponent = SUPPORT_EXPONENTS[rng.random_range(0..SUPPORT_EXPONENTS.len())];
+        }
         for p in Self::CONTINUOUS {
             if self.free(p) {
-                let (lo, hi) = self.range(p, c.optimizer);
+                let (lo, hi) = self.range_for(p, &c);
                 if let Some(x) = Self::field(&mut c, p) {
                     *x = log_uniform(rng, lo, hi);
                 }
@@ -1188,9 +1244,21 @@ impl Space {
         if self.free(Param::Momentum) && c.optimizer == OptimizerKind::Sgd && rng.random_bool(0.3) {
             c.momentum = MOMENTA[rng.random_range(0..MOMENTA.len())];
         }
+        if self.free(Param::UserSupportExponent) && rng.random_bool(0.3) {
+            // A step to a neighbouring exponent, keeping the median user's ridge.
+            let k = SUPPORT_EXPONENTS.iter().position(|&e| e == c.user_support_exponent).unwrap_or(0);
+            let k = if rng.random_bool(0.5) {
+                k.saturating_sub(1)
+            } else {
+                (k + 1).min(SUPPORT_EXPONENTS.len() - 1)
+            };
+            let old = self.support_scale(c.user_support_exponent);
+            c.user_support_exponent = SUPPORT_EXPONENTS[k];
+            c.l2_user *= old / self.support_scale(c.user_support_exponent);
+        }
         for p in Self::CONTINUOUS {
             if self.free(p) {
-                let (lo, hi) = self.range(p, c.optimizer);
+                let (lo, hi) = self.range_for(p, &c);
                 let factor = step.sample(rng).exp() as f32;
                 if let Some(x) = Self::field(&mut c, p) {
                     *x = (*x * factor).clamp(lo, hi);

@@ -28,6 +28,7 @@ pub const TRAIN: TrainParams = TrainParams {
     l2_user_bias: 0.1,
     l2_item: 0.05,
     l2_item_bias: 0.01,
+    user_support_exponent: 0.0,
 };
 
 /// The expected population [`coordinator_config`] declares: Poisson selection with noise

@@ -190,6 +190,7 @@ fn config() -> CoordinatorConfig {
             l2_user_bias: 0.1,
             l2_item: 0.01,
             l2_item_bias: 0.01,
+            user_support_exponent: 0.0,
         },
         optimizer: ServerOptimizer::adam(0.05),
         selection: Selection::Poisson { q: 0.5 },

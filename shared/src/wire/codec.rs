@@ -1,4 +1,4 @@
-//! Framing, hard size limits, and the encoder and decoders of protocol v2.
+//! Framing, hard size limits, and the encoder and decoders of protocol v3.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -11,9 +11,10 @@ use super::messages::{
 use crate::model::ModelShape;
 
 /// The protocol version this side speaks; the first field of every payload.
-pub const PROTOCOL_VERSION: u16 = 2;
-/// The TLS ALPN identifier of protocol v2 (a v1 peer's `fedrec/1` fails the TLS handshake).
-pub const ALPN: &[u8] = b"fedrec/2";
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The TLS ALPN identifier of protocol v3 (an older peer's `fedrec/1` or `fedrec/2` fails the
+/// TLS handshake).
+pub const ALPN: &[u8] = b"fedrec/3";
 /// Length of a frame's length prefix (a little-endian `u32`).
 pub const LEN_PREFIX: usize = 4;
 

@@ -48,6 +48,7 @@ impl From<TrainParams> for WireTrainParams {
             l2_user_bias: p.l2_user_bias,
             l2_item: p.l2_item,
             l2_item_bias: p.l2_item_bias,
+            user_support_exponent: p.user_support_exponent,
         }
     }
 }
@@ -62,6 +63,7 @@ impl From<WireTrainParams> for TrainParams {
             l2_user_bias: p.l2_user_bias,
             l2_item: p.l2_item,
             l2_item_bias: p.l2_item_bias,
+            user_support_exponent: p.user_support_exponent,
         }
     }
 }

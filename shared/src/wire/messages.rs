@@ -1,4 +1,4 @@
-//! The messages of protocol v2 as plain serializable data; see the parent module for their byte layout.
+//! The messages of protocol v3 as plain serializable data; see the parent module for their byte layout.
 
 use std::fmt;
 use std::time::Duration;
@@ -250,6 +250,8 @@ pub struct WireTrainParams {
     pub l2_item: f32,
     /// L2 on the item biases.
     pub l2_item_bias: f32,
+    /// How the user ridge grows with the user's support (protocol 3).
+    pub user_support_exponent: f32,
 }
 
 /// A global model and its version, as downloaded with a task.

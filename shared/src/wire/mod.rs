@@ -1,4 +1,4 @@
-//! The wire format (protocol v2): the messages devices and the coordinator exchange, their framing and hard size limits, and the explicit conversions to and from the round machines' internal types.
+//! The wire format (protocol v3): the messages devices and the coordinator exchange, their framing and hard size limits, and the explicit conversions to and from the round machines' internal types.
 //!
 //! This is the only module of `fedrec-shared` that derives `Serialize`/`Deserialize`. The
 //! wire types are plain data, separate from the internal ones ([`crate::round::ServerMessage`],
@@ -89,13 +89,15 @@
 //!
 //! The version is the first field of every payload, in this and every later protocol
 //! version, so a decoder reads it alone first: a payload of another version is
-//! [`WireError::VersionMismatch`] even when its body is not v2. The coordinator answers it with
-//! [`ErrorCode::VersionMismatch`] in a v2 envelope.
+//! [`WireError::VersionMismatch`] even when its body is not v3. The coordinator answers it with
+//! [`ErrorCode::VersionMismatch`] in a v3 envelope.
 //!
 //! v2 added the secure-aggregation messages (request indices 3–6, response indices 7–9) and
-//! changed nothing in the layout of the v1 messages but the version number. A v1 peer cannot
-//! talk to a v2 one: over QUIC its ALPN `fedrec/1` fails the TLS handshake, and a v1 payload
-//! that reaches a v2 decoder is [`WireError::VersionMismatch`]`{ got: 1, expected: 2 }`.
+//! changed nothing in the layout of the v1 messages but the version number. v3 added
+//! `user_support_exponent` (f32) at the end of [`WireTrainParams`] (in `Task` and
+//! `CompactTask`) and changed nothing else. An older peer cannot talk to a v3 one: over QUIC
+//! its ALPN `fedrec/1` or `fedrec/2` fails the TLS handshake, and an older payload that
+//! reaches a v3 decoder is [`WireError::VersionMismatch`]`{ got: 2, expected: 3 }`.
 
 mod codec;
 mod convert;

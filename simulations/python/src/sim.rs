@@ -32,7 +32,7 @@ struct Options {
 
 /// Every keyword `simulate`, `sweep` and `audit` accept: the `fedrec-sim run` flags with
 /// underscores (data flags excepted: the data is the `Split` argument).
-pub const OPTION_NAMES: [&str; 38] = [
+pub const OPTION_NAMES: [&str; 39] = [
     "config",
     "objective",
     "rounds",
@@ -43,6 +43,7 @@ pub const OPTION_NAMES: [&str; 38] = [
     "l2_user_bias",
     "l2_item",
     "l2_item_bias",
+    "user_support_exponent",
     "alpha",
     "optimizer",
     "server_lr",
@@ -119,7 +120,7 @@ fn options(opts: &Bound<'_, PyDict>) -> PyResult<Options> {
     }
     set!("rounds" => rounds, "clients_per_round" => clients_per_round, "dim" => dim, "segments" => n_segments,
          "l2_user" => l2_user, "l2_user_bias" => l2_user_bias, "l2_item" => l2_item, "l2_item_bias" => l2_item_bias,
-         "alpha" => alpha, "server_lr" => server_lr, "momentum" => momentum, "clip_norm" => clip_norm,
+         "user_support_exponent" => user_support_exponent, "alpha" => alpha, "server_lr" => server_lr, "momentum" => momentum, "clip_norm" => clip_norm,
          "noise_multiplier" => noise_multiplier, "dropout" => dropout, "init_std" => init_std,
          "eval_every" => eval_every, "eval_users" => eval_users, "threads" => threads,
          "delta" => delta, "target_quantile" => target_quantile, "clip_lr" => clip_learning_rate,
