@@ -175,7 +175,8 @@ pub struct TrainingKeys {
     /// L2 on item biases (`--l2-item-bias`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l2_item_bias: Option<f32>,
-    /// How the user ridge grows with the user's support (`--user-support-exponent`).
+    /// How the user ridge grows with the user's support (`--user-support-exponent`). A file
+    /// that sets `l2_user` without it (one written before the exponent existed) means 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_support_exponent: Option<f32>,
     /// `adam` or `sgd` (`--optimizer`).
@@ -274,6 +275,11 @@ impl ConfigFile {
              t.user_support_exponent => user_support_exponent, t.optimizer => optimizer,
              t.server_lr => server_lr, t.momentum => momentum,
              f.rounds => rounds, f.clients_per_round => clients_per_round, f.clip_norm => clip_norm);
+        // A file that sets the user ridge but not its exponent predates the exponent: its
+        // ridge is the same for every user.
+        if t.l2_user.is_some() && t.user_support_exponent.is_none() {
+            c.user_support_exponent = 0.0;
+        }
     }
 
     /// Checks every value; the error names the key.

@@ -137,4 +137,37 @@ fn the_explicit_nonprivate_preset_reads() {
     assert_eq!((cfg.dim, cfg.rounds), (64, 180));
     assert_eq!(file.objective(), Some(ObjectiveKind::Explicit));
     assert_eq!(file.clip_norm(), Some(7.0));
+    // Its ridge was chosen without a support exponent, and the file says so.
+    assert_eq!((cfg.l2_user, cfg.user_support_exponent), (8.0, 0.0));
+}
+
+/// A configuration file written before the support exponent existed keeps its meaning: its
+/// `l2_user` is the same for every user (exponent 0), whatever exponent the run starts from; a
+/// file that names the exponent gets it; one without `l2_user` leaves the starting pair.
+#[test]
+fn a_file_without_the_exponent_keeps_a_plain_ridge() {
+    use fedrec_sim::tune::ConfigFile;
+    // A base that scales the ridge (as `--user-support-exponent 1 --l2-user 0.2` gives).
+    let defaults = RunConfig {
+        user_support_exponent: 1.0,
+        l2_user: 0.2,
+        ..RunConfig::defaults(ObjectiveKind::Implicit)
+    };
+    let read = |json: &str| {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("c.json");
+        std::fs::write(&path, json).expect("write");
+        let file = ConfigFile::read(&path).expect("valid");
+        let mut cfg = defaults.clone();
+        file.apply(&mut cfg);
+        (cfg.l2_user, cfg.user_support_exponent)
+    };
+    assert_eq!(read(r#"{"training": {"l2_user": 5.0}}"#), (5.0, 0.0));
+    assert_eq!(read(r#"{"training": {"l2_user": 0.3, "user_support_exponent": 1.0}}"#), (0.3, 1.0));
+    assert_eq!(read(r#"{"model": {"dim": 16}}"#), (defaults.l2_user, defaults.user_support_exponent));
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let path = dir.path().join("bad.json");
+    std::fs::write(&path, r#"{"training": {"user_support_exponent": 3.0}}"#).expect("write");
+    let err = ConfigFile::read(&path).expect_err("out of range");
+    assert!(err.to_string().contains("training.user_support_exponent"), "{err}");
 }
