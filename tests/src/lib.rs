@@ -6,6 +6,7 @@ pub mod curious;
 pub mod postgres;
 pub mod relay;
 pub mod server;
+pub mod store_history;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
