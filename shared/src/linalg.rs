@@ -14,7 +14,7 @@ use crate::error::SolveError;
 /// by `√w_a`) and the lower triangle of `A` is formed at solve time from dot products of
 /// the buffered columns, which vectorises far better than rank-one updates.
 ///
-/// Every entry of `A` is one [`dot_f64`] of two columns (lane `l` sums the observations
+/// Every entry of `A` is one `dot_f64` of two columns (lane `l` sums the observations
 /// `≡ l (mod 8)` in order), whichever way it is computed, so the solution does not depend
 /// on the number of observations choosing one kernel or the other.
 #[derive(Debug, Clone)]
