@@ -869,7 +869,14 @@ fn decode_v1(r: &mut Reader<'_>) -> Result<Contents, StoreError> {
             1 => Objective::Implicit { alpha },
             _ => return Err(StoreError::Invalid("training objective")),
         };
-        let t = TrainParams { objective, l2_user, l2_user_bias, l2_item, l2_item_bias, user_support_exponent: 0.0 };
+        let t = TrainParams {
+            objective,
+            l2_user,
+            l2_user_bias,
+            l2_item,
+            l2_item_bias,
+            user_support_exponent: 0.0,
+        };
         t.validate().map_err(|_| StoreError::Invalid("training parameters"))?;
         Some(t)
     } else {

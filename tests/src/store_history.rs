@@ -1,6 +1,9 @@
-//! A small coordinator history for the store tests: a Poisson-sampled, noised configuration of a 40 × 4 model, its devices' ratings, and the states after central then distributed rounds (both kinds of ledger charge), shared by the PostgreSQL fail-over and migration tests.
+//! What the PostgreSQL fail-over and migration tests share: a Poisson-sampled, noised configuration of a 40 × 4 model, its devices' ratings, the states after central then distributed rounds (both kinds of ledger charge), devices that keep taking part against a `serve` process, and its `round N committed` lines.
 
 use std::time::Duration;
+
+use fedrec_client::net::{Device, Participation};
+use tokio::task::JoinHandle;
 
 use fedrec_shared::danger::seeded_rng;
 use fedrec_shared::harness::{Federation, HarnessConfig};
@@ -12,7 +15,7 @@ use fedrec_shared::round::{
 use fedrec_shared::server::{CentroidPolicy, ServerOptimizer};
 use fedrec_shared::{GlobalModel, ModelInit, ModelShape, Objective, Rating, TrainParams};
 
-use crate::{low_rank_ratings, ratings_by_user};
+use crate::{low_rank_ratings, net_config, ratings_by_user};
 
 /// The model's shape.
 pub const SHAPE: ModelShape = ModelShape { n_items: 40, dim: 4, n_segments: 2 };
@@ -84,4 +87,36 @@ pub fn history(
         rounds.push((fed.coordinator.state().expect("no round open"), event));
     }
     (initial, rounds)
+}
+
+/// Devices participating in a loop against `addr`.
+pub fn participate(addr: std::net::SocketAddr, cert: &[u8], tokens: &[Vec<u8>]) -> Vec<JoinHandle<()>> {
+    let data = ratings(tokens.len());
+    tokens
+        .iter()
+        .zip(data)
+        .map(|(token, train)| {
+            let cfg = net_config(addr, cert.to_vec(), token.clone(), SHAPE, Duration::from_secs(5));
+            let mut device = Device::new(cfg).expect("the client endpoint binds");
+            tokio::spawn(async move {
+                loop {
+                    let pause = match device.participate(&train).await {
+                        Ok(Participation::NotSelected { retry_after }) => {
+                            retry_after.min(Duration::from_millis(60))
+                        }
+                        _ => Duration::from_millis(20),
+                    };
+                    // Pacing between attempts (not a wait for a condition).
+                    tokio::time::sleep(pause).await;
+                }
+            })
+        })
+        .collect()
+}
+
+/// The round index of a `round N committed` line.
+pub fn committed_round(line: &str) -> Option<u64> {
+    let rest = line.strip_prefix("round ")?;
+    let (n, tail) = rest.split_once(' ')?;
+    tail.starts_with("committed").then(|| n.parse().ok()).flatten()
 }

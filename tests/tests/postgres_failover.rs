@@ -1,15 +1,13 @@
 //! The coordinator's PostgreSQL store on a real PostgreSQL server started by the test: states round-trip bit for bit like SQLite's with the same hash chains, a round is never written twice, and two `serve` processes on one database fail over after `kill -9` of the leader without charging a round twice. Skipped, with a message, where no PostgreSQL can run.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use fedrec_client::net::{Device, Participation};
 use fedrec_coordinator::store::{BackendKind, Store, StoreError, StoreOptions, StoreSection};
 use fedrec_shared::round::{CoordinatorEvent, CoordinatorState};
+use fedrec_tests::CoordinatorDir;
 use fedrec_tests::postgres::{PgServer, ServeProcess};
-use fedrec_tests::store_history::{SHAPE, history, ratings};
-use fedrec_tests::{CoordinatorDir, net_config};
-use tokio::task::JoinHandle;
+use fedrec_tests::store_history::{SHAPE, committed_round, history, participate};
 
 /// A `[store]` section for `url`, its password in `dir/pg.password`.
 fn pg_section(pg: &PgServer, dir: &Path, url: &str) -> StoreSection {
@@ -128,38 +126,6 @@ fn the_store_section_names_the_key_it_refuses() {
     assert!(missing_env.starts_with("store.password_env:"), "{missing_env}");
     let sqlite_with_url = err(StoreSection { backend: BackendKind::Sqlite, ..pg(Some("postgres://x@y/z")) });
     assert!(sqlite_with_url.starts_with("store.url: only for backend"), "{sqlite_with_url}");
-}
-
-/// Devices participating in a loop against `addr`.
-fn participate(addr: std::net::SocketAddr, cert: &[u8], tokens: &[Vec<u8>]) -> Vec<JoinHandle<()>> {
-    let data = ratings(tokens.len());
-    tokens
-        .iter()
-        .zip(data)
-        .map(|(token, train)| {
-            let cfg = net_config(addr, cert.to_vec(), token.clone(), SHAPE, Duration::from_secs(5));
-            let mut device = Device::new(cfg).expect("the client endpoint binds");
-            tokio::spawn(async move {
-                loop {
-                    let pause = match device.participate(&train).await {
-                        Ok(Participation::NotSelected { retry_after }) => {
-                            retry_after.min(Duration::from_millis(60))
-                        }
-                        _ => Duration::from_millis(20),
-                    };
-                    // Pacing between attempts (not a wait for a condition).
-                    tokio::time::sleep(pause).await;
-                }
-            })
-        })
-        .collect()
-}
-
-/// The round index of a `round N committed` line.
-fn committed_round(line: &str) -> Option<u64> {
-    let rest = line.strip_prefix("round ")?;
-    let (n, tail) = rest.split_once(' ')?;
-    tail.starts_with("committed").then(|| n.parse().ok()).flatten()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,9 +1,7 @@
 //! Operating the coordinator's PostgreSQL store, on a real PostgreSQL server started by the test: TLS with the server's certificate verified (and plaintext refused by a `hostssl`-only server), and `migrate` from a SQLite store into an empty database, after which `serve` resumes there. Skipped, with a message, where no PostgreSQL can run.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use fedrec_client::net::{Device, Participation};
 use fedrec_coordinator::auth::DeviceId;
 use fedrec_coordinator::store::{
     BackendKind, PgTarget, Store, StoreError, StoreLocation, StoreOptions, StoreSection, TlsMode,
@@ -13,10 +11,9 @@ use fedrec_shared::ledger::{PrivacyBudget, PrivacyPolicy};
 use fedrec_shared::privacy::AccountantKind;
 use fedrec_shared::round::{AbandonReason, CoordinatorEvent, CoordinatorState};
 use fedrec_tests::postgres::{PgServer, ServeProcess};
-use fedrec_tests::store_history::{SHAPE, history, ratings};
-use fedrec_tests::{CoordinatorDir, encode_hex, net_config};
+use fedrec_tests::store_history::{SHAPE, committed_round, history, participate};
+use fedrec_tests::{CoordinatorDir, encode_hex};
 use rcgen::{BasicConstraints, Certificate, CertificateParams, DnType, IsCa, KeyPair};
-use tokio::task::JoinHandle;
 
 /// A `[store]` section for `url`, its password in `dir/pg.password`.
 fn pg_section(
@@ -267,38 +264,6 @@ fn migrate_copies_every_table_checks_the_chain_head_and_refuses_a_non_empty_targ
     assert_eq!(copy.status().expect("status"), status);
     assert_eq!(copy.verify_chain().expect("reads"), after);
     assert_eq!(sha256(&sqlite_path), file_before, "the SQLite file is untouched");
-}
-
-/// Devices participating in a loop against `addr`.
-fn participate(addr: std::net::SocketAddr, cert: &[u8], tokens: &[Vec<u8>]) -> Vec<JoinHandle<()>> {
-    let data = ratings(tokens.len());
-    tokens
-        .iter()
-        .zip(data)
-        .map(|(token, train)| {
-            let cfg = net_config(addr, cert.to_vec(), token.clone(), SHAPE, Duration::from_secs(5));
-            let mut device = Device::new(cfg).expect("the client endpoint binds");
-            tokio::spawn(async move {
-                loop {
-                    let pause = match device.participate(&train).await {
-                        Ok(Participation::NotSelected { retry_after }) => {
-                            retry_after.min(Duration::from_millis(60))
-                        }
-                        _ => Duration::from_millis(20),
-                    };
-                    // Pacing between attempts (not a wait for a condition).
-                    tokio::time::sleep(pause).await;
-                }
-            })
-        })
-        .collect()
-}
-
-/// The round index of a `round N committed` line.
-fn committed_round(line: &str) -> Option<u64> {
-    let rest = line.strip_prefix("round ")?;
-    let (n, tail) = rest.split_once(' ')?;
-    tail.starts_with("committed").then(|| n.parse().ok()).flatten()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
