@@ -242,9 +242,7 @@ impl PrivacyPolicy {
             total_epsilon,
         })
     }
-}
 
-impl PrivacyPolicy {
     /// Prices a distributed-noise round at share-keys: the increment that raises the round's
     /// admitted charge (recorded in `record` under `charge.round`; none counts as nothing
     /// charged yet) to the exact DDGauss event, order by order. Refuses with
@@ -258,6 +256,7 @@ impl PrivacyPolicy {
         charge: &DistributedCharge,
         record: &PrivacyRecord,
     ) -> Result<TopUp, RefusalReason> {
+        // No entry: nothing charged yet (the whole exact curve is added).
         let admitted = record
             .entry(charge.round)
             .map_or_else(|| vec![0.0; DEFAULT_ORDERS.len()], |e| privacy::round_rdp(e.q, e.noise_multiplier));
@@ -267,17 +266,9 @@ impl PrivacyPolicy {
             admitted.iter().zip(&exact).map(|(&a, &x)| if x > a { x - a } else { 0.0 }).collect();
         let round_rdp: Vec<f64> = admitted.iter().zip(&increment).map(|(a, i)| a + i).collect();
         let (epsilon, total_epsilon) = self.within_limits(&round_rdp, &increment, record)?;
-        Ok(TopUp {
-            round: charge.round,
-            epsilon,
-            total_epsilon,
-            increment,
-            admitted: record.entry(charge.round).is_some(),
-        })
+        Ok(TopUp { round: charge.round, epsilon, total_epsilon, increment })
     }
-}
 
-impl PrivacyPolicy {
     /// The round's ε (from its whole curve `round_rdp`) and the device's ε once `added` joins
     /// `record`, both at the policy's δ; or the limit they break, per round first.
     fn within_limits(
@@ -309,7 +300,6 @@ pub struct TopUp {
     /// The device's ε after the top-up, at the policy's δ.
     pub total_epsilon: f64,
     increment: Vec<f64>,
-    admitted: bool,
 }
 
 /// The cohort a task promises: `q · population` for a Poisson round that declares its
@@ -412,18 +402,16 @@ impl PrivacyRecord {
         });
     }
 
-    /// Adds a repriced round's increment ([`PrivacyPolicy::reprice`]); the round's entry
-    /// then shows its repriced ε. A round that was never admitted is added as a new round.
+    /// Adds a repriced round's increment ([`PrivacyPolicy::reprice`] of this record); the
+    /// round's entry then shows its repriced ε. A round without an entry (never admitted) is
+    /// added as a new round.
     pub fn top_up(&mut self, top_up: &TopUp) {
         for (total, r) in self.rdp.iter_mut().zip(&top_up.increment) {
             *total += r;
         }
         match self.entries.iter_mut().rev().find(|e| e.round == top_up.round) {
             Some(entry) => entry.epsilon = top_up.epsilon,
-            None if !top_up.admitted => self.n_rounds = self.n_rounds.saturating_add(1),
-            // Admitted, but its entry has been dropped from the list since: the composition
-            // above is what counts.
-            None => {}
+            None => self.n_rounds = self.n_rounds.saturating_add(1),
         }
     }
 

@@ -234,6 +234,9 @@ pub fn rdp_round(event: &DdpEvent, alpha: u32) -> f64 {
 /// Theorem 3), so the value at `⌈α⌉` bounds the one at `α`: the curve is an upper bound,
 /// exact at integer orders. Infinite for an order that is not finite or below 1.
 pub fn rdp_at_orders(event: &DdpEvent, orders: &[f64]) -> Vec<f64> {
+    // Neighbouring orders share `⌈α⌉` (ten of dp-accounting's fractional orders per integer):
+    // each integer order is computed once while the orders run through it.
+    let mut last: Option<(u32, f64)> = None;
     orders
         .iter()
         .map(|&alpha| {
@@ -242,7 +245,14 @@ pub fn rdp_at_orders(event: &DdpEvent, orders: &[f64]) -> Vec<f64> {
             }
             // In range: 1 ≤ ⌈α⌉ ≤ u32::MAX.
             let order = (alpha.ceil() as u32).max(2);
-            rdp_round(event, order)
+            match last {
+                Some((o, v)) if o == order => v,
+                _ => {
+                    let v = rdp_round(event, order);
+                    last = Some((order, v));
+                    v
+                }
+            }
         })
         .collect()
 }

@@ -116,8 +116,6 @@ pub struct ClientRound<'a> {
     secure_policy: SecurePolicy,
     noise_policy: DistributedPolicy,
     crafted: Option<Crafted<'a>>,
-    /// The distributed charge fixed at share-keys, until the driver takes it.
-    charge: Option<DistributedCharge>,
 }
 
 impl<'a> ClientRound<'a> {
@@ -135,7 +133,6 @@ impl<'a> ClientRound<'a> {
             secure_policy: SecurePolicy::default(),
             noise_policy: DistributedPolicy::default(),
             crafted: None,
-            charge: None,
         }
     }
 
@@ -335,7 +332,6 @@ impl<'a> ClientRound<'a> {
                 }
                 let rng = self.rng.as_mut().ok_or(SecureRefusal::Protocol("no generator"))?;
                 let shares = secagg.share_keys(req, rng)?;
-                self.charge = secagg.distributed_event().map(|event| DistributedCharge { round, event });
                 ClientMessage::EncryptedShares { round, shares }
             }
             ServerMessage::MaskedInputRequest(req) => {
@@ -370,7 +366,8 @@ impl<'a> ClientRound<'a> {
     /// [`ClientRound::poll_transmit`]): a driver that keeps a privacy record tops it up to this
     /// charge, or stops here (nothing that depends on the update has left the device yet).
     pub fn take_distributed_charge(&mut self) -> Option<DistributedCharge> {
-        self.charge.take()
+        let State::Secure { round, secagg, .. } = &mut self.state else { return None };
+        secagg.take_distributed_event().map(|event| DistributedCharge { round: *round, event })
     }
 
     /// The next message to send, if any.

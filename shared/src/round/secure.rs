@@ -264,7 +264,8 @@ struct DeviceDdp {
     clip_norm: f32,
     policy: DistributedPolicy,
     words: Option<Zeroizing<Vec<u64>>>,
-    /// What the round costs the device, once its parameters are known (share-keys).
+    /// What the round costs the device, once its parameters are known (share-keys), until
+    /// the driver takes it.
     charge: Option<crate::ddp::DdpEvent>,
 }
 
@@ -399,9 +400,10 @@ impl DeviceSecAgg {
     }
 
     /// The round's distributed-noise event as this device prices it, once share-keys fixed
-    /// the parameters ([`DistributedCharge`]); `None` without distributed noise or before.
-    pub fn distributed_event(&self) -> Option<crate::ddp::DdpEvent> {
-        self.ddp.as_ref().and_then(|dd| dd.charge)
+    /// the parameters ([`DistributedCharge`]); taken once, `None` without distributed noise,
+    /// before share-keys, or after it was taken.
+    pub fn take_distributed_event(&mut self) -> Option<crate::ddp::DdpEvent> {
+        self.ddp.as_mut().and_then(|dd| dd.charge.take())
     }
 
     /// Phase 1 (round 1, ShareKeys): checks the cohort and parameters against the policy and
