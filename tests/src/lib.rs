@@ -112,20 +112,34 @@ fn target_dir() -> PathBuf {
     }
 }
 
-/// Builds `bin` of `package` (debug profile) and returns its path.
+/// Builds the workspace's tests and binaries once per test process and returns cargo's
+/// output folder for them (`target/debug`).
 ///
 /// `CARGO_BIN_EXE_*` only exists for the integration tests of the package that owns the
-/// binary, so this crate builds the workspace's binaries itself; cargo's own up-to-date check
-/// makes repeat calls cheap. Panics with cargo's output when the build fails.
-fn build_bin(package: &str, bin: &str) -> PathBuf {
-    cargo_build(&["-p", package, "--bin", bin]);
-    let path = target_dir().join("debug").join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
-    assert!(path.is_file(), "cargo built {bin} but {} is missing", path.display());
+/// binary, so this crate builds the workspace's binaries itself. It asks for exactly what the
+/// README's `cargo test --workspace` builds (every package's tests, the `test` profile), so
+/// after that command cargo finds everything fresh: built for one package alone (`-p`) or in
+/// the `dev` profile, the same crates would resolve other features or other settings and be
+/// compiled a second time, which on a fresh machine doubles the build's time and disk. Panics
+/// with cargo's output when the build fails.
+fn workspace_built() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        cargo_build(&["--workspace", "--tests", "--profile", "test"]);
+        target_dir().join("debug")
+    })
+    .clone()
+}
+
+/// The path of `name` in [`workspace_built()`]'s folder, which must exist.
+fn built_artifact(name: &str) -> PathBuf {
+    let path = workspace_built().join(name);
+    assert!(path.is_file(), "cargo built the workspace but {} is missing", path.display());
     path
 }
 
-/// Runs `cargo build <args>` (debug profile) in the workspace; panics with cargo's output when
-/// the build fails.
+/// Runs `cargo build <args>` in the workspace; panics with cargo's output when the build
+/// fails.
 fn cargo_build(args: &[&str]) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = Command::new(cargo)
@@ -147,7 +161,7 @@ fn cargo_build(args: &[&str]) {
 /// The `fedrec-sim` binary, built once per test process.
 pub fn fedrec_sim_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| build_bin("fedrec-sim", "fedrec-sim")).clone()
+    BIN.get_or_init(|| built_artifact(&format!("fedrec-sim{}", std::env::consts::EXE_SUFFIX))).clone()
 }
 
 /// Runs the `fedrec-sim` binary in `dir` with `args`, with no data folder or backtrace
@@ -180,20 +194,14 @@ pub fn fedrec_sim_ok(dir: &Path, args: &[&str]) -> std::process::Output {
 /// The `fedrec-coordinator` binary, built once per test process.
 pub fn fedrec_coordinator_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| build_bin("fedrec-coordinator", "fedrec-coordinator")).clone()
+    BIN.get_or_init(|| built_artifact(&format!("fedrec-coordinator{}", std::env::consts::EXE_SUFFIX))).clone()
 }
 
-/// The SDK's static library (`libfedrec_client.a`, debug profile) that C programs link
+/// The SDK's static library (`libfedrec_client.a`, `test` profile) that C programs link
 /// against, built once per test process. Its header is `client-sdk/include/fedrec.h`.
 pub fn fedrec_client_staticlib() -> PathBuf {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| {
-        cargo_build(&["-p", "fedrec-client", "--lib"]);
-        let path = target_dir().join("debug").join("libfedrec_client.a");
-        assert!(path.is_file(), "cargo built fedrec-client but {} is missing", path.display());
-        path
-    })
-    .clone()
+    LIB.get_or_init(|| built_artifact("libfedrec_client.a")).clone()
 }
 
 /// Milliseconds since the Unix epoch, the clock enrollment tokens are issued and checked on.
