@@ -140,9 +140,31 @@ fn built_artifact(name: &str) -> PathBuf {
 
 /// Runs `cargo build <args>` in the workspace; panics with cargo's output when the build
 /// fails.
+///
+/// Without the variables cargo sets for a running test (`CARGO_MANIFEST_DIR`,
+/// `CARGO_PKG_*`, ...): build scripts that read one of them (ring's reads
+/// `CARGO_MANIFEST_DIR`) are re-run when its value differs from the outer build's, and
+/// everything above them is recompiled.
 fn cargo_build(args: &[&str]) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(cargo)
+    let mut command = Command::new(cargo);
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let set_for_tests = key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                key,
+                "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "OUT_DIR"
+            );
+        if set_for_tests {
+            command.env_remove(key);
+        }
+    }
+    let output = command
         .arg("build")
         .args(args)
         .arg("--message-format=short")
@@ -199,9 +221,13 @@ pub fn fedrec_coordinator_bin() -> PathBuf {
 
 /// The SDK's static library (`libfedrec_client.a`, `test` profile) that C programs link
 /// against, built once per test process. Its header is `client-sdk/include/fedrec.h`.
+///
+/// Built as a dependency of the tests, the library stays in `deps/` (a static library's
+/// name carries no hash there); asking cargo for it as a root (`--lib`) would build the
+/// Python module's library too, which `cargo test` does not.
 pub fn fedrec_client_staticlib() -> PathBuf {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| built_artifact("libfedrec_client.a")).clone()
+    LIB.get_or_init(|| built_artifact("deps/libfedrec_client.a")).clone()
 }
 
 /// Milliseconds since the Unix epoch, the clock enrollment tokens are issued and checked on.
