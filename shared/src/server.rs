@@ -225,65 +225,61 @@ impl ServerState {
         let n_rows = layout.shape().n_items;
         let n_full = model.item_factors.nrows();
         let n_fac_full = n_full * d;
-        // The optimizer state's index of gradient coordinate `j`.
-        let full_index = |j: usize| -> usize {
-            match items {
-                None => j,
-                Some(items) if j < n_rows * d => items[j / d] as usize * d + j % d,
-                Some(items) if j < n_rows * d + n_rows => n_fac_full + items[j - n_rows * d] as usize,
-                Some(_) => n_fac_full + n_full,
-            }
+        let want_v = match self.optimizer {
+            ServerOptimizer::Adam { .. } => self.m.len(),
+            ServerOptimizer::Sgd { .. } => 0,
         };
         if items.is_some_and(|it| it.len() != n_rows || it.iter().any(|&i| i as usize >= n_full))
             || (items.is_none() && n_rows != n_full)
+            || self.m.len() != n_fac_full + n_full + 1
+            || self.v.len() != want_v
         {
-            // A sum that does not fit the model moves nothing (the round machine never builds one).
+            // A sum that does not fit the model or the state moves nothing (the round machine
+            // never builds one).
             return;
         }
         self.step += 1;
+        let opt = OptimizerStep::new(self.optimizer, self.step, scale);
         let factors = model.item_factors.as_slice_mut().expect("item factors are kept in standard layout");
         let bias = model.item_bias.as_slice_mut().expect("item biases are contiguous");
-        let param = |factors: &mut [f32],
-                     bias: &mut [f32],
-                     mean: &mut f32,
-                     idx: usize,
-                     f: &mut dyn FnMut(&mut f32)| {
-            if idx < n_fac_full {
-                f(&mut factors[idx]);
-            } else if idx < n_fac_full + n_full {
-                f(&mut bias[idx - n_fac_full]);
-            } else {
-                f(mean);
-            }
+        let mean = std::slice::from_mut(&mut model.global_mean);
+        // The state's moments in the parameters' order: factors, biases, the global mean.
+        let (m_fac, m_rest) = self.m.split_at_mut(n_fac_full);
+        let (m_bias, m_mean) = m_rest.split_at_mut(n_full);
+        let (v_fac, v_bias, v_mean) = if self.v.is_empty() {
+            (&mut [][..], &mut [][..], &mut [][..])
+        } else {
+            let (v_fac, v_rest) = self.v.split_at_mut(n_fac_full);
+            let (v_bias, v_mean) = v_rest.split_at_mut(n_full);
+            (v_fac, v_bias, v_mean)
         };
-        let mean = &mut model.global_mean;
-        match self.optimizer {
-            ServerOptimizer::Sgd { lr, momentum } => {
-                for (j, &g) in grad.iter().enumerate() {
-                    let idx = full_index(j);
-                    let mi = &mut self.m[idx];
-                    *mi = momentum * *mi + g * scale;
-                    let step = lr * *mi;
-                    param(factors, bias, mean, idx, &mut |p| *p -= step);
-                }
+        let (g_fac, g_rest) = grad.split_at(n_rows * d);
+        let (g_bias, g_mean) = g_rest.split_at(n_rows);
+        match items {
+            None => {
+                opt.apply(g_fac, m_fac, v_fac, factors);
+                opt.apply(g_bias, m_bias, v_bias, bias);
             }
-            ServerOptimizer::Adam { lr, beta1, beta2, eps } => {
-                let t = self.step as i32;
-                let bc1 = 1.0 - beta1.powi(t);
-                let bc2 = 1.0 - beta2.powi(t);
-                let step_size = lr * bc2.sqrt() / bc1;
-                for (j, &g) in grad.iter().enumerate() {
-                    let idx = full_index(j);
-                    let g = g * scale;
-                    let mi = &mut self.m[idx];
-                    let vi = &mut self.v[idx];
-                    *mi = beta1 * *mi + (1.0 - beta1) * g;
-                    *vi = beta2 * *vi + (1.0 - beta2) * g * g;
-                    let step = step_size * *mi / (vi.sqrt() + eps);
-                    param(factors, bias, mean, idx, &mut |p| *p -= step);
+            Some(items) => {
+                // Only the subset's rows move; the other items keep their moments (lazy).
+                let sub = |x: &[f32], i: usize, w: usize| -> std::ops::Range<usize> {
+                    if x.is_empty() { 0..0 } else { i * w..(i + 1) * w }
+                };
+                for (r, &item) in items.iter().enumerate() {
+                    let i = item as usize;
+                    let (rf, rv) = (sub(m_fac, i, d), sub(v_fac, i, d));
+                    opt.apply(
+                        &g_fac[r * d..(r + 1) * d],
+                        &mut m_fac[rf],
+                        &mut v_fac[rv],
+                        &mut factors[i * d..(i + 1) * d],
+                    );
+                    let (bf, bv) = (sub(m_bias, i, 1), sub(v_bias, i, 1));
+                    opt.apply(&g_bias[r..r + 1], &mut m_bias[bf], &mut v_bias[bv], &mut bias[i..i + 1]);
                 }
             }
         }
+        opt.apply(g_mean, m_mean, v_mean, mean);
         let d = layout.shape().dim;
         let k = layout.shape().n_segments;
         let sums = &sum[layout.centroid_sums()];
@@ -292,6 +288,50 @@ impl ServerState {
         let min_count = centroids.min_count.max(centroids.noise_multiple * noised.noise_std());
         let policy = CentroidPolicy { min_count, ..*centroids };
         update_centroids(cents, &mut self.centroid_mass, sums, counts, d, k, &policy);
+    }
+}
+
+/// One server-optimizer step, with its per-step constants computed once.
+#[derive(Clone, Copy)]
+enum OptimizerStep {
+    Sgd { lr: f32, momentum: f32, scale: f32 },
+    Adam { beta1: f32, beta2: f32, eps: f32, step_size: f32, scale: f32 },
+}
+
+impl OptimizerStep {
+    /// The step numbered `step` (from 1) on gradient sums scaled by `scale`.
+    fn new(optimizer: ServerOptimizer, step: u64, scale: f32) -> Self {
+        match optimizer {
+            ServerOptimizer::Sgd { lr, momentum } => Self::Sgd { lr, momentum, scale },
+            ServerOptimizer::Adam { lr, beta1, beta2, eps } => {
+                let t = i32::try_from(step).unwrap_or(i32::MAX);
+                let bc1 = 1.0 - beta1.powi(t);
+                let bc2 = 1.0 - beta2.powi(t);
+                Self::Adam { beta1, beta2, eps, step_size: lr * bc2.sqrt() / bc1, scale }
+            }
+        }
+    }
+
+    /// Applies the step to a block of parameters `p` with gradient sums `g` and moments `m`
+    /// (and, for Adam, `v`), all of one length; element by element, so any partition of the
+    /// parameters into blocks gives the same result.
+    fn apply(self, g: &[f32], m: &mut [f32], v: &mut [f32], p: &mut [f32]) {
+        match self {
+            Self::Sgd { lr, momentum, scale } => {
+                for ((&g, mi), p) in g.iter().zip(m.iter_mut()).zip(p.iter_mut()) {
+                    *mi = momentum * *mi + g * scale;
+                    *p -= lr * *mi;
+                }
+            }
+            Self::Adam { beta1, beta2, eps, step_size, scale } => {
+                for (((&g, mi), vi), p) in g.iter().zip(m.iter_mut()).zip(v.iter_mut()).zip(p.iter_mut()) {
+                    let g = g * scale;
+                    *mi = beta1 * *mi + (1.0 - beta1) * g;
+                    *vi = beta2 * *vi + (1.0 - beta2) * g * g;
+                    *p -= step_size * *mi / (vi.sqrt() + eps);
+                }
+            }
+        }
     }
 }
 
@@ -364,5 +404,108 @@ mod tests {
         let mut bad = st.parts();
         bad.optimizer = ServerOptimizer::Sgd { lr: 0.1, momentum: 0.9 };
         assert!(ServerState::from_parts(bad).is_err(), "SGD has no second moment");
+    }
+
+    /// The step each parameter should take, written out coordinate by coordinate: `j` is the
+    /// coordinate of the sum, `idx` the parameter's index in the full model's order.
+    fn reference(
+        st: &mut ServerState,
+        model: &mut GlobalModel,
+        sum: &[f32],
+        scale: f32,
+        items: Option<&[u32]>,
+    ) {
+        let d = model.item_factors.ncols();
+        let n_full = model.item_factors.nrows();
+        let n_rows = items.map_or(n_full, <[u32]>::len);
+        st.step += 1;
+        for (j, &g) in sum[..n_rows * d + n_rows + 1].iter().enumerate() {
+            let idx = match items {
+                None => j,
+                Some(it) if j < n_rows * d => it[j / d] as usize * d + j % d,
+                Some(it) if j < n_rows * d + n_rows => n_full * d + it[j - n_rows * d] as usize,
+                Some(_) => n_full * d + n_full,
+            };
+            let step = match st.optimizer {
+                ServerOptimizer::Sgd { lr, momentum } => {
+                    st.m[idx] = momentum * st.m[idx] + g * scale;
+                    lr * st.m[idx]
+                }
+                ServerOptimizer::Adam { lr, beta1, beta2, eps } => {
+                    let t = st.step as i32;
+                    let size = lr * (1.0 - beta2.powi(t)).sqrt() / (1.0 - beta1.powi(t));
+                    let g = g * scale;
+                    st.m[idx] = beta1 * st.m[idx] + (1.0 - beta1) * g;
+                    st.v[idx] = beta2 * st.v[idx] + (1.0 - beta2) * g * g;
+                    size * st.m[idx] / (st.v[idx].sqrt() + eps)
+                }
+            };
+            let p = if idx < n_full * d {
+                &mut model.item_factors.as_slice_mut().expect("standard layout")[idx]
+            } else if idx < n_full * d + n_full {
+                &mut model.item_bias[idx - n_full * d]
+            } else {
+                &mut model.global_mean
+            };
+            *p -= step;
+        }
+    }
+
+    #[test]
+    fn every_parameter_takes_its_optimizer_step_and_a_subset_moves_only_its_rows() {
+        use crate::model::{ModelInit, ModelShape};
+        let full = ModelShape { n_items: 7, dim: 3, n_segments: 2 };
+        let mut rng = crate::danger::seeded_rng(5);
+        let model0 = GlobalModel::init(full, ModelInit::default(), &mut rng).expect("valid shape");
+        let n_params = full.layout().trainable().len();
+        let policy = CentroidPolicy::with_min_count(1.0);
+        let subset: &[u32] = &[1, 4, 6];
+        for optimizer in [ServerOptimizer::adam(0.05), ServerOptimizer::Sgd { lr: 0.3, momentum: 0.9 }] {
+            for items in [None, Some(subset)] {
+                let shape = ModelShape { n_items: items.map_or(full.n_items, <[u32]>::len), ..full };
+                let (mut got, mut want) = (model0.clone(), model0.clone());
+                let mut st_got = ServerState::new(optimizer, n_params);
+                let mut st_want = st_got.clone();
+                for round in 0..3u8 {
+                    let sum: Vec<f32> = (0..shape.layout().len())
+                        .map(|j| ((j * 37 + usize::from(round) * 11) % 23) as f32 / 7.0 - 1.5)
+                        .collect();
+                    let noised = NoisedSum::from_distributed(shape.layout(), sum.clone(), 4, 0.0);
+                    st_got.apply_rows(&mut got, &noised, 4.0, &policy, items);
+                    reference(&mut st_want, &mut want, &sum, 0.25, items);
+                }
+                let what = format!("{optimizer:?} over {items:?}");
+                assert_eq!(got.item_factors, want.item_factors, "{what}");
+                assert_eq!(got.item_bias, want.item_bias, "{what}");
+                assert_eq!(got.global_mean.to_bits(), want.global_mean.to_bits(), "{what}");
+                assert_eq!(
+                    (&st_got.m, &st_got.v, st_got.step),
+                    (&st_want.m, &st_want.v, st_want.step),
+                    "{what}"
+                );
+                if let Some(items) = items {
+                    for i in (0..full.n_items).filter(|i| !items.contains(&(*i as u32))) {
+                        assert_eq!(got.item_factors.row(i), model0.item_factors.row(i), "row {i} moved");
+                        assert!(
+                            st_got.m[i * 3..(i + 1) * 3].iter().all(|&m| m == 0.0),
+                            "row {i}'s moment moved"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_state_for_another_model_moves_nothing() {
+        use crate::model::{ModelInit, ModelShape};
+        let shape = ModelShape { n_items: 4, dim: 2, n_segments: 1 };
+        let model0 = GlobalModel::init(shape, ModelInit::default(), &mut crate::danger::seeded_rng(1))
+            .expect("valid shape");
+        let noised = NoisedSum::from_distributed(shape.layout(), vec![1.0; shape.layout().len()], 1, 0.0);
+        let mut st = ServerState::new(ServerOptimizer::adam(0.1), 5);
+        let mut model = model0.clone();
+        st.apply_rows(&mut model, &noised, 1.0, &CentroidPolicy::with_min_count(1.0), None);
+        assert_eq!((model, st.step()), (model0, 0));
     }
 }
