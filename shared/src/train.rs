@@ -164,6 +164,10 @@ pub fn validate_ratings(
             return Err(LocalDataError::NegativeStrength);
         }
     }
+    // Interactions kept in item order need no sort to show there is no repeat.
+    if by_ascending_item(ratings) {
+        return Ok(());
+    }
     // Sorting the device's own items costs O(r log r), not a pass over the catalogue.
     let mut items: Vec<u32> = ratings.iter().map(|r| r.item).collect();
     items.sort_unstable();
@@ -171,6 +175,12 @@ pub fn validate_ratings(
         Some(w) => Err(LocalDataError::DuplicateItem(w[0])),
         None => Ok(()),
     }
+}
+
+/// Whether the items strictly ascend (so none repeats): a device that keeps its interactions
+/// in item order spares the core its sorts; any order gives the same update.
+fn by_ascending_item(ratings: &[Rating]) -> bool {
+    ratings.windows(2).all(|w| w[0].item < w[1].item)
 }
 
 /// The interactions a round's model can see: all of them, or, in a round that trains an item
@@ -249,15 +259,22 @@ pub fn local_update(
     let u = &user.factors;
     let mut out = match params.objective {
         Objective::Explicit => {
-            let mut rated: Vec<(u32, f32)> = ratings.iter().map(|r| (r.item, r.value)).collect();
-            rated.sort_unstable_by_key(|&(i, _)| i);
-            rated.dedup_by_key(|&mut (i, _)| i);
-            let rows: Vec<u32> = rated.iter().map(|&(i, _)| i).collect();
+            let sorted;
+            let rated = if by_ascending_item(ratings) {
+                ratings
+            } else {
+                let mut copy = ratings.to_vec();
+                copy.sort_unstable_by_key(|r| r.item);
+                copy.dedup_by_key(|r| r.item);
+                sorted = copy;
+                &sorted[..]
+            };
+            let rows: Vec<u32> = rated.iter().map(|r| r.item).collect();
             let mut out = UpdateVector::zeros_rows(layout, rows)
                 .expect("rows are sorted, unique, and were checked against the catalogue");
             let (grad, grad_bias, tail) = out.parts_mut();
             let mut grad_mean = 0.0f32;
-            for (k, &(item, value)) in rated.iter().enumerate() {
+            for (k, &Rating { item, value }) in rated.iter().enumerate() {
                 let i = item as usize;
                 let v = m.item_row(i);
                 let e = value - user.score(model, i);

@@ -1,7 +1,7 @@
 //! The device's learning step against independent oracles: reconstruction is the optimum of the local loss, uploads are its gradient, and the k-means tail holds the user.
 
 use fedrec_shared::danger::seeded_rng;
-use fedrec_shared::train::{local_loss, local_update, reconstruct};
+use fedrec_shared::train::{LocalDataError, local_loss, local_update, reconstruct, validate_ratings};
 use fedrec_shared::update::UpdateVector;
 use fedrec_shared::{
     GlobalModel, ModelInit, ModelShape, Objective, Rating, RoundModel, TrainParams, UserState,
@@ -505,4 +505,41 @@ fn explicit_updates_store_rated_rows_and_implicit_ones_every_row() {
     let upd = local_update(&rm, &[], &empty, &EXPLICIT);
     assert_eq!(upd.rows(), Some(&[][..]));
     assert_eq!(upd.to_dense().len(), layout.len());
+}
+
+#[test]
+fn order_of_the_interactions_does_not_change_the_update_or_the_checks() {
+    let model = random_model(92);
+    let rm = RoundModel::new(0, model);
+    for params in both() {
+        let shuffled = random_ratings(93, 9, &params);
+        let mut sorted = shuffled.clone();
+        sorted.sort_by_key(|r| r.item);
+        assert_ne!(shuffled, sorted, "the sample is not already in item order");
+        let user = reconstruct(&rm, &shuffled, &params).expect("definite");
+        // The same user vector for both, so only the order differs: sorted input takes the
+        // path without a sort, shuffled input the one with.
+        let a = local_update(&rm, &shuffled, &user, &params);
+        let b = local_update(&rm, &sorted, &user, &params);
+        assert_eq!(a, b, "{:?}", params.objective);
+        for ratings in [&shuffled, &sorted] {
+            assert_eq!(validate_ratings(ratings, SHAPE.n_items, &params.objective), Ok(()));
+            // A repeated item is refused wherever it sits, in order or not.
+            for at in [0, ratings.len() - 1] {
+                let mut twice = ratings.clone();
+                twice.insert(at, Rating { value: 3.0, ..ratings[ratings.len() / 2] });
+                let item = ratings[ratings.len() / 2].item;
+                assert_eq!(
+                    validate_ratings(&twice, SHAPE.n_items, &params.objective),
+                    Err(LocalDataError::DuplicateItem(item))
+                );
+            }
+            let mut adjacent = sorted.clone();
+            adjacent.insert(4, sorted[4]);
+            assert_eq!(
+                validate_ratings(&adjacent, SHAPE.n_items, &params.objective),
+                Err(LocalDataError::DuplicateItem(sorted[4].item))
+            );
+        }
+    }
 }
