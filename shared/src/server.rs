@@ -33,6 +33,15 @@ impl ServerOptimizer {
         ServerOptimizer::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
     }
 
+    /// Length of the second moment for `n_params` parameters: Adam keeps one per parameter,
+    /// SGD none.
+    fn second_moment_len(&self, n_params: usize) -> usize {
+        match self {
+            ServerOptimizer::Adam { .. } => n_params,
+            ServerOptimizer::Sgd { .. } => 0,
+        }
+    }
+
     /// Checks every value is finite and in range.
     pub fn validate(&self) -> Result<(), ParamError> {
         let lr = match *self {
@@ -118,10 +127,7 @@ pub struct ServerState {
 impl ServerState {
     /// Fresh state for a model whose trainable part has `n_params` values.
     pub fn new(optimizer: ServerOptimizer, n_params: usize) -> Self {
-        let v = match optimizer {
-            ServerOptimizer::Adam { .. } => vec![0.0; n_params],
-            ServerOptimizer::Sgd { .. } => Vec::new(),
-        };
+        let v = vec![0.0; optimizer.second_moment_len(n_params)];
         Self { optimizer, m: vec![0.0; n_params], v, step: 0, centroid_mass: Vec::new() }
     }
 
@@ -141,11 +147,7 @@ impl ServerState {
     /// first, and non-negative masses.
     pub fn from_parts(parts: ServerStateParts<'_>) -> Result<Self, ParamError> {
         parts.optimizer.validate()?;
-        let n = parts.first_moment.len();
-        let want_v = match parts.optimizer {
-            ServerOptimizer::Adam { .. } => n,
-            ServerOptimizer::Sgd { .. } => 0,
-        };
+        let want_v = parts.optimizer.second_moment_len(parts.first_moment.len());
         if parts.second_moment.len() != want_v {
             return Err(ParamError::new("server_state", "second moment does not match the optimizer"));
         }
@@ -225,14 +227,10 @@ impl ServerState {
         let n_rows = layout.shape().n_items;
         let n_full = model.item_factors.nrows();
         let n_fac_full = n_full * d;
-        let want_v = match self.optimizer {
-            ServerOptimizer::Adam { .. } => self.m.len(),
-            ServerOptimizer::Sgd { .. } => 0,
-        };
         if items.is_some_and(|it| it.len() != n_rows || it.iter().any(|&i| i as usize >= n_full))
             || (items.is_none() && n_rows != n_full)
             || self.m.len() != n_fac_full + n_full + 1
-            || self.v.len() != want_v
+            || self.v.len() != self.optimizer.second_moment_len(self.m.len())
         {
             // A sum that does not fit the model or the state moves nothing (the round machine
             // never builds one).
